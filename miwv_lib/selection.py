@@ -1,0 +1,84 @@
+"""Step 4 of MIWV: keep the top floor(r·N) samples, and the baselines the paper compares against."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .data import InstructionPool
+from .io import atomic_open
+
+SELECTION_METHODS = ("miwv", "ifd", "low-miwv", "length", "random")
+# method -> (score field, descending?)
+_RANKED = {"miwv": ("miwv", True), "ifd": ("ifd", True), "low-miwv": ("miwv", False),
+           "length": ("response_tokens", True)}
+
+
+class SelectionError(ValueError):
+    pass
+
+
+def subset_size(n: int, ratio: float) -> int:
+    """floor(r · N), refusing ratios outside (0, 1] and subsets of zero rows."""
+    if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+        raise SelectionError(f"ratio must be in (0, 1]; got {ratio!r}")
+    size = math.floor(ratio * n + 1e-9)  # 0.29 * 100 is 28.999…: keep floor() meaning what it says
+    if size == 0:
+        raise SelectionError(f"ratio {ratio} of {n} rows selects zero rows; the smallest useful ratio is {1 / n:.4g}")
+    return size
+
+
+def select_indices(scores: list[dict], ratio: float, by: str = "miwv", seed: int = 0) -> list[int]:
+    """Row indices of the subset, in rank order (best first).
+
+    Ranked methods sort by score (descending, or ascending for low-MIWV) with ties broken by id;
+    rows without a finite score are never selected. ``random`` is a seeded permutation.
+    """
+    if by not in SELECTION_METHODS:
+        raise SelectionError(f"by must be one of {', '.join(SELECTION_METHODS)}; got {by!r}")
+    size = subset_size(len(scores), ratio)
+    if by == "random":
+        order = np.random.default_rng(seed).permutation(len(scores))
+        return [int(scores[j]["index"]) for j in order[:size]]
+    field, descending = _RANKED[by]
+    usable = [s for s in scores if s.get(field) is not None and math.isfinite(s[field])]
+    if len(usable) < size:
+        raise SelectionError(f"only {len(usable)} rows have a finite {field!r}; cannot select {size}")
+    sign = -1.0 if descending else 1.0
+    ranked = sorted(usable, key=lambda s: (sign * s[field], s["id"], s["index"]))
+    return [int(s["index"]) for s in ranked[:size]]
+
+
+def check_scores_match(pool: InstructionPool, scores: list[dict], scores_path: str | Path = "scores") -> None:
+    """Refuse a scores file that belongs to another dataset (row count or ids differ)."""
+    if len(scores) != len(pool):
+        raise SelectionError(f"{scores_path} has {len(scores)} rows but the data has {len(pool)}: "
+                             "it was computed on another dataset (or with another --limit)")
+    for position, (score, row) in enumerate(zip(scores, pool.rows)):
+        if score.get("index") != position or score.get("id") != row["id"]:
+            raise SelectionError(f"{scores_path}, row {position}, field 'id': {score.get('id')!r} does not match the "
+                                 f"data's id {row['id']!r}; these scores belong to another dataset")
+
+
+def export_subset(pool: InstructionPool, scores: list[dict], indices: list[int], out: str | Path,
+                  by: str = "miwv") -> Path:
+    """Write the chosen rows in the input's own schema (JSON list, or JSONL for .jsonl), scores attached."""
+    out = Path(out)
+    score_field = _RANKED.get(by, ("miwv", True))[0]
+    records = []
+    for rank, i in enumerate(indices):
+        record = dict(pool.records[i])
+        record["miwv_selection"] = {"rank": rank, "index": i, "id": pool.rows[i]["id"], "method": by,
+                                    score_field: scores[i].get(score_field),
+                                    "miwv": scores[i].get("miwv"), "ifd": scores[i].get("ifd")}
+        records.append(record)
+    with atomic_open(out) as handle:
+        if out.suffix == ".jsonl":
+            handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        else:
+            json.dump(records, handle, ensure_ascii=False, indent=2)
+            handle.write("\n")
+    return out

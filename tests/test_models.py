@@ -1,0 +1,90 @@
+"""Model loading: built-in GGUF defaults, local directories, errors, dtype/device choice; prompts."""
+
+import pytest
+import torch
+
+from miwv_lib.models import ModelLoadError, load_model, resolve_dtype
+from miwv_lib.prompts import (
+    ALPACA_PROMPT_INPUT,
+    SpecialTokens,
+    encode_examples,
+    format_prompt,
+)
+
+
+def test_alpaca_templates_are_stanford_alpacas():
+    assert format_prompt("Sum", "1 2") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nSum\n\n### Input:\n1 2\n\n### Response:")
+    assert format_prompt("Hi") == (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nHi\n\n### Response:")
+    assert "{input}" in ALPACA_PROMPT_INPUT
+    assert format_prompt("Hi", "", "plain") == "Hi\n\n"
+
+
+def test_chat_template_needs_a_tokenizer_that_has_one(tiny):
+    with pytest.raises(ValueError, match="chat template"):
+        format_prompt("Hi", "", "chat", tiny.tokenizer)
+    with pytest.raises(ValueError, match="template"):
+        format_prompt("Hi", "", "vicuna")
+
+
+def test_prompt_and_response_are_tokenised_separately(tiny):
+    rows = [{"instruction": "Name a colour", "input": "", "output": "Blue is a colour."}]
+    [example] = encode_examples(rows, tiny.tokenizer)
+    tok = tiny.tokenizer
+    assert list(example.prompt) == tok(format_prompt("Name a colour"), add_special_tokens=False).input_ids
+    assert list(example.response) == tok("Blue is a colour.", add_special_tokens=False).input_ids
+    assert SpecialTokens.from_tokenizer(tok).bos == tok.bos_token_id
+
+
+def test_local_directory_loads_in_requested_dtype(tiny_model_dir):
+    loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    assert loaded.dtype == torch.float32 and loaded.device.type == "cpu"
+    assert not loaded.model.training
+    model, tokenizer = loaded  # unpacks like a (model, tokenizer) pair
+    assert tokenizer.pad_token_id is not None
+    assert loaded.identity.startswith("dir:")
+
+
+def test_auto_dtype_is_bf16_and_float32_is_the_exact_mode():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int3", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("/no/such/model", "neither a built-in"),
+    ("missing.gguf", "GGUF file not found"),
+    ("not-a-model-name", "neither a built-in"),
+])
+def test_bad_model_names_give_clear_errors(name, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(name)
+
+
+def test_directory_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_builtin_default_is_gemma3_base_from_its_package(gemma):
+    assert gemma.model.config.model_type == "gemma3_text"
+    assert gemma.identity.startswith("gemma-3-270m@")
+    assert 250e6 < sum(p.numel() for p in gemma.model.parameters()) < 300e6
+    special = SpecialTokens.from_tokenizer(gemma.tokenizer)
+    assert special.bos == gemma.tokenizer.bos_token_id  # Gemma prepends <bos>
+    assert gemma.tokenizer.chat_template is None  # a base model: Alpaca template by default
+
+
+@pytest.mark.slow
+def test_builtin_smollm2_has_a_chat_template_and_no_bos():
+    loaded = load_model("smollm2-135m-instruct", dtype="float32")
+    assert loaded.model.config.model_type == "llama"
+    assert SpecialTokens.from_tokenizer(loaded.tokenizer).bos is None
+    prompt = format_prompt("Hi", "", "chat", loaded.tokenizer)
+    assert "Hi" in prompt and not prompt.startswith(loaded.tokenizer.bos_token or "\0")

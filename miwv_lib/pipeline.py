@@ -1,0 +1,343 @@
+"""Run the notebooks in order with papermill: ``python -m miwv_lib pipeline --config configs/demo.yaml``.
+
+A configuration is a YAML file (or a dict) with
+
+* ``parameters``: shared values, given to every notebook that declares a parameter of that name;
+* ``notebooks`` (optional): per-notebook values, ``{"03_selection": {"ratios": [0.05]}}``;
+* ``run_dir`` (optional): where everything goes; ``description`` (optional): free text.
+
+Each notebook's parameters are read from its cell tagged ``parameters`` (``papermill.inspect_notebook``),
+so a notebook only receives what it declares. Executed copies go to ``run_dir/notebooks/``, and at the
+end ``run_dir/report.md`` is written from the files in ``run_dir`` (see :mod:`miwv_lib.report`).
+
+Paths: a relative path in a configuration or in a notebook parameter is relative to the repository root
+(:func:`repo_root`), never to the current directory, so notebooks run the same from anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io import write_json
+from .runs import now
+
+CONFIG_KEYS = ("description", "run_dir", "parameters", "notebooks")
+DEFAULT_RUN_DIR = "runs/notebooks"
+KERNEL_NAME = "python3"  # the venv's own ipykernel; jupyter_client runs it with the current interpreter
+
+
+class PipelineError(RuntimeError):
+    """A configuration problem, or a notebook that failed (``notebook``, ``cell_index``, ``executed_path``)."""
+
+    def __init__(self, message: str, *, notebook: str | None = None, cell_index: int | None = None,
+                 exec_count: int | None = None, executed_path: Path | None = None) -> None:
+        super().__init__(message)
+        self.notebook = notebook
+        self.cell_index = cell_index
+        self.exec_count = exec_count
+        self.executed_path = executed_path
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def repo_root() -> Path:
+    """The checkout that holds ``miwv_lib/`` (and ``notebooks/``, ``configs/``, ``data/``)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def notebooks_dir() -> Path:
+    return repo_root() / "notebooks"
+
+
+def configs_dir() -> Path:
+    return repo_root() / "configs"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """An absolute path as it is (``~`` expanded); a relative one against the repository root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else repo_root() / path
+
+
+def resolve_run_dir(run_dir: str | Path | None) -> Path:
+    """The run directory as an absolute path (default ``runs/notebooks`` in the repository), created."""
+    path = resolve_path(run_dir if run_dir not in (None, "") else DEFAULT_RUN_DIR)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_data_source(data: str | Path | None) -> str | None:
+    """What to hand to :func:`miwv_lib.load_instructions`.
+
+    A registry name or a hub id is passed through. A relative file path is looked up in the repository
+    first, then in the current directory; an absolute path is kept.
+    """
+    if data is None or str(data) == "":
+        return None
+    from .data import REGISTRY
+
+    text = str(data)
+    if text in REGISTRY:
+        return text
+    path = Path(text).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if (repo_root() / path).exists():
+        return str(repo_root() / path)
+    if path.exists():
+        return str(path.resolve())
+    return text  # a hub id, or a missing file: load_instructions says which
+
+
+def load_tokenizer(model: str):
+    """Only the tokenizer of a model accepted by :func:`miwv_lib.load_model` (no weights are loaded)."""
+    from transformers import AutoTokenizer
+
+    from .models import _locate
+
+    source, _ = _locate(str(model))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def notebook_paths(directory: str | Path | None = None) -> list[Path]:
+    """The numbered notebooks ``NN_name.ipynb``, in order."""
+    directory = Path(directory) if directory is not None else notebooks_dir()
+    return sorted(p for p in directory.glob("[0-9][0-9]_*.ipynb") if p.is_file())
+
+
+def notebook_parameters(path: str | Path) -> dict[str, dict]:
+    """``{name: {inferred_type_name, default, help}}`` from the notebook's ``parameters`` cell."""
+    import papermill
+
+    return {name: {k: v for k, v in info.items() if k != "name"}
+            for name, info in papermill.inspect_notebook(str(path)).items()}
+
+
+def load_config(config: str | Path | Mapping | None) -> dict:
+    """A validated configuration dict (``parameters`` and ``notebooks`` always present)."""
+    import yaml
+
+    if config is None:
+        raw: Any = {}
+        origin = "<empty configuration>"
+    elif isinstance(config, Mapping):
+        raw, origin = dict(config), "<dict>"
+    else:
+        path = Path(config).expanduser()
+        if not path.is_file() and not path.is_absolute() and (repo_root() / path).is_file():
+            path = repo_root() / path
+        if not path.is_file():
+            raise PipelineError(f"configuration file not found: {config}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise PipelineError(f"{config}: not valid YAML ({exc})") from None
+        origin = str(config)
+    if not isinstance(raw, Mapping):
+        raise PipelineError(f"{origin}: expected a mapping with keys {', '.join(CONFIG_KEYS)}")
+    unknown = sorted(set(raw) - set(CONFIG_KEYS))
+    if unknown:
+        raise PipelineError(f"{origin}: unknown keys {unknown}; allowed: {', '.join(CONFIG_KEYS)}")
+    parameters = raw.get("parameters") or {}
+    notebooks = raw.get("notebooks") or {}
+    if not isinstance(parameters, Mapping):
+        raise PipelineError(f"{origin}: 'parameters' must be a mapping of name: value")
+    if not isinstance(notebooks, Mapping) or not all(isinstance(v or {}, Mapping) for v in notebooks.values()):
+        raise PipelineError(f"{origin}: 'notebooks' must map a notebook name to a mapping of name: value")
+    return {
+        "description": raw.get("description"),
+        "run_dir": raw.get("run_dir"),
+        "parameters": dict(parameters),
+        "notebooks": {_stem(k): dict(v or {}) for k, v in notebooks.items()},
+        "source": origin,
+    }
+
+
+def parse_overrides(items: Iterable[str] | Mapping | None) -> dict[str, Any]:
+    """``["limit=50", "03_selection.ratios=[0.1, 0.2]"]`` -> ``{"limit": 50, "03_selection.ratios": [0.1, 0.2]}``.
+
+    Values are read as YAML (numbers, lists, ``null``, ``true``); anything else stays a string.
+    """
+    import yaml
+
+    if items is None:
+        return {}
+    if isinstance(items, Mapping):
+        return dict(items)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip():
+            raise PipelineError(f"override {item!r} is not of the form key=value")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        out[key.strip()] = parsed
+    return out
+
+
+def _stem(name: str | Path) -> str:
+    return Path(str(name)).name.removesuffix(".ipynb")
+
+
+def _apply_overrides(config: dict, overrides: Mapping[str, Any], stems: Sequence[str]) -> dict:
+    config = {**config, "parameters": dict(config["parameters"]),
+              "notebooks": {k: dict(v) for k, v in config["notebooks"].items()}}
+    for key, value in overrides.items():
+        prefix, dot, name = key.partition(".")
+        if dot and prefix in stems:
+            config["notebooks"].setdefault(prefix, {})[name] = value
+        elif key == "run_dir":
+            config["run_dir"] = value
+        else:
+            config["parameters"][key] = value
+    return config
+
+
+def plan_parameters(config: Mapping, notebooks: Sequence[Path], run_dir: Path) -> dict[str, dict]:
+    """The parameters each notebook will get: the shared ones it declares, its own, and ``run_dir``."""
+    declared = {path.stem: notebook_parameters(path) for path in notebooks}
+    stems = list(declared)
+    used: set[str] = set()
+    plan: dict[str, dict] = {}
+    for stem, names in declared.items():
+        params = {k: v for k, v in config["parameters"].items() if k in names}
+        used |= set(params)
+        own = config["notebooks"].get(stem, {})
+        undeclared = sorted(set(own) - set(names))
+        if undeclared:
+            raise PipelineError(f"notebook {stem} declares no parameter {undeclared}; it declares {sorted(names)}",
+                                notebook=stem)
+        params.update(own)
+        if "run_dir" in names:
+            params["run_dir"] = str(run_dir)
+        plan[stem] = params
+    unused = sorted(set(config["parameters"]) - used)
+    if unused:
+        raise PipelineError(f"no notebook among {stems} declares the parameter(s) {unused} (a typo?)")
+    unknown = sorted(set(config["notebooks"]) - set(stems))
+    if unknown:
+        raise PipelineError(f"the configuration names notebooks that are not run: {unknown}; run: {stems}")
+    return plan
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    executed: list[Path] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    report: Path | None = None
+
+
+def _select_notebooks(notebooks: Sequence[str | Path] | None) -> list[Path]:
+    available = notebook_paths()
+    if not available:
+        raise PipelineError(f"no notebooks found in {notebooks_dir()}")
+    if not notebooks:
+        return available
+    by_stem = {p.stem: p for p in available}
+    chosen = []
+    for item in notebooks:
+        stem = _stem(item)
+        matches = [p for s, p in by_stem.items() if s == stem or s.split("_", 1)[0] == stem]
+        if len(matches) != 1:
+            raise PipelineError(f"unknown notebook {item!r}; available: {', '.join(by_stem)}")
+        chosen.append(matches[0])
+    return sorted(set(chosen))
+
+
+def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None = None,
+                 notebooks: Sequence[str | Path] | None = None, overrides: Iterable[str] | Mapping | None = None,
+                 *, progress: bool = True, report: bool = True, kernel_name: str = KERNEL_NAME,
+                 start_timeout: int = 120, cell_timeout: int | None = None) -> PipelineResult:
+    """Execute the notebooks in order into ``run_dir/notebooks/`` and write ``run_dir/report.md``.
+
+    ``run_dir``: argument > ``--set run_dir=`` > the configuration's ``run_dir`` > ``runs/notebooks``.
+    ``notebooks``: names (``"02_miwv_scoring"``, ``"02"``) to run instead of all of them.
+    ``overrides``: ``key=value`` strings or a dict; ``NN_name.key`` targets one notebook.
+    Raises :class:`PipelineError` naming the notebook and cell when one fails.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+    from tqdm.auto import tqdm
+
+    cfg = load_config(config)
+    paths = _select_notebooks(notebooks)
+    cfg = _apply_overrides(cfg, parse_overrides(overrides), [p.stem for p in notebook_paths()])
+    out_dir = resolve_run_dir(run_dir if run_dir is not None else cfg["run_dir"])
+    plan = plan_parameters(cfg, paths, out_dir)
+    executed_dir = out_dir / "notebooks"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+
+    result = PipelineResult(run_dir=out_dir)
+    record = {"config": cfg["source"], "description": cfg["description"], "started": now(),
+              "status": "running", "parameters": plan, "seconds": result.seconds}
+    write_json(out_dir / "pipeline.json", record)
+    bar = tqdm(paths, desc="notebooks", unit="nb", disable=not progress)
+    for path in bar:
+        bar.set_postfix_str(path.stem)
+        final = executed_dir / path.name
+        partial = executed_dir / f".{path.stem}.partial.ipynb"  # renamed over `final` when done
+        t0 = time.perf_counter()
+        try:
+            papermill.execute_notebook(
+                str(path), str(partial), parameters=plan[path.stem], kernel_name=kernel_name,
+                progress_bar={"desc": path.stem, "leave": False} if progress else False,
+                cwd=str(path.parent), start_timeout=start_timeout, execution_timeout=cell_timeout,
+            )
+        except PapermillExecutionError as exc:
+            error = _notebook_failure(path.stem, exc, partial, final)
+        except Exception as exc:  # kernel died, timeout, missing kernel…
+            error = _notebook_failure(path.stem, exc, partial, final)
+        else:
+            error = None
+        finally:
+            result.seconds[path.stem] = round(time.perf_counter() - t0, 1)
+            if partial.exists():
+                os.replace(partial, final)
+        if error is not None:
+            bar.close()
+            record.update(status="failed", finished=now(), failed=path.stem, error=str(error))
+            write_json(out_dir / "pipeline.json", record)
+            raise error
+        result.executed.append(final)
+    bar.close()
+    record.update(status="complete", finished=now())
+    write_json(out_dir / "pipeline.json", record)
+    if report:
+        from .report import write_report
+
+        result.report = write_report(out_dir)
+    return result
+
+
+def _notebook_failure(stem: str, exc: Exception, partial: Path, final: Path) -> PipelineError:
+    saved = final if partial.exists() or final.exists() else None
+    where = f"; the executed notebook is saved at {saved}" if saved else ""
+    cell = getattr(exc, "cell_index", None)
+    if cell is not None:
+        first_line = next((line for line in (exc.source or "").splitlines() if line.strip()), "")
+        message = (f"notebook {stem} failed in cell {cell} (execution count {exc.exec_count}"
+                   f"{', which starts: ' + first_line.strip()[:80] if first_line else ''}): "
+                   f"{exc.ename}: {exc.evalue}{where}")
+        return PipelineError(message, notebook=stem, cell_index=cell, exec_count=exc.exec_count, executed_path=saved)
+    message = f"notebook {stem} failed before finishing: {type(exc).__name__}: {exc}{where}"
+    error = PipelineError(message, notebook=stem, executed_path=saved)
+    error.__cause__ = exc
+    return error

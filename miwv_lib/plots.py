@@ -1,0 +1,151 @@
+"""The notebooks' figures (matplotlib), each saved as a PNG into ``run_dir/figures/``.
+
+Every function returns a ``Figure``; :func:`save_figure` writes it atomically. Nothing here needs a
+display: in papermill (and any headless run) matplotlib renders with Agg.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_open
+
+
+def save_figure(fig, run_dir: str | Path, name: str, dpi: int = 110) -> Path:
+    """Save ``fig`` as ``run_dir/figures/<name>.png`` (written to a temp file, then renamed)."""
+    path = Path(run_dir) / "figures" / (name if name.endswith(".png") else f"{name}.png")
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def _finite(values) -> np.ndarray:
+    arr = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    return arr[np.isfinite(arr)]
+
+
+def length_histograms(lengths: Mapping[str, Sequence[int]], tokenizer_name: str = ""):
+    """One histogram per part (instruction, input, response) of token counts."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4))
+    for ax, (name, values) in zip(np.atleast_1d(axes), lengths.items()):
+        values = np.asarray(values)
+        shown = values[values > 0] if name == "input" else values
+        if shown.size:
+            ax.hist(shown, bins=min(40, max(5, int(np.sqrt(shown.size)) * 2)), color="tab:blue", alpha=0.8)
+            ax.axvline(np.median(shown), color="black", linestyle="--", linewidth=1,
+                       label=f"median {np.median(shown):.0f}")
+            ax.legend(fontsize=8)
+        note = f" ({shown.size} of {values.size} rows have one)" if name == "input" else ""
+        ax.set_title(f"{name}{note}", fontsize=10)
+        ax.set_xlabel("tokens" + (f" ({tokenizer_name})" if tokenizer_name else ""))
+        ax.set_ylabel("rows")
+    fig.suptitle("Token lengths")
+    fig.tight_layout()
+    return fig
+
+
+def loss_histograms(scores: Sequence[Mapping]):
+    """Zero-shot loss, one-shot loss and MIWV of every sample."""
+    import matplotlib.pyplot as plt
+
+    parts = [("zero_shot_loss", "zero-shot loss  L(y_i | x_i)"), ("one_shot_loss", "one-shot loss  L(y_i | C_k, x_i)"),
+             ("miwv", "MIWV = one-shot − zero-shot")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (field, title) in zip(axes, parts):
+        values = _finite(s.get(field) for s in scores)
+        bins = min(50, max(8, int(np.sqrt(values.size)) * 2)) if values.size else 10
+        ax.hist(values, bins=bins, color="tab:red" if field == "miwv" else "tab:blue", alpha=0.8)
+        if field == "miwv":
+            ax.axvline(0, color="black", linewidth=1)
+        if values.size:
+            ax.axvline(np.median(values), color="grey", linestyle="--", linewidth=1,
+                       label=f"median {np.median(values):+.3f}")
+            ax.legend(fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("nats per response token" if field != "miwv" else "difference (nats per token)")
+        ax.set_ylabel("samples")
+    fig.tight_layout()
+    return fig
+
+
+def miwv_vs_ifd(scores: Sequence[Mapping], rho: float | None = None):
+    """Scatter of MIWV against IFD (one point per sample)."""
+    import matplotlib.pyplot as plt
+
+    pairs = np.array([(s["ifd"], s["miwv"]) for s in scores
+                      if s.get("ifd") is not None and s.get("miwv") is not None
+                      and math.isfinite(s["ifd"]) and math.isfinite(s["miwv"])], dtype=np.float64).reshape(-1, 2)
+    fig, ax = plt.subplots(figsize=(5.6, 4.4))
+    ax.scatter(pairs[:, 0], pairs[:, 1], s=12, alpha=0.6)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.axvline(1, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("IFD = L(y|x) / L(y)")
+    ax.set_ylabel("MIWV = L(y|C_k,x) − L(y|x)")
+    title = "MIWV vs IFD"
+    if rho is not None and math.isfinite(rho):
+        title += f" (Spearman ρ = {rho:.2f})"
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def jaccard_heatmaps(matrices: Mapping[str, tuple[Sequence[str], np.ndarray]]):
+    """One heatmap per panel title: ``{"5%": (labels, matrix), ...}``."""
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(matrices))
+    fig, axes = plt.subplots(1, n, figsize=(4.0 * n + 0.8, 3.8), squeeze=False)
+    image = None
+    for ax, (title, (labels, matrix)) in zip(axes[0], matrices.items()):
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] < 0.6 else "black")
+        ax.set_title(title, fontsize=10)
+    if image is not None:
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="Jaccard overlap")
+    fig.suptitle("Overlap between selections")
+    return fig
+
+
+def selected_lengths(groups: Mapping[str, Sequence[int]], title: str = ""):
+    """Box plot of response tokens per selection (and the whole pool)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.3 * len(groups) + 2.5, 3.8))
+    ax.boxplot([np.asarray(v) for v in groups.values()], showfliers=True)
+    ax.set_xticks(range(1, len(groups) + 1), list(groups), rotation=20)
+    ax.set_ylabel("response tokens")
+    ax.set_title(title or "Response length of the selected samples")
+    fig.tight_layout()
+    return fig
+
+
+def source_shares(shares: Mapping[str, Mapping[str, float]], title: str = ""):
+    """Stacked bars: the share of each source file within each selection."""
+    import matplotlib.pyplot as plt
+
+    groups = list(shares)
+    sources = sorted({s for v in shares.values() for s in v})
+    fig, ax = plt.subplots(figsize=(1.3 * len(groups) + 3.5, 3.6))
+    bottom = np.zeros(len(groups))
+    for source in sources:
+        values = np.array([shares[g].get(source, 0.0) for g in groups])
+        ax.bar(groups, values, bottom=bottom, label=source)
+        bottom += values
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of the selection")
+    ax.set_title(title or "Where the selected samples come from")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,299 @@
+"""Summaries of a run directory, for the notebooks and for ``report.md``.
+
+Everything here reads plain data (rows, scores, files in the run directory), so the report can be
+rebuilt at any time from ``run_dir`` alone: ``python -c "from miwv_lib.report import write_report;
+write_report('runs/demo_nb')"``.
+
+Run directory layout (written by the notebooks):
+
+* ``pool.jsonl``, ``pool_info.json`` (01): the normalised pool and where it came from;
+* ``scores.jsonl``, ``manifest.json``, ``neighbors.json`` (02, by :func:`miwv_lib.score_pool`);
+* ``subsets/*.json``, ``subsets/summary.json`` (03);
+* ``figures/*.png`` (all), ``notebooks/*.ipynb`` and ``pipeline.json`` (the pipeline).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import atomic_open, read_jsonl
+
+SCORE_FIELDS = ("zero_shot_loss", "one_shot_loss", "miwv", "unconditional_loss", "ifd")
+SUMMARY_FIELDS = ("zero_shot_loss", "one_shot_loss", "miwv", "ifd")
+
+# Figures that the report embeds, in order, with a caption (others in figures/ are listed by name).
+KEY_FIGURES = {
+    "01_token_lengths.png": "Token lengths of instruction, input and response (01)",
+    "02_loss_histograms.png": "Zero-shot loss, one-shot loss and MIWV (02)",
+    "02_miwv_vs_ifd.png": "MIWV against IFD, one point per sample (02)",
+    "03_jaccard.png": "Overlap (Jaccard) between the selections (03)",
+    "03_selected_lengths.png": "Response length of the selected samples (03)",
+}
+
+_STOPWORDS = frozenset("""
+a an the and or but if then else of to in on at by for with from into onto about as is are was were be been being
+this that these those it its it's i you he she we they me him her us them my your his our their what which who whom
+whose when where why how not no do does did done can could should would will shall may might must have has had
+there here than so such very more most some any each every all both few other own same too also just only over
+under up down out off again further once s t using use given give following write make one two three
+""".split())
+
+
+# --------------------------------------------------------------------------- data summaries
+
+
+def row_source_files(files: Sequence[str | Path], n_rows: int) -> list[str]:
+    """Which file each row came from (file names only), for a pool read from ``files`` in order.
+
+    ``load_instructions`` concatenates files and cuts at ``limit``, so row r belongs to the first
+    file whose cumulative record count exceeds r. One file (or a hub cache): every row is that file.
+    """
+    names = [Path(f).name for f in files]
+    if len(names) <= 1:
+        return [names[0] if names else "unknown"] * n_rows
+    out: list[str] = []
+    for path, name in zip(files, names):
+        count = _record_count(Path(path))
+        out.extend([name] * min(count, n_rows - len(out)))
+        if len(out) >= n_rows:
+            break
+    return out + ["unknown"] * (n_rows - len(out))
+
+
+def _record_count(path: Path) -> int:
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return len(json.loads(path.read_text(encoding="utf-8")))
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            return sum(1 for line in handle if line.strip())
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    raise ValueError(f"cannot count the records of {path}")
+
+
+def token_lengths(rows: Sequence[Mapping[str, str]], tokenizer) -> dict[str, np.ndarray]:
+    """Tokens (no special tokens) of the instruction, the input and the response of every row."""
+    out = {}
+    for field, key in (("instruction", "instruction"), ("input", "input"), ("response", "output")):
+        texts = [row.get(key) or "" for row in rows]
+        ids = tokenizer(texts, add_special_tokens=False).input_ids
+        out[field] = np.array([len(x) for x in ids], dtype=np.int64)
+    return out
+
+
+def summary_stats(values: Iterable[float | None]) -> dict[str, float]:
+    """n, mean, std, min, quartiles and max of the finite values (NaN statistics when there are none)."""
+    arr = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return {"n": 0, **{k: math.nan for k in ("mean", "std", "min", "p25", "median", "p75", "max")}}
+    return {"n": int(arr.size), "mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+            "min": float(arr.min()), "p25": float(np.percentile(arr, 25)), "median": float(np.median(arr)),
+            "p75": float(np.percentile(arr, 75)), "max": float(arr.max())}
+
+
+def score_summary(scores: Sequence[Mapping], fields: Sequence[str] = SUMMARY_FIELDS) -> dict[str, dict]:
+    return {f: summary_stats(s.get(f) for s in scores) for f in fields}
+
+
+def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float:
+    """Rank correlation over the pairs where both values are finite (average ranks for ties)."""
+    import pandas as pd
+
+    pairs = [(a, b) for a, b in zip(x, y)
+             if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return math.nan
+    frame = pd.DataFrame(pairs, columns=["x", "y"])
+    return float(frame["x"].corr(frame["y"], method="spearman"))
+
+
+def ranked_examples(rows: Sequence[Mapping], scores: Sequence[Mapping], n: int = 5, *, field: str = "miwv",
+                    highest: bool = True) -> list[dict]:
+    """The ``n`` rows with the highest (or lowest) ``field``, each with its neighbour (the demo)."""
+    usable = [s for s in scores if s.get(field) is not None and math.isfinite(s[field])]
+    sign = -1.0 if highest else 1.0
+    ranked = sorted(usable, key=lambda s: (sign * s[field], s["id"], s["index"]))[:n]
+    out = []
+    for s in ranked:
+        i, k = s["index"], s["neighbor_index"]
+        out.append({"index": i, "id": s["id"], field: s[field], "miwv": s.get("miwv"), "ifd": s.get("ifd"),
+                    "zero_shot_loss": s.get("zero_shot_loss"), "one_shot_loss": s.get("one_shot_loss"),
+                    "neighbor_index": k, "neighbor_similarity": s.get("neighbor_similarity"),
+                    "instruction": rows[i]["instruction"], "input": rows[i].get("input", ""),
+                    "output": rows[i]["output"], "neighbor_instruction": rows[k]["instruction"],
+                    "neighbor_input": rows[k].get("input", ""), "neighbor_output": rows[k]["output"]})
+    return out
+
+
+def shortest_example(encoded: Sequence, neighbor_index: Sequence[int]) -> int:
+    """The row whose one-shot sequence (demo + sample) is shortest: a readable worked example."""
+    def size(i: int) -> int:
+        k = int(neighbor_index[i])
+        return len(encoded[i].prompt) + len(encoded[i].response) + len(encoded[k].prompt) + len(encoded[k].response)
+
+    return min(range(len(encoded)), key=lambda i: (size(i), i))
+
+
+# --------------------------------------------------------------------------- selections
+
+
+def ratio_label(ratio: float) -> str:
+    """0.05 -> '5pct', 0.015 -> '1.5pct'."""
+    return f"{round(ratio * 100, 6):g}pct"
+
+
+def subset_filename(method: str, ratio: float) -> str:
+    return f"{method}_{ratio_label(ratio)}.json"
+
+
+def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def jaccard_matrix(selections: Mapping[str, Iterable[int]]) -> tuple[list[str], np.ndarray]:
+    labels = list(selections)
+    sets = [set(selections[k]) for k in labels]
+    matrix = np.array([[jaccard(a, b) for b in sets] for a in sets], dtype=np.float64)
+    return labels, matrix
+
+
+def top_words(texts: Iterable[str], n: int = 10, stopwords: frozenset[str] = _STOPWORDS) -> list[tuple[str, int]]:
+    """Most frequent words (lower case, letters only, 3+ characters, common words removed)."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(w for w in re.findall(r"[a-z][a-z']{2,}", text.lower()) if w not in stopwords)
+    return counts.most_common(n)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return format(value, spec)
+
+
+def _one_line(text: str, limit: int = 110) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def build_report(run_dir: str | Path) -> str:
+    """The Markdown text of ``report.md``, from the files in ``run_dir`` only."""
+    run_dir = Path(run_dir)
+    pool_info = _read_json(run_dir / "pool_info.json") or {}
+    manifest = _read_json(run_dir / "manifest.json") or {}
+    pipeline = _read_json(run_dir / "pipeline.json") or {}
+    summary = _read_json(run_dir / "subsets" / "summary.json")
+    scores = read_jsonl(run_dir / "scores.jsonl") if (run_dir / "scores.jsonl").is_file() else []
+    rows = read_jsonl(run_dir / "pool.jsonl") if (run_dir / "pool.jsonl").is_file() else []
+
+    lines = ["# MIWV run report", ""]
+    lines += [f"Run directory: `{run_dir.name}`. Built from the files in it by `miwv_lib.report.write_report`.", ""]
+    if pipeline.get("description"):
+        lines += [str(pipeline["description"]).strip(), ""]
+
+    # ---- what was run
+    lines += ["## Setup", "", "| item | value |", "|---|---|"]
+    if pool_info:
+        lines.append(f"| data | `{pool_info.get('data')}` ({pool_info.get('rows')} rows"
+                     f"{', limit ' + str(pool_info['limit']) if pool_info.get('limit') else ''}) |")
+        files = ", ".join(f"`{f}`" for f in pool_info.get("files", []))
+        if files:
+            lines.append(f"| files | {files} |")
+        lines.append(f"| exact duplicate (instruction, input) groups | {len(pool_info.get('duplicate_groups', []))} |")
+    elif rows:
+        lines.append(f"| rows | {len(rows)} |")
+    config = manifest.get("config", {})
+    if config:
+        lines.append(f"| model | `{config.get('model')}` ({manifest.get('fingerprint_inputs', {}).get('dtype')}) |")
+        lines.append(f"| embedder | `{config.get('embedder')}` |")
+        lines.append(f"| template, max length | {config.get('template')}, {config.get('max_length')} tokens |")
+        lines.append(f"| scoring time | {_fmt(manifest.get('seconds_scoring'), '.1f')} s "
+                     f"({_fmt(manifest.get('seconds_per_sample'), '.3f')} s/sample), neighbours "
+                     f"{_fmt(manifest.get('seconds_neighbors'), '.1f')} s |")
+        lines.append(f"| truncated rows | {manifest.get('truncated_rows')} |")
+    seconds = pipeline.get("seconds") or {}
+    if seconds:
+        lines.append("| notebook wall time | " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+                     + f" (total {sum(seconds.values()):.0f} s) |")
+    if pipeline.get("status"):
+        lines.append(f"| pipeline status | {pipeline['status']} |")
+    lines.append("")
+
+    # ---- scores
+    if scores:
+        stats = score_summary(scores)
+        lines += ["## MIWV and IFD", "",
+                  f"N = {len(scores)} scored samples. MIWV = one-shot loss − zero-shot loss "
+                  "(high: the most similar other example made the model worse on this one).", "",
+                  "| quantity | n | mean | std | min | 25% | median | 75% | max |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, st in stats.items():
+            lines.append(f"| {name} | {st['n']} | " + " | ".join(
+                _fmt(st[k]) for k in ("mean", "std", "min", "p25", "median", "p75", "max")) + " |")
+        positive = sum(1 for s in scores if s.get("miwv") is not None and s["miwv"] > 0)
+        rho = spearman([s.get("miwv") for s in scores], [s.get("ifd") for s in scores])
+        lines += ["", f"{positive} of {len(scores)} samples have MIWV > 0. "
+                      f"Spearman correlation of MIWV and IFD: {_fmt(rho, '.3f')}.", ""]
+        if rows and len(rows) == len(scores):
+            lines += ["### Top-5 samples by MIWV", "",
+                      "| rank | MIWV | IFD | instruction | demo (nearest neighbour) instruction | similarity |",
+                      "|---|---|---|---|---|---|"]
+            for rank, ex in enumerate(ranked_examples(rows, scores, 5), start=1):
+                lines.append(f"| {rank} | {_fmt(ex['miwv'])} | {_fmt(ex['ifd'])} | {_one_line(ex['instruction'])} | "
+                             f"{_one_line(ex['neighbor_instruction'])} | {_fmt(ex['neighbor_similarity'], '.3f')} |")
+            lines.append("")
+
+    # ---- subsets
+    if summary:
+        lines += ["## Subsets", "", f"Pool of {summary.get('pool_rows')} rows; each subset keeps floor(r·N) rows.", "",
+                  "| method | ratio | rows | file |", "|---|---|---|---|"]
+        for entry in summary.get("subsets", []):
+            lines.append(f"| {entry['method']} | {entry['ratio']:g} | {entry['rows']} | `subsets/{entry['file']}` |")
+        for entry in summary.get("skipped", []):
+            lines.append(f"| {entry['method']} | {entry['ratio']:g} | skipped: {entry['reason']} | |")
+        lines.append("")
+
+    # ---- figures
+    figures_dir = run_dir / "figures"
+    figures = sorted(p.name for p in figures_dir.glob("[!.]*.png"))
+    if figures:
+        lines += ["## Figures", ""]
+        for name, caption in KEY_FIGURES.items():
+            if name in figures:
+                lines += [f"**{caption}**", "", f"![{caption}](figures/{name})", ""]
+        others = [n for n in figures if n not in KEY_FIGURES]
+        if others:
+            lines += ["Other figures: " + ", ".join(f"[{n}](figures/{n})" for n in others), ""]
+
+    executed = sorted(p.name for p in (run_dir / "notebooks").glob("[!.]*.ipynb"))
+    if executed:
+        lines += ["## Executed notebooks", "", *(f"- [{n}](notebooks/{n})" for n in executed), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.md`` atomically and return its path."""
+    path = Path(run_dir) / "report.md"
+    text = build_report(run_dir)
+    with atomic_open(path) as handle:
+        handle.write(text)
+    return path

@@ -140,7 +140,8 @@ def dequantized_gguf_dir(gguf_path: str | Path) -> Path:
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if not (target / "config.json").exists():  # not another process (another rank) winning the race
+            raise
     return target
 
 

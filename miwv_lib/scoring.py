@@ -31,6 +31,7 @@ from .io import read_jsonl, stable_hash, write_json, write_jsonl
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .neighbors import DEFAULT_EMBEDDER, SELF_EMBEDDER, embed_texts, load_embedder, model_embeddings, nearest_neighbors
 from .prompts import EncodedExample, SpecialTokens, encode_examples
+from .distributed import Shard, barrier, from_main, init_from_env
 from .runs import PartialResults, check_fingerprint, environment_info, now
 
 LAYOUT_VERSION = 1  # bump when the token layout changes: it is part of every fingerprint
@@ -57,10 +58,20 @@ def ifd(conditional_loss: float, unconditional_loss: float) -> float:
 
 @dataclass(frozen=True)
 class Sequence:
-    """One forward pass: the loss is the mean over the last ``n_targets`` tokens of ``input_ids``."""
+    """One forward pass: the loss is the mean over the last ``n_targets`` tokens of ``input_ids``.
+
+    ``extra_spans`` are further ``(stop, n)`` spans whose loss over tokens ``[stop - n, stop)`` is read
+    from the same pass: a one-shot sequence starts with the neighbour's exact zero-shot sequence, so
+    the neighbour's zero-shot loss comes out of it for free (causal attention never looks ahead).
+    """
 
     input_ids: tuple[int, ...]
     n_targets: int
+    extra_spans: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        return ((len(self.input_ids), self.n_targets), *self.extra_spans)
 
 
 @dataclass
@@ -122,7 +133,7 @@ def unconditional_sequence(example: EncodedExample, special: SpecialTokens, max_
 class EngineConfig:
     batch_size: int = 16  # most sequences in one forward pass
     max_tokens_per_batch: int = 8192  # padded tokens per pass: bounds activation memory on long data
-    head_chunk: int = 512  # response positions per LM-head matmul: bounds logits memory to head_chunk × vocab
+    head_chunk: int = 256  # response positions per LM-head matmul: bounds logits memory to head_chunk × vocab
     padding_side: str = "right"
     progress: bool = True
     progress_desc: str = "score"
@@ -152,9 +163,15 @@ def _logit_transform(model):
     return lambda logits: logits
 
 
-@torch.no_grad()
 def sequence_losses(model, sequences: list[Sequence], pad_token_id: int, cfg: EngineConfig | None = None) -> np.ndarray:
     """Mean response cross-entropy of each sequence (float64 array, same order as ``sequences``)."""
+    return np.array([spans[0] for spans in span_losses(model, sequences, pad_token_id, cfg)], dtype=np.float64)
+
+
+@torch.no_grad()
+def span_losses(model, sequences: list[Sequence], pad_token_id: int,
+                cfg: EngineConfig | None = None) -> list[list[float]]:
+    """Mean cross-entropy of every span of every sequence (``Sequence.spans`` order)."""
     cfg = cfg or EngineConfig()
     if cfg.padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right'; got {cfg.padding_side!r}")
@@ -162,7 +179,7 @@ def sequence_losses(model, sequences: list[Sequence], pad_token_id: int, cfg: En
     head = model.get_output_embeddings()
     transform = _logit_transform(model)
     lengths = [len(s.input_ids) for s in sequences]
-    losses = np.full(len(sequences), np.nan, dtype=np.float64)
+    losses: list[list[float]] = [[] for _ in sequences]
     bar = tqdm(total=sum(lengths), desc=cfg.progress_desc, unit="tok", unit_scale=True, disable=not cfg.progress,
                leave=False)
     for batch in _batches(lengths, cfg):
@@ -178,11 +195,11 @@ def sequence_losses(model, sequences: list[Sequence], pad_token_id: int, cfg: En
             mask[row, offset:offset + n] = 1
             # Explicit positions: with left padding the first real token must still be position 0.
             positions[row, offset:offset + n] = torch.arange(n)
-            k = sequences[i].n_targets
-            # The token at position t is predicted by the hidden state at t − 1.
-            gather_rows += [row] * k
-            gather_cols += range(offset + n - k - 1, offset + n - 1)
-            targets += seq[n - k:]
+            for stop, k in sequences[i].spans:
+                # The token at position t is predicted by the hidden state at t − 1.
+                gather_rows += [row] * k
+                gather_cols += range(offset + stop - k - 1, offset + stop - 1)
+                targets += seq[stop - k:stop]
         hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                   position_ids=positions.to(device)).last_hidden_state
         picked = hidden[torch.tensor(gather_rows, device=device), torch.tensor(gather_cols, device=device)]
@@ -195,9 +212,9 @@ def sequence_losses(model, sequences: list[Sequence], pad_token_id: int, cfg: En
         token_nll = token_nll.cpu()
         cursor = 0
         for i in batch:
-            k = sequences[i].n_targets
-            losses[i] = response_loss(token_nll[cursor:cursor + k])
-            cursor += k
+            for _, k in sequences[i].spans:
+                losses[i].append(response_loss(token_nll[cursor:cursor + k]))
+                cursor += k
         bar.update(sum(lengths[i] for i in batch))
     bar.close()
     return losses
@@ -248,11 +265,19 @@ def find_neighbors(pool: InstructionPool, embedder: str, loaded: LoadedModel | N
     return nearest_neighbors(vectors)
 
 
+def _read_neighbors(path: Path, key: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("key") != key:
+        return None
+    return np.asarray(saved["neighbor_index"]), np.asarray(saved["neighbor_similarity"], dtype=np.float32)
+
+
 def _cached_neighbors(path: Path, key: dict, compute) -> tuple[np.ndarray, np.ndarray]:
-    if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("key") == key:
-            return np.asarray(saved["neighbor_index"]), np.asarray(saved["neighbor_similarity"], dtype=np.float32)
+    cached = _read_neighbors(path, key)
+    if cached is not None:
+        return cached
     index, similarity = compute()
     write_json(path, {"key": key, "neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist()})
     return index, similarity
@@ -265,25 +290,49 @@ def _finite_or_none(value: float) -> float | None:
 def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[str], indices: list[int],
                neighbor_index: np.ndarray, neighbor_similarity: np.ndarray, config: ScoreConfig,
                engine: EngineConfig | None = None) -> list[dict]:
-    """Zero-shot, one-shot (and unconditional) losses of the rows ``indices``, batched together."""
+    """Zero-shot, one-shot (and unconditional) losses of the rows ``indices``, batched together.
+
+    A row whose exact zero-shot sequence opens another row's one-shot sequence in this batch gets its
+    zero-shot loss from that pass (a span of it) instead of a pass of its own.
+    """
     special = SpecialTokens.from_tokenizer(loaded.tokenizer)
-    sequences: list[Sequence] = []
-    cuts: list[Truncation] = []
+    zero = {i: zero_shot_sequence(examples[i], special, config.max_length)[0] for i in indices}
+    one, cuts = {}, {}
     for i in indices:
-        zero, _ = zero_shot_sequence(examples[i], special, config.max_length)
-        one, cut = one_shot_sequence(examples[i], examples[neighbor_index[i]], special, config.max_length)
-        sequences += [zero, one]
+        one[i], cuts[i] = one_shot_sequence(examples[i], examples[neighbor_index[i]], special, config.max_length)
+    donor: dict[int, int] = {}  # row -> the row whose one-shot pass carries its zero-shot sequence
+    for i in indices:
+        k = int(neighbor_index[i])
+        if k in zero and k not in donor and one[i].input_ids[:len(zero[k].input_ids)] == zero[k].input_ids:
+            donor[k] = i
+    carried: dict[int, list[int]] = {}
+    for k, i in donor.items():
+        carried.setdefault(i, []).append(k)
+
+    sequences: list[Sequence] = []
+    where: dict[tuple[str, int], tuple[int, int]] = {}  # (pass, row) -> (sequence, span)
+    for i in indices:
+        spans = tuple((len(zero[k].input_ids), zero[k].n_targets) for k in carried.get(i, ()))
+        where[("one", i)] = (len(sequences), 0)
+        where.update({("zero", k): (len(sequences), 1 + n) for n, k in enumerate(carried.get(i, ()))})
+        sequences.append(Sequence(one[i].input_ids, one[i].n_targets, spans))
+        if i not in donor:
+            where[("zero", i)] = (len(sequences), 0)
+            sequences.append(zero[i])
         if config.compute_ifd:
+            where[("uncond", i)] = (len(sequences), 0)
             sequences.append(unconditional_sequence(examples[i], special, config.max_length))
-        cuts.append(cut)
     engine = engine or EngineConfig(batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
                                     progress=config.progress)
-    losses = sequence_losses(loaded.model, sequences, loaded.tokenizer.pad_token_id, engine)
-    per_row = 3 if config.compute_ifd else 2
+    losses = span_losses(loaded.model, sequences, loaded.tokenizer.pad_token_id, engine)
+
+    def loss(kind: str, i: int) -> float:
+        sequence, span = where.get((kind, i), (None, None))
+        return math.nan if sequence is None else losses[sequence][span]
+
     rows = []
-    for j, i in enumerate(indices):
-        zero_loss, one_loss = losses[j * per_row], losses[j * per_row + 1]
-        uncond = losses[j * per_row + 2] if config.compute_ifd else math.nan
+    for i in indices:
+        zero_loss, one_loss, uncond = loss("zero", i), loss("one", i), loss("uncond", i)
         k = int(neighbor_index[i])
         rows.append({
             "index": i,
@@ -298,66 +347,126 @@ def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[st
             "ifd": _finite_or_none(ifd(zero_loss, uncond)) if config.compute_ifd else None,
             "prompt_tokens": len(examples[i].prompt),
             "response_tokens": len(examples[i].response),
-            "one_shot_tokens": len(sequences[j * per_row + 1].input_ids),
-            "truncated": bool(cuts[j].as_dict()),
-            "truncation": cuts[j].as_dict(),
+            "one_shot_tokens": len(one[i].input_ids),
+            "truncated": bool(cuts[i].as_dict()),
+            "truncation": cuts[i].as_dict(),
         })
     return rows
 
 
+def chunk_plan(neighbor_index: np.ndarray, chunk_rows: int) -> list[list[int]]:
+    """Fixed chunks of row indices, each row placed next to its neighbour chain i → k → k' …
+
+    Neighbours in the same chunk let ``score_rows`` share passes. The plan depends only on the
+    neighbours, never on what is already done, so a resumed or multi-process run batches every row
+    exactly as an uninterrupted single process does.
+    """
+    placed = np.zeros(len(neighbor_index), dtype=bool)
+    order: list[int] = []
+    for start in range(len(neighbor_index)):
+        i = start
+        while not placed[i]:
+            placed[i] = True
+            order.append(i)
+            i = int(neighbor_index[i])
+    return [order[j:j + chunk_rows] for j in range(0, len(order), chunk_rows)]
+
+
+def _partial_files(out_dir: Path, shard: Shard) -> tuple[PartialResults, list[PartialResults]]:
+    """This rank's append-only file, and every partial file in the directory (any earlier world size)."""
+    name = "scores.partial.jsonl" if shard.is_main else f"scores.partial.rank{shard.rank}.jsonl"
+    everyone = [PartialResults(p) for p in sorted(out_dir.glob("scores.partial*.jsonl"))]
+    return PartialResults(out_dir / name), everyone
+
+
+def _load_done(partials: list[PartialResults]) -> dict[int, dict]:
+    done: dict[int, dict] = {}
+    for partial in partials:
+        done.update(partial.load())
+    return done
+
+
 def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig | None = None, *,
                loaded: LoadedModel | None = None, overwrite: bool = False) -> list[dict]:
-    """Score every row of ``pool`` into ``out_dir/scores.jsonl`` (+ ``manifest.json``), resuming if possible."""
+    """Score every row of ``pool`` into ``out_dir/scores.jsonl`` (+ ``manifest.json``), resuming if possible.
+
+    Under ``torchrun`` each rank scores every world_size-th chunk and rank 0 merges (see ``distributed``).
+    """
     config = config or ScoreConfig()
+    shard = init_from_env()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
     inputs = score_fingerprint_inputs(config, loaded, pool)
     fingerprint = stable_hash(inputs)
     manifest_path, scores_path = out_dir / "manifest.json", out_dir / "scores.jsonl"
-    partial = PartialResults(out_dir / "scores.partial.jsonl")
-    previous = check_fingerprint(manifest_path, fingerprint, inputs, overwrite=overwrite)
-    if previous and previous.get("status") == "complete" and scores_path.exists():
-        return read_jsonl(scores_path)
-    if previous is None:  # a new run, or an overwrite: drop whatever an older configuration left
-        partial.remove()
-        scores_path.unlink(missing_ok=True)
-    started = now()
-    manifest = {"status": "running", "fingerprint": fingerprint, "fingerprint_inputs": inputs,
-                "config": asdict(config), "data_source": pool.source, "started": started,
-                "environment": environment_info()}
-    write_json(manifest_path, manifest)
-
+    neighbors_path = out_dir / "neighbors.json"
     neighbor_key = {"embedder": config.embedder, "data": pool.content_hash,
                     "model": loaded.identity if config.embedder == SELF_EMBEDDER else None}
-    t0 = time.perf_counter()
-    neighbor_index, neighbor_similarity = _cached_neighbors(
-        out_dir / "neighbors.json", neighbor_key,
-        lambda: find_neighbors(pool, config.embedder, loaded, progress=config.progress))
-    seconds_neighbors = time.perf_counter() - t0
+    progress = config.progress and shard.is_main
 
+    # Rank 0 alone checks the directory, writes the manifest, searches neighbours and repairs torn lines.
+    status: dict = {"error": None, "finished": False}
+    manifest, seconds_neighbors = {}, 0.0
+    if shard.is_main:
+        try:
+            previous = check_fingerprint(manifest_path, fingerprint, inputs, overwrite=overwrite)
+            status["finished"] = bool(previous and previous.get("status") == "complete" and scores_path.exists())
+            if not status["finished"]:
+                if previous is None:  # a new run, or an overwrite: drop what an older configuration left
+                    for old in _partial_files(out_dir, shard)[1]:
+                        old.remove()
+                    scores_path.unlink(missing_ok=True)
+                manifest = {"status": "running", "fingerprint": fingerprint, "fingerprint_inputs": inputs,
+                            "config": asdict(config), "data_source": pool.source, "started": now(),
+                            "world_size": shard.world_size, "environment": environment_info()}
+                write_json(manifest_path, manifest)
+                t0 = time.perf_counter()
+                _cached_neighbors(neighbors_path, neighbor_key,
+                                  lambda: find_neighbors(pool, config.embedder, loaded, progress=progress))
+                seconds_neighbors = time.perf_counter() - t0
+                _load_done(_partial_files(out_dir, shard)[1])
+        except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+            status["error"] = exc
+    status = from_main(shard, status)
+    if status["error"] is not None:
+        raise status["error"]
+    if status["finished"]:
+        return read_jsonl(scores_path)
+
+    neighbor_index, neighbor_similarity = _read_neighbors(neighbors_path, neighbor_key)
     examples = encode_examples(pool.rows, loaded.tokenizer, config.template)
     ids = [row["id"] for row in pool.rows]
-    done = partial.load()
+    mine, everyone = _partial_files(out_dir, shard)
+    done = _load_done(everyone)
+    plan = chunk_plan(neighbor_index, config.chunk_rows)
+    # A chunk is scored whole even if a crash left part of it on disk: its batches stay the same.
+    my_chunks = [chunk for number, chunk in enumerate(plan)
+                 if shard.owns(number) and any(i not in done for i in chunk)]
     todo = [i for i in range(len(pool)) if i not in done]
+    label = "MIWV scoring" if shard.world_size == 1 else f"MIWV scoring (rank 0 of {shard.world_size})"
     t0 = time.perf_counter()
-    with tqdm(total=len(pool), initial=len(done), desc="MIWV scoring", unit="sample",
-              disable=not config.progress) as bar:
-        for start in range(0, len(todo), config.chunk_rows):
-            chunk = todo[start:start + config.chunk_rows]
+    with tqdm(total=len(done) + sum(map(len, my_chunks)), initial=len(done), desc=label, unit="sample",
+              disable=not progress) as bar:
+        for chunk in my_chunks:
             rows = score_rows(loaded, examples, ids, chunk, neighbor_index, neighbor_similarity, config)
-            partial.append(rows)
-            done.update((r["index"], r) for r in rows)
+            mine.append([row for row in rows if row["index"] not in done])
             bar.update(len(chunk))
     seconds_scoring = time.perf_counter() - t0
+    barrier(shard)
 
-    scores = [done[i] for i in range(len(pool))]
-    write_jsonl(scores_path, scores)
-    manifest.update(status="complete", finished=now(), rows=len(scores), rows_scored_this_run=len(todo),
-                    rows_resumed=len(pool) - len(todo), seconds_neighbors=round(seconds_neighbors, 2),
-                    seconds_scoring=round(seconds_scoring, 2),
-                    seconds_per_sample=round(seconds_scoring / len(todo), 4) if todo else None,
-                    truncated_rows=sum(r["truncated"] for r in scores))
-    write_json(manifest_path, manifest)
-    partial.remove()
-    return scores
+    if shard.is_main:
+        everyone = _partial_files(out_dir, shard)[1]
+        done = _load_done(everyone)
+        scores = [done[i] for i in range(len(pool))]
+        write_jsonl(scores_path, scores)
+        manifest.update(status="complete", finished=now(), rows=len(scores), rows_scored_this_run=len(todo),
+                        rows_resumed=len(pool) - len(todo), seconds_neighbors=round(seconds_neighbors, 2),
+                        seconds_scoring=round(seconds_scoring, 2),
+                        seconds_per_sample=round(seconds_scoring / len(todo), 4) if todo else None,
+                        truncated_rows=sum(r["truncated"] for r in scores))
+        write_json(manifest_path, manifest)
+        for partial in everyone:
+            partial.remove()
+    barrier(shard)
+    return read_jsonl(scores_path)

@@ -12,6 +12,7 @@ from miwv_lib.prompts import EncodedExample, SpecialTokens, encode_examples
 from miwv_lib.scoring import (
     EngineConfig,
     ScoreConfig,
+    chunk_plan,
     ifd,
     miwv,
     one_shot_sequence,
@@ -177,3 +178,25 @@ def test_score_rows_pairs_each_row_with_its_neighbour(tiny):
         assert row["miwv"] == pytest.approx(one - zero, abs=2e-5)
         assert row["ifd"] == pytest.approx(zero / uncond, abs=1e-5)
         assert row["neighbor_id"] == "abcd"[neighbors[i]]
+
+
+@pytest.mark.parametrize("max_length", [256, 40])
+def test_shared_zero_shot_passes_match_separate_ones(tiny, max_length):
+    """Mutual neighbours share passes; truncated demos (max_length 40) must not, and both give naive numbers."""
+    rows = make_rows(6, seed=3)
+    examples = encode_examples(rows, tiny.tokenizer)
+    neighbors = np.array([1, 0, 0, 4, 3, 3])
+    special = SpecialTokens.from_tokenizer(tiny.tokenizer)
+    scores = score_rows(tiny, examples, list("abcdef"), list(range(6)), neighbors, np.ones(6, dtype=np.float32),
+                        ScoreConfig(progress=False, max_length=max_length))
+    for row in scores:
+        zero = naive_loss(tiny.model, zero_shot_sequence(examples[row["index"]], special, max_length)[0])
+        assert row["zero_shot_loss"] == pytest.approx(zero, abs=1e-5)
+
+
+def test_chunk_plan_keeps_neighbour_chains_together_and_covers_every_row():
+    neighbors = np.array([5, 3, 0, 1, 7, 0, 2, 4])
+    plan = chunk_plan(neighbors, chunk_rows=3)
+    assert sorted(i for chunk in plan for i in chunk) == list(range(8))
+    assert plan[0] == [0, 5, 1]  # 0 -> 5 -> 0 closes the chain; 1 starts the next
+    assert [len(c) for c in plan] == [3, 3, 2]

@@ -1,0 +1,160 @@
+"""MIWV scoring speed and fidelity, measured side by side in one run.
+
+Modes, all on the same model, rows and machine:
+
+* ``naive``  — what public implementations do: one sample per forward pass, full logits, float32;
+* ``exact``  — our engine in float32;
+* ``fast``   — our engine in bfloat16 (float32 log-softmax).
+
+Each mode runs in its own subprocess so its peak memory (RSS) is its own. Fidelity is measured
+against ``naive``: max |Δloss|, Spearman of MIWV, overlap of the top-10% selections.
+
+    python benchmarks/bench_scoring.py                    # gemma-3-270m, 200 rows of the local Alpaca pool
+    python benchmarks/bench_scoring.py --rows 40 --modes naive,fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("naive", "exact", "fast")
+
+
+def run_mode(mode: str, args: argparse.Namespace) -> dict:
+    """Score ``args.rows`` rows in this process with one mode; return losses, timings and peak RSS."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from miwv_lib.data import load_instructions
+    from miwv_lib.models import load_model
+    from miwv_lib.prompts import SpecialTokens, encode_examples
+    from miwv_lib.scoring import EngineConfig, one_shot_sequence, sequence_losses, zero_shot_sequence
+    from miwv_lib.scoring import find_neighbors
+
+    pool = load_instructions(args.data, limit=args.rows)
+    neighbors, _ = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
+    loaded = load_model(args.model, dtype="bfloat16" if mode == "fast" else "float32", device="cpu")
+    special = SpecialTokens.from_tokenizer(loaded.tokenizer)
+    examples = encode_examples(pool.rows, loaded.tokenizer)
+    sequences = []
+    for i, example in enumerate(examples):
+        sequences.append(zero_shot_sequence(example, special, args.max_length)[0])
+        sequences.append(one_shot_sequence(example, examples[neighbors[i]], special, args.max_length)[0])
+    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if mode == "naive":
+        losses = []
+        with torch.no_grad():
+            for seq in tqdm(sequences, desc="naive", leave=False):
+                ids = torch.tensor([seq.input_ids])
+                logits = loaded.model(ids).logits[0]  # full sequence × vocabulary
+                n, k = len(seq.input_ids), seq.n_targets
+                losses.append(F.cross_entropy(logits[n - k - 1:n - 1].float(), ids[0, n - k:]).item())
+        losses = np.array(losses)
+    else:
+        losses = sequence_losses(loaded.model, sequences, loaded.tokenizer.pad_token_id,
+                                 EngineConfig(batch_size=args.batch_size, progress_desc=mode))
+    seconds = time.perf_counter() - start
+    return {
+        "mode": mode,
+        "seconds": seconds,
+        "rows": len(pool),
+        "tokens": sum(len(s.input_ids) for s in sequences),
+        "losses": losses.tolist(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rss_after_load_mb": rss_loaded / 1024,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b)[0])
+
+
+def top_overlap(a: np.ndarray, b: np.ndarray, ratio: float = 0.10) -> float:
+    k = max(1, math.floor(ratio * len(a)))
+    return len(set(np.argsort(-a, kind="stable")[:k]) & set(np.argsort(-b, kind="stable")[:k])) / k
+
+
+def summarise(results: dict[str, dict]) -> list[dict]:
+    reference = results.get("naive")
+    rows = []
+    for mode, r in results.items():
+        losses = np.array(r["losses"])
+        miwv = losses[1::2] - losses[0::2]
+        row = {"mode": mode, "rows": r["rows"], "seconds": round(r["seconds"], 2),
+               "samples_per_s": round(r["rows"] / r["seconds"], 3),
+               "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
+               "peak_rss_mb": round(r["peak_rss_mb"]), "threads": r["threads"]}
+        if reference is not None:
+            ref_losses = np.array(reference["losses"])
+            ref_miwv = ref_losses[1::2] - ref_losses[0::2]
+            row.update(speedup_vs_naive=round(reference["seconds"] / r["seconds"], 2),
+                       max_abs_dloss=float(np.abs(losses - ref_losses).max()),
+                       max_abs_dmiwv=float(np.abs(miwv - ref_miwv).max()),
+                       spearman_miwv=round(spearman(miwv, ref_miwv), 5),
+                       top10_overlap=round(top_overlap(miwv, ref_miwv), 3))
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = ["mode", "rows", "seconds", "samples_per_s", "tokens_per_s", "speedup_vs_naive", "max_abs_dloss",
+               "max_abs_dmiwv", "spearman_miwv", "top10_overlap", "peak_rss_mb"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[c]:.2e}" if c.startswith("max_abs") and c in row else str(row.get(c, "–")) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--data", default="alpaca", help="file, registry name or hub id (needs MIWV_DATA_DIR)")
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._child:  # one mode, in a fresh process
+        print(json.dumps(run_mode(args._child, args)))
+        return
+
+    out = Path(args.out)
+    results = {}
+    for mode in args.modes.split(","):
+        child = [sys.executable, __file__, "--_child", mode, "--model", args.model, "--data", args.data,
+                 "--rows", str(args.rows), "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
+        print(f"[bench] {mode} …", file=sys.stderr, flush=True)
+        done = subprocess.run(child, stdout=subprocess.PIPE, text=True, check=True)
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = summarise(results)
+    from miwv_lib.io import write_json
+    from miwv_lib.runs import environment_info, now
+
+    table = markdown_table(rows)
+    write_json(out / "bench_scoring.json", {"date": now(), "environment": environment_info(), "args": vars(args),
+                                            "summary": rows})
+    (out / "bench_scoring.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Data-parallel scoring with torch.distributed, launched by ``torchrun`` or ``accelerate launch``.
+
+Each rank scores its share of the pool's chunks after one global neighbour search on rank 0;
+rank 0 merges the ranks' partial files into one ``scores.jsonl`` in input order. Chunks are the
+same as in a single process and are dealt round-robin, so every batch (and so every number) is the
+one a single process would compute.
+
+    torchrun --nproc_per_node 8 -m miwv_lib score --data tatsu-lab/alpaca --out runs/alpaca ...
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, chunk_number: int) -> bool:
+        return chunk_number % self.world_size == self.rank
+
+
+def init_from_env() -> Shard:
+    """Join the process group that torchrun/accelerate describe in the environment (or none)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Shard()
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" then means this rank's GPU
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Shard(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def barrier(shard: Shard) -> None:
+    if shard.world_size > 1:
+        dist.barrier()
+
+
+def from_main(shard: Shard, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (any picklable object, exceptions included)."""
+    if shard.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

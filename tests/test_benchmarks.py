@@ -1,0 +1,37 @@
+"""The benchmark scripts run end to end (tiny settings: this checks they work, not how fast)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import make_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_scoring_benchmark_reports_speed_and_fidelity(tmp_path):
+    data = tmp_path / "pool.json"
+    data.write_text(json.dumps(make_rows(20, seed=2)))
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--model", "tiny-random",
+                             "--data", str(data), "--rows", "20", "--max-length", "128", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                              "MIWV_CACHE_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = {row["mode"]: row for row in json.loads((tmp_path / "bench_scoring.json").read_text())["summary"]}
+    assert set(summary) == {"naive", "exact", "fast"}
+    assert summary["exact"]["max_abs_dloss"] <= 1e-5  # our float32 engine is the naive computation
+    assert 0 < summary["fast"]["max_abs_dloss"] < 0.1  # bf16 differs, but only by rounding
+    assert "| exact |" in (tmp_path / "bench_scoring.md").read_text()
+
+
+def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--size", "tiny",
+                             "--device", "cpu", "--samples", "8", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["samples"] == 8 and report["tokens"] > 0 and report["tokens_per_s"] > 0

@@ -9,7 +9,7 @@ EXTRAS := dev,notebooks
 export MIWV_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 RUN_DIR ?= runs/demo
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: install
 demo: install
 	$(PY) -m miwv_lib score --limit 200 --out $(RUN_DIR)
 	$(PY) -m miwv_lib select --limit 200 --scores $(RUN_DIR)/scores.jsonl --ratio 0.05 --by miwv --out $(RUN_DIR)/subset_miwv_5pct.json
+
+bench: install   # scoring speed and fidelity: naive reference vs our engine (float32 and bf16), side by side
+	$(PY) benchmarks/bench_scoring.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

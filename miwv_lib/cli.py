@@ -1,4 +1,4 @@
-"""Command line: ``python -m miwv_lib score|select`` (also installed as ``miwv``).
+"""Command line: ``python -m miwv_lib score|select|pipeline|train|evaluate`` (also installed as ``miwv``).
 
 The flags are a contract used by people and scripts; add new ones, don't rename old ones.
 """
@@ -6,18 +6,31 @@ The flags are a contract used by people and scripts; add new ones, don't rename 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
 from .data import DataError, load_instructions
-from .io import read_jsonl
-from .models import DEFAULT_MODEL, ModelLoadError
+from .models import DEFAULT_MODEL, ModelLoadError, resolve_device
 from .neighbors import DEFAULT_EMBEDDER
+from .pipeline import PipelineError
 from .prompts import TEMPLATES
-from .runs import FingerprintMismatch
+from .runs import FingerprintMismatch, RunDirectoryBusy, run_lock
 from .scoring import ScoreConfig, score_pool
-from .selection import SELECTION_METHODS, SelectionError, check_scores_match, export_subset, select_indices
+from .selection import (SELECTION_METHODS, SelectionError, check_scores_match, check_scores_provenance, export_subset,
+                        load_scores, select_indices)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -38,11 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model", default=DEFAULT_MODEL)
     score.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers name/path, or 'self'")
     score.add_argument("--template", choices=TEMPLATES, default="alpaca")
-    score.add_argument("--max-length", type=int, default=ScoreConfig.max_length)
+    score.add_argument("--max-length", type=_positive_int, default=ScoreConfig.max_length)
     score.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                        help="auto = bf16 (fast); float32 = exact mode")
     score.add_argument("--device", default="auto")
-    score.add_argument("--batch-size", type=int, default=ScoreConfig.batch_size)
+    score.add_argument("--batch-size", type=_positive_int, default=ScoreConfig.batch_size)
+    score.add_argument("--chunk-rows", type=_positive_int, default=ScoreConfig.chunk_rows,
+                       help="advanced: rows per checkpoint in scores.partial.jsonl (at most this much work is lost "
+                            "when the job is killed; a resumed run must use the same value to be byte-identical)")
     score.add_argument("--no-ifd", action="store_true", help="skip the unconditional pass that IFD needs")
     score.add_argument("--overwrite", action="store_true", help="replace results of a different configuration")
 
@@ -53,35 +69,212 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--by", choices=SELECTION_METHODS, default="miwv")
     select.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     select.add_argument("--out", required=True, help="subset file (.json or .jsonl)")
+
+    pipeline = commands.add_parser("pipeline", help="run the notebooks in order with papermill, then write report.md")
+    pipeline.add_argument("--config", required=True, help="YAML configuration, e.g. configs/demo.yaml")
+    pipeline.add_argument("--run-dir", default=None,
+                          help="output directory (relative to the current directory); default: the config's run_dir")
+    pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a parameter (YAML value); NN_name.KEY=VALUE for one notebook; repeatable")
+    pipeline.add_argument("--notebooks", nargs="+", default=None, metavar="NAME",
+                          help="run only these notebooks (e.g. 03_selection or 03)")
+    pipeline.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_train_commands(commands)
     return parser
 
 
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the base model (as for 'score')")
+    parser.add_argument("--method", choices=["lora", "full"], default=TrainConfig.method)
+    parser.add_argument("--template", choices=TEMPLATES, default=TrainConfig.template)
+    parser.add_argument("--max-length", type=_positive_int, default=TrainConfig.max_length)
+    parser.add_argument("--epochs", type=float, default=TrainConfig.epochs)
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: 2e-4 (LoRA), 2e-5 (full)")
+    parser.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size, help="per device")
+    parser.add_argument("--grad-accum", type=_positive_int, default=TrainConfig.gradient_accumulation_steps)
+    parser.add_argument("--max-steps", type=int, default=TrainConfig.max_steps, help="> 0 overrides --epochs")
+    parser.add_argument("--lora-r", type=_positive_int, default=TrainConfig.lora_r)
+    parser.add_argument("--lora-alpha", type=_positive_int, default=TrainConfig.lora_alpha)
+    parser.add_argument("--lora-dropout", type=float, default=TrainConfig.lora_dropout)
+    parser.add_argument("--train-seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--no-bf16", action="store_true", help="train in float32 even where bf16 is supported")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model trained with other settings")
+
+
+def _add_train_commands(commands) -> None:
+    from .evaluate import DEFAULT_TEST_SETS
+    from .judges import OFFLINE_JUDGES
+
+    train = commands.add_parser("train", help="fine-tune (LoRA) on the pool or on a selected subset of it")
+    _add_data_args(train)
+    _add_training_args(train)
+    train.add_argument("--out", required=True, help="model directory (adapter, train_config.json, loss.csv)")
+    train.add_argument("--scores", default=None, help="scores.jsonl: train on a selection instead of all rows")
+    train.add_argument("--ratio", type=float, default=None, help="with --scores: fraction of rows to keep")
+    train.add_argument("--by", choices=SELECTION_METHODS, default="miwv")
+    train.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+
+    evaluate = commands.add_parser(
+        "evaluate", help="train MIWV-top, random and full-pool models and compare them pairwise on the test sets")
+    _add_data_args(evaluate)
+    _add_training_args(evaluate)
+    evaluate.add_argument("--run-dir", required=True, help="run directory holding scores.jsonl for --data")
+    evaluate.add_argument("--ratio", type=float, required=True, help="fraction of rows each selected model gets")
+    evaluate.add_argument("--methods", nargs="+", choices=SELECTION_METHODS, default=["miwv", "random"])
+    evaluate.add_argument("--test-sets", nargs="+", default=list(DEFAULT_TEST_SETS))
+    evaluate.add_argument("--sample", type=_positive_int, default=None, help="prompts per test set (seeded sample)")
+    evaluate.add_argument("--sample-seed", type=int, default=0)
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    evaluate.add_argument("--judge", action="append", default=None, metavar="SPEC",
+                          help=f"repeatable: {', '.join(OFFLINE_JUDGES)} (default: all three), "
+                               "hf:<model> or openai:<model>")
+    evaluate.add_argument("--judge-base-url", default="https://api.openai.com/v1", help="for openai:<model>")
+    evaluate.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                          help="environment variable holding the judge's API key (for openai:<model>)")
+
+
+def _load_pool(args: argparse.Namespace):
+    try:
+        return load_instructions(args.data, data_dir=args.data_dir, limit=args.limit)
+    except RecursionError:  # json gives up on very deep nesting
+        raise DataError("JSON nested too deeply to be a list of records", source=str(args.data)) from None
+
+
 def run_score(args: argparse.Namespace) -> None:
-    pool = load_instructions(args.data, data_dir=args.data_dir, limit=args.limit)
+    pool = _load_pool(args)
+    if len(pool) < 2:  # checked before the model is loaded: nothing to pair a lone sample with
+        raise DataError(f"MIWV needs at least 2 rows (each row's demonstration is its nearest other row); "
+                        f"got {len(pool)}", source=pool.source)
+    _check_device(args.device)
     config = ScoreConfig(model=args.model, embedder=args.embedder, template=args.template,
                          max_length=args.max_length, dtype=args.dtype, device=args.device,
-                         batch_size=args.batch_size, compute_ifd=not args.no_ifd)
-    scores = score_pool(pool, args.out, config, overwrite=args.overwrite)
+                         batch_size=args.batch_size, compute_ifd=not args.no_ifd, chunk_rows=args.chunk_rows)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError("--out must be a run directory, but this is a file", source=str(out))
+    # One scoring process per run directory (rank 0 only under torchrun: the ranks share it on purpose).
+    with run_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        scores = score_pool(pool, out, config, overwrite=args.overwrite)
     miwvs = sorted(s["miwv"] for s in scores if s["miwv"] is not None)
-    print(f"scored {len(scores)} rows -> {Path(args.out) / 'scores.jsonl'}; "
-          f"MIWV min {miwvs[0]:+.3f}, median {miwvs[len(miwvs) // 2]:+.3f}, max {miwvs[-1]:+.3f}")
+    summary = (f"MIWV min {miwvs[0]:+.3f}, median {miwvs[len(miwvs) // 2]:+.3f}, max {miwvs[-1]:+.3f}" if miwvs
+               else "no finite MIWV")
+    print(f"scored {len(scores)} rows -> {out / 'scores.jsonl'}; {summary}")
+    flagged = [s["index"] for s in scores if s.get("truncated")]
+    if flagged:
+        print(f"{len(flagged)} rows were cut to --max-length {args.max_length} (flagged 'truncated' in scores.jsonl); "
+              f"first rows: {flagged[:5]}")
+    if len(miwvs) < len(scores):
+        print(f"{len(scores) - len(miwvs)} rows have no finite MIWV (null in scores.jsonl); they are never selected")
+
+
+def _check_device(device: str) -> None:
+    """A clear error for a GPU command run on a machine without that GPU (torch would assert)."""
+    import torch
+
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"--device {device!r} is not a torch device ({exc})") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index or 0) >= count:
+            raise ModelLoadError(f"--device {device}: this machine has {count} CUDA device(s); "
+                                 "use --device cpu, or auto to take a GPU when there is one")
 
 
 def run_select(args: argparse.Namespace) -> None:
-    pool = load_instructions(args.data, data_dir=args.data_dir, limit=args.limit)
-    scores = read_jsonl(args.scores)
+    pool = _load_pool(args)
+    for given, role in ((args.data, "--data"), (args.scores, "--scores")):
+        if given and Path(given).exists() and Path(args.out).resolve() == Path(given).resolve():
+            raise SelectionError(f"--out {args.out} is the {role} file; refusing to overwrite an input")
+    scores = load_scores(args.scores)
     check_scores_match(pool, scores, args.scores)
+    check_scores_provenance(pool, args.scores)
     indices = select_indices(scores, args.ratio, by=args.by, seed=args.seed)
     out = export_subset(pool, scores, indices, args.out, by=args.by)
     print(f"selected {len(indices)} of {len(pool)} rows by {args.by} -> {out}")
+
+
+def run_pipeline_command(args: argparse.Namespace) -> None:
+    import time
+
+    from .pipeline import run_pipeline
+
+    logging.getLogger("papermill").setLevel(logging.WARNING)  # its per-notebook INFO lines break the progress bars
+    run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else None
+    t0 = time.perf_counter()
+    result = run_pipeline(args.config, run_dir=run_dir, notebooks=args.notebooks, overrides=args.overrides,
+                          progress=not args.no_progress)
+    times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.seconds.items())
+    print(f"ran {len(result.executed)} notebooks in {time.perf_counter() - t0:.0f} s ({times}) -> "
+          f"{result.run_dir / 'notebooks'}")
+    if result.report:
+        print(f"report: {result.report}")
+
+
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    return TrainConfig(model=args.model, method=args.method, template=args.template, max_length=args.max_length,
+                       epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                       gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, lora_r=args.lora_r,
+                       lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, seed=args.train_seed,
+                       bf16=False if args.no_bf16 else None, device=args.device)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .train import train_model
+
+    pool = _load_pool(args)
+    rows = pool.rows
+    if args.scores:
+        if args.ratio is None:
+            raise SelectionError("--scores needs --ratio (the fraction of rows to train on)")
+        scores = load_scores(args.scores)
+        check_scores_match(pool, scores, args.scores)
+        rows = [pool.rows[i] for i in select_indices(scores, args.ratio, by=args.by, seed=args.seed)]
+    _check_device(args.device)
+    result = train_model(rows, args.out, _train_config(args), overwrite=args.overwrite)
+    state = "already trained" if result.skipped else f"trained {result.steps} steps, {result.tokens_per_second} tokens/s"
+    print(f"{state} on {result.n_examples} rows, final mean loss {result.train_loss:.4f} -> {result.model_dir}")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import run_comparison
+    from .generate import GenerateConfig
+    from .judges import OFFLINE_JUDGES, make_judge
+
+    pool = _load_pool(args)
+    _check_device(args.device)
+    judges = [make_judge(spec, base_url=args.judge_base_url, api_key_env=args.judge_api_key_env)
+              if spec.startswith("openai:") else spec for spec in (args.judge or OFFLINE_JUDGES)]
+    config = _train_config(args)
+    result = run_comparison(args.run_dir, pool, args.ratio, methods=tuple(args.methods), train_config=config,
+                            generate_config=GenerateConfig(max_new_tokens=args.max_new_tokens, template=args.template),
+                            test_sets=args.test_sets, sample=args.sample, sample_seed=args.sample_seed,
+                            data_dir=args.data_dir, judges=judges, overwrite=args.overwrite)
+    print(Path(result.paths["markdown"]).read_text(encoding="utf-8"))
+    print(f"tables and figure -> {result.run_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        {"score": run_score, "select": run_select}[args.command](args)
-    except (DataError, ModelLoadError, SelectionError, FingerprintMismatch, FileNotFoundError) as exc:
+        {"score": run_score, "select": run_select, "pipeline": run_pipeline_command, "train": run_train,
+         "evaluate": run_evaluate}[args.command](args)
+    except (DataError, ModelLoadError, SelectionError, FingerprintMismatch, RunDirectoryBusy, PipelineError,
+            OSError) as exc:  # OSError: a missing path, a full disk, no permission; the message names the file
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command == "score":
+            print(f"interrupted: finished chunks are kept in {Path(args.out) / 'scores.partial.jsonl'}; "
+                  "run the same command again to resume", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
+        return 130
     return 0

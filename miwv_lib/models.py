@@ -161,7 +161,9 @@ def _locate(name_or_path: str) -> tuple[str, str]:
             raise ModelLoadError(f"{path} is not a model directory (no config.json)")
         weights = sorted(p.name + ":" + str(p.stat().st_size) for p in path.glob("*.safetensors"))
         return str(path.resolve()), f"dir:{path.resolve().name}:{stable_hash(weights, 8)}"
-    is_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+    # "models/gemma" next to an existing "models/" folder is a missing local path, not a hub id.
+    is_hub_id = (name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
+                 and not path.parent.is_dir())
     if not is_hub_id:
         known = ", ".join(BUILTIN_MODELS)
         raise ModelLoadError(

@@ -125,10 +125,27 @@ def notebook_parameters(path: str | Path) -> dict[str, dict]:
             for name, info in papermill.inspect_notebook(str(path)).items()}
 
 
+def describe_notebooks(directory: str | Path | None = None) -> list[dict]:
+    """One row per numbered notebook: its file, its title (first Markdown heading) and its parameters."""
+    import nbformat
+
+    out = []
+    for path in notebook_paths(directory):
+        nb = nbformat.read(path, as_version=4)
+        title = next((line.lstrip("#").strip() for cell in nb.cells if cell.cell_type == "markdown"
+                      for line in cell.source.splitlines() if line.startswith("#")), path.stem)
+        params = notebook_parameters(path)
+        out.append({"notebook": path.name, "title": title,
+                    "parameters": ", ".join(f"{k}: {v['inferred_type_name']} = {v['default']}"
+                                            for k, v in params.items())})
+    return out
+
+
 def load_config(config: str | Path | Mapping | None) -> dict:
     """A validated configuration dict (``parameters`` and ``notebooks`` always present)."""
     import yaml
 
+    config_path = None
     if config is None:
         raw: Any = {}
         origin = "<empty configuration>"
@@ -145,6 +162,7 @@ def load_config(config: str | Path | Mapping | None) -> dict:
         except yaml.YAMLError as exc:
             raise PipelineError(f"{config}: not valid YAML ({exc})") from None
         origin = str(config)
+        config_path = str(path.resolve())
     if not isinstance(raw, Mapping):
         raise PipelineError(f"{origin}: expected a mapping with keys {', '.join(CONFIG_KEYS)}")
     unknown = sorted(set(raw) - set(CONFIG_KEYS))
@@ -162,6 +180,7 @@ def load_config(config: str | Path | Mapping | None) -> dict:
         "parameters": dict(parameters),
         "notebooks": {_stem(k): dict(v or {}) for k, v in notebooks.items()},
         "source": origin,
+        "path": config_path,  # the file it came from (given to notebooks that declare `config`)
     }
 
 
@@ -207,30 +226,37 @@ def _apply_overrides(config: dict, overrides: Mapping[str, Any], stems: Sequence
     return config
 
 
-def plan_parameters(config: Mapping, notebooks: Sequence[Path], run_dir: Path) -> dict[str, dict]:
-    """The parameters each notebook will get: the shared ones it declares, its own, and ``run_dir``."""
-    declared = {path.stem: notebook_parameters(path) for path in notebooks}
-    stems = list(declared)
-    used: set[str] = set()
+def plan_parameters(config: Mapping, notebooks: Sequence[Path], run_dir: Path,
+                    all_notebooks: Sequence[Path] | None = None) -> dict[str, dict]:
+    """The parameters each of ``notebooks`` will get: the shared ones it declares, its own, and ``run_dir``.
+
+    A shared parameter that no notebook (of ``all_notebooks``, default all numbered notebooks) declares,
+    or a per-notebook one that its notebook does not declare, is an error: it is almost always a typo.
+    """
+    all_notebooks = list(all_notebooks) if all_notebooks is not None else notebook_paths()
+    declared = {path.stem: notebook_parameters(path) for path in {*all_notebooks, *notebooks}}
+    unused = sorted(set(config["parameters"]) - {name for names in declared.values() for name in names})
+    if unused:
+        raise PipelineError(f"no notebook declares the parameter(s) {unused} (a typo?); "
+                            f"declared: {sorted({n for names in declared.values() for n in names})}")
+    unknown = sorted(set(config["notebooks"]) - set(declared))
+    if unknown:
+        raise PipelineError(f"the configuration names unknown notebooks {unknown}; known: {sorted(declared)}")
     plan: dict[str, dict] = {}
-    for stem, names in declared.items():
+    for path in notebooks:
+        stem, names = path.stem, declared[path.stem]
         params = {k: v for k, v in config["parameters"].items() if k in names}
-        used |= set(params)
         own = config["notebooks"].get(stem, {})
         undeclared = sorted(set(own) - set(names))
         if undeclared:
             raise PipelineError(f"notebook {stem} declares no parameter {undeclared}; it declares {sorted(names)}",
                                 notebook=stem)
         params.update(own)
+        if "config" in names and "config" not in params and config.get("path"):
+            params["config"] = config["path"]
         if "run_dir" in names:
             params["run_dir"] = str(run_dir)
         plan[stem] = params
-    unused = sorted(set(config["parameters"]) - used)
-    if unused:
-        raise PipelineError(f"no notebook among {stems} declares the parameter(s) {unused} (a typo?)")
-    unknown = sorted(set(config["notebooks"]) - set(stems))
-    if unknown:
-        raise PipelineError(f"the configuration names notebooks that are not run: {unknown}; run: {stems}")
     return plan
 
 

@@ -100,12 +100,12 @@ def jaccard_heatmaps(matrices: Mapping[str, tuple[Sequence[str], np.ndarray]]):
     import matplotlib.pyplot as plt
 
     n = max(1, len(matrices))
-    fig, axes = plt.subplots(1, n, figsize=(4.0 * n + 0.8, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 1.6, 3.9), squeeze=False, layout="constrained")
     image = None
-    for ax, (title, (labels, matrix)) in zip(axes[0], matrices.items()):
+    for col, (ax, (title, (labels, matrix))) in enumerate(zip(axes[0], matrices.items())):
         image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels if col == 0 else [""] * len(labels), fontsize=8)
         for i in range(len(labels)):
             for j in range(len(labels)):
                 ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=7,

@@ -43,8 +43,10 @@ def format_prompt(instruction: str, input: str = "", template: str = "alpaca",
         content = f"{instruction}\n\n{input}" if input else instruction
         text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-        # The BOS is added as a token ID by ``EncodedExample``; drop it from the text so it is not doubled.
-        if tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+        # A BOS the tokenizer prepends is added as a token ID by the layouts: drop it from the text so it is
+        # not doubled. (SmolLM2's "bos" is <|im_start|>, which it never prepends: that one must stay.)
+        prepends_bos = SpecialTokens.from_tokenizer(tokenizer).bos is not None
+        if prepends_bos and tokenizer.bos_token and text.startswith(tokenizer.bos_token):
             text = text[len(tokenizer.bos_token):]
         return text
     raise ValueError(f"template must be one of {TEMPLATES}; got {template!r}")

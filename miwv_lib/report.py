@@ -68,6 +68,17 @@ def row_source_files(files: Sequence[str | Path], n_rows: int) -> list[str]:
     return out + ["unknown"] * (n_rows - len(out))
 
 
+def sample_rows(n_rows: int, sample: int | None, seed: int = 0) -> list[int]:
+    """Row numbers of a seeded random sample of ``sample`` rows, in pool order (all rows if None or ≥ n_rows)."""
+    import random
+
+    if sample is None or sample >= n_rows:
+        return list(range(n_rows))
+    if isinstance(sample, bool) or not isinstance(sample, int) or sample < 2:
+        raise ValueError(f"sample must be an integer ≥ 2 or None; got {sample!r}")
+    return sorted(random.Random(seed).sample(range(n_rows), sample))
+
+
 def _record_count(path: Path) -> int:
     suffix = path.suffix.lower()
     if suffix == ".json":
@@ -145,6 +156,28 @@ def shortest_example(encoded: Sequence, neighbor_index: Sequence[int]) -> int:
     return min(range(len(encoded)), key=lambda i: (size(i), i))
 
 
+def truncation_summary(scores: Sequence[Mapping], top_fraction: float = 0.15) -> dict[str, Any]:
+    """How often ``max_length`` cut something, overall and among the top ``top_fraction`` by MIWV.
+
+    A trimmed demonstration helps less, which pushes MIWV up: if trimmed rows crowd the top of the
+    ranking, the selection partly reflects truncation, and ``max_length`` should be raised.
+    """
+    usable = [s for s in scores if s.get("miwv") is not None and math.isfinite(s["miwv"])]
+    k = max(1, math.floor(top_fraction * len(usable) + 1e-9)) if usable else 0
+    top = sorted(usable, key=lambda s: (-s["miwv"], s["id"], s["index"]))[:k]
+    trimmed = [s for s in usable if s.get("truncated")]
+    full = [s for s in usable if not s.get("truncated")]
+    return {
+        "rows": len(usable),
+        "truncated": len(trimmed),
+        "demo_trimmed": sum(1 for s in usable if (s.get("truncation") or {}).get("demo")),
+        "top_k": k,
+        "top_truncated": sum(1 for s in top if s.get("truncated")),
+        "median_miwv_truncated": float(np.median([s["miwv"] for s in trimmed])) if trimmed else math.nan,
+        "median_miwv_not_truncated": float(np.median([s["miwv"] for s in full])) if full else math.nan,
+    }
+
+
 # --------------------------------------------------------------------------- selections
 
 
@@ -213,8 +246,11 @@ def build_report(run_dir: str | Path) -> str:
     # ---- what was run
     lines += ["## Setup", "", "| item | value |", "|---|---|"]
     if pool_info:
+        how = [f"limit {pool_info['limit']}"] if pool_info.get("limit") else []
+        if pool_info.get("sample"):
+            how.append(f"random sample of {pool_info['sample']}, seed {pool_info.get('sample_seed')}")
         lines.append(f"| data | `{pool_info.get('data')}` ({pool_info.get('rows')} rows"
-                     f"{', limit ' + str(pool_info['limit']) if pool_info.get('limit') else ''}) |")
+                     f"{': ' + ', '.join(how) if how else ''}) |")
         files = ", ".join(f"`{f}`" for f in pool_info.get("files", []))
         if files:
             lines.append(f"| files | {files} |")
@@ -253,6 +289,12 @@ def build_report(run_dir: str | Path) -> str:
         rho = spearman([s.get("miwv") for s in scores], [s.get("ifd") for s in scores])
         lines += ["", f"{positive} of {len(scores)} samples have MIWV > 0. "
                       f"Spearman correlation of MIWV and IFD: {_fmt(rho, '.3f')}.", ""]
+        trunc = truncation_summary(scores)
+        if trunc["truncated"]:
+            lines += [f"Truncation: {trunc['truncated']} of {trunc['rows']} samples were cut at max length "
+                      f"({trunc['demo_trimmed']} had their demonstration trimmed), and {trunc['top_truncated']} of "
+                      f"the top {trunc['top_k']} by MIWV; median MIWV {_fmt(trunc['median_miwv_truncated'])} "
+                      f"(cut) vs {_fmt(trunc['median_miwv_not_truncated'])} (not cut).", ""]
         if rows and len(rows) == len(scores):
             lines += ["### Top-5 samples by MIWV", "",
                       "| rank | MIWV | IFD | instruction | demo (nearest neighbour) instruction | similarity |",

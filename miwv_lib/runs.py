@@ -1,7 +1,7 @@
 """Run directories: configuration fingerprints, manifests and resumable append-only results.
 
-A long scoring job appends finished rows to ``<name>.partial.jsonl`` (flushed and fsynced per
-chunk). If it is killed, the next run repairs a torn last line, skips the rows already there,
+A long scoring job appends finished rows to ``<name>.partial.jsonl`` (one write and an fsync per
+chunk). If it is killed, the next run cuts off a torn last line, skips the rows already there,
 and finally writes the complete file atomically in input order.
 """
 
@@ -11,6 +11,9 @@ import json
 import os
 import platform
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,13 +27,28 @@ class FingerprintMismatch(RuntimeError):
 
 
 def check_fingerprint(manifest_path: Path, fingerprint: str, inputs: dict, overwrite: bool = False) -> dict | None:
-    """Return the existing manifest if it matches; refuse to mix configurations unless ``overwrite``."""
+    """Return the existing manifest if it matches; refuse to mix configurations unless ``overwrite``.
+
+    An unreadable manifest (not JSON, not an object) is refused the same way: the directory's
+    contents can no longer be attributed to a configuration.
+    """
     if not manifest_path.exists():
         return None
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict):
+            raise ValueError(f"expected a JSON object, got {type(manifest).__name__}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        if overwrite:
+            return None
+        raise FingerprintMismatch(
+            f"{manifest_path} is unreadable ({exc}), so the results in {manifest_path.parent} cannot be matched "
+            "to a configuration. Use another output directory, or overwrite (--overwrite) to replace them."
+        ) from None
     if manifest.get("fingerprint") == fingerprint or overwrite:
         return manifest if manifest.get("fingerprint") == fingerprint else None
     old = manifest.get("fingerprint_inputs", {})
+    old = old if isinstance(old, dict) else {}
     changed = "; ".join(f"{k}: {old.get(k)!r} -> {inputs.get(k)!r}"
                         for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k))
     raise FingerprintMismatch(
@@ -41,35 +59,70 @@ def check_fingerprint(manifest_path: Path, fingerprint: str, inputs: dict, overw
 
 @dataclass
 class PartialResults:
-    """Append-only JSONL of finished rows, keyed by ``index``."""
+    """Append-only JSONL of finished rows, keyed by ``index``, one line per row.
+
+    Each ``append`` is written with a single ``write`` and fsynced. A crash (SIGKILL, power loss)
+    can still tear the last line: ``load`` cuts it off the file, and skips (with a warning) any other
+    line that is not a valid row, so those rows are simply scored again.
+    """
 
     path: Path
 
-    def load(self) -> dict[int, dict]:
-        """Rows written so far; a torn last line (a crash mid-write) is cut off the file."""
+    def load(self, repair: bool = True) -> dict[int, dict]:
+        """Rows written so far; an incomplete tail (a crash mid-write) is cut off the file. Pass
+        ``repair=False`` to read, without changing it, a file that another live process may be appending to."""
         if not self.path.exists():
             return {}
         data = self.path.read_bytes()
-        good_end = data.rfind(b"\n") + 1
         rows: dict[int, dict] = {}
-        for line in data[:good_end].splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["index"]] = row
-        if good_end < len(data):
+        good_end = damaged = pending = 0  # pending: invalid lines since the last valid one
+        start = 0
+        while (newline := data.find(b"\n", start)) != -1:
+            line, start = data[start:newline], newline + 1
+            if not line.strip():
+                continue
+            row = _parse_row(line)
+            if row is None:
+                pending += 1
+                continue
+            rows[row["index"]] = row
+            good_end, damaged, pending = start, damaged + pending, 0
+        if damaged and repair:
+            warnings.warn(f"{self.path}: {damaged} damaged lines before the end are ignored; their rows will be "
+                          "scored again", RuntimeWarning, stacklevel=2)
+        if repair and good_end < len(data):
             with open(self.path, "r+b") as handle:
                 handle.truncate(good_end)
+                handle.flush()
+                os.fsync(handle.fileno())
         return rows
 
     def append(self, rows: list[dict]) -> None:
+        if not rows:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            handle.flush()
-            os.fsync(handle.fileno())
+        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            view = memoryview(blob)
+            while view:  # one write() in practice; loop only on a short write
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def _parse_row(line: bytes) -> dict | None:
+    """The row on one line, or None if the line is torn, damaged or not a row."""
+    try:
+        row = json.loads(line)
+    except ValueError:  # UnicodeDecodeError is a ValueError too
+        return None
+    index = row.get("index") if isinstance(row, dict) else None
+    return row if isinstance(index, int) and not isinstance(index, bool) else None
 
 
 def environment_info() -> dict[str, Any]:
@@ -95,3 +148,42 @@ def now() -> str:
 
 def write_manifest(path: Path, **fields: Any) -> None:
     write_json(path, fields)
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another live process is scoring into the same run directory."""
+
+
+@contextmanager
+def run_lock(out_dir: str | Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``out_dir/.lock`` while scoring into ``out_dir``.
+
+    A second process asking for the same directory gets :class:`RunDirectoryBusy` at once instead of
+    doing the same (paid) work twice. The kernel drops the lock when its holder dies, even by SIGKILL,
+    so a killed run never leaves a stale lock behind. Where locks are unsupported it does nothing.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = out_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            raise RunDirectoryBusy(
+                f"{out_dir} is being written by another scoring process (pid {holder}); wait for it to finish, "
+                "or use another output directory") from None
+        except OSError:  # e.g. a file system without flock support: carry on unlocked
+            yield
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -379,10 +379,11 @@ def _partial_files(out_dir: Path, shard: Shard) -> tuple[PartialResults, list[Pa
     return PartialResults(out_dir / name), everyone
 
 
-def _load_done(partials: list[PartialResults]) -> dict[int, dict]:
+def _load_done(partials: list[PartialResults], repair: bool = False) -> dict[int, dict]:
+    """Rows already scored. Only rank 0, before any rank appends, may ``repair`` (cut torn tails)."""
     done: dict[int, dict] = {}
     for partial in partials:
-        done.update(partial.load())
+        done.update(partial.load(repair=repair))
     return done
 
 
@@ -425,7 +426,7 @@ def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig |
                 _cached_neighbors(neighbors_path, neighbor_key,
                                   lambda: find_neighbors(pool, config.embedder, loaded, progress=progress))
                 seconds_neighbors = time.perf_counter() - t0
-                _load_done(_partial_files(out_dir, shard)[1])
+                _load_done(_partial_files(out_dir, shard)[1], repair=True)
         except Exception as exc:  # noqa: BLE001 - raised on every rank just below
             status["error"] = exc
     status = from_main(shard, status)

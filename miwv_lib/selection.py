@@ -23,8 +23,10 @@ class SelectionError(ValueError):
 
 def subset_size(n: int, ratio: float) -> int:
     """floor(r · N), refusing ratios outside (0, 1] and subsets of zero rows."""
-    if not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
+    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
         raise SelectionError(f"ratio must be in (0, 1]; got {ratio!r}")
+    if n < 1:
+        raise SelectionError("there are no rows to select from")
     size = math.floor(ratio * n + 1e-9)  # 0.29 * 100 is 28.999…: keep floor() meaning what it says
     if size == 0:
         raise SelectionError(f"ratio {ratio} of {n} rows selects zero rows; the smallest useful ratio is {1 / n:.4g}")
@@ -44,12 +46,66 @@ def select_indices(scores: list[dict], ratio: float, by: str = "miwv", seed: int
         order = np.random.default_rng(seed).permutation(len(scores))
         return [int(scores[j]["index"]) for j in order[:size]]
     field, descending = _RANKED[by]
-    usable = [s for s in scores if s.get(field) is not None and math.isfinite(s[field])]
+    usable = [s for s in scores if _is_finite_number(s.get(field))]
     if len(usable) < size:
         raise SelectionError(f"only {len(usable)} rows have a finite {field!r}; cannot select {size}")
     sign = -1.0 if descending else 1.0
     ranked = sorted(usable, key=lambda s: (sign * s[field], s["id"], s["index"]))
     return [int(s["index"]) for s in ranked[:size]]
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_scores(path: str | Path) -> list[dict]:
+    """Read a ``scores.jsonl``; a missing, damaged or foreign file is a SelectionError naming the file and line."""
+    path = Path(path)
+    if path.is_dir():
+        hint = " (pass the scores.jsonl inside it)" if (path / "scores.jsonl").exists() else ""
+        raise SelectionError(f"{path}: is a directory, expected a scores.jsonl file{hint}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SelectionError(f"{path}: scores file not found") from None
+    except UnicodeDecodeError as exc:
+        raise SelectionError(f"{path}: not a scores file (not valid UTF-8 at byte offset {exc.start})") from None
+    except OSError as exc:
+        raise SelectionError(f"{path}: cannot read the scores file ({exc.strerror or exc})") from None
+    scores: list[dict] = []
+    for line_no, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SelectionError(f"{path}, row {len(scores)} (line {line_no}): not valid JSON ({exc.msg} at column "
+                                 f"{exc.colno}); is this a complete scores.jsonl written by 'score'?") from None
+        if not isinstance(row, dict):
+            raise SelectionError(f"{path}, row {len(scores)} (line {line_no}): expected a JSON object, "
+                                 f"got {type(row).__name__}")
+        scores.append(row)
+    if not scores:
+        raise SelectionError(f"{path}: empty scores file (0 rows)")
+    return scores
+
+
+def check_scores_provenance(pool: InstructionPool, scores_path: str | Path) -> None:
+    """If the run's ``manifest.json`` sits next to the scores, refuse scores computed on other data.
+
+    This catches what ids alone cannot: another dataset that happens to use the same ids (0, 1, 2, ...).
+    """
+    manifest_path = Path(scores_path).parent / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        scored_hash = manifest["fingerprint_inputs"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no (readable) manifest: the id check is all there is
+    if scored_hash != pool.content_hash:
+        raise SelectionError(
+            f"{scores_path} was computed on other data than {pool.source} (content hash {scored_hash} in "
+            f"{manifest_path}, {pool.content_hash} for this data, {len(pool)} rows); use the --data and --limit "
+            "that 'score' used")
 
 
 def check_scores_match(pool: InstructionPool, scores: list[dict], scores_path: str | Path = "scores") -> None:

@@ -87,7 +87,10 @@ def test_builtin_smollm2_has_a_chat_template_and_no_bos():
     assert loaded.model.config.model_type == "llama"
     assert SpecialTokens.from_tokenizer(loaded.tokenizer).bos is None
     prompt = format_prompt("Hi", "", "chat", loaded.tokenizer)
-    assert "Hi" in prompt and not prompt.startswith(loaded.tokenizer.bos_token or "\0")
+    # SmolLM2 never prepends its "bos" (<|im_start|>), so the chat text must keep it
+    assert prompt.startswith("<|im_start|>") and "Hi" in prompt
+    assert prompt == loaded.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                                          add_generation_prompt=True)
 
 
 def test_builtin_tiny_random_is_built_once_and_cached(tmp_path, monkeypatch):
@@ -99,3 +102,10 @@ def test_builtin_tiny_random_is_built_once_and_cached(tmp_path, monkeypatch):
     assert first.identity == second.identity
     for a, b in zip(first.model.parameters(), second.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_missing_local_path_shaped_like_a_hub_id_fails_at_once(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="neither a built-in"):
+        load_model("models/gemma")

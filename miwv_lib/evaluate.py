@@ -1,0 +1,355 @@
+"""The paper's pairwise evaluation: two models, each prompt judged in both orders.
+
+Per prompt, from model A's side: a **win** if A wins both orders or wins one and ties the other,
+a **loss** symmetrically, otherwise a **tie** (tie+tie, or one win and one loss: the judge only
+followed the position). Winning score = 1 + (wins − losses) / N, per test set and over all sets
+("All"), with a seeded bootstrap 95 % interval over prompts.
+
+``run_comparison`` is the whole experiment in one call: train MIWV-top-r %, random-r % and
+full-pool models (``train.train_comparison``), generate on the test sets, and compare each
+selected-data model against the full-pool model with the offline judges (or a strong LLM judge).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data import TEST_SETS, InstructionPool, load_instructions, load_test_set
+from .generate import GenerateConfig, generate_test_set, question_text
+from .io import atomic_open, read_jsonl, stable_hash, write_json, write_jsonl
+from .judges import (
+    LOSS, OFFLINE_JUDGES, TIE, WIN, Judge, JudgementCache, Review, ReviewRequest, Side, make_judge, reference_nll,
+    run_judge, verdict,
+)
+from .models import LoadedModel
+from .selection import check_scores_match
+
+ALPACA_EVAL = "alpaca_eval_gpt4"
+DEFAULT_TEST_SETS = (*TEST_SETS, ALPACA_EVAL)
+ALL = "All"
+OUTCOMES = (WIN, TIE, LOSS)
+_FLIP = {WIN: LOSS, LOSS: WIN, TIE: TIE}
+
+
+# --- the protocol's arithmetic -------------------------------------------------------------------
+
+def combine_orders(first: str, second: str) -> str:
+    """One prompt's outcome for model A from its verdicts in the two orders."""
+    verdicts = {first, second}
+    if verdicts <= {WIN, TIE} and WIN in verdicts:
+        return WIN
+    if verdicts <= {LOSS, TIE} and LOSS in verdicts:
+        return LOSS
+    return TIE
+
+
+def winning_score(wins: int, losses: int, n: int) -> float:
+    """1 + (wins − losses) / N: 2 = A always wins, 1 = even, 0 = A always loses."""
+    return 1.0 + (wins - losses) / n if n else math.nan
+
+
+def bootstrap_interval(outcomes: Sequence[str], n_resamples: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the winning score, resampling prompts with replacement (seeded)."""
+    if not outcomes:
+        return math.nan, math.nan
+    values = np.array([{WIN: 1, TIE: 0, LOSS: -1}[o] for o in outcomes], dtype=np.int8)
+    picks = np.random.default_rng(seed).integers(0, len(values), size=(n_resamples, len(values)))
+    scores = 1.0 + values[picks].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(scores, tail)), float(np.quantile(scores, 1 - tail))
+
+
+# --- judging one pair of models --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PairItem:
+    """One test prompt with both models' answers (and, for the likelihood judge, their reference NLLs)."""
+
+    id: str
+    dataset: str
+    question: str
+    reference: str | None
+    answer_a: str
+    answer_b: str
+    nll_a: float | None = None
+    nll_b: float | None = None
+
+
+def _requests(item: PairItem, model_a: str, model_b: str) -> tuple[ReviewRequest, ReviewRequest]:
+    a = Side(model_a, item.answer_a, item.nll_a)
+    b = Side(model_b, item.answer_b, item.nll_b)
+    return (ReviewRequest(item.id, item.dataset, item.question, item.reference, a, b),
+            ReviewRequest(item.id, item.dataset, item.question, item.reference, b, a))
+
+
+def _order_record(review: Review, verdict_a: str) -> dict:
+    return {"score_1": review.score_1, "score_2": review.score_2, "verdict_a": verdict_a, "error": review.error,
+            "raw": review.raw, "cached": review.cached}
+
+
+def judge_pair(items: list[PairItem], judge: Judge, model_a: str, model_b: str,
+               cache: JudgementCache | None = None) -> list[dict]:
+    """Both orders of every item through ``judge``; one record per item with its outcome for model A.
+
+    Symmetric judges give the same verdict in both orders; they still go through the same protocol.
+    """
+    usable = [it for it in items if it.reference or not judge.needs_reference]
+    requests = [r for item in usable for r in _requests(item, model_a, model_b)]
+    reviews = run_judge(judge, requests, cache)
+    records = []
+    for k, item in enumerate(usable):
+        ab, ba = reviews[2 * k], reviews[2 * k + 1]
+        v_ab = verdict(ab, judge.margin)  # A in position 1
+        v_ba = _FLIP[verdict(ba, judge.margin)]  # A in position 2: position 1's verdict, seen from A
+        records.append({"judge": judge.id, "model_a": model_a, "model_b": model_b, "dataset": item.dataset,
+                        "id": item.id, "a_first": _order_record(ab, v_ab), "b_first": _order_record(ba, v_ba),
+                        "outcome": combine_orders(v_ab, v_ba),
+                        "unparsed": int(not ab.scored) + int(not ba.scored)})
+    return records
+
+
+def summarize(records: list[dict], datasets: Sequence[str] | None = None, n_resamples: int = 2000,
+              seed: int = 0) -> list[dict]:
+    """Table-3 rows: per (judge, model pair), one row per test set and one for all sets together."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for record in records:
+        groups.setdefault((record["judge"], record["model_a"], record["model_b"]), []).append(record)
+    rows = []
+    for (judge_id, model_a, model_b), group in groups.items():
+        present = list(dict.fromkeys(r["dataset"] for r in group))
+        named = list(datasets or ())
+        order = [d for d in named if d in present] + [d for d in present if d not in named]
+        for name in [*order, ALL]:
+            subset = group if name == ALL else [r for r in group if r["dataset"] == name]
+            outcomes = [r["outcome"] for r in subset]
+            counts = {o: outcomes.count(o) for o in OUTCOMES}
+            low, high = bootstrap_interval(outcomes, n_resamples, seed=seed)
+            rows.append({"judge": judge_id, "model_a": model_a, "model_b": model_b, "test_set": name,
+                         "n": len(outcomes), "wins": counts[WIN], "ties": counts[TIE], "losses": counts[LOSS],
+                         "winning_score": round(winning_score(counts[WIN], counts[LOSS], len(outcomes)), 4),
+                         "ci_low": round(low, 4), "ci_high": round(high, 4),
+                         "unparsed": sum(r["unparsed"] for r in subset)})
+    return rows
+
+
+# --- outputs: table and figure ------------------------------------------------------------------------
+
+TABLE_COLUMNS = ("judge", "model_a", "model_b", "test_set", "n", "wins", "ties", "losses", "winning_score",
+                 "ci_low", "ci_high", "unparsed")
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """One markdown table per (judge, pair), as in the paper's Table 3."""
+    blocks = []
+    for key in dict.fromkeys((r["judge"], r["model_a"], r["model_b"]) for r in rows):
+        part = [r for r in rows if (r["judge"], r["model_a"], r["model_b"]) == key]
+        lines = [f"**{key[1]} vs {key[2]}** (judge: `{key[0]}`)", "",
+                 "| test set | n | wins | ties | losses | winning score | 95% CI | unparsed |",
+                 "|---|---:|---:|---:|---:|---:|---|---:|"]
+        for r in part:
+            name = f"**{r['test_set']}**" if r["test_set"] == ALL else r["test_set"]
+            lines.append(f"| {name} | {r['n']} | {r['wins']} | {r['ties']} | {r['losses']} | "
+                         f"{r['winning_score']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['unparsed']} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def write_table(rows: list[dict], out_stem: str | Path) -> tuple[Path, Path]:
+    """``<stem>.csv`` and ``<stem>.md``, written atomically."""
+    import csv
+    import io
+
+    out_stem = Path(out_stem)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path, md_path = out_stem.with_suffix(".csv"), out_stem.with_suffix(".md")
+    with atomic_open(csv_path) as handle:
+        handle.write(buffer.getvalue())
+    with atomic_open(md_path) as handle:
+        handle.write(table_markdown(rows))
+    return csv_path, md_path
+
+
+def plot_outcomes(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """Figure-2-style stacked horizontal bars: win/tie/loss share per test set, one panel per (judge, pair)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(dict.fromkeys((r["judge"], r["model_a"], r["model_b"]) for r in rows))
+    heights = [len([r for r in rows if (r["judge"], r["model_a"], r["model_b"]) == k]) for k in keys]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 0.45 * sum(heights) + 1.3 * len(keys)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    colors = {WIN: "#4C72B0", TIE: "#C8C8C8", LOSS: "#DD8452"}
+    for ax, key in zip(axes[:, 0], keys):
+        part = [r for r in rows if (r["judge"], r["model_a"], r["model_b"]) == key][::-1]  # "All" at the bottom
+        labels = [r["test_set"] for r in part]
+        left = np.zeros(len(part))
+        for outcome, column in zip(OUTCOMES, ("wins", "ties", "losses")):
+            share = np.array([r[column] / r["n"] if r["n"] else 0.0 for r in part])
+            ax.barh(labels, share, left=left, color=colors[outcome], label=outcome.capitalize())
+            for y, (x0, w) in enumerate(zip(left, share)):
+                if w >= 0.08:
+                    ax.text(x0 + w / 2, y, f"{w:.0%}", ha="center", va="center", fontsize=8)
+            left += share
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{key[1]} vs {key[2]} — judge {key[0]}", fontsize=9)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    axes[0, 0].legend(loc="lower center", bbox_to_anchor=(0.5, 1.15), ncol=3, frameon=False, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=150)
+    plt.close(fig)
+    tmp.replace(path)  # atomic, as every other output
+    return path
+
+
+# --- pairing generations --------------------------------------------------------------------------------
+
+def pair_items(records_a: list[dict], records_b: list[dict]) -> list[PairItem]:
+    """Join two models' generation records (``generate.generation_records``) on (dataset, id)."""
+    by_key = {(r["dataset"], r["id"]): r for r in records_b}
+    items = []
+    for a in records_a:
+        b = by_key.get((a["dataset"], a["id"]))
+        if b is None:
+            raise ValueError(f"model B has no generation for {a['dataset']}/{a['id']}")
+        items.append(PairItem(id=a["id"], dataset=a["dataset"], question=question_text(a), reference=a.get("reference"),
+                              answer_a=a["output"], answer_b=b["output"], nll_a=a.get("reference_nll"),
+                              nll_b=b.get("reference_nll")))
+    return items
+
+
+# --- the whole comparison ---------------------------------------------------------------------------------
+
+@dataclass
+class ComparisonResult:
+    run_dir: Path
+    table: list[dict]  # summarize() rows
+    records: list[dict]  # one per (judge, pair, prompt)
+    models: dict = field(default_factory=dict)  # name -> train.TrainResult
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.table, columns=TABLE_COLUMNS)
+
+
+def load_test_pools(test_sets: Sequence[str], sample: int | None = None, seed: int = 0,
+                    data_dir: str | Path | None = None) -> dict[str, InstructionPool]:
+    """The named test sets, each optionally cut to a deterministic sample of ``sample`` prompts."""
+    return {name: load_test_set(name, data_dir=data_dir, sample=sample, seed=seed) for name in test_sets}
+
+
+def _with_reference_nll(loaded: LoadedModel, records: list[dict], path: Path, template: str,
+                        max_length: int) -> list[dict]:
+    """Add each row's reference NLL under ``loaded`` (cached next to the generations)."""
+    key = stable_hash({"model": loaded.identity, "ids": [r["id"] for r in records],
+                       "refs": [r.get("reference") for r in records], "template": template, "max_length": max_length})
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return [{**r, "reference_nll": v} for r, v in zip(records, saved["reference_nll"])]
+    with_ref = [i for i, r in enumerate(records) if r.get("reference")]
+    values: list[float | None] = [None] * len(records)
+    if with_ref:
+        nll = reference_nll(loaded, [records[i] for i in with_ref], [records[i]["reference"] for i in with_ref],
+                            template, max_length)
+        for i, v in zip(with_ref, nll):
+            values[i] = v
+    write_json(path, {"key": key, "reference_nll": values})
+    return [{**r, "reference_nll": v} for r, v in zip(records, values)]
+
+
+def generate_for_model(loaded: LoadedModel, name: str, pools: dict[str, InstructionPool], out_dir: Path,
+                       config: GenerateConfig, nll_max_length: int = 1024) -> list[dict]:
+    """Generations (+ reference NLLs) of one model on every test pool, cached under ``out_dir/<name>``."""
+    records = []
+    for dataset, pool in pools.items():
+        rows = generate_test_set(loaded, pool, out_dir / name, dataset, config, generator=name)
+        records += _with_reference_nll(loaded, rows, out_dir / name / f"{dataset}.reference_nll.json",
+                                       config.template, nll_max_length)
+    return records
+
+
+def compare_generations(generations: dict[str, list[dict]], baseline: str, judges: Sequence[Judge | str],
+                        out_dir: str | Path, datasets: Sequence[str] | None = None, n_resamples: int = 2000,
+                        seed: int = 0) -> ComparisonResult:
+    """Every model against ``baseline`` with every judge; writes records, table (CSV, md) and figure."""
+    out_dir = Path(out_dir)
+    cache = JudgementCache(out_dir / "judgements_cache.jsonl")
+    judges = [make_judge(j) for j in judges]
+    records = []
+    for judge in judges:
+        for name, rows in generations.items():
+            if name != baseline:
+                records += judge_pair(pair_items(rows, generations[baseline]), judge, name, baseline, cache)
+    table = summarize(records, datasets, n_resamples=n_resamples, seed=seed)
+    paths = {"records": write_jsonl(out_dir / "judgements.jsonl", records)}
+    paths["csv"], paths["markdown"] = write_table(table, out_dir / "table")
+    if table:
+        try:
+            paths["figure"] = plot_outcomes(table, out_dir / "win_tie_loss.png")
+        except ImportError:  # matplotlib comes with the notebooks extra; the tables do not need it
+            warnings.warn("matplotlib is not installed: no win/tie/loss figure (pip install matplotlib)", stacklevel=2)
+    return ComparisonResult(run_dir=out_dir, table=table, records=records, paths=paths)
+
+
+def run_comparison(run_dir: str | Path, pool: InstructionPool | str | Path, ratio: float = 0.05, *,
+                   methods: tuple[str, ...] = ("miwv", "random"), train_config=None,
+                   generate_config: GenerateConfig | None = None, test_sets: Sequence[str] = DEFAULT_TEST_SETS,
+                   sample: int | None = None, sample_seed: int = 0, data_dir: str | Path | None = None,
+                   judges: Sequence[Judge | str] = OFFLINE_JUDGES, selection_seed: int = 0,
+                   n_resamples: int = 2000, bootstrap_seed: int = 0, overwrite: bool = False) -> ComparisonResult:
+    """Train MIWV-top-r %, random-r % and full-pool models from a scored run directory, and compare
+    each with the full-pool model on the test sets.
+
+    ``run_dir`` holds ``scores.jsonl`` from ``score_pool`` for ``pool`` (an InstructionPool, or a path or
+    registry name to load). Models go to ``run_dir/models``, generations to ``run_dir/generations``,
+    the tables, figure and judgements to ``run_dir/evaluation``. Everything is cached: re-running
+    continues where a run stopped. Pass ``judges=["hf:<strong model>"]`` or ``["openai:<model>"]`` (or a
+    judge object) for an LLM judge; the default offline judges need reference answers, which only
+    Self-Instruct (``sinstruct``) and AlpacaEval have.
+    """
+    from .train import TrainConfig, load_trained, train_comparison
+
+    run_dir = Path(run_dir)
+    if not isinstance(pool, InstructionPool):
+        pool = load_instructions(pool, data_dir=data_dir)
+    scores_path = run_dir / "scores.jsonl"
+    scores = read_jsonl(scores_path)
+    check_scores_match(pool, scores, scores_path)
+    train_config = train_config or TrainConfig()
+    generate_config = generate_config or GenerateConfig(template=train_config.template)
+    models = train_comparison(pool, scores, run_dir, ratio, methods, include_full=True, config=train_config,
+                              selection_seed=selection_seed, overwrite=overwrite)
+    pools = load_test_pools(test_sets, sample, sample_seed, data_dir)
+    generations = {}
+    for name, result in models.items():
+        loaded = load_trained(result.out_dir, device=train_config.device)
+        generations[name] = generate_for_model(loaded, name, pools, run_dir / "generations", generate_config)
+        del loaded
+    comparison = compare_generations(generations, "full", judges, run_dir / "evaluation", datasets=list(test_sets),
+                                     n_resamples=n_resamples, seed=bootstrap_seed)
+    comparison.models = models
+    write_json(run_dir / "evaluation" / "comparison.json",
+               {"ratio": ratio, "methods": list(methods), "baseline": "full", "test_sets": list(test_sets),
+                "sample": sample, "sample_seed": sample_seed, "judges": sorted({r["judge"] for r in comparison.records}),
+                "models": {n: str(r.out_dir) for n, r in models.items()}})
+    return comparison

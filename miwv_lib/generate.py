@@ -1,0 +1,156 @@
+"""Batched greedy generation with the prompt layout the model was trained and scored on.
+
+A prompt is ``[BOS] format_prompt(instruction, input)`` as token IDs (``prompts.SpecialTokens``
+decides the BOS), left-padded so every row's last prompt token sits at the end of the batch;
+generation stops at EOS or after ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from .data import InstructionPool
+from .io import read_jsonl, stable_hash, write_json, write_jsonl
+from .models import LoadedModel
+from .prompts import SpecialTokens, encode_examples
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    template: str = "alpaca"  # the template the model was fine-tuned with
+    max_prompt_length: int = 1024  # longer prompts lose tokens from the left (after the BOS), as in the scorer
+    progress: bool = True
+
+
+def stop_token_ids(loaded: LoadedModel) -> list[int]:
+    """The tokenizer's EOS (what fine-tuning taught), plus any the model's generation config names
+    (chat models end turns with their own token, e.g. ``<|im_end|>``)."""
+    ids = [SpecialTokens.from_tokenizer(loaded.tokenizer).eos]
+    configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    for token in configured if isinstance(configured, list) else [configured]:
+        if token is not None and token not in ids:
+            ids.append(int(token))
+    return ids
+
+
+def prompt_token_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = "alpaca",
+                     max_prompt_length: int = 1024) -> list[list[int]]:
+    """``[BOS] prompt`` per row: the scorer's tokenisation with the response left out."""
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    examples = encode_examples([{**r, "output": ""} for r in rows], tokenizer, template)
+    room = max_prompt_length - len(special.prefix)
+    return [[*special.prefix, *e.prompt[max(0, len(e.prompt) - room):]] for e in examples]
+
+
+def text_token_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """``[BOS] text`` for ready-made prompt strings (a judge's chat-formatted review request)."""
+    prefix = SpecialTokens.from_tokenizer(tokenizer).prefix
+    return [[*prefix, *ids] for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+
+
+def _left_padded(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        mask[row, width - len(ids):] = 1
+    return input_ids, mask
+
+
+def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    for position, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:position]
+    return tokens
+
+
+@torch.no_grad()
+def generate_ids(loaded: LoadedModel, prompts: list[list[int]], config: GenerateConfig | None = None,
+                 desc: str = "generate") -> list[list[int]]:
+    """Greedy continuations (without the stop token) of token-ID prompts, in input order."""
+    config = config or GenerateConfig()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    stops = stop_token_ids(loaded)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    # A fresh config: the checkpoint's own (sampling, top-k, its max length) must not leak into greedy decoding.
+    generation = GenerationConfig(do_sample=False, max_new_tokens=config.max_new_tokens, eos_token_id=stops,
+                                  pad_token_id=pad_id, num_beams=1)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # similar lengths pad less
+    outputs: list[list[int]] = [[] for _ in prompts]
+    model.eval()
+    for start in tqdm(range(0, len(order), config.batch_size), desc=desc, unit="batch", disable=not config.progress,
+                      leave=False):
+        batch = order[start:start + config.batch_size]
+        input_ids, mask = _left_padded([prompts[i] for i in batch], pad_id)
+        produced = model.generate(input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                                  generation_config=generation)
+        for row, i in enumerate(batch):
+            outputs[i] = _until_stop(produced[row, input_ids.shape[1]:].tolist(), set(stops))
+    return outputs
+
+
+def generate(loaded: LoadedModel, rows: list[dict] | InstructionPool, config: GenerateConfig | None = None,
+             desc: str = "generate") -> list[str]:
+    """Greedy responses to instruction rows (``instruction`` and optional ``input``), in input order.
+
+    Leading/trailing whitespace is stripped: the Alpaca template ends with "### Response:", so a
+    trained model starts its answer with a newline that is layout, not content.
+    """
+    config = config or GenerateConfig()
+    rows = rows.rows if isinstance(rows, InstructionPool) else rows
+    prompts = prompt_token_ids(rows, loaded.tokenizer, config.template, config.max_prompt_length)
+    new_tokens = generate_ids(loaded, prompts, config, desc=desc)
+    return [loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_tokens]
+
+
+# --- files ----------------------------------------------------------------------------------
+
+def question_text(row: dict) -> str:
+    """The instruction as a person reads it: instruction, then the input (if any) after a blank line."""
+    return f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
+
+
+def generation_records(pool: InstructionPool, outputs: list[str], generator: str, dataset: str) -> list[dict]:
+    # AlpacaEval rows name their own source subset (helpful_base, koala, …): keep it for model_outputs.json.
+    return [{"id": row["id"], "dataset": dataset, "instruction": row["instruction"], "input": row.get("input", ""),
+             "output": output, "generator": generator, "reference": reference,
+             "source_dataset": record.get("dataset") if isinstance(record.get("dataset"), str) else dataset}
+            for row, record, output, reference in zip(pool.rows, pool.records, outputs, pool.references)]
+
+
+def write_generations(out_dir: str | Path, records: list[dict], stem: str = "generations") -> tuple[Path, Path]:
+    """``<stem>.jsonl`` (everything) and ``<stem>.model_outputs.json`` in AlpacaEval's format."""
+    out_dir = Path(out_dir)
+    jsonl = write_jsonl(out_dir / f"{stem}.jsonl", records)
+    alpaca_eval = [{"instruction": question_text(r), "output": r["output"], "generator": r["generator"],
+                    "dataset": r.get("source_dataset") or r["dataset"]} for r in records]
+    return jsonl, write_json(out_dir / f"{stem}.model_outputs.json", alpaca_eval)
+
+
+def generate_test_set(loaded: LoadedModel, pool: InstructionPool, out_dir: str | Path, dataset: str,
+                      config: GenerateConfig | None = None, generator: str | None = None) -> list[dict]:
+    """Generate for every row of a test pool into ``out_dir/<dataset>.jsonl``; an identical earlier run is reused."""
+    config = config or GenerateConfig()
+    generator = generator or loaded.name
+    out_dir = Path(out_dir)
+    key = {"model": loaded.identity, "data": pool.content_hash, "template": config.template,
+           "max_new_tokens": config.max_new_tokens, "max_prompt_length": config.max_prompt_length,
+           "dtype": str(loaded.dtype), "generator": generator}
+    meta_path, jsonl_path = out_dir / f"{dataset}.meta.json", out_dir / f"{dataset}.jsonl"
+    if meta_path.exists() and jsonl_path.exists():
+        if json.loads(meta_path.read_text(encoding="utf-8")).get("fingerprint") == stable_hash(key):
+            return read_jsonl(jsonl_path)
+    outputs = generate(loaded, pool, config, desc=f"generate {generator}/{dataset}")
+    records = generation_records(pool, outputs, generator, dataset)
+    write_generations(out_dir, records, stem=dataset)
+    write_json(meta_path, {"fingerprint": stable_hash(key), "key": key, "config": asdict(config)})
+    return records

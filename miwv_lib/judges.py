@@ -1,0 +1,429 @@
+"""Pairwise judges: who answered a test prompt better, model A or model B?
+
+Every judge sees a ``ReviewRequest`` (the question, an optional reference answer, and the two
+answers in a given order) and returns a ``Review`` with one score per position. ``verdict`` turns
+the two scores into win/tie/loss for position 1 with the judge's tie ``margin``. The evaluation
+(``evaluate.py``) asks every judge twice per prompt, with the positions swapped.
+
+* ``LLMJudge``: the Cherry LLM / AlpaGasus review prompt, sent to a local Hugging Face model
+  (``HFChatBackend``) or to any OpenAI-compatible chat endpoint (``OpenAIChatBackend``).
+* Offline judges, for prompts with a reference answer: ``ReferenceLikelihoodJudge`` (which model
+  gives the reference the lower mean response NLL), ``EmbeddingJudge`` (cosine similarity of each
+  generation to the reference) and ``RougeJudge`` (ROUGE-L F1 against the reference).
+
+Tie margins (score differences at or below them are ties): LLM judge 0 (integer 1–10 scores,
+equal is a tie); ROUGE-L F1 0.02 (about one token of longest common subsequence in a 50-token
+answer); embedding cosine 0.02; reference NLL 0.01 nats per token (about 1 % in perplexity).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .io import stable_hash
+from .models import LoadedModel
+from .prompts import SpecialTokens, encode_examples
+from .scoring import EngineConfig, sequence_losses, zero_shot_sequence
+
+WIN, TIE, LOSS = "win", "tie", "loss"
+
+# The Cherry LLM / AlpaGasus pairwise review prompt, verbatim.
+REVIEW_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
+REVIEW_CRITERIA = (
+    "We would like to request your feedback on the performance of two AI assistants in response to the user "
+    "question displayed above.\nPlease rate the helpfulness, relevance, accuracy, level of details of their "
+    "responses. Each assistant receives an overall score on a scale of 1 to 10, where a higher score indicates "
+    "better overall performance.\nPlease first output a single line containing only two values indicating the "
+    "scores for Assistant 1 and 2, respectively. The two scores are separated by a space. In the subsequent line, "
+    "please provide a comprehensive explanation of your evaluation, avoiding any potential bias and ensuring that "
+    "the order in which the responses were presented does not affect your judgment.\n\n"
+)
+REVIEW_TEMPLATE = (
+    "[Question]\n{question}\n\n"
+    "[The Start of Assistant 1's Answer]\n{answer_1}\n\n[The End of Assistant 1's Answer]\n\n"
+    "[The Start of Assistant 2's Answer]\n{answer_2}\n\n[The End of Assistant 2's Answer]\n\n"
+    "[System]\n{criteria}"
+)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One model's contribution to a comparison of one prompt."""
+
+    model: str
+    answer: str
+    reference_nll: float | None = None  # mean NLL of the reference answer under this model (likelihood judge)
+
+
+@dataclass(frozen=True)
+class ReviewRequest:
+    item_id: str
+    dataset: str
+    question: str
+    reference: str | None
+    first: Side  # shown as Assistant 1
+    second: Side  # shown as Assistant 2
+
+
+@dataclass
+class Review:
+    score_1: float | None
+    score_2: float | None
+    raw: str | None = None  # the judge's own words (LLM judges)
+    error: str | None = None  # why there are no scores; such a review counts as a tie and is reported
+    cached: bool = False
+
+    @property
+    def scored(self) -> bool:
+        return self.score_1 is not None and self.score_2 is not None
+
+    def as_dict(self) -> dict:
+        return {"score_1": self.score_1, "score_2": self.score_2, "raw": self.raw, "error": self.error}
+
+
+class Judge(Protocol):
+    id: str  # recorded with every result and part of every cache key
+    margin: float  # |score_1 − score_2| ≤ margin is a tie
+    needs_reference: bool  # prompts without a reference answer are skipped
+    cacheable: bool  # worth caching on disk (expensive, and determined by question + answers alone)
+
+    def review(self, requests: list[ReviewRequest]) -> list[Review]: ...
+
+
+def verdict(review: Review, margin: float = 0.0) -> str:
+    """win/tie/loss for the answer in position 1; an unscored review is a tie."""
+    if not review.scored:
+        return TIE
+    difference = review.score_1 - review.score_2
+    if difference > margin:
+        return WIN
+    if difference < -margin:
+        return LOSS
+    return TIE
+
+
+# --- parsing an LLM review ----------------------------------------------------------------------
+
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_LABEL = re.compile(r"\b(?:assistant|answer|response)\s*#?\s*[12]\b", re.IGNORECASE)
+_OUT_OF = re.compile(r"\s*(?:/|out\s+of)\s*10(?:\.0+)?\b", re.IGNORECASE)
+_LABELLED = {k: re.compile(rf"\b(?:assistant|answer|response)\s*#?\s*{k}\b\D{{0,30}}?{_NUMBER}", re.IGNORECASE)
+             for k in (1, 2)}
+
+
+def _valid(scores: list[float]) -> tuple[float, float] | None:
+    if len(scores) == 2 and all(0 <= s <= 10 for s in scores):
+        return scores[0], scores[1]
+    return None
+
+
+def parse_review(text: str) -> tuple[float, float] | None:
+    """The two scores of a review, or None when they cannot be read with confidence.
+
+    Accepts the requested first line ("8 7"), commas ("8, 7"), "8/10 and 7/10", "Score: 8 out of 10 ...",
+    and labelled lines anywhere ("Assistant 1: 8\\nAssistant 2: 6"). Scores must lie in [0, 10].
+    """
+    if not text or not text.strip():
+        return None
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    first = _OUT_OF.sub("", _LABEL.sub(" ", lines[0].replace("*", "")))
+    scores = _valid([float(n) for n in re.findall(_NUMBER, first)])
+    if scores:
+        return scores
+    cleaned = _OUT_OF.sub("", text.replace("*", ""))
+    labelled = [_LABELLED[k].search(cleaned) for k in (1, 2)]
+    if all(labelled):
+        return _valid([float(m.group(1)) for m in labelled])
+    return None
+
+
+def review_prompt(question: str, answer_1: str, answer_2: str) -> str:
+    return REVIEW_TEMPLATE.format(question=question, answer_1=answer_1, answer_2=answer_2, criteria=REVIEW_CRITERIA)
+
+
+# --- LLM backends -----------------------------------------------------------------------------------
+
+class ChatBackend(Protocol):
+    id: str
+
+    def complete(self, system: str, users: list[str]) -> list[str]: ...
+
+
+class HFChatBackend:
+    """A local causal LM: its chat template when it has one, else system and user text one after the other."""
+
+    def __init__(self, loaded: LoadedModel, max_new_tokens: int = 256, batch_size: int = 4, progress: bool = True):
+        self.loaded, self.max_new_tokens, self.batch_size, self.progress = loaded, max_new_tokens, batch_size, progress
+        self.id = f"hf:{loaded.identity}"
+
+    def prompt_text(self, system: str, user: str) -> str:
+        tokenizer = self.loaded.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            return f"{system}\n\n{user}"
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # some templates refuse a system turn: fold it into the user's
+            text = tokenizer.apply_chat_template([{"role": "user", "content": f"{system}\n\n{user}"}],
+                                                 tokenize=False, add_generation_prompt=True)
+        # A BOS the tokenizer prepends is added as an ID (generate.text_token_ids): don't double it. One it
+        # does not prepend (SmolLM2's BOS is <|im_start|>) is part of the template and stays.
+        bos = tokenizer.bos_token
+        uses_bos = SpecialTokens.from_tokenizer(tokenizer).bos is not None
+        return text[len(bos):] if uses_bos and bos and text.startswith(bos) else text
+
+    def complete(self, system: str, users: list[str]) -> list[str]:
+        from .generate import GenerateConfig, generate_ids, text_token_ids
+
+        prompts = text_token_ids([self.prompt_text(system, u) for u in users], self.loaded.tokenizer)
+        config = GenerateConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=self.progress)
+        outputs = generate_ids(self.loaded, prompts, config, desc="judge")
+        return [self.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
+
+
+class OpenAIChatBackend:
+    """Any OpenAI-compatible ``/chat/completions`` endpoint (OpenAI, vLLM, llama.cpp server, …) over urllib."""
+
+    def __init__(self, model: str, base_url: str = "https://api.openai.com/v1", api_key_env: str | None = "OPENAI_API_KEY",
+                 temperature: float = 0.0, max_tokens: int = 512, timeout: float = 120.0, retries: int = 3):
+        self.model, self.base_url = model, base_url.rstrip("/")
+        self.temperature, self.max_tokens, self.timeout, self.retries = temperature, max_tokens, timeout, retries
+        self.api_key = None
+        if api_key_env is not None:
+            self.api_key = os.environ.get(api_key_env)
+            if not self.api_key:
+                raise ValueError(f"the API key variable ${api_key_env} is not set "
+                                 "(pass api_key_env=None for an endpoint without a key)")
+        self.id = f"openai-compatible:{model}"
+
+    def _post(self, payload: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(payload).encode("utf-8"),
+                                         headers=headers, method="POST")
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read().decode("utf-8"))
+            except urllib.error.HTTPError as exc:
+                retryable = exc.code == 429 or exc.code >= 500
+                if not retryable or attempt == self.retries:
+                    body = exc.read().decode("utf-8", "replace")[:300]
+                    raise RuntimeError(f"{self.base_url}: HTTP {exc.code}: {body}") from None
+            except urllib.error.URLError as exc:
+                if attempt == self.retries:
+                    raise RuntimeError(f"{self.base_url}: {exc.reason}") from None
+            time.sleep(min(2 ** attempt, 30))  # rate limits and restarts: back off, then retry
+        raise AssertionError("unreachable")
+
+    def complete(self, system: str, users: list[str]) -> list[str]:
+        texts = []
+        for user in users:
+            reply = self._post({"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
+                                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
+            texts.append(reply["choices"][0]["message"]["content"] or "")
+        return texts
+
+
+class LLMJudge:
+    """The Cherry/AlpaGasus pairwise review; an unparseable review is a tie with its ``error`` set."""
+
+    needs_reference = False
+    cacheable = True
+
+    def __init__(self, backend: ChatBackend, margin: float = 0.0):
+        self.backend, self.margin = backend, margin
+        self.id = f"llm:{backend.id}"
+
+    def review(self, requests: list[ReviewRequest]) -> list[Review]:
+        users = [review_prompt(r.question, r.first.answer, r.second.answer) for r in requests]
+        reviews = []
+        for text in self.backend.complete(REVIEW_SYSTEM, users):
+            scores = parse_review(text)
+            if scores is None:
+                reviews.append(Review(None, None, raw=text, error="unparseable review"))
+            else:
+                reviews.append(Review(*scores, raw=text))
+        return reviews
+
+
+# --- offline reference judges -------------------------------------------------------------------------
+
+class _PerAnswerJudge:
+    """A symmetric judge that scores each position on its own; the subclass gives ``scores``."""
+
+    needs_reference = True
+    cacheable = False
+    id = "per-answer"
+    margin = 0.0
+
+    def scores(self, requests: list[ReviewRequest], sides: list[Side]) -> list[float | None]:
+        raise NotImplementedError
+
+    def review(self, requests: list[ReviewRequest]) -> list[Review]:
+        first = self.scores(requests, [r.first for r in requests])
+        second = self.scores(requests, [r.second for r in requests])
+        return [Review(a, b) if a is not None and b is not None else Review(None, None, error="no score")
+                for a, b in zip(first, second)]
+
+
+class RougeJudge(_PerAnswerJudge):
+    """ROUGE-L F1 of each generation against the reference (stemmed, rouge-score's tokenizer)."""
+
+    def __init__(self, margin: float = 0.02):
+        from rouge_score import rouge_scorer
+
+        self.margin, self.id = margin, "rougeL-f1"
+        self._scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def scores(self, requests, sides):
+        return [self._scorer.score(r.reference, s.answer)["rougeL"].fmeasure for r, s in zip(requests, sides)]
+
+
+class EmbeddingJudge(_PerAnswerJudge):
+    """Cosine similarity of each generation's sentence embedding to the reference's."""
+
+    def __init__(self, embedder: str = "all-MiniLM-L6-v2", margin: float = 0.02, progress: bool = False):
+        self.embedder_name, self.margin, self.progress = embedder, margin, progress
+        self.id = f"embedding-cosine:{embedder}"
+        self._embedder = None
+
+    def _embed(self, texts: list[str]) -> dict[str, np.ndarray]:
+        from .neighbors import embed_texts, load_embedder
+
+        self._embedder = self._embedder or load_embedder(self.embedder_name)
+        unique = list(dict.fromkeys(texts))
+        return dict(zip(unique, embed_texts(unique, self._embedder, progress=self.progress)))
+
+    def scores(self, requests, sides):
+        vectors = self._embed([r.reference for r in requests] + [s.answer for s in sides])
+        return [float(vectors[r.reference] @ vectors[s.answer]) for r, s in zip(requests, sides)]
+
+
+class ReferenceLikelihoodJudge(_PerAnswerJudge):
+    """The model that gives the reference answer the lower mean response NLL wins (score = −NLL)."""
+
+    def __init__(self, margin: float = 0.01):
+        self.margin, self.id = margin, "reference-nll"
+
+    def scores(self, requests, sides):
+        return [None if s.reference_nll is None else -s.reference_nll for s in sides]
+
+
+def reference_nll(loaded: LoadedModel, rows: list[dict], references: list[str], template: str = "alpaca",
+                  max_length: int = 1024, batch_size: int = 16, progress: bool = False) -> list[float]:
+    """Mean NLL of each reference answer given its prompt: the scorer's zero-shot loss with y = reference."""
+    special = SpecialTokens.from_tokenizer(loaded.tokenizer)
+    examples = encode_examples([{**r, "output": ref} for r, ref in zip(rows, references)], loaded.tokenizer, template)
+    sequences = [zero_shot_sequence(e, special, max_length)[0] for e in examples]
+    losses = sequence_losses(loaded.model, sequences, loaded.tokenizer.pad_token_id,
+                             EngineConfig(batch_size=batch_size, progress=progress, progress_desc="reference NLL"))
+    return [float(x) for x in losses]
+
+
+# --- judge construction and the on-disk cache -------------------------------------------------------------
+
+OFFLINE_JUDGES = ("reference-nll", "embedding", "rougeL")
+
+
+def make_judge(spec: str | Judge, **kwargs) -> Judge:
+    """A judge from a short name: ``reference-nll``, ``embedding``, ``rougeL``, ``hf:<model name or path>``
+    or ``openai:<model>`` (``base_url=``, ``api_key_env=`` as keyword arguments); judge objects pass through."""
+    if not isinstance(spec, str):
+        return spec
+    if spec == "reference-nll":
+        return ReferenceLikelihoodJudge(**kwargs)
+    if spec == "embedding":
+        return EmbeddingJudge(**kwargs)
+    if spec in ("rougeL", "rouge"):
+        return RougeJudge(**kwargs)
+    if spec.startswith("hf:"):
+        from .models import load_model
+
+        margin = kwargs.pop("margin", 0.0)
+        loaded = load_model(spec[3:], dtype=kwargs.pop("dtype", "auto"), device=kwargs.pop("device", "auto"))
+        return LLMJudge(HFChatBackend(loaded, **kwargs), margin=margin)
+    if spec.startswith("openai:"):
+        margin = kwargs.pop("margin", 0.0)
+        return LLMJudge(OpenAIChatBackend(spec[len("openai:"):], **kwargs), margin=margin)
+    raise ValueError(f"unknown judge {spec!r}: use one of {', '.join(OFFLINE_JUDGES)}, hf:<model> or openai:<model>")
+
+
+def cache_key(judge_id: str, request: ReviewRequest) -> str:
+    """Judge, question and both answers in their positions (the order is which answer is Assistant 1)."""
+    return stable_hash({"judge": judge_id, "question": request.question, "answer_1": request.first.answer,
+                        "answer_2": request.second.answer}, length=24)
+
+
+class JudgementCache:
+    """Append-only JSONL of reviews, so re-running an evaluation asks the judge nothing it was asked before.
+
+    Each batch is appended with one write and fsynced; a line torn by a crash is ignored on load
+    (that review is simply asked again).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._rows: dict[str, dict] = {}
+        self._torn = False  # the file ends mid-line: the next append must start on a line of its own
+        if self.path.exists():
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+            self._torn = bool(text) and not text.endswith("\n")
+            for line in text.splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and "key" in row:
+                    self._rows[row["key"]] = row
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, key: str) -> Review | None:
+        row = self._rows.get(key)
+        if row is None:
+            return None
+        return Review(row["score_1"], row["score_2"], raw=row.get("raw"), error=row.get("error"), cached=True)
+
+    def put(self, entries: list[tuple[str, str, Review]]) -> None:
+        rows = [{"key": key, "judge": judge_id, **review.as_dict()} for key, judge_id, review in entries]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write("\n" * self._torn + "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._torn = False
+        self._rows.update((row["key"], row) for row in rows)
+
+
+def run_judge(judge: Judge, requests: list[ReviewRequest], cache: JudgementCache | None = None,
+              chunk: int = 32) -> list[Review]:
+    """Reviews of ``requests``; cached ones are reused, new ones are appended to the cache as they finish."""
+    use_cache = cache is not None and judge.cacheable
+    keys = [cache_key(judge.id, r) for r in requests] if use_cache else []
+    reviews: list[Review | None] = [cache.get(k) for k in keys] if use_cache else [None] * len(requests)
+    todo = [i for i, review in enumerate(reviews) if review is None]
+    for start in range(0, len(todo), chunk):
+        batch = todo[start:start + chunk]
+        for i, review in zip(batch, judge.review([requests[i] for i in batch])):
+            reviews[i] = review
+        if use_cache:
+            cache.put([(keys[i], judge.id, reviews[i]) for i in batch])
+    failed = [requests[i].item_id for i, r in enumerate(reviews) if not r.scored]
+    if failed:
+        warnings.warn(f"judge {judge.id}: {len(failed)} of {len(requests)} reviews have no scores and count as "
+                      f"ties (first ids: {failed[:5]})", stacklevel=2)
+    return reviews

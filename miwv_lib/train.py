@@ -1,0 +1,413 @@
+"""Fine-tuning θ on a (selected) pool: LoRA by default, full fine-tuning as an option.
+
+The supervised loss is taken over exactly the tokens the scorer measures: the sequence is the
+scorer's zero-shot layout ``[BOS] prompt response [EOS]`` and only its last ``n_targets`` tokens
+(``response [EOS]``) carry labels, so "what MIWV scored" and "what training optimises" cannot drift.
+
+Defaults follow the paper's recipe (Stanford Alpaca: 3 epochs, cosine schedule, 3 % warm-up,
+max length 512) with LoRA-sized learning rate and an effective batch of 16.
+
+Precision: ``Trainer(bf16=True)`` works on CPU (it needs ``use_cpu=True``) and autocasts to bf16;
+for LoRA the frozen base is also loaded in bf16 (less memory), the adapter stays float32. Measured
+on a 2-core AVX512-BF16 CPU, LoRA on Gemma-3-270m (32 Alpaca rows, max length 512, batch 4 × 4):
+63 tokens/s in bf16 against 45 in float32, 9 GB against 11 GB of RAM (the 262k-token LM head
+dominates both). A 400-row, 3-epoch run is then about an hour: a CPU is for small runs, the
+paper's setting needs a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from .data import InstructionPool
+from .io import atomic_open, stable_hash, write_json
+from .models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
+from .prompts import SpecialTokens, encode_examples
+from .runs import check_fingerprint, environment_info, now
+from .scoring import LAYOUT_VERSION, zero_shot_sequence
+from .selection import select_indices, subset_size
+
+TRAIN_FORMAT_VERSION = 1  # bump when what a saved model directory holds changes
+IGNORE_INDEX = -100  # the label value torch's cross_entropy (and every HF model) skips
+ADAPTER_DIR, FULL_MODEL_DIR = "adapter", "model"
+CONFIG_FILE, LOSS_FILE, MANIFEST_FILE = "train_config.json", "loss.csv", "manifest.json"
+
+
+@dataclass
+class TrainConfig:
+    model: str = DEFAULT_MODEL
+    method: str = "lora"  # lora | full (full fine-tuning: a GPU and fp32 master weights)
+    template: str = "alpaca"  # must match the scoring template: the same prompt is trained and scored
+    max_length: int = 512  # Alpaca's model_max_length
+    epochs: float = 3.0
+    learning_rate: float | None = None  # None: 2e-4 for LoRA, Alpaca's 2e-5 for full fine-tuning
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    batch_size: int = 4  # per device
+    gradient_accumulation_steps: int = 4  # effective batch 16
+    max_steps: int = -1  # > 0 overrides epochs (smoke runs, throughput measurements)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str | list[str] = "all-linear"  # every linear projection except the LM head
+    bf16: bool | None = None  # None: wherever the hardware has it (CUDA with bf16, CPUs with AVX512-BF16/AMX)
+    dtype: str = "auto"  # weights as loaded; auto: bf16 frozen base for LoRA, fp32 master weights for full
+    device: str = "auto"
+    gradient_checkpointing: bool = False  # trade compute for memory on large models
+    sampling: str = "random"  # Trainer's train_sampling_strategy; "group_by_length" pads less but is not Alpaca's order
+    seed: int = 42
+    logging_steps: int = 1
+    progress: bool = True
+
+    def resolved_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-4 if self.method == "lora" else 2e-5
+
+
+# Fields that do not change the trained weights; they stay out of the fingerprint.
+_NOT_FINGERPRINTED = {"progress", "logging_steps", "device"}
+
+
+@dataclass
+class TrainResult:
+    name: str
+    out_dir: Path
+    fingerprint: str
+    n_examples: int
+    train_loss: float | None
+    steps: int
+    seconds: float | None
+    tokens_per_second: float | None
+    skipped: bool = False  # True when an identical model was already in out_dir
+
+    @property
+    def model_dir(self) -> Path:
+        adapter = self.out_dir / ADAPTER_DIR
+        return adapter if adapter.exists() else self.out_dir / FULL_MODEL_DIR
+
+
+# --- data: the scorer's layout with labels ---------------------------------------------------
+
+def build_features(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str,
+                   max_length: int) -> list[dict[str, list[int]]]:
+    """``input_ids``/``labels`` per row: labels are IGNORE_INDEX except on ``response [EOS]``."""
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    features = []
+    for example in encode_examples(rows, tokenizer, template):
+        sequence, _ = zero_shot_sequence(example, special, max_length)
+        ids = list(sequence.input_ids)
+        n_context = len(ids) - sequence.n_targets
+        features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                         "labels": [IGNORE_INDEX] * n_context + ids[n_context:]})
+    return features
+
+
+def _right_padding_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
+    # A copy, so the caller's tokenizer keeps its padding side; EOS may double as PAD (masked by attention).
+    tokenizer = copy.copy(tokenizer)
+    tokenizer.padding_side = "right"
+    return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+
+
+# --- precision and the model --------------------------------------------------------------------
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast pays off on CUDA with bf16 and on CPUs with native bf16 dot products."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # without these instructions bf16 is emulated and slower than float32
+        cpuinfo = Path("/proc/cpuinfo")
+        flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def _weights_dtype(config: TrainConfig, use_bf16: bool) -> str:
+    if config.dtype != "auto":
+        return config.dtype
+    # LoRA: the base is frozen, so bf16 weights lose nothing and halve memory; full FT keeps fp32 masters.
+    return "bfloat16" if (config.method == "lora" and use_bf16) else "float32"
+
+
+def _prepare_model(model, config: TrainConfig):
+    """``model`` made trainable: LoRA-wrapped (peft injects layers in place), or whole for full fine-tuning."""
+    model.config.use_cache = False  # the KV cache is useless (and warns) during training
+    if config.method == "full":
+        return model
+    if config.method != "lora":
+        raise ValueError(f"method must be 'lora' or 'full'; got {config.method!r}")
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_target_modules, bias="none", task_type="CAUSAL_LM")
+    set_seed(config.seed)  # LoRA's A matrices are random: same seed, same initial adapter
+    return get_peft_model(model, lora)
+
+
+# --- progress and the loss curve ------------------------------------------------------------------
+
+class LossCurveCallback(TrainerCallback):
+    """A tqdm bar with loss and tokens/s, and the rows of ``loss.csv`` (one per logging step)."""
+
+    def __init__(self, progress: bool = True, desc: str = "train"):
+        self.progress, self.desc = progress, desc
+        self.rows: list[dict] = []
+        self.bar = None
+        self.start = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", disable=not self.progress)
+
+    def tokens_per_second(self, state) -> float | None:
+        seconds = time.perf_counter() - self.start
+        tokens = state.num_input_tokens_seen
+        return tokens / seconds if tokens and seconds > 0 else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:  # the final summary log has train_loss instead
+            return
+        speed = self.tokens_per_second(state)
+        self.rows.append({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "loss": logs["loss"],
+                          "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+                          "tokens_seen": state.num_input_tokens_seen,
+                          "seconds": round(time.perf_counter() - self.start, 3),
+                          "tokens_per_second": round(speed, 1) if speed else None})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{speed:.0f}" if speed else "-")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_loss_csv(path: Path, rows: list[dict]) -> None:
+    columns = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_seen", "seconds", "tokens_per_second"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_open(path) as handle:
+        handle.write(buffer.getvalue())
+
+
+def read_loss_csv(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+                for row in csv.DictReader(handle)]
+
+
+# --- one fine-tuning run ------------------------------------------------------------------------------
+
+def train_fingerprint_inputs(config: TrainConfig, base: LoadedModel, rows: list[dict], use_bf16: bool) -> dict:
+    """Everything the trained weights depend on; ``auto`` settings enter as what they resolved to here."""
+    settings = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _NOT_FINGERPRINTED}
+    settings |= {"learning_rate": config.resolved_learning_rate(), "bf16": use_bf16,
+                 "dtype": str(base.dtype).removeprefix("torch.")}
+    return {"base_model": base.identity, "config": settings,
+            "data": stable_hash([(r.get("id"), r["instruction"], r.get("input", ""), r["output"]) for r in rows]),
+            "rows": len(rows), "layout_version": LAYOUT_VERSION, "format_version": TRAIN_FORMAT_VERSION}
+
+
+def _training_arguments(config: TrainConfig, device: torch.device, use_bf16: bool, scratch: str) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=scratch, num_train_epochs=config.epochs, max_steps=config.max_steps,
+        learning_rate=config.resolved_learning_rate(), lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        weight_decay=config.weight_decay, per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, bf16=use_bf16,
+        use_cpu=device.type == "cpu", seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps,
+        save_strategy="no", report_to="none", disable_tqdm=True, include_num_input_tokens_seen="non_padding",
+        activation_checkpointing=config.gradient_checkpointing,
+        # non-reentrant checkpointing works with frozen embeddings (LoRA) without forcing input gradients
+        activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        train_sampling_strategy=config.sampling,
+        dataloader_pin_memory=device.type == "cuda", remove_unused_columns=False,
+    )
+
+
+def _save_atomically(out_dir: Path, name: str, save) -> Path:
+    """``save(tmp_dir)`` then rename: a killed run never leaves a half-written adapter that looks finished."""
+    target = out_dir / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    try:
+        save(tmp)
+        tmp.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _result_from_manifest(name: str, out_dir: Path, manifest: dict) -> TrainResult:
+    return TrainResult(name=name, out_dir=out_dir, fingerprint=manifest["fingerprint"],
+                       n_examples=manifest["rows"], train_loss=manifest.get("train_loss"),
+                       steps=manifest.get("steps", 0), seconds=manifest.get("seconds"),
+                       tokens_per_second=manifest.get("tokens_per_second"), skipped=True)
+
+
+def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config: TrainConfig | None = None, *,
+                base: LoadedModel | None = None, name: str | None = None, overwrite: bool = False) -> TrainResult:
+    """Fine-tune on ``rows`` and save the adapter (or full model), config and loss curve into ``out_dir``.
+
+    ``base``: an already loaded model to start from (it is copied, never modified); by default
+    ``config.model`` is loaded. An ``out_dir`` that already holds the same training is skipped.
+    """
+    config = config or TrainConfig()
+    rows = rows.rows if isinstance(rows, InstructionPool) else list(rows)
+    if not rows:
+        raise ValueError("nothing to train on: 0 rows")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = name or out_dir.name
+    device = resolve_device(config.device if base is None else base.device)
+    use_bf16 = bf16_supported(device) if config.bf16 is None else config.bf16
+    borrowed = base is not None  # the caller's model is copied before training, never modified
+    base = base or load_model(config.model, dtype=_weights_dtype(config, use_bf16), device=device)
+
+    inputs = train_fingerprint_inputs(config, base, rows, use_bf16)
+    fingerprint = stable_hash(inputs)
+    manifest_path = out_dir / MANIFEST_FILE
+    previous = check_fingerprint(manifest_path, fingerprint, inputs, overwrite=overwrite)
+    if previous and previous.get("status") == "complete":
+        return _result_from_manifest(name, out_dir, previous)
+    manifest = {"status": "running", "fingerprint": fingerprint, "fingerprint_inputs": inputs, "name": name,
+                "base_model": base.name, "started": now(), "environment": environment_info()}
+    write_json(manifest_path, manifest)
+
+    features = build_features(rows, base.tokenizer, config.template, config.max_length)
+    model = _prepare_model(copy.deepcopy(base.model) if borrowed else base.model, config)
+    curve = LossCurveCallback(progress=config.progress, desc=f"train {name}")
+    with tempfile.TemporaryDirectory(prefix="miwv-trainer-") as scratch:
+        trainer = Trainer(model=model, args=_training_arguments(config, device, use_bf16, scratch),
+                          train_dataset=features, data_collator=_right_padding_collator(base.tokenizer),
+                          processing_class=base.tokenizer, callbacks=[curve])
+        trainer.remove_callback(PrinterCallback)  # our bar shows the loss; don't print every log dict
+        trainer.remove_callback(ProgressCallback)
+        t0 = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - t0
+
+    tokens = trainer.state.num_input_tokens_seen
+    if config.method == "lora":
+        _save_atomically(out_dir, ADAPTER_DIR, model.save_pretrained)
+    else:
+        _save_atomically(out_dir, FULL_MODEL_DIR,
+                         lambda d: (model.save_pretrained(d), base.tokenizer.save_pretrained(d)))
+    write_loss_csv(out_dir / LOSS_FILE, curve.rows)
+    config_record = asdict(config) | {"learning_rate": config.resolved_learning_rate(), "bf16": use_bf16,
+                                      "weights_dtype": str(base.dtype).removeprefix("torch."),
+                                      "base_model_identity": base.identity, "n_examples": len(rows)}
+    write_json(out_dir / CONFIG_FILE, config_record)
+    manifest.update(status="complete", finished=now(), rows=len(rows), steps=output.global_step,
+                    train_loss=output.training_loss, seconds=round(seconds, 2), tokens_seen=tokens,
+                    tokens_per_second=round(tokens / seconds, 1) if tokens and seconds else None)
+    write_json(manifest_path, manifest)
+    del trainer, model
+    return TrainResult(name=name, out_dir=out_dir, fingerprint=fingerprint, n_examples=len(rows),
+                       train_loss=output.training_loss, steps=output.global_step, seconds=seconds,
+                       tokens_per_second=manifest["tokens_per_second"])
+
+
+def load_trained(model_dir: str | Path, *, base: LoadedModel | None = None, dtype: str | None = None,
+                 device: str = "auto") -> LoadedModel:
+    """A fine-tuned model from a ``train_model`` directory, in eval mode, ready for scoring and generation.
+
+    LoRA adapters stay unmerged: merging a small update into bf16 weights would round much of it away.
+    The returned ``model`` is the base architecture with LoRA layers inside, so the scorer's
+    ``model.base_model`` / ``get_output_embeddings()`` work unchanged.
+    """
+    model_dir = Path(model_dir)
+    saved = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    dtype = dtype or saved["weights_dtype"]  # by default, the precision the model was trained in
+    fingerprint = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["fingerprint"]
+    if (model_dir / FULL_MODEL_DIR).exists():
+        loaded = load_model(str(model_dir / FULL_MODEL_DIR), dtype=dtype, device=device)
+        loaded.name, loaded.identity = model_dir.name, f"{saved['base_model_identity']}+full:{fingerprint}"
+        return loaded
+    from peft import PeftModel
+
+    if base is not None:
+        base = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.name, base.identity)
+    else:
+        base = load_model(saved["model"], dtype=dtype, device=device)
+    peft_model = PeftModel.from_pretrained(base.model, str(model_dir / ADAPTER_DIR))
+    model = peft_model.get_base_model().eval()
+    return LoadedModel(model=model, tokenizer=base.tokenizer, name=model_dir.name,
+                       identity=f"{base.identity}+lora:{fingerprint}")
+
+
+# --- the models a comparison needs ----------------------------------------------------------------
+
+def comparison_name(method: str, ratio: float) -> str:
+    """``miwv_5pct``, ``random_0.5pct``: a readable, filesystem-safe model name."""
+    return f"{method}_{100 * ratio:g}pct"
+
+
+def train_comparison(pool: InstructionPool, scores: list[dict], run_dir: str | Path, ratio: float,
+                     methods: tuple[str, ...] = ("miwv", "random"), include_full: bool = True,
+                     config: TrainConfig | None = None, *, selection_seed: int = 0, base: LoadedModel | None = None,
+                     overwrite: bool = False) -> dict[str, TrainResult]:
+    """Train one model per selection method on its top floor(r·N) rows (plus the full pool), same settings.
+
+    Models go to ``run_dir/models/<name>``; a model already trained there with the same fingerprint
+    is skipped, so an interrupted comparison resumes where it stopped.
+    """
+    config = config or TrainConfig()
+    run_dir = Path(run_dir)
+    subset_size(len(pool), ratio)  # refuse a useless ratio before any training starts
+    plan: dict[str, list[int]] = {
+        comparison_name(m, ratio): select_indices(scores, ratio, by=m, seed=selection_seed) for m in methods}
+    if include_full:
+        plan["full"] = list(range(len(pool)))
+    results = {}
+    for name, indices in plan.items():
+        rows = [pool.rows[i] for i in indices]
+        results[name] = train_model(rows, run_dir / "models" / name, config, base=base, name=name,
+                                    overwrite=overwrite)
+    write_json(run_dir / "models" / "comparison.json",
+               {"ratio": ratio, "methods": list(methods), "include_full": include_full,
+                "selection_seed": selection_seed, "config": asdict(config),
+                "models": {n: {"fingerprint": r.fingerprint, "rows": r.n_examples, "train_loss": r.train_loss,
+                               "dir": str(r.out_dir)} for n, r in results.items()}})
+    return results
+
+
+def estimated_steps(n_rows: int, config: TrainConfig) -> int:
+    """Optimizer steps a run will take (for planning CPU time)."""
+    if config.max_steps > 0:
+        return config.max_steps
+    per_epoch = math.ceil(math.ceil(n_rows / config.batch_size) / config.gradient_accumulation_steps)
+    return math.ceil(per_epoch * config.epochs)

@@ -1,0 +1,195 @@
+"""The pairwise protocol: order combination, winning score, bootstrap, tables, figure, run_comparison."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from miwv_lib.evaluate import (
+    ALL, PairItem, bootstrap_interval, combine_orders, compare_generations, judge_pair, plot_outcomes, run_comparison,
+    summarize, table_markdown, winning_score, write_table,
+)
+from miwv_lib.judges import LOSS, TIE, WIN, Review, RougeJudge
+
+# (verdict for A when A is shown first, verdict for A when A is shown second) -> outcome for A
+PROTOCOL = {
+    (WIN, WIN): WIN, (WIN, TIE): WIN, (TIE, WIN): WIN,
+    (LOSS, LOSS): LOSS, (LOSS, TIE): LOSS, (TIE, LOSS): LOSS,
+    (TIE, TIE): TIE, (WIN, LOSS): TIE, (LOSS, WIN): TIE,
+}
+
+
+@pytest.mark.parametrize(("first", "second"), list(PROTOCOL))
+def test_combine_orders_every_combination(first, second):
+    assert combine_orders(first, second) == PROTOCOL[(first, second)]
+
+
+def test_winning_score_formula():
+    assert winning_score(5, 3, 10) == pytest.approx(1.2)
+    assert winning_score(10, 0, 10) == 2.0
+    assert winning_score(0, 10, 10) == 0.0
+    assert winning_score(4, 4, 10) == 1.0
+    assert math.isnan(winning_score(0, 0, 0))
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_score():
+    outcomes = [WIN] * 12 + [TIE] * 5 + [LOSS] * 3
+    low, high = bootstrap_interval(outcomes, n_resamples=500, seed=1)
+    assert (low, high) == bootstrap_interval(outcomes, n_resamples=500, seed=1)
+    assert low < winning_score(12, 3, 20) < high
+    assert bootstrap_interval([WIN] * 7, n_resamples=200) == (2.0, 2.0)
+    assert all(math.isnan(x) for x in bootstrap_interval([]))
+
+
+class _StubJudge:
+    """Scores by a rule of the answers, counting how it is called."""
+
+    margin = 0.0
+    needs_reference = False
+    cacheable = False
+
+    def __init__(self, rule, judge_id="stub"):
+        self.rule, self.id, self.calls = rule, judge_id, []
+
+    def review(self, requests):
+        self.calls += [(r.first.model, r.second.model) for r in requests]
+        return [Review(*self.rule(r.first.answer, r.second.answer)) for r in requests]
+
+
+def _items(answers_a, answers_b, dataset="vicuna"):
+    return [PairItem(id=str(i), dataset=dataset, question=f"q{i}", reference=None, answer_a=a, answer_b=b)
+            for i, (a, b) in enumerate(zip(answers_a, answers_b))]
+
+
+def test_position_bias_becomes_a_tie_and_real_preference_a_win():
+    items = _items(["a long good answer", "short"], ["short", "a long good answer"])
+    first_always_wins = _StubJudge(lambda x, y: (9, 1))
+    records = judge_pair(items, first_always_wins, "A", "B")
+    assert [r["outcome"] for r in records] == [TIE, TIE]
+    assert first_always_wins.calls == [("A", "B"), ("B", "A")] * 2  # both orders of every prompt
+
+    longer_wins = _StubJudge(lambda x, y: (len(x), len(y)))
+    records = judge_pair(items, longer_wins, "A", "B")
+    assert [r["outcome"] for r in records] == [WIN, LOSS]
+    assert records[0]["a_first"]["verdict_a"] == WIN and records[0]["b_first"]["verdict_a"] == WIN
+    assert all(r["judge"] == "stub" for r in records)
+
+
+def test_unscored_review_is_a_tie_and_counted():
+    judge = _StubJudge(lambda x, y: (None, None))
+    with pytest.warns(UserWarning, match="2 of 2 reviews have no scores"):
+        records = judge_pair(_items(["x"], ["y"]), judge, "A", "B")
+    assert records[0]["outcome"] == TIE
+    table = summarize(records, n_resamples=50)
+    assert table[-1]["unparsed"] == 2
+
+
+def test_summarize_rows_per_set_and_all():
+    judge = _StubJudge(lambda x, y: (len(x), len(y)))
+    records = (judge_pair(_items(["aaa", "a", "aa"], ["a", "aaa", "aa"], "koala"), judge, "A", "B")
+               + judge_pair(_items(["aaaa"], ["a"], "vicuna"), judge, "A", "B"))
+    rows = summarize(records, datasets=["vicuna", "koala"], n_resamples=100)
+    assert [r["test_set"] for r in rows] == ["vicuna", "koala", ALL]
+    koala, everything = rows[1], rows[2]
+    assert (koala["wins"], koala["ties"], koala["losses"], koala["n"]) == (1, 1, 1, 3)
+    assert koala["winning_score"] == 1.0
+    assert (everything["wins"], everything["losses"], everything["n"]) == (2, 1, 4)
+    assert everything["winning_score"] == pytest.approx(1.25)
+
+
+def test_table_and_figure_files(tmp_path):
+    judge = _StubJudge(lambda x, y: (len(x), len(y)))
+    rng = random.Random(0)
+    answers = [("x" * rng.randint(1, 5), "x" * rng.randint(1, 5)) for _ in range(12)]
+    records = []
+    for name in ("vicuna", "lima"):
+        records += judge_pair(_items(*zip(*answers), dataset=name), judge, "miwv", "full")
+    rows = summarize(records, n_resamples=100)
+    csv_path, md_path = write_table(rows, tmp_path / "table")
+    header = csv_path.read_text().splitlines()[0].split(",")
+    assert header[:4] == ["judge", "model_a", "model_b", "test_set"] and "winning_score" in header
+    assert "| **All** |" in md_path.read_text() and md_path.read_text() == table_markdown(rows)
+    png = plot_outcomes(rows, tmp_path / "fig.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _generation(model, dataset, i, output, reference):
+    return {"id": str(i), "dataset": dataset, "instruction": f"Question {i}", "input": "", "output": output,
+            "generator": model, "reference": reference}
+
+
+def test_compare_generations_with_rouge(tmp_path):
+    refs = ["the cat sat on the mat", "paris is the capital of france", "water boils at one hundred degrees"]
+    generations = {
+        "good": [_generation("good", "sinstruct", i, r, r) for i, r in enumerate(refs)],
+        "full": [_generation("full", "sinstruct", i, "bananas are yellow fruit", r) for i, r in enumerate(refs)],
+    }
+    generations["full"].append(_generation("full", "vicuna", 9, "x", None))  # no reference: skipped
+    generations["good"].append(_generation("good", "vicuna", 9, "y", None))
+    result = compare_generations(generations, "full", [RougeJudge()], tmp_path, n_resamples=100)
+    assert [(r["test_set"], r["wins"], r["n"]) for r in result.table] == [("sinstruct", 3, 3), (ALL, 3, 3)]
+    assert result.table[0]["winning_score"] == 2.0 and result.table[0]["judge"] == "rougeL-f1"
+    assert {p.name for p in result.paths.values()} == {"judgements.jsonl", "table.csv", "table.md",
+                                                       "win_tie_loss.png"}
+    assert len(result.dataframe()) == 2
+
+
+def test_run_comparison_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, shared_data_dir):
+    from miwv_lib import load_instructions
+    from miwv_lib.generate import GenerateConfig
+    from miwv_lib.io import write_jsonl
+    from miwv_lib.train import TrainConfig
+
+    from conftest import make_rows
+
+    (tmp_path / "pool.json").write_text(json.dumps(make_rows(8)))
+    pool = load_instructions(str(tmp_path / "pool.json"))
+    write_jsonl(tmp_path / "scores.jsonl", [{"index": i, "id": r["id"], "miwv": float(i)} for i, r in enumerate(pool.rows)])
+    train = TrainConfig(model=str(tiny_model_dir), dtype="float32", bf16=False, max_steps=1, batch_size=4,
+                        gradient_accumulation_steps=1, progress=False)
+    kwargs = dict(ratio=0.5, train_config=train, generate_config=GenerateConfig(max_new_tokens=3, progress=False),
+                  test_sets=("sinstruct", "vicuna"), sample=2, data_dir=shared_data_dir,
+                  judges=("reference-nll", "rougeL"), n_resamples=50)
+    result = run_comparison(tmp_path, pool, **kwargs)
+    assert set(result.models) == {"miwv_50pct", "random_50pct", "full"}
+    assert {r["judge"] for r in result.table} == {"reference-nll", "rougeL-f1"}
+    assert {(r["model_a"], r["model_b"]) for r in result.table} == {("miwv_50pct", "full"), ("random_50pct", "full")}
+    assert {r["test_set"] for r in result.table} == {"sinstruct", ALL}  # vicuna has no reference answers
+    outputs = json.loads((tmp_path / "generations" / "full" / "vicuna.model_outputs.json").read_text())
+    assert len(outputs) == 2 and set(outputs[0]) == {"instruction", "output", "generator", "dataset"}
+    assert (tmp_path / "evaluation" / "table.md").exists() and (tmp_path / "evaluation" / "win_tie_loss.png").exists()
+
+    again = run_comparison(tmp_path, pool, **kwargs)  # everything cached: same table, nothing retrained
+    assert all(m.skipped for m in again.models.values())
+    assert again.table == result.table
+
+
+@pytest.mark.slow
+def test_run_comparison_with_gemma_end_to_end(tmp_path, shared_data_dir):
+    """The real default model: score 8 Alpaca rows, train three LoRA models for 1 step, judge 2 prompts per set."""
+    from miwv_lib import ScoreConfig, load_instructions, score_pool
+    from miwv_lib.generate import GenerateConfig
+    from miwv_lib.train import TrainConfig
+
+    pool = load_instructions("alpaca", data_dir=shared_data_dir, limit=8)
+    score_pool(pool, tmp_path, ScoreConfig(max_length=256, progress=False))
+    train = TrainConfig(max_length=256, max_steps=1, batch_size=2, gradient_accumulation_steps=1, warmup_ratio=0.0,
+                        learning_rate=1e-3, progress=False)  # no warm-up: the one step really changes the adapter
+    result = run_comparison(tmp_path, pool, ratio=0.25, train_config=train,
+                            generate_config=GenerateConfig(max_new_tokens=8, progress=False),
+                            test_sets=("sinstruct", "alpaca_eval_gpt4"), sample=2, data_dir=shared_data_dir,
+                            n_resamples=100)
+    assert {r["judge"] for r in result.table} == {"reference-nll", "embedding-cosine:all-MiniLM-L6-v2", "rougeL-f1"}
+    everything = [r for r in result.table if r["test_set"] == ALL]
+    assert len(everything) == 6 and all(r["n"] == 4 for r in everything)
+    assert all(0.0 <= r["winning_score"] <= 2.0 for r in everything)
+    outputs = [json.loads(line) for line in (tmp_path / "generations" / "miwv_25pct" / "sinstruct.jsonl").open()]
+    assert all(isinstance(o["output"], str) and o["reference"] for o in outputs)
+    losses = [json.loads((tmp_path / "models" / n / "manifest.json").read_text())["train_loss"] for n in result.models]
+    assert all(math.isfinite(x) for x in losses)
+    nll = {n: json.loads((tmp_path / "generations" / n / "sinstruct.reference_nll.json").read_text())["reference_nll"]
+           for n in result.models}
+    assert nll["miwv_25pct"] != nll["full"]  # different data, different models

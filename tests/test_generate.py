@@ -1,0 +1,98 @@
+"""Generation: the training prompt layout, left padding, EOS, and the output files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_rows
+from miwv_lib.generate import (
+    GenerateConfig, _until_stop, generate, generate_ids, generate_test_set, generation_records, prompt_token_ids,
+    write_generations,
+)
+from miwv_lib.prompts import SpecialTokens, encode_examples
+from miwv_lib.scoring import zero_shot_sequence
+
+
+@pytest.fixture(scope="module")
+def talkative(tmp_path_factory):
+    """A tiny model whose first greedy token is not EOS (seed 1), so generations have content."""
+    from miwv_lib import build_tiny_model, load_model
+
+    return load_model(str(build_tiny_model(tmp_path_factory.mktemp("tiny1") / "m", seed=1)), dtype="float32",
+                      device="cpu")
+
+
+def test_prompt_is_the_scored_context(tiny):
+    rows = make_rows(5)
+    special = SpecialTokens.from_tokenizer(tiny.tokenizer)
+    for prompt, example in zip(prompt_token_ids(rows, tiny.tokenizer), encode_examples(rows, tiny.tokenizer)):
+        sequence, _ = zero_shot_sequence(example, special, 1024)
+        assert prompt == list(sequence.input_ids[:-sequence.n_targets])
+        assert prompt[0] == tiny.tokenizer.bos_token_id
+    cut = prompt_token_ids(rows, tiny.tokenizer, max_prompt_length=10)
+    assert all(len(p) == 10 and p[0] == tiny.tokenizer.bos_token_id for p in cut)
+
+
+def test_left_padded_batches_match_one_by_one(talkative):
+    rows = make_rows(5, seed=2)
+    prompts = prompt_token_ids(rows, talkative.tokenizer)
+    assert len({len(p) for p in prompts}) > 1  # padding really happens
+    settings = GenerateConfig(max_new_tokens=6, batch_size=5, progress=False)
+    batched = generate_ids(talkative, prompts, settings)
+    single = [generate_ids(talkative, [p], GenerateConfig(max_new_tokens=6, batch_size=1, progress=False))[0]
+              for p in prompts]
+    assert batched == single
+    assert all(0 < len(ids) <= 6 for ids in batched)
+    assert generate(talkative, rows, settings) == [talkative.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                                                   for ids in batched]
+
+
+def test_generation_stops_at_eos(tiny):
+    # The seed-0 tiny model's first greedy token is EOS: nothing is generated after it.
+    assert generate_ids(tiny, prompt_token_ids(make_rows(2), tiny.tokenizer),
+                        GenerateConfig(max_new_tokens=5, progress=False)) == [[], []]
+    assert _until_stop([5, 6, 2, 7], {2}) == [5, 6] and _until_stop([5, 6], {2}) == [5, 6]
+
+
+def _test_pool(tmp_path):
+    from miwv_lib import load_instructions
+
+    records = [{"dataset": "helpful_base", "instruction": f"Question {i}?", "output": f"Reference {i}.",
+                "generator": "gpt4"} for i in range(3)]
+    (tmp_path / "eval.json").write_text(json.dumps(records))
+    return load_instructions(str(tmp_path / "eval.json"), require_output=False)
+
+
+def test_files_in_jsonl_and_alpaca_eval_format(tmp_path):
+    pool = _test_pool(tmp_path)
+    records = generation_records(pool, ["a", "b", "c"], "miwv_5pct", "alpaca_eval_gpt4")
+    jsonl, model_outputs = write_generations(tmp_path / "out", records, stem="alpaca_eval_gpt4")
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["output"] for r in lines] == ["a", "b", "c"] and lines[0]["reference"] == "Reference 0."
+    outputs = json.loads(model_outputs.read_text())
+    assert outputs[0] == {"instruction": "Question 0?", "output": "a", "generator": "miwv_5pct",
+                          "dataset": "helpful_base"}
+
+
+def test_generate_test_set_reuses_an_identical_run(tmp_path, talkative, monkeypatch):
+    import miwv_lib.generate as generate_module
+
+    pool = _test_pool(tmp_path)
+    settings = GenerateConfig(max_new_tokens=3, progress=False)
+    first = generate_test_set(talkative, pool, tmp_path / "gen", "alpaca_eval_gpt4", settings, generator="m")
+    monkeypatch.setattr(generate_module, "generate", lambda *a, **k: pytest.fail("should have been cached"))
+    assert generate_test_set(talkative, pool, tmp_path / "gen", "alpaca_eval_gpt4", settings, generator="m") == first
+    with pytest.raises(pytest.fail.Exception):  # another setting: generated again
+        generate_test_set(talkative, pool, tmp_path / "gen", "alpaca_eval_gpt4",
+                          GenerateConfig(max_new_tokens=4, progress=False), generator="m")
+
+
+@pytest.mark.slow
+def test_gemma_generates_on_real_prompts(gemma, shared_data_dir):
+    from miwv_lib import load_test_set
+
+    pool = load_test_set("vicuna", data_dir=shared_data_dir, sample=2, seed=0)
+    outputs = generate(gemma, pool, GenerateConfig(max_new_tokens=12, batch_size=2, progress=False))
+    assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs) and any(outputs)

@@ -1,0 +1,252 @@
+"""miwv_lib.pipeline (configuration, parameter routing, failures), miwv_lib.report and miwv_lib.plots.
+
+Everything here is fast: only the failure test starts a kernel (one notebook that stops early).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from miwv_lib.pipeline import (PipelineError, load_config, notebook_paths, parse_overrides, plan_parameters,
+                               repo_root, resolve_data_source, resolve_path, resolve_run_dir, run_pipeline)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def test_relative_paths_resolve_against_the_repository_not_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert repo_root() == ROOT
+    assert resolve_path("runs/x") == ROOT / "runs" / "x"
+    assert resolve_path(tmp_path / "abs") == tmp_path / "abs"
+    assert resolve_run_dir(tmp_path / "made") == tmp_path / "made" and (tmp_path / "made").is_dir()
+    assert resolve_data_source("data/examples/smoke_pool.json") == str(ROOT / "data" / "examples" / "smoke_pool.json")
+    assert resolve_data_source("alpaca") == "alpaca"  # registry name
+    assert resolve_data_source("tatsu-lab/alpaca") == "tatsu-lab/alpaca"  # hub id
+    (tmp_path / "mine.json").write_text("[]")
+    assert resolve_data_source("mine.json") == str(tmp_path / "mine.json")  # not in the repo: the cwd
+    assert resolve_data_source(None) is None
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_plans_against_the_notebooks(path, tmp_path):
+    cfg = load_config(path)
+    plan = plan_parameters(cfg, notebook_paths(), tmp_path)
+    assert set(plan) == {p.stem for p in notebook_paths()}
+    assert all(p["run_dir"] == str(tmp_path) for p in plan.values())
+    assert plan["00_overview"]["config"] == str(path.resolve())  # the overview describes the config being run
+    assert cfg["run_dir"] and not Path(cfg["run_dir"]).is_absolute()
+
+
+def test_shipped_configs_hold_the_promised_settings():
+    smoke, demo, paper = (load_config(ROOT / "configs" / f"{n}.yaml")["parameters"] for n in ("smoke", "demo", "paper"))
+    assert smoke["model"] == "tiny-random" and smoke["data"] == "data/examples/smoke_pool.json"
+    assert demo["model"] == "gemma-3-270m" and demo["data"] == "alpaca" and demo["max_length"] == 1024
+    assert paper["model"] == "meta-llama/Llama-2-7b-hf" and paper["data"] == "tatsu-lab/alpaca"
+    assert paper["ratios"] == [0.01] and paper["embedder"] == "BAAI/bge-large-en-v1.5"
+
+
+def test_smoke_pool_is_a_small_valid_alpaca_file_with_inputs_and_duplicates():
+    import warnings
+
+    from miwv_lib import load_instructions
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        pool = load_instructions(str(ROOT / "data" / "examples" / "smoke_pool.json"))
+    assert 30 <= len(pool) <= 50 and pool.schema == "alpaca"
+    assert sum(bool(r["input"]) for r in pool.rows) >= 3
+    assert len(pool.duplicate_groups) >= 2
+
+
+def test_load_config_validates(tmp_path):
+    assert load_config(None)["parameters"] == {}
+    cfg = load_config({"parameters": {"limit": 5}, "notebooks": {"03_selection.ipynb": {"seed": 1}}})
+    assert cfg["notebooks"] == {"03_selection": {"seed": 1}}  # '.ipynb' is optional
+    with pytest.raises(PipelineError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(PipelineError, match="unknown keys"):
+        load_config({"params": {}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(PipelineError, match="mapping"):
+        load_config(bad)
+
+
+def test_parse_overrides_reads_yaml_values():
+    assert parse_overrides(["limit=50", "ratios=[0.1, 0.2]", "data_dir=null", "model=gemma-3-270m",
+                            "03_selection.seed=4", "overwrite=true"]) == {
+        "limit": 50, "ratios": [0.1, 0.2], "data_dir": None, "model": "gemma-3-270m", "03_selection.seed": 4,
+        "overwrite": True}
+    with pytest.raises(PipelineError, match="key=value"):
+        parse_overrides(["limit"])
+
+
+def test_each_notebook_gets_only_what_it_declares(tmp_path):
+    cfg = load_config({"parameters": {"model": "tiny-random", "ratios": [0.5], "limit": 10},
+                       "notebooks": {"02_miwv_scoring": {"n_show": 1}}})
+    plan = plan_parameters(cfg, notebook_paths(), tmp_path)
+    assert plan["01_data"] == {"model": "tiny-random", "limit": 10, "run_dir": str(tmp_path)}
+    assert plan["02_miwv_scoring"] == {"model": "tiny-random", "n_show": 1, "run_dir": str(tmp_path)}
+    assert plan["03_selection"] == {"ratios": [0.5], "run_dir": str(tmp_path)}
+    assert "config" not in plan["00_overview"]  # a dict configuration has no file to show
+
+
+def test_typos_in_parameters_are_refused(tmp_path):
+    with pytest.raises(PipelineError, match="ratio"):
+        plan_parameters(load_config({"parameters": {"ratio": 0.1}}), notebook_paths(), tmp_path)
+    with pytest.raises(PipelineError, match="03_selection declares no parameter"):
+        plan_parameters(load_config({"notebooks": {"03_selection": {"model": "x"}}}), notebook_paths(), tmp_path)
+    with pytest.raises(PipelineError, match="unknown notebooks"):
+        plan_parameters(load_config({"notebooks": {"07_nothing": {}}}), notebook_paths(), tmp_path)
+
+
+def test_cli_reports_a_configuration_error_with_exit_code_2(tmp_path, capsys):
+    from miwv_lib.cli import main
+
+    code = main(["pipeline", "--config", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(tmp_path),
+                 "--set", "ratio=0.5", "--no-progress"])
+    assert code == 2
+    assert "ratio" in capsys.readouterr().err
+    assert not (tmp_path / "notebooks").exists()  # refused before any notebook ran
+
+
+def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
+    """A bad parameter (a data file that does not exist) stops 01_data; the error says where."""
+    with pytest.raises(PipelineError) as info:
+        run_pipeline(ROOT / "configs" / "smoke.yaml", run_dir=tmp_path, notebooks=["01"],
+                     overrides=["data=data/examples/no_such_file.json"], progress=False, report=False)
+    error = info.value
+    message = str(error)
+    assert error.notebook == "01_data" and "notebook 01_data failed in cell" in message
+    assert error.cell_index is not None and f"cell {error.cell_index}" in message
+    assert "DataError" in message and "no_such_file.json" in message
+    assert "load_instructions" in message  # the first line of the failing cell
+    saved = tmp_path / "notebooks" / "01_data.ipynb"
+    assert error.executed_path == saved and saved.is_file() and str(saved) in message
+    record = json.loads((tmp_path / "pipeline.json").read_text())
+    assert record["status"] == "failed" and record["failed"] == "01_data"
+
+
+def test_unknown_notebook_name_is_refused(tmp_path):
+    with pytest.raises(PipelineError, match="unknown notebook"):
+        run_pipeline({}, run_dir=tmp_path, notebooks=["09_finetune"], progress=False)
+
+
+# --------------------------------------------------------------------------- report helpers
+
+
+def test_selection_helpers():
+    from miwv_lib.report import jaccard, jaccard_matrix, ratio_label, sample_rows, subset_filename, top_words
+
+    assert ratio_label(0.05) == "5pct" and ratio_label(0.015) == "1.5pct" and ratio_label(0.1) == "10pct"
+    assert subset_filename("low-miwv", 0.01) == "low-miwv_1pct.json"
+    assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5 and jaccard([], []) == 1.0
+    labels, matrix = jaccard_matrix({"a": [1, 2], "b": [3]})
+    assert labels == ["a", "b"] and matrix.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert top_words(["Write the poem", "write a Poem about the sea"], 2) == [("poem", 2), ("sea", 1)]
+    assert sample_rows(5, None) == list(range(5)) and sample_rows(5, 9) == list(range(5))
+    picked = sample_rows(100, 10, seed=1)
+    assert picked == sorted(picked) and len(set(picked)) == 10 and picked == sample_rows(100, 10, seed=1)
+
+
+def test_row_source_files_follow_concatenation_and_limit(tmp_path):
+    from miwv_lib.report import row_source_files
+
+    a, b = tmp_path / "a.json", tmp_path / "b.jsonl"
+    a.write_text(json.dumps([{"x": 1}] * 3))
+    b.write_text("{}\n{}\n")
+    assert row_source_files([a, b], 5) == ["a.json"] * 3 + ["b.jsonl"] * 2
+    assert row_source_files([a, b], 2) == ["a.json"] * 2
+    assert row_source_files([a], 4) == ["a.json"] * 4
+
+
+def test_summary_stats_and_ranked_examples():
+    from miwv_lib.report import ranked_examples, summary_stats
+
+    st = summary_stats([1.0, None, 3.0, float("nan"), 2.0])
+    assert st["n"] == 3 and st["mean"] == 2.0 and st["median"] == 2.0 and st["min"] == 1.0 and st["max"] == 3.0
+    assert summary_stats([])["n"] == 0 and math.isnan(summary_stats([])["mean"])
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
+    scores = [{"index": i, "id": str(i), "miwv": m, "neighbor_index": (i + 1) % 3} for i, m in enumerate([0.1, 0.5, -0.2])]
+    top = ranked_examples(rows, scores, 2)
+    assert [e["index"] for e in top] == [1, 0] and top[0]["neighbor_instruction"] == "q2"
+    assert [e["index"] for e in ranked_examples(rows, scores, 1, highest=False)] == [2]
+
+
+def _fake_run(run_dir: Path, n: int = 6) -> list[dict]:
+    from miwv_lib.io import write_json, write_jsonl
+
+    rows = [{"id": f"r{i}", "instruction": f"Task number {i}", "input": "", "output": f"answer {i}",
+             "source_file": "a.json"} for i in range(n)]
+    scores = [{"index": i, "id": f"r{i}", "neighbor_index": (i + 1) % n, "neighbor_similarity": 0.5,
+               "zero_shot_loss": 2.0 + i / 10, "one_shot_loss": 2.0 + (i % 3) / 7, "miwv": (i % 3) / 7 - i / 10,
+               "unconditional_loss": 3.0, "ifd": (2.0 + i / 10) / 3.0, "response_tokens": 3} for i in range(n)]
+    write_jsonl(run_dir / "pool.jsonl", rows)
+    write_jsonl(run_dir / "scores.jsonl", scores)
+    write_json(run_dir / "subsets" / "summary.json", {
+        "pool_rows": n, "subsets": [{"method": "miwv", "ratio": 0.5, "rows": 3, "file": "miwv_50pct.json"}],
+        "skipped": [{"method": "miwv", "ratio": 0.01, "reason": "selects zero rows"}]})
+    return scores
+
+
+def test_report_is_built_from_the_run_directory_alone(tmp_path):
+    from miwv_lib.report import write_report
+
+    scores = _fake_run(tmp_path)
+    path = write_report(tmp_path)
+    text = path.read_text(encoding="utf-8")
+    miwvs = [s["miwv"] for s in scores]
+    assert path == tmp_path / "report.md"
+    assert f"N = {len(scores)} scored samples" in text
+    assert f"{max(miwvs):.4f}" in text and f"{min(miwvs):.4f}" in text
+    assert "| miwv | 0.5 | 3 | `subsets/miwv_50pct.json` |" in text and "skipped: selects zero rows" in text
+    best = max(scores, key=lambda s: s["miwv"])
+    assert f"| 1 | {best['miwv']:.4f} |" in text and f"Task number {best['index']}" in text
+    assert "## Figures" not in text  # none yet
+    assert not list(tmp_path.glob(".report.md*"))  # atomic write left no temp file
+
+
+def test_report_of_an_empty_run_directory(tmp_path):
+    from miwv_lib.report import build_report
+
+    assert build_report(tmp_path).startswith("# MIWV run report")
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def test_figures_render_headless_and_save_atomically(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from miwv_lib import plots
+    from miwv_lib.report import jaccard_matrix
+
+    scores = _fake_run(tmp_path)
+    figs = {
+        "lengths": plots.length_histograms({"instruction": [3, 4, 5], "input": [0, 0, 2], "response": [9, 1, 4]}),
+        "losses": plots.loss_histograms(scores),
+        "scatter": plots.miwv_vs_ifd(scores, 0.3),
+        "jaccard": plots.jaccard_heatmaps({"r = 0.5": jaccard_matrix({"a": [1, 2], "b": [2, 3]})}),
+        "lengths_box": plots.selected_lengths({"pool": [1, 2, 3], "miwv": [2, 3]}),
+        "sources": plots.source_shares({"pool": {"a.json": 0.7, "b.json": 0.3}, "miwv": {"a.json": 1.0}}),
+    }
+    for name, fig in figs.items():
+        path = plots.save_figure(fig, tmp_path, name)
+        assert path == tmp_path / "figures" / f"{name}.png"
+        assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 2000
+        plt.close(fig)
+    assert not list((tmp_path / "figures").glob(".*"))

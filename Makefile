@@ -8,6 +8,7 @@ EXTRAS := dev,notebooks
 # The local data mirror, when it sits beside the checkout (as in CI); otherwise $MIWV_DATA_DIR or the hub.
 export MIWV_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 RUN_DIR ?= runs/demo
+CONFIG ?= configs/demo.yaml
 
 .PHONY: install test demo bench clean
 
@@ -24,9 +25,8 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
-demo: install
-	$(PY) -m miwv_lib score --limit 200 --out $(RUN_DIR)
-	$(PY) -m miwv_lib select --limit 200 --scores $(RUN_DIR)/scores.jsonl --ratio 0.05 --by miwv --out $(RUN_DIR)/subset_miwv_5pct.json
+demo: install   # the notebooks, in order, with papermill: executed copies, figures and report.md in $(RUN_DIR)
+	$(PY) -m miwv_lib pipeline --config $(CONFIG) --run-dir $(RUN_DIR)
 
 bench: install   # scoring speed and fidelity: naive reference vs our engine (float32 and bf16), side by side
 	$(PY) benchmarks/bench_scoring.py

@@ -3,8 +3,10 @@
 Modes, all on the same model, rows and machine:
 
 * ``naive``  — what public implementations do: one sample per forward pass, full logits, float32;
-* ``exact``  — our engine in float32;
+* ``exact``  — our engine in float32 (the path ``score_pool`` takes, IFD off);
 * ``fast``   — our engine in bfloat16 (float32 log-softmax).
+
+tokens/s counts the tokens of the naive passes (the work to be done), so it is comparable across modes.
 
 Each mode runs in its own subprocess so its peak memory (RSS) is its own. Fidelity is measured
 against ``naive``: max |Δloss|, Spearman of MIWV, overlap of the top-10% selections.
@@ -39,11 +41,11 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     from miwv_lib.data import load_instructions
     from miwv_lib.models import load_model
     from miwv_lib.prompts import SpecialTokens, encode_examples
-    from miwv_lib.scoring import EngineConfig, one_shot_sequence, sequence_losses, zero_shot_sequence
-    from miwv_lib.scoring import find_neighbors
+    from miwv_lib.scoring import (ScoreConfig, chunk_plan, find_neighbors, one_shot_sequence, score_rows,
+                                  zero_shot_sequence)
 
     pool = load_instructions(args.data, limit=args.rows)
-    neighbors, _ = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
+    neighbors, similarities = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
     loaded = load_model(args.model, dtype="bfloat16" if mode == "fast" else "float32", device="cpu")
     special = SpecialTokens.from_tokenizer(loaded.tokenizer)
     examples = encode_examples(pool.rows, loaded.tokenizer)
@@ -62,9 +64,14 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
                 n, k = len(seq.input_ids), seq.n_targets
                 losses.append(F.cross_entropy(logits[n - k - 1:n - 1].float(), ids[0, n - k:]).item())
         losses = np.array(losses)
-    else:
-        losses = sequence_losses(loaded.model, sequences, loaded.tokenizer.pad_token_id,
-                                 EngineConfig(batch_size=args.batch_size, progress_desc=mode))
+    else:  # the scoring path of `score_pool`: chunk plan, shared prefixes, batched passes
+        config = ScoreConfig(max_length=args.max_length, batch_size=args.batch_size, compute_ifd=False)
+        ids = [row["id"] for row in pool.rows]
+        rows = []
+        for chunk in chunk_plan(neighbors, config.chunk_rows):
+            rows += score_rows(loaded, examples, ids, chunk, neighbors, similarities, config)
+        rows.sort(key=lambda row: row["index"])
+        losses = np.array([[row["zero_shot_loss"], row["one_shot_loss"]] for row in rows]).reshape(-1)
     seconds = time.perf_counter() - start
     return {
         "mode": mode,

@@ -34,7 +34,7 @@ def _parameters_cells(nb):
 
 def test_the_expected_notebooks_exist():
     assert [p.name for p in NOTEBOOKS] == ["00_overview.ipynb", "01_data.ipynb", "02_miwv_scoring.ipynb",
-                                           "03_selection.ipynb"]
+                                           "03_selection.ipynb", "04_finetune.ipynb", "05_evaluate.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -88,6 +88,14 @@ def test_notebook_defaults_are_the_small_real_run():
     assert data["max_length"]["default"] == scoring["max_length"]["default"] == "1024"
     assert ast.literal_eval(selection["ratios"]["default"]) == [0.01, 0.05, 0.10, 0.15]
     assert set(ast.literal_eval(selection["methods"]["default"])) == {"miwv", "random", "ifd", "low-miwv", "length"}
+    finetune = papermill.inspect_notebook(str(ROOT / "notebooks" / "04_finetune.ipynb"))
+    evaluation = papermill.inspect_notebook(str(ROOT / "notebooks" / "05_evaluate.ipynb"))
+    assert finetune["model"]["default"] == '"gemma-3-270m"' and finetune["train_ratio"]["default"] == "0.05"
+    assert ast.literal_eval(finetune["train_methods"]["default"]) == ["miwv", "random"]
+    assert 0 < ast.literal_eval(finetune["max_steps"]["default"]) <= 10  # a few CPU minutes, not an hour
+    assert ast.literal_eval(evaluation["test_sets"]["default"]) == ["sinstruct", "alpaca_eval_gpt4"]
+    assert ast.literal_eval(evaluation["judges"]["default"]) == ["reference-nll", "embedding", "rougeL"]
+    assert evaluation["data_dir"]["default"] == "None" and evaluation["baseline"]["default"] == '"full"'
 
 
 def test_python3_kernel_is_this_interpreter():
@@ -133,6 +141,9 @@ def test_pipeline_executed_every_notebook_without_errors(smoke_run):
     assert "ratios" not in record["parameters"]["02_miwv_scoring"]
     assert "model" not in record["parameters"]["03_selection"]
     assert record["parameters"]["02_miwv_scoring"]["n_show"] == 2  # the per-notebook value
+    assert record["parameters"]["04_finetune"]["max_steps"] == 2 and "methods" not in record["parameters"]["04_finetune"]
+    assert "batch_size" not in record["parameters"]["04_finetune"]  # the scoring batch is not the training batch
+    assert record["parameters"]["05_evaluate"]["prompts_per_set"] == 2 and "sample" not in record["parameters"]["05_evaluate"]
 
 
 def test_01_wrote_the_pool(smoke_run):
@@ -179,10 +190,75 @@ def test_03_wrote_subsets_of_floor_r_n_rows(smoke_run):
     assert {"instruction", "input", "output"} <= set(top[0])
 
 
+SMOKE_TRAINED = {"miwv_10pct": 4, "random_10pct": 4, "full": 40}  # configs/smoke.yaml: train_ratio 0.1 of 40 rows
+
+
+def test_04_trained_the_three_models_with_the_same_settings(smoke_run):
+    from miwv_lib import select_indices
+    from miwv_lib.train import read_loss_csv
+
+    run_dir = smoke_run.run_dir
+    models = run_dir / "models"
+    comparison = json.loads((models / "comparison.json").read_text())
+    assert comparison["ratio"] == 0.1 and comparison["methods"] == ["miwv", "random"]
+    assert set(comparison["models"]) == set(SMOKE_TRAINED)
+    settings = []
+    for name, rows in SMOKE_TRAINED.items():
+        manifest = json.loads((models / name / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["rows"] == rows and manifest["steps"] == 2
+        assert math.isfinite(manifest["train_loss"])
+        adapter = models / name / "adapter"
+        assert (adapter / "adapter_config.json").is_file()
+        assert any(p.suffix in (".safetensors", ".bin") and p.stat().st_size > 0 for p in adapter.iterdir())
+        curve = read_loss_csv(models / name / "loss.csv")
+        assert len(curve) == 2 and all(math.isfinite(row["loss"]) for row in curve)
+        config = json.loads((models / name / "train_config.json").read_text())
+        assert config["model"] == "tiny-random" and config["method"] == "lora" and config["max_length"] == 256
+        settings.append({k: v for k, v in config.items() if k != "n_examples"})
+    assert all(s == settings[0] for s in settings)  # identical hyper-parameters, only the data differ
+    # the MIWV model was trained on 03's subset of the same ratio
+    scores = _read_jsonl(run_dir / "scores.jsonl")
+    subset = json.loads((run_dir / "subsets" / "miwv_10pct.json").read_text())
+    assert [r["miwv_selection"]["index"] for r in subset] == select_indices(scores, 0.1, by="miwv")
+
+
+def test_05_judged_every_model_against_the_full_model(smoke_run):
+    import csv
+
+    run_dir = smoke_run.run_dir
+    summary = json.loads((run_dir / "evaluation" / "summary.json").read_text())
+    evaluated = summary["evaluated"]
+    assert evaluated[0] == "smoke_test_prompts"  # the local prompt file is always there
+    # sinstruct needs the data mirror: evaluated with it, skipped with a reason without it
+    assert {*evaluated, *(s["test_set"] for s in summary["skipped"])} == {"smoke_test_prompts", "sinstruct"}
+    assert all(s["reason"] for s in summary["skipped"])
+    with open(run_dir / "evaluation" / "table.csv", newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    pairs = {("miwv_10pct", "full"), ("random_10pct", "full")}
+    assert {(r["model_a"], r["model_b"]) for r in table} == pairs
+    assert len(summary["judge_ids"]) == 3 and {r["judge"] for r in table} == set(summary["judge_ids"])
+    for judge in summary["judge_ids"]:
+        for pair in pairs:
+            rows = [r for r in table if r["judge"] == judge and (r["model_a"], r["model_b"]) == pair]
+            assert [r["test_set"] for r in rows] == [*evaluated, "All"]
+            for r in rows:
+                wins, ties, losses, n = (int(r[k]) for k in ("wins", "ties", "losses", "n"))
+                assert wins + ties + losses == n
+                assert math.isclose(float(r["winning_score"]), 1 + (wins - losses) / n, abs_tol=1e-4)
+            assert [int(r["n"]) for r in rows[:-1]] == [2] * len(evaluated)  # 2 prompts per set, all with references
+            assert int(rows[-1]["n"]) == 2 * len(evaluated)
+    for name in SMOKE_TRAINED:
+        for dataset in evaluated:
+            answers = _read_jsonl(run_dir / "generations" / name / f"{dataset}.jsonl")
+            assert len(answers) == 2 and all(isinstance(a["output"], str) and a["reference"] for a in answers)
+    assert (run_dir / "evaluation" / "table.md").read_text().count("| **All** |") == 3 * len(pairs)
+    assert (run_dir / "evaluation" / "win_tie_loss.png").read_bytes().startswith(PNG_MAGIC)
+
+
 def test_figures_are_non_empty_pngs(smoke_run):
     figures = smoke_run.run_dir / "figures"
     expected = {"01_token_lengths", "01_sequence_lengths", "02_neighbor_similarity", "02_loss_histograms",
-                "02_miwv_vs_ifd", "03_jaccard", "03_selected_lengths"}
+                "02_miwv_vs_ifd", "03_jaccard", "03_selected_lengths", "04_loss_curves", "05_win_tie_loss"}
     assert expected <= {p.stem for p in figures.glob("*.png")}
     for path in figures.glob("*.png"):
         data = path.read_bytes()

@@ -33,7 +33,7 @@ import numpy as np
 
 from .io import stable_hash
 from .models import LoadedModel
-from .prompts import SpecialTokens, encode_examples
+from .prompts import SpecialTokens, encode_examples, strip_prepended_bos
 from .scoring import EngineConfig, sequence_losses, zero_shot_sequence
 
 WIN, TIE, LOSS = "win", "tie", "loss"
@@ -177,11 +177,7 @@ class HFChatBackend:
         except Exception:  # some templates refuse a system turn: fold it into the user's
             text = tokenizer.apply_chat_template([{"role": "user", "content": f"{system}\n\n{user}"}],
                                                  tokenize=False, add_generation_prompt=True)
-        # A BOS the tokenizer prepends is added as an ID (generate.text_token_ids): don't double it. One it
-        # does not prepend (SmolLM2's BOS is <|im_start|>) is part of the template and stays.
-        bos = tokenizer.bos_token
-        uses_bos = SpecialTokens.from_tokenizer(tokenizer).bos is not None
-        return text[len(bos):] if uses_bos and bos and text.startswith(bos) else text
+        return strip_prepended_bos(text, tokenizer)  # the BOS ID is added by generate.text_token_ids
 
     def complete(self, system: str, users: list[str]) -> list[str]:
         from .generate import GenerateConfig, generate_ids, text_token_ids

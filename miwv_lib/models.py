@@ -173,6 +173,19 @@ def _locate(name_or_path: str) -> tuple[str, str]:
     return name_or_path, f"hub:{name_or_path}"
 
 
+def _tokenizer_from(source: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token_id is None:
+        # Padding is masked from lengths, never inferred from token values, so EOS can double as PAD.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """Only the tokenizer of a model that :func:`load_model` accepts (no weights are loaded)."""
+    return _tokenizer_from(_locate(str(name_or_path))[0])
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype | None = "auto",
@@ -183,16 +196,13 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, target_device)
     source, identity = _locate(str(name_or_path))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = _tokenizer_from(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except OSError as exc:
         raise ModelLoadError(
             f"Could not load model {name_or_path!r} ({exc.__class__.__name__}: {exc}). "
             "Without a model hub, use a built-in name, a local directory or a .gguf file."
         ) from exc
-    if tokenizer.pad_token_id is None:
-        # Padding is masked from lengths, never inferred from token values, so EOS can double as PAD.
-        tokenizer.pad_token = tokenizer.eos_token
     model.to(target_device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path), identity=identity)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import write_json
+from .models import load_tokenizer  # noqa: F401 - re-exported for the notebooks
 from .runs import now
 
 CONFIG_KEYS = ("description", "run_dir", "parameters", "notebooks")
@@ -93,19 +94,6 @@ def resolve_data_source(data: str | Path | None) -> str | None:
     if path.exists():
         return str(path.resolve())
     return text  # a hub id, or a missing file: load_instructions says which
-
-
-def load_tokenizer(model: str):
-    """Only the tokenizer of a model accepted by :func:`miwv_lib.load_model` (no weights are loaded)."""
-    from transformers import AutoTokenizer
-
-    from .models import _locate
-
-    source, _ = _locate(str(model))
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 # --------------------------------------------------------------------------- configuration

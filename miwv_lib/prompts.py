@@ -43,13 +43,19 @@ def format_prompt(instruction: str, input: str = "", template: str = "alpaca",
         content = f"{instruction}\n\n{input}" if input else instruction
         text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-        # A BOS the tokenizer prepends is added as a token ID by the layouts: drop it from the text so it is
-        # not doubled. (SmolLM2's "bos" is <|im_start|>, which it never prepends: that one must stay.)
-        prepends_bos = SpecialTokens.from_tokenizer(tokenizer).bos is not None
-        if prepends_bos and tokenizer.bos_token and text.startswith(tokenizer.bos_token):
-            text = text[len(tokenizer.bos_token):]
-        return text
+        return strip_prepended_bos(text, tokenizer)
     raise ValueError(f"template must be one of {TEMPLATES}; got {template!r}")
+
+
+def strip_prepended_bos(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Drop a leading BOS text that the tokenizer also prepends as an ID, so it is not doubled.
+
+    A BOS the tokenizer never prepends (SmolLM2's is <|im_start|>) is part of the chat template and stays.
+    """
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and SpecialTokens.from_tokenizer(tokenizer).bos is not None:
+        return text[len(bos):]
+    return text
 
 
 def resolve_template(template: str, tokenizer: PreTrainedTokenizerBase) -> str:

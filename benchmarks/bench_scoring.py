@@ -78,11 +78,35 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         "seconds": seconds,
         "rows": len(pool),
         "tokens": sum(len(s.input_ids) for s in sequences),
+        **token_accounting(examples, neighbors, special, args.max_length),
         "losses": losses.tolist(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_load_mb": rss_loaded / 1024,
         "threads": torch.get_num_threads(),
     }
+
+
+def token_accounting(examples, neighbors, special, max_length: int, chunk_rows: int = 64) -> dict[str, int]:
+    """Tokens each plan pushes through the model body (the work no head-side trick removes).
+
+    ``engine``: the passes ``score_pool`` runs (one-shot, plus zero-shot where no one-shot pass carries it).
+    ``kv_reuse``: what reusing the neighbour's key/value cache would leave: every row's zero-shot pass
+    (which is also the prefix of the one-shot passes that use the row as their demo), plus the part of
+    each one-shot sequence after that prefix. Counted, not run: the lever is not built.
+    """
+    from miwv_lib.scoring import chunk_plan, one_shot_sequence, plan_passes, zero_shot_sequence
+
+    zero = [zero_shot_sequence(e, special, max_length)[0] for e in examples]
+    one = [one_shot_sequence(e, examples[neighbors[i]], special, max_length)[0] for i, e in enumerate(examples)]
+    engine = sum(len(seq.input_ids) for chunk in chunk_plan(neighbors, chunk_rows)
+                 for seq in plan_passes(examples, chunk, neighbors, special, max_length, False).sequences)
+    kv_reuse = 0
+    for i in range(len(examples)):
+        prefix = zero[neighbors[i]].input_ids
+        shared = one[i].input_ids[:len(prefix)] == prefix  # not when the demo was trimmed to fit max_length
+        kv_reuse += len(zero[i].input_ids) + len(one[i].input_ids) - (len(prefix) if shared else 0)
+    return {"body_tokens_naive": sum(len(s.input_ids) for s in zero + one), "body_tokens_engine": engine,
+            "body_tokens_kv_reuse": kv_reuse}
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -105,7 +129,8 @@ def summarise(results: dict[str, dict]) -> list[dict]:
         row = {"mode": mode, "rows": r["rows"], "seconds": round(r["seconds"], 2),
                "samples_per_s": round(r["rows"] / r["seconds"], 3),
                "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
-               "peak_rss_mb": round(r["peak_rss_mb"]), "threads": r["threads"]}
+               "peak_rss_mb": round(r["peak_rss_mb"]), "threads": r["threads"],
+               "body_tokens": r["body_tokens_naive"] if mode == "naive" else r["body_tokens_engine"]}
         if reference is not None:
             ref_losses = np.array(reference["losses"])
             ref_miwv = ref_losses[1::2] - ref_losses[0::2]
@@ -120,7 +145,7 @@ def summarise(results: dict[str, dict]) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     columns = ["mode", "rows", "seconds", "samples_per_s", "tokens_per_s", "speedup_vs_naive", "max_abs_dloss",
-               "max_abs_dmiwv", "spearman_miwv", "top10_overlap", "peak_rss_mb"]
+               "max_abs_dmiwv", "spearman_miwv", "top10_overlap", "peak_rss_mb", "body_tokens"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [f"{row[c]:.2e}" if c.startswith("max_abs") and c in row else str(row.get(c, "–")) for c in columns]
@@ -156,9 +181,15 @@ def main() -> None:
     from miwv_lib.io import write_json
     from miwv_lib.runs import environment_info, now
 
-    table = markdown_table(rows)
+    first = next(iter(results.values()))
+    accounting = {k: first[k] for k in ("body_tokens_naive", "body_tokens_engine", "body_tokens_kv_reuse")}
+    table = markdown_table(rows) + "\n\n" + (
+        f"Tokens through the model body: naive {accounting['body_tokens_naive']:,}, engine "
+        f"{accounting['body_tokens_engine']:,}, with neighbour KV-cache reuse (counted, not built) "
+        f"{accounting['body_tokens_kv_reuse']:,} "
+        f"({1 - accounting['body_tokens_kv_reuse'] / accounting['body_tokens_engine']:.0%} fewer than the engine).")
     write_json(out / "bench_scoring.json", {"date": now(), "environment": environment_info(), "args": vars(args),
-                                            "summary": rows})
+                                            "summary": rows, "token_accounting": accounting})
     (out / "bench_scoring.md").write_text(table + "\n", encoding="utf-8")
     print(table)
 

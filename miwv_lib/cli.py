@@ -19,6 +19,7 @@ from .pipeline import PipelineError
 from .prompts import TEMPLATES
 from .runs import FingerprintMismatch, RunDirectoryBusy, run_lock
 from .scoring import ScoreConfig, score_pool
+from .study import StudyError
 from .selection import (SELECTION_METHODS, SelectionError, check_scores_match, check_scores_provenance, export_subset,
                         load_scores, select_indices)
 
@@ -79,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--notebooks", nargs="+", default=None, metavar="NAME",
                           help="run only these notebooks (e.g. 03_selection or 03)")
     pipeline.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    study = commands.add_parser("study", help="the reproduction study: score, select, train, generate, judge, report")
+    study.add_argument("--config", required=True, help="YAML study configuration, e.g. configs/study/small_scale.yaml")
+    study.add_argument("--run-dir", default=None, help="intermediate files (default: the config's run_dir)")
+    study.add_argument("--results-dir", default=None, help="REPORT.md and figures (default: the config's results_dir)")
+    study.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                       help="run only these stages (score select train generate judge report); default: all")
+    study.add_argument("--models", nargs="+", default=None, metavar="NAME",
+                       help="train/generate only these models (e.g. full miwv_5pct), to split the work")
     _add_train_commands(commands)
     return parser
 
@@ -215,6 +225,26 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
         print(f"report: {result.report}")
 
 
+def run_study_command(args: argparse.Namespace) -> None:
+    from .study import STAGES, run_study
+
+    # Directories given on the command line are relative to where it runs; those in the config, to the repository.
+    run_dir, results_dir = (Path(d).expanduser().resolve() if d else None for d in (args.run_dir, args.results_dir))
+    with run_lock(run_dir or _study_run_dir(args.config)):
+        study = run_study(args.config, run_dir=run_dir, results_dir=results_dir, stages=args.stages or STAGES,
+                          only=args.models)
+    report = study.results_dir / "REPORT.md"
+    if report.exists():
+        print(f"report: {report}")
+
+
+def _study_run_dir(config: str) -> Path:
+    from .pipeline import resolve_path
+    from .study import load_study_config
+
+    return resolve_path(load_study_config(config).run_dir)
+
+
 def _train_config(args: argparse.Namespace):
     from .train import TrainConfig
 
@@ -265,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         {"score": run_score, "select": run_select, "pipeline": run_pipeline_command, "train": run_train,
-         "evaluate": run_evaluate}[args.command](args)
+         "evaluate": run_evaluate, "study": run_study_command}[args.command](args)
     except (DataError, ModelLoadError, SelectionError, FingerprintMismatch, RunDirectoryBusy, PipelineError,
-            OSError) as exc:  # OSError: a missing path, a full disk, no permission; the message names the file
+            StudyError, OSError) as exc:  # OSError: a missing path, a full disk, no permission; the message names the file
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -251,6 +251,13 @@ class ComparisonResult:
         return pd.DataFrame(self.table, columns=TABLE_COLUMNS)
 
 
+def test_set_label(name: str) -> str:
+    """How a test set is named in files and tables: a registry name as is, a file by its stem."""
+    from .data import REGISTRY
+
+    return name if name in REGISTRY else Path(name).name.split(".")[0].removesuffix("_test_set")
+
+
 def load_test_pools(test_sets: Sequence[str], sample: int | None = None, seed: int = 0,
                     data_dir: str | Path | None = None) -> dict[str, InstructionPool]:
     """The named test sets, each optionally cut to a deterministic sample of ``sample`` prompts."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import write_json
+from .io import atomic_open, write_json
 from .models import load_tokenizer  # noqa: F401 - re-exported for the notebooks
 from .runs import now
 
@@ -324,6 +324,7 @@ def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None
         finally:
             result.seconds[path.stem] = round(time.perf_counter() - t0, 1)
             if partial.exists():
+                settle_progress_bars(partial)
                 os.replace(partial, final)
         if error is not None:
             bar.close()
@@ -339,6 +340,57 @@ def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None
 
         result.report = write_report(out_dir)
     return result
+
+
+_WIDGET_VIEW, _WIDGET_STATE = "application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json"
+
+
+def _progress_text(state: Mapping[str, dict], model_id: str) -> tuple[str, bool] | None:
+    """(final text, hidden) of a tqdm notebook bar (HBox of HTML, FloatProgress, HTML); None for other widgets."""
+    import html
+
+    model = state.get(model_id)
+    if not model or model.get("model_name") != "HBoxModel":
+        return None
+    children = [state.get(c.removeprefix("IPY_MODEL_"), {}) for c in model["state"].get("children", [])]
+    if [c.get("model_name") for c in children] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+        return None
+    left, bar, right = (c["state"] for c in children)
+    done = bar.get("value") or 0.0
+    total = bar.get("max") or 0.0
+    filled = int(10 * done / total) if total else 0
+    text = f"{left.get('value', '')}|{'█' * filled}{' ' * (10 - filled)}|{right.get('value', '')}"
+    layout = state.get(model["state"].get("layout", "").removeprefix("IPY_MODEL_"), {}).get("state", {})
+    return html.unescape(text).replace("\u2007", " "), layout.get("visibility") == "hidden"
+
+
+def settle_progress_bars(path: str | Path) -> None:
+    """Make an executed notebook's progress bars read as they ended, outside Jupyter too.
+
+    A tqdm bar is a widget whose plain-text fallback was captured when it was created ("0%"); GitHub,
+    nbviewer and ``nbconvert`` show that fallback. The widget state saved with the notebook holds the
+    final text: put it in the fallback, and drop the bars tqdm had hidden (``leave=False``).
+    """
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    state = nb.metadata.get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})
+    if not state:
+        return
+    for cell in nb.cells:
+        kept = []
+        for output in cell.get("outputs", []):
+            view = output.get("data", {}).get(_WIDGET_VIEW)
+            settled = _progress_text(state, view["model_id"]) if view else None
+            if settled is None:
+                kept.append(output)
+            elif not settled[1]:
+                output["data"]["text/plain"] = settled[0]
+                kept.append(output)
+        if "outputs" in cell:
+            cell["outputs"] = kept
+    with atomic_open(path) as handle:
+        nbformat.write(nb, handle)
 
 
 def _notebook_failure(stem: str, exc: Exception, partial: Path, final: Path) -> PipelineError:

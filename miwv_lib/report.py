@@ -36,6 +36,8 @@ KEY_FIGURES = {
     "02_miwv_vs_ifd.png": "MIWV against IFD, one point per sample (02)",
     "03_jaccard.png": "Overlap (Jaccard) between the selections (03)",
     "03_selected_lengths.png": "Response length of the selected samples (03)",
+    "04_loss_curves.png": "Training loss of each fine-tuned model (04)",
+    "05_win_tie_loss.png": "Win / tie / lose against the full-data model (05)",
 }
 
 _STOPWORDS = frozenset("""
@@ -314,6 +316,9 @@ def build_report(run_dir: str | Path) -> str:
             lines.append(f"| {entry['method']} | {entry['ratio']:g} | skipped: {entry['reason']} | |")
         lines.append("")
 
+    lines += _training_lines(run_dir)
+    lines += _evaluation_lines(run_dir)
+
     # ---- figures
     figures_dir = run_dir / "figures"
     figures = sorted(p.name for p in figures_dir.glob("[!.]*.png"))
@@ -330,6 +335,50 @@ def build_report(run_dir: str | Path) -> str:
     if executed:
         lines += ["## Executed notebooks", "", *(f"- [{n}](notebooks/{n})" for n in executed), ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _training_lines(run_dir: Path) -> list[str]:
+    """04: one row per fine-tuned model, from each model's manifest."""
+    comparison = _read_json(run_dir / "models" / "comparison.json")
+    if not comparison:
+        return []
+    config = comparison.get("config", {})
+    steps = f"{config['max_steps']} steps" if config.get("max_steps", -1) > 0 else f"{config.get('epochs')} epochs"
+    lines = ["## Fine-tuning (04)", "",
+             f"{'LoRA' if config.get('method', 'lora') == 'lora' else 'Full fine-tuning'} on `{config.get('model')}`, {steps}, batch {config.get('batch_size')} × "
+             f"{config.get('gradient_accumulation_steps')} accumulation, max length {config.get('max_length')}; "
+             "the same settings for every model.", "",
+             "| model | rows | optimizer steps | final train loss | seconds | tokens/s |", "|---|---|---|---|---|---|"]
+    for name in comparison.get("models", {}):
+        m = _read_json(run_dir / "models" / name / "manifest.json") or {}
+        lines.append(f"| {name} | {m.get('rows', '–')} | {m.get('steps', '–')} | {_fmt(m.get('train_loss'))} | "
+                     f"{_fmt(m.get('seconds'), '.0f')} | {_fmt(m.get('tokens_per_second'), '.1f')} |")
+    return [*lines, ""]
+
+
+def _evaluation_lines(run_dir: Path) -> list[str]:
+    """05: the winning-score table over all test sets, per judge, from ``evaluation/table.csv``."""
+    import csv
+
+    summary = _read_json(run_dir / "evaluation" / "summary.json") or {}
+    table_path = run_dir / "evaluation" / "table.csv"
+    if not table_path.is_file():
+        return []
+    with open(table_path, encoding="utf-8", newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["test_set"] == "All"]
+    if not rows:
+        return []
+    lines = ["## Evaluation against the full-data model (05)", "",
+             f"{summary.get('prompts_per_set', '?')} prompts per test set "
+             f"({', '.join(summary.get('evaluated', []))}), each judged in both answer orders. Winning score = "
+             "1 + (wins − losses) / N; 1 means as good as the full-data model. Per test set: `evaluation/table.md`.", "",
+             "| judge | model vs baseline | n | wins | ties | losses | winning score | 95% CI |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['judge']} | {r['model_a']} vs {r['model_b']} | {r['n']} | {r['wins']} | {r['ties']} | "
+                     f"{r['losses']} | {float(r['winning_score']):.3f} | "
+                     f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}] |")
+    return [*lines, ""]
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -155,7 +155,7 @@ def _batches(lengths: list[int], cfg: EngineConfig) -> list[list[int]]:
     return batches
 
 
-def _logit_transform(model):
+def logit_transform(model):
     """Models that post-process logits (Gemma-2's soft-capping) must get the same treatment here."""
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
@@ -177,7 +177,7 @@ def span_losses(model, sequences: list[Sequence], pad_token_id: int,
         raise ValueError(f"padding_side must be 'left' or 'right'; got {cfg.padding_side!r}")
     device = next(model.parameters()).device
     head = model.get_output_embeddings()
-    transform = _logit_transform(model)
+    transform = logit_transform(model)
     lengths = [len(s.input_ids) for s in sequences]
     losses: list[list[float]] = [[] for _ in sequences]
     bar = tqdm(total=sum(lengths), desc=cfg.progress_desc, unit="tok", unit_scale=True, disable=not cfg.progress,
@@ -287,19 +287,27 @@ def _finite_or_none(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
 
-def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[str], indices: list[int],
-               neighbor_index: np.ndarray, neighbor_similarity: np.ndarray, config: ScoreConfig,
-               engine: EngineConfig | None = None) -> list[dict]:
-    """Zero-shot, one-shot (and unconditional) losses of the rows ``indices``, batched together.
+@dataclass
+class PassPlan:
+    """The forward passes that score a set of rows, and where each row's losses are read from them."""
+
+    sequences: list[Sequence]
+    where: dict[tuple[str, int], tuple[int, int]]  # (pass kind, row) -> (sequence, span)
+    one_shot: dict[int, Sequence]
+    cuts: dict[int, Truncation]
+
+
+def plan_passes(examples: list[EncodedExample], indices: list[int], neighbor_index: np.ndarray,
+                special: SpecialTokens, max_length: int, compute_ifd: bool) -> PassPlan:
+    """The passes for rows ``indices``: one-shot for each, zero-shot only where no one-shot pass carries it.
 
     A row whose exact zero-shot sequence opens another row's one-shot sequence in this batch gets its
     zero-shot loss from that pass (a span of it) instead of a pass of its own.
     """
-    special = SpecialTokens.from_tokenizer(loaded.tokenizer)
-    zero = {i: zero_shot_sequence(examples[i], special, config.max_length)[0] for i in indices}
+    zero = {i: zero_shot_sequence(examples[i], special, max_length)[0] for i in indices}
     one, cuts = {}, {}
     for i in indices:
-        one[i], cuts[i] = one_shot_sequence(examples[i], examples[neighbor_index[i]], special, config.max_length)
+        one[i], cuts[i] = one_shot_sequence(examples[i], examples[neighbor_index[i]], special, max_length)
     donor: dict[int, int] = {}  # row -> the row whose one-shot pass carries its zero-shot sequence
     for i in indices:
         k = int(neighbor_index[i])
@@ -310,7 +318,7 @@ def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[st
         carried.setdefault(i, []).append(k)
 
     sequences: list[Sequence] = []
-    where: dict[tuple[str, int], tuple[int, int]] = {}  # (pass, row) -> (sequence, span)
+    where: dict[tuple[str, int], tuple[int, int]] = {}
     for i in indices:
         spans = tuple((len(zero[k].input_ids), zero[k].n_targets) for k in carried.get(i, ()))
         where[("one", i)] = (len(sequences), 0)
@@ -319,9 +327,19 @@ def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[st
         if i not in donor:
             where[("zero", i)] = (len(sequences), 0)
             sequences.append(zero[i])
-        if config.compute_ifd:
+        if compute_ifd:
             where[("uncond", i)] = (len(sequences), 0)
-            sequences.append(unconditional_sequence(examples[i], special, config.max_length))
+            sequences.append(unconditional_sequence(examples[i], special, max_length))
+    return PassPlan(sequences, where, one, cuts)
+
+
+def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[str], indices: list[int],
+               neighbor_index: np.ndarray, neighbor_similarity: np.ndarray, config: ScoreConfig,
+               engine: EngineConfig | None = None) -> list[dict]:
+    """Zero-shot, one-shot (and unconditional) losses of the rows ``indices``, batched together."""
+    special = SpecialTokens.from_tokenizer(loaded.tokenizer)
+    plan = plan_passes(examples, indices, neighbor_index, special, config.max_length, config.compute_ifd)
+    sequences, where, one, cuts = plan.sequences, plan.where, plan.one_shot, plan.cuts
     engine = engine or EngineConfig(batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
                                     progress=config.progress)
     losses = span_losses(loaded.model, sequences, loaded.tokenizer.pad_token_id, engine)

@@ -134,6 +134,9 @@ def test_pipeline_executed_every_notebook_without_errors(smoke_run):
         assert len(injected) == 1 and str(run_dir) in injected[0].source
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert errors == []
+        bars = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        assert not [b for b in bars if " 0%|" in b], f"{path.name}: progress bars saved as they started"
     assert not list((run_dir / "notebooks").glob(".*")), "a temporary notebook was left behind"
     record = json.loads((run_dir / "pipeline.json").read_text())
     assert record["status"] == "complete" and set(record["seconds"]) == {p.stem for p in NOTEBOOKS}
@@ -278,6 +281,18 @@ def test_report_matches_the_scores(smoke_run):
     best = max(scores, key=lambda s: (s["miwv"], s["id"]))
     assert f"| 1 | {best['miwv']:.4f} |" in report and pool[best["index"]]["instruction"] in report
     assert "| miwv | 0.25 | 10 | `subsets/miwv_25pct.json` |" in report
+    # 04 and 05 are summarised from their manifests and tables
+    for name in ("miwv_10pct", "random_10pct", "full"):
+        manifest = json.loads((run_dir / "models" / name / "manifest.json").read_text())
+        assert f"| {name} | {manifest['rows']} | {manifest['steps']} | {manifest['train_loss']:.4f} |" in report
+    import csv
+
+    with open(run_dir / "evaluation" / "table.csv", encoding="utf-8", newline="") as handle:
+        overall = [r for r in csv.DictReader(handle) if r["test_set"] == "All"]
+    assert overall and "## Evaluation against the full-data model (05)" in report
+    for r in overall:
+        assert (f"| {r['judge']} | {r['model_a']} vs {r['model_b']} | {r['n']} | {r['wins']} | {r['ties']} | "
+                f"{r['losses']} | {float(r['winning_score']):.3f} |") in report
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):  # relative PNG links that resolve
         assert not Path(link).is_absolute() and (run_dir / link).is_file()
     assert "/tmp" not in report and str(ROOT) not in report

@@ -250,3 +250,44 @@ def test_figures_render_headless_and_save_atomically(tmp_path):
         assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 2000
         plt.close(fig)
     assert not list((tmp_path / "figures").glob(".*"))
+
+
+def _tqdm_widget(state: dict, key: str, left: str, value: float, total: float, right: str, hidden: bool) -> str:
+    ids = [f"{key}-{part}" for part in ("left", "bar", "right", "layout")]
+    state[ids[0]] = {"model_name": "HTMLModel", "state": {"value": left}}
+    state[ids[1]] = {"model_name": "FloatProgressModel", "state": {"value": value, "max": total}}
+    state[ids[2]] = {"model_name": "HTMLModel", "state": {"value": right}}
+    state[ids[3]] = {"model_name": "LayoutModel", "state": {"visibility": "hidden" if hidden else None}}
+    state[key] = {"model_name": "HBoxModel", "state": {"children": [f"IPY_MODEL_{i}" for i in ids[:3]],
+                                                       "layout": f"IPY_MODEL_{ids[3]}"}}
+    return key
+
+
+def test_saved_progress_bars_read_as_they_ended(tmp_path):
+    """Outside Jupyter a tqdm widget shows the text captured when it was created ("0%"): settle it."""
+    import nbformat
+
+    from miwv_lib.pipeline import settle_progress_bars
+
+    state: dict = {}
+    done = _tqdm_widget(state, "a", "MIWV\u2007scoring:\u2007100%", 400.0, 400.0, "\u2007400/400\u2007[22:20&lt;00:00]",
+                        hidden=False)
+    inner = _tqdm_widget(state, "b", "score:\u2007100%", 9.0, 9.0, "\u20079/9", hidden=True)
+    other = "c"
+    state[other] = {"model_name": "IntSliderModel", "state": {"value": 3}}
+    view = "application/vnd.jupyter.widget-view+json"
+    outputs = [nbformat.v4.new_output("display_data", data={"text/plain": "MIWV scoring:   0%|          | 0/400",
+                                                            view: {"model_id": m, "version_major": 2}})
+               for m in (done, inner, other)]
+    outputs.append(nbformat.v4.new_output("stream", name="stdout", text="kept\n"))
+    cell = nbformat.v4.new_code_cell("x = 1", outputs=outputs)
+    nb = nbformat.v4.new_notebook(cells=[cell])
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": state}}
+    path = tmp_path / "executed.ipynb"
+    nbformat.write(nb, str(path))
+    settle_progress_bars(path)
+    settled = nbformat.read(str(path), as_version=4).cells[0].outputs
+    assert len(settled) == 3  # the hidden (leave=False) bar is gone; the slider and the stream stay
+    assert settled[0]["data"]["text/plain"] == "MIWV scoring: 100%|██████████| 400/400 [22:20<00:00]"
+    assert settled[1]["data"][view]["model_id"] == other and "0%" in settled[1]["data"]["text/plain"]
+    assert settled[2]["text"] == "kept\n"

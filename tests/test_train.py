@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -13,8 +14,10 @@ from conftest import make_rows
 from miwv_lib.prompts import SpecialTokens, encode_examples
 from miwv_lib.runs import FingerprintMismatch
 from miwv_lib.scoring import sequence_losses, zero_shot_sequence
+from miwv_lib import train as train_module
 from miwv_lib.train import (
-    IGNORE_INDEX, TrainConfig, _right_padding_collator, build_features, load_trained, read_loss_csv,
+    CHECKPOINT_DIR, IGNORE_INDEX, LossCurveCallback, ResponseOnlyLossTrainer, TrainConfig, _prepare_model,
+    _right_padding_collator, _training_arguments, build_features, load_trained, read_loss_csv, response_only_loss,
     train_comparison, train_model,
 )
 
@@ -180,3 +183,189 @@ def test_cli_train_on_a_selection(tmp_path, tiny_model_dir, capsys):
     manifest = json.loads((tmp_path / "model" / "manifest.json").read_text())
     assert manifest["rows"] == 3 and manifest["status"] == "complete"
     assert main(argv) == 0 and "already trained" in capsys.readouterr().out
+
+
+# --- response-only loss: HF's loss without logits at unlabelled positions -----------------------------------
+
+def _tiny_gemma(tiny, softcap: float):
+    """A random 2-layer Gemma-3 text model on the tiny tokenizer: Gemma's decoder, tied head and logit soft-capping."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=len(tiny.tokenizer), hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              sliding_window=8, max_position_embeddings=2048, final_logit_softcapping=softcap,
+                              pad_token_id=tiny.tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).float()
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("arch,bf16", [("llama", False), ("gemma-softcap", False), ("llama", True)])
+def test_response_only_loss_is_hf_loss_with_its_gradients(tmp_path, tiny, tiny_model_dir, arch, bf16):
+    """Padding, several examples, with and without num_items_in_batch: same loss and LoRA gradients as HF's."""
+    config = _config(tiny_model_dir, lora_dropout=0.0, bf16=bf16)
+    base = copy.deepcopy(tiny.model) if arch == "llama" else _tiny_gemma(tiny, softcap=2.0)
+    model = _prepare_model(base, config)
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0): make it count, so its gradients reach every matrix
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    trainer = ResponseOnlyLossTrainer(model=model, args=_training_arguments(config, torch.device("cpu"), bf16,
+                                                                               str(tmp_path)))
+    assert trainer.model_accepts_loss_kwargs and trainer.loss_is_scaled_for_ga is None
+    model = trainer.accelerator.prepare_model(model)  # as in train(): under bf16, forward autocasts
+    batch = _right_padding_collator(tiny.tokenizer)(build_features(make_rows(5, seed=4), tiny.tokenizer, "alpaca", 512))
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.min() < lengths.max()  # the batch is padded
+    n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    for num_items in (None, torch.tensor(n_labels + 37)):  # alone, or one micro-batch of an accumulated batch
+        kwargs = {} if num_items is None else {"num_items_in_batch": num_items}
+        expected = model(**batch, **kwargs).loss
+        expected.backward()
+        expected_grads = _lora_grads(model)
+        ours = trainer.compute_loss(model, dict(batch), num_items_in_batch=num_items)
+        ours.backward()
+        grads = _lora_grads(model)
+        assert ours.item() == pytest.approx(expected.item(), abs=1e-5)
+        assert grads.keys() == expected_grads.keys() and len(grads) > 0
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    if arch == "gemma-softcap":  # the cap matters here: without it the loss would differ
+        cap, model.config.final_logit_softcapping = model.config.final_logit_softcapping, None
+        with torch.no_grad():
+            uncapped = response_only_loss(model, dict(batch)).item()
+        model.config.final_logit_softcapping = cap
+        assert abs(uncapped - expected.item()) > 1e-2
+
+
+def test_response_only_training_equals_hf_training(tmp_path, tiny_model_dir, monkeypatch):
+    """Gradient accumulation over batches of uneven lengths: same logged losses and adapter either way."""
+    calls = []  # the switch really takes the response-only path inside Trainer.train (no silent fallback)
+    monkeypatch.setattr(train_module, "response_only_loss",
+                        lambda *a, **k: calls.append(1) or response_only_loss(*a, **k))
+    rows = make_rows(12, seed=5)
+    results, curves, adapters = {}, {}, {}
+    for switch in (False, True):
+        config = _config(tiny_model_dir, response_only_loss=switch, max_steps=4, batch_size=3,
+                         gradient_accumulation_steps=2, learning_rate=5e-3, warmup_ratio=0.0)
+        results[switch] = train_model(rows, tmp_path / str(switch), config)
+        assert len(calls) == (4 * 2 if switch else 0)  # one per micro-batch
+        curves[switch] = read_loss_csv(tmp_path / str(switch) / "loss.csv")
+        adapters[switch] = load_file(tmp_path / str(switch) / "adapter" / "adapter_model.safetensors")
+    assert results[True].fingerprint == results[False].fingerprint  # the switch does not change what is trained
+    assert [r["step"] for r in curves[True]] == [1, 2, 3, 4]
+    for on, off in zip(curves[True], curves[False]):
+        assert on["loss"] == pytest.approx(off["loss"], rel=1e-5)
+        assert on["grad_norm"] == pytest.approx(off["grad_norm"], rel=1e-4)
+    assert results[True].train_loss == pytest.approx(results[False].train_loss, rel=1e-5)
+    assert curves[True][-1]["loss"] < curves[True][0]["loss"] - 0.05  # it did train
+    for name, weight in adapters[True].items():
+        torch.testing.assert_close(weight, adapters[False][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# --- resuming a killed run from its checkpoint ----------------------------------------------------------------
+
+class _KilledAtStep3(LossCurveCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        if state.global_step == 3:  # after step 3's update, before its log and any save: its work is lost
+            raise KeyboardInterrupt
+
+
+class _KilledAtTrainEnd(LossCurveCallback):
+    def on_train_end(self, args, state, control, **kwargs):
+        raise KeyboardInterrupt
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    rows = make_rows(10, seed=6)
+    config = _config(tiny_model_dir, max_steps=7, batch_size=2, gradient_accumulation_steps=2, save_steps=2,
+                     learning_rate=5e-3, warmup_ratio=0.0)  # 3 steps per epoch: the kill and resume are mid-epoch
+    whole = train_model(rows, tmp_path / "whole", config)
+    assert whole.resumed_from_step == 0 and not (tmp_path / "whole" / CHECKPOINT_DIR).exists()
+
+    monkeypatch.setattr(train_module, "LossCurveCallback", _KilledAtStep3)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(rows, tmp_path / "killed", config)
+    monkeypatch.undo()
+    left = tmp_path / "killed"
+    assert json.loads((left / "manifest.json").read_text())["status"] == "running"
+    assert not (left / "adapter").exists() and (left / CHECKPOINT_DIR / "checkpoint-2").is_dir()
+
+    resumed = train_model(rows, left, config)
+    assert resumed.resumed_from_step == 2 and resumed.steps == 7 and resumed.fingerprint == whole.fingerprint
+    assert not (left / CHECKPOINT_DIR).exists()
+    expected, got = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (tmp_path / "whole", left))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+    curve, expected_curve = read_loss_csv(left / "loss.csv"), read_loss_csv(tmp_path / "whole" / "loss.csv")
+    assert [r["step"] for r in curve] == list(range(1, 8))
+    for row, expected_row in zip(curve, expected_curve):
+        assert row["loss"] == pytest.approx(expected_row["loss"], rel=1e-5)
+        assert row["tokens_seen"] == expected_row["tokens_seen"]
+    assert all(b["seconds"] > a["seconds"] for a, b in zip(curve, curve[1:]))  # time adds up across sessions
+    assert resumed.train_loss == pytest.approx(whole.train_loss, rel=1e-5)  # the whole run's mean, not the session's
+    manifest = json.loads((left / "manifest.json").read_text())
+    session_tokens = manifest["tokens_seen"] - curve[1]["tokens_seen"]  # steps 3-7 ran in the resumed session
+    assert manifest["tokens_seen"] == curve[-1]["tokens_seen"] and session_tokens > 0
+    assert manifest["tokens_per_second"] == pytest.approx(session_tokens / manifest["session_seconds"], rel=0.02)
+    assert manifest["seconds"] > manifest["session_seconds"]  # the whole run's time counts the killed session too
+    assert manifest["resumed_from_step"] == 2 and manifest["status"] == "complete"
+
+
+def _kill_at_step_3(rows, out_dir, config, monkeypatch) -> None:
+    monkeypatch.setattr(train_module, "LossCurveCallback", _KilledAtStep3)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(rows, out_dir, config)
+    monkeypatch.undo()
+    assert (out_dir / CHECKPOINT_DIR / "checkpoint-2").is_dir()
+
+
+def test_which_checkpoints_are_resumed(tmp_path, tiny_model_dir, monkeypatch):
+    """save_steps is not part of the training: a rerun without it still resumes. overwrite=True starts afresh."""
+    rows = make_rows(6, seed=7)
+    config = _config(tiny_model_dir, max_steps=4, batch_size=2, save_steps=2)
+    _kill_at_step_3(rows, tmp_path / "a", config, monkeypatch)
+    result = train_model(rows, tmp_path / "a", _config(tiny_model_dir, max_steps=4, batch_size=2))
+    assert result.resumed_from_step == 2 and not (tmp_path / "a" / CHECKPOINT_DIR).exists()
+
+    _kill_at_step_3(rows, tmp_path / "b", config, monkeypatch)
+    result = train_model(rows, tmp_path / "b", config, overwrite=True)
+    assert result.resumed_from_step == 0 and len(read_loss_csv(tmp_path / "b" / "loss.csv")) == 4
+    assert not (tmp_path / "b" / CHECKPOINT_DIR).exists()
+
+    # killed after the last step, before the adapter was saved: no checkpoint of a finished run (Trainer would
+    # resume from it with one step too many), so the last checkpoint resumes and the run ends at max_steps
+    monkeypatch.setattr(train_module, "LossCurveCallback", _KilledAtTrainEnd)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(rows, tmp_path / "c", config)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "c" / CHECKPOINT_DIR).iterdir()) == ["checkpoint-2"]
+    result = train_model(rows, tmp_path / "c", config)
+    assert result.resumed_from_step == 2 and result.steps == 4
+    assert [r["step"] for r in read_loss_csv(tmp_path / "c" / "loss.csv")] == [1, 2, 3, 4]
+
+
+def test_training_benchmark_runs_with_a_tiny_model(tmp_path, tiny_model_dir):
+    """benchmarks/bench_training.py end to end (tiny settings: it works, not how fast)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "pool.json").write_text(json.dumps(make_rows(4, seed=2)))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_training.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--data",
+                           str(tmp_path / "pool.json"), "--steps", "2", "--batch-size", "2", "--order", "off,on",
+                           "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [t["mode"] for t in report["trials"]] == ["off", "on"]
+    assert all(t["tokens_per_s"] > 0 and t["steps"] == 2 for t in report["trials"])
+    assert report["summary"]["ratio_on_off"] > 0 and report["summary"]["max_abs_dloss"] < 1e-4

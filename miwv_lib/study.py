@@ -1,0 +1,371 @@
+"""The small-scale reproduction study: score → select → train → generate → judge → report.
+
+One configuration file (``configs/study/small_scale.yaml``) describes the whole experiment: score every row
+of the pool, keep the top r % by MIWV and by the baselines (IFD, low MIWV, random with several
+seeds), fine-tune one model per subset and one on the full pool with identical settings, generate
+on the test sets and compare every subset model with the full-pool model, in both answer orders.
+
+Each stage reads the previous stage's files from the run directory and skips the work already done
+(scores resume by chunk, models by fingerprint and Trainer checkpoint, generations by fingerprint,
+verdicts through the judge cache), so the study can be stopped at any point and re-run with the same
+command. The last stage writes ``REPORT.md``, its tables and figures into a results directory meant
+to be committed (``results/small_scale``)::
+
+    python -m miwv_lib study --config configs/study/small_scale.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .data import InstructionPool, load_instructions, load_test_set
+from .io import read_jsonl, write_json, write_jsonl
+from .runs import now
+from .scoring import ScoreConfig, score_pool
+from .selection import check_scores_match, export_subset, select_indices
+
+STAGES = ("score", "select", "train", "generate", "judge", "report")
+BASELINE = "full"
+TIMINGS_FILE = "timings.jsonl"
+
+
+class StudyError(ValueError):
+    """A study configuration or run directory that cannot be used, with the reason."""
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+@dataclass
+class StudyConfig:
+    description: str = ""
+    data: str = "alpaca"  # registry name, file or hub id of the instruction pool
+    data_dir: str | None = None  # local mirror (default: $MIWV_DATA_DIR)
+    limit: int | None = None  # first N rows only (smoke runs)
+    run_dir: str = "runs/small_scale"  # scores, models, generations: large, not committed
+    results_dir: str = "results/small_scale"  # REPORT.md, tables and figures: small, committed
+    ratios: list[float] = field(default_factory=lambda: [0.05, 0.10])
+    methods: list[str] = field(default_factory=lambda: ["miwv", "ifd", "low-miwv", "random"])
+    random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    test_sets: dict[str, int | None] = field(default_factory=lambda: {"alpaca_eval_gpt4": 200, "sinstruct": None})
+    test_seed: int = 0  # which deterministic sample of a test set
+    judges: list[str] = field(default_factory=lambda: ["reference-nll", "embedding", "rougeL"])
+    n_bootstrap: int = 2000
+    score: dict[str, Any] = field(default_factory=dict)  # ScoreConfig fields
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    generate: dict[str, Any] = field(default_factory=dict)  # GenerateConfig fields
+    source: str = "<defaults>"  # where the configuration came from (for messages and the report)
+
+    def score_config(self) -> ScoreConfig:
+        return _build(ScoreConfig, self.score, f"{self.source}: score")
+
+    def train_config(self):
+        from .train import TrainConfig
+
+        return _build(TrainConfig, self.train, f"{self.source}: train")
+
+    def generate_config(self):
+        from .generate import GenerateConfig
+
+        defaults = {"template": self.train_config().template}
+        return _build(GenerateConfig, defaults | self.generate, f"{self.source}: generate")
+
+
+def _build(cls, values: Mapping[str, Any], where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise StudyError(f"{where}: unknown keys {unknown}; allowed: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def load_study_config(path: str | Path | Mapping) -> StudyConfig:
+    """A ``StudyConfig`` from a YAML file (or a mapping); unknown keys are errors that name the file."""
+    import yaml
+
+    from .pipeline import resolve_path
+
+    if isinstance(path, Mapping):
+        raw, source = dict(path), "<dict>"
+    else:
+        resolved = resolve_path(path)
+        if not resolved.is_file():
+            raise StudyError(f"study configuration not found: {path}")
+        try:
+            raw = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise StudyError(f"{path}: not valid YAML ({exc})") from None
+        source = str(path)
+    if not isinstance(raw, Mapping):
+        raise StudyError(f"{source}: expected a mapping of study settings")
+    config = _build(StudyConfig, {**raw, "source": source}, source)
+    _validate(config)
+    return config
+
+
+def _validate(config: StudyConfig) -> None:
+    from .selection import SELECTION_METHODS
+
+    bad = [m for m in config.methods if m not in SELECTION_METHODS]
+    if bad:
+        raise StudyError(f"{config.source}: methods {bad} unknown; choose from {', '.join(SELECTION_METHODS)}")
+    if "random" in config.methods and not config.random_seeds:
+        raise StudyError(f"{config.source}: method 'random' needs at least one of random_seeds")
+    for ratio in config.ratios:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+            raise StudyError(f"{config.source}: ratios must lie in (0, 1); got {ratio!r}")
+    if not config.test_sets:
+        raise StudyError(f"{config.source}: test_sets is empty")
+    config.score_config(), config.train_config(), config.generate_config()  # unknown keys fail now, not hours later
+
+
+# --- the plan: which subsets, which models ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tuned model of the study: a selection method at a ratio (and seed), or the full pool."""
+
+    name: str
+    method: str  # a selection method, or "full"
+    ratio: float  # 1.0 for the full pool
+    seed: int | None = None  # random selections only
+
+    @property
+    def label(self) -> str:
+        """The method as the tables show it (random seeds folded into one label)."""
+        return self.method
+
+
+def plan_arms(config: StudyConfig) -> list[Arm]:
+    """Every subset model, smallest ratio first, then the full-pool baseline."""
+    from .report import ratio_label
+
+    arms = []
+    for ratio in sorted(config.ratios):
+        for method in config.methods:
+            seeds = config.random_seeds if method == "random" else [None]
+            for seed in seeds:
+                tag = method if seed is None else f"{method}-s{seed}"
+                arms.append(Arm(f"{tag}_{ratio_label(ratio)}", method, float(ratio), seed))
+    arms.append(Arm(BASELINE, BASELINE, 1.0))
+    return arms
+
+
+# --- stages -----------------------------------------------------------------------------------------
+
+@dataclass
+class Study:
+    """A study configuration bound to its run and results directories."""
+
+    config: StudyConfig
+    run_dir: Path
+    results_dir: Path
+    arms: list[Arm] = field(default_factory=list)
+    _pool: InstructionPool | None = None
+
+    @classmethod
+    def from_config(cls, config: StudyConfig, run_dir: str | Path | None = None,
+                    results_dir: str | Path | None = None) -> Study:
+        from .pipeline import resolve_path
+
+        return cls(config=config, run_dir=resolve_path(run_dir or config.run_dir),
+                   results_dir=resolve_path(results_dir or config.results_dir), arms=plan_arms(config))
+
+    # paths
+    @property
+    def scores_dir(self) -> Path:
+        return self.run_dir / "scores"
+
+    @property
+    def scores_path(self) -> Path:
+        return self.scores_dir / "scores.jsonl"
+
+    def model_dir(self, arm: Arm) -> Path:
+        return self.run_dir / "models" / arm.name
+
+    @property
+    def generations_dir(self) -> Path:
+        return self.run_dir / "generations"
+
+    @property
+    def evaluation_dir(self) -> Path:
+        return self.run_dir / "evaluation"
+
+    @property
+    def pool(self) -> InstructionPool:
+        if self._pool is None:
+            from .pipeline import resolve_data_source
+
+            self._pool = load_instructions(resolve_data_source(self.config.data), data_dir=self.config.data_dir,
+                                           limit=self.config.limit)
+        return self._pool
+
+    def scores(self) -> list[dict]:
+        if not self.scores_path.exists():
+            raise StudyError(f"{self.scores_path} does not exist: run the 'score' stage first")
+        scores = read_jsonl(self.scores_path)
+        check_scores_match(self.pool, scores, self.scores_path)
+        return scores
+
+    def _log_time(self, stage: str, seconds: float, **extra) -> None:
+        path = self.run_dir / TIMINGS_FILE
+        done = read_jsonl(path) if path.exists() else []
+        write_jsonl(path, [*done, {"stage": stage, "seconds": round(seconds, 2), "finished": now(), **extra}])
+
+    # 1. score
+    def score(self) -> list[dict]:
+        manifest_path = self.scores_dir / "manifest.json"
+        before = manifest_path.read_text(encoding="utf-8") if manifest_path.exists() else None
+        t0 = time.perf_counter()
+        scores = score_pool(self.pool, self.scores_dir, self.config.score_config())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest_path.read_text(encoding="utf-8") != before:  # scored now, not a finished run read back
+            self._log_time("score", time.perf_counter() - t0, rows=manifest["rows_scored_this_run"],
+                           seconds_scoring=manifest.get("seconds_scoring"))
+        return scores
+
+    # 2. select
+    def selections(self, scores: list[dict] | None = None) -> dict[str, list[int]]:
+        scores = scores if scores is not None else self.scores()
+        plan = {}
+        for arm in self.arms:
+            if arm.method == BASELINE:
+                plan[arm.name] = list(range(len(self.pool)))
+            else:
+                plan[arm.name] = select_indices(scores, arm.ratio, by=arm.method, seed=arm.seed or 0)
+        return plan
+
+    def select(self) -> dict[str, list[int]]:
+        scores = self.scores()
+        plan = self.selections(scores)
+        out = self.run_dir / "subsets"
+        for arm in self.arms:
+            if arm.method != BASELINE:
+                export_subset(self.pool, scores, plan[arm.name], out / f"{arm.name}.json", by=arm.method)
+        write_json(out / "selections.json", {"arms": [asdict(a) for a in self.arms],
+                                             "indices": {k: v for k, v in plan.items() if k != BASELINE}})
+        return plan
+
+    # 3. train
+    def train(self, only: Sequence[str] | None = None) -> dict[str, Any]:
+        from .train import train_model
+
+        config = self.config.train_config()
+        plan = self.selections()
+        results = {}
+        for arm in self._chosen(only):
+            rows = [self.pool.rows[i] for i in plan[arm.name]]
+            t0 = time.perf_counter()
+            # base=None: each model loads a fresh base (seconds), so no run can leak into the next one
+            results[arm.name] = result = train_model(rows, self.model_dir(arm), config, name=arm.name)
+            if not result.skipped:
+                self._log_time("train", time.perf_counter() - t0, model=arm.name, rows=len(rows),
+                               steps=result.steps)
+        return results
+
+    def _chosen(self, only: Sequence[str] | None) -> list[Arm]:
+        if not only:
+            return list(self.arms)
+        names = {a.name for a in self.arms}
+        unknown = sorted(set(only) - names)
+        if unknown:
+            raise StudyError(f"unknown models {unknown}; this study has: {', '.join(a.name for a in self.arms)}")
+        return [a for a in self.arms if a.name in set(only)]
+
+    def _trained(self, arm: Arm) -> bool:
+        manifest = self.model_dir(arm) / "manifest.json"
+        return manifest.exists() and json.loads(manifest.read_text(encoding="utf-8")).get("status") == "complete"
+
+    # 4. generate
+    def test_pools(self) -> dict[str, InstructionPool]:
+        from .evaluate import test_set_label
+        from .pipeline import resolve_data_source
+
+        return {test_set_label(name): load_test_set(resolve_data_source(name), data_dir=self.config.data_dir,
+                                                    sample=sample, seed=self.config.test_seed)
+                for name, sample in self.config.test_sets.items()}
+
+    @property
+    def test_set_labels(self) -> list[str]:
+        from .evaluate import test_set_label
+
+        return [test_set_label(name) for name in self.config.test_sets]
+
+    def generate(self, only: Sequence[str] | None = None) -> dict[str, list[dict]]:
+        from .evaluate import generate_for_model
+        from .train import load_trained
+
+        config = self.config.generate_config()
+        pools = self.test_pools()
+        missing = [a.name for a in self._chosen(only) if not self._trained(a)]
+        if missing:
+            raise StudyError(f"not trained yet: {', '.join(missing)}: run the 'train' stage first")
+        generations = {}
+        for arm in self._chosen(only):
+            t0 = time.perf_counter()
+            before = _file_times(self.generations_dir / arm.name)
+            loaded = load_trained(self.model_dir(arm), device=self.config.train_config().device)
+            generations[arm.name] = generate_for_model(loaded, arm.name, pools, self.generations_dir, config,
+                                                       nll_max_length=self.config.score_config().max_length)
+            if _file_times(self.generations_dir / arm.name) != before:  # something was generated, not just read
+                self._log_time("generate", time.perf_counter() - t0, model=arm.name)
+            del loaded
+        return generations
+
+    # 5. judge
+    def judge(self) -> list[dict]:
+        from .evaluate import compare_generations
+
+        # Through the generate stage, not straight from the files: it checks every file's fingerprint
+        # against its model, so a retrained model can never be judged on its predecessor's answers.
+        generations = self.generate()
+        verdicts = self.evaluation_dir / "judgements.jsonl"
+        before = verdicts.read_bytes() if verdicts.exists() else None
+        t0 = time.perf_counter()
+        result = compare_generations(generations, BASELINE, self.config.judges, self.evaluation_dir,
+                                     datasets=self.test_set_labels, n_resamples=self.config.n_bootstrap)
+        if verdicts.read_bytes() != before:  # the verdicts changed: this was judging, not a re-read
+            self._log_time("judge", time.perf_counter() - t0, records=len(result.records))
+        return result.table
+
+    # 6. report
+    def report(self) -> Path:
+        from .study_report import write_study_report
+
+        return write_study_report(self)
+
+    def run(self, stages: Sequence[str] = STAGES, only: Sequence[str] | None = None) -> None:
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise StudyError(f"unknown stages {unknown}; the stages are {', '.join(STAGES)}")
+        actions: dict[str, Callable[[], Any]] = {
+            "score": self.score, "select": self.select, "train": lambda: self.train(only),
+            "generate": lambda: self.generate(only), "judge": self.judge, "report": self.report}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for stage in STAGES:  # always in the study's order, whatever order they were named in
+            if stage in stages:
+                print(f"[study] {stage}", flush=True)
+                actions[stage]()
+
+
+def _file_times(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in directory.glob("*")} if directory.exists() else {}
+
+
+def run_study(config: str | Path | Mapping | StudyConfig, run_dir: str | Path | None = None,
+              results_dir: str | Path | None = None, stages: Sequence[str] = STAGES,
+              only: Sequence[str] | None = None) -> Study:
+    """Run (or continue) the study's ``stages``; returns the ``Study`` for inspection."""
+    if not isinstance(config, StudyConfig):
+        config = load_study_config(config)
+    study = Study.from_config(config, run_dir, results_dir)
+    study.run(stages, only)
+    return study
+
+
+__all__ = ["Arm", "BASELINE", "STAGES", "Study", "StudyConfig", "StudyError", "load_study_config", "plan_arms",
+           "run_study"]

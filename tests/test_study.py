@@ -1,0 +1,160 @@
+"""The reproduction study (configs/study/smoke.yaml): stages, resumption, the report's numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from miwv_lib.io import read_jsonl
+from miwv_lib.selection import select_indices, subset_size
+from miwv_lib.study import BASELINE, Study, StudyError, load_study_config, plan_arms
+from miwv_lib.study_report import averaged, paired_difference
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs" / "study" / "smoke.yaml"
+SMALL_SCALE = REPO / "configs" / "study" / "small_scale.yaml"
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "miwv_lib", "study", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def study_dirs(tmp_path_factory):
+    """The smoke study run in two sittings: first a part of the work, then the rest."""
+    root = tmp_path_factory.mktemp("study")
+    run_dir, results = root / "run", root / "results"
+    common = ("--config", str(SMOKE), "--run-dir", str(run_dir), "--results-dir", str(results))
+    first = run_cli(*common, "--stages", "score", "select", "train", "report", "--models", "full", "miwv_10pct")
+    assert first.returncode == 0, first.stderr[-3000:]
+    partial_report = (results / "REPORT.md").read_text(encoding="utf-8")
+    manifests = {p.parent.name: p.stat().st_mtime_ns for p in (run_dir / "models").glob("*/manifest.json")}
+    second = run_cli(*common)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return {"run": run_dir, "results": results, "partial_report": partial_report, "first_manifests": manifests,
+            "common": common}
+
+
+def test_plan_has_every_method_ratio_and_seed_and_the_full_baseline():
+    config = load_study_config(SMOKE)
+    names = [a.name for a in plan_arms(config)]
+    assert names[-1] == BASELINE
+    assert len(names) == len(set(names)) == 1 + len(config.ratios) * (len(config.methods) - 1 + len(config.random_seeds))
+    assert {"miwv_10pct", "random-s1_25pct", "low-miwv_25pct"} <= set(names)
+
+
+def test_the_paper_scale_config_loads_and_plans_the_issue_s_arms():
+    config = load_study_config(SMALL_SCALE)
+    names = {a.name for a in plan_arms(config)}
+    for ratio in ("5pct", "10pct"):
+        assert {f"miwv_{ratio}", f"ifd_{ratio}", f"low-miwv_{ratio}", *(f"random-s{s}_{ratio}" for s in (0, 1, 2))} <= names
+    assert config.test_sets["alpaca_eval_gpt4"] >= 200 and "sinstruct" in config.test_sets
+
+
+def test_a_partial_study_reports_what_is_missing(study_dirs):
+    text = study_dirs["partial_report"]
+    assert "Status: incomplete" in text and "train (9 of 11 models)" in text
+    assert set(study_dirs["first_manifests"]) == {"full", "miwv_10pct"}
+
+
+def test_resumed_study_skips_finished_work(study_dirs):
+    run_dir = study_dirs["run"]
+    for name, mtime in study_dirs["first_manifests"].items():  # trained in the first sitting, not again
+        assert (run_dir / "models" / name / "manifest.json").stat().st_mtime_ns == mtime
+    timings = read_jsonl(run_dir / "timings.jsonl")
+    assert [t["stage"] for t in timings].count("score") == 1
+    assert sorted(t["model"] for t in timings if t["stage"] == "train") == sorted(a.name for a in plan_arms(
+        load_study_config(SMOKE)))
+    before = (run_dir / "timings.jsonl").read_text()
+    again = run_cli(*study_dirs["common"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run_dir / "timings.jsonl").read_text() == before  # nothing was recomputed
+
+
+def test_subsets_are_the_selection_rule(study_dirs):
+    config = load_study_config(SMOKE)
+    study = Study.from_config(config, study_dirs["run"], study_dirs["results"])
+    scores = study.scores()
+    for arm in study.arms:
+        if arm.method == BASELINE:
+            continue
+        exported = json.loads((study_dirs["run"] / "subsets" / f"{arm.name}.json").read_text())
+        assert len(exported) == subset_size(len(scores), arm.ratio)
+        assert [r["miwv_selection"]["index"] for r in exported] == select_indices(scores, arm.ratio, arm.method,
+                                                                                   arm.seed or 0)
+    top = json.loads((study_dirs["run"] / "subsets" / "miwv_10pct.json").read_text())
+    cutoff = min(r["miwv_selection"]["miwv"] for r in top)
+    assert sum(s["miwv"] > cutoff for s in scores) <= len(top)
+
+
+def test_report_numbers_come_from_the_judgements(study_dirs):
+    text = (study_dirs["results"] / "REPORT.md").read_text(encoding="utf-8")
+    assert "Status: complete" in text
+    records = read_jsonl(study_dirs["run"] / "evaluation" / "judgements.jsonl")
+    judges = list(dict.fromkeys(r["judge"] for r in records))
+    assert len(judges) == 3
+    for judge in judges:
+        mine = [r for r in records if r["judge"] == judge and r["model_a"] == "ifd_25pct"]
+        wins, losses = (sum(r["outcome"] == o for r in mine) for o in ("win", "loss"))
+        ties = len(mine) - wins - losses
+        section = text.split(f"**Judge `{judge}`**")[1].split("**Judge")[0]
+        row = next(line for line in section.splitlines() if line.startswith("| ifd_25pct |"))
+        assert f"| {wins} / {ties} / {losses} |" in row
+        assert f"**{1 + (wins - losses) / len(mine):.3f}**" in row
+    for png in ("winning_scores.png", "win_tie_lose.png", "miwv_vs_ifd.png", "training_loss.png"):
+        data = (study_dirs["results"] / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"]({png})" in text
+    assert f"python -m miwv_lib study --config {SMOKE}" in text
+    results = json.loads((study_dirs["results"] / "results.json").read_text())
+    assert results["status_missing"] == [] and len(results["comparisons"]) == 3 * 2 * 4
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMOKE.read_text() + "\nepochs: 3\n")
+    result = run_cli("--config", str(bad), "--run-dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and "bad.yaml" in result.stderr and "epochs" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("--config", str(SMOKE), "--run-dir", str(tmp_path / "fresh"), "--stages", "train")
+    assert result.returncode == 2 and "run the 'score' stage first" in result.stderr
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(SMOKE.read_text().replace("train: {", "train: {epoch: 3, "))
+    result = run_cli("--config", str(nested), "--run-dir", str(tmp_path / "r2"))
+    assert result.returncode == 2 and "train" in result.stderr and "epoch" in result.stderr
+
+
+def test_unknown_model_names_are_refused(study_dirs):
+    result = run_cli(*study_dirs["common"], "--stages", "train", "--models", "miwv_7pct")
+    assert result.returncode == 2 and "miwv_7pct" in result.stderr and "miwv_10pct" in result.stderr
+
+
+def test_paired_difference_is_a_paired_bootstrap():
+    a = {("s", str(i)): v for i, v in enumerate([1, 1, 0, 1, -1, 1, 0, 1])}
+    b = {("s", str(i)): v for i, v in enumerate([0, 1, 0, -1, -1, 0, 0, 0])}
+    d = paired_difference(a, b, n_resamples=4000)
+    assert d["n"] == 8 and d["difference"] == pytest.approx(4 / 8 - (-1 / 8))
+    assert d["ci_low"] <= d["difference"] <= d["ci_high"]
+    same = paired_difference(a, a)
+    assert same["difference"] == same["ci_low"] == same["ci_high"] == 0  # pairing removes all variance
+    assert math.isnan(paired_difference(a, {("t", "0"): 1})["difference"])  # no common prompt: no number
+
+
+def test_random_seeds_are_averaged_per_prompt():
+    seeds = [{("s", "0"): 1, ("s", "1"): -1}, {("s", "0"): 0, ("s", "1"): -1}, {("s", "0"): 1}]
+    assert averaged(seeds) == {("s", "0"): pytest.approx(2 / 3)}
+
+
+def test_small_scale_config_refuses_a_typo_early(tmp_path):
+    text = SMALL_SCALE.read_text().replace("methods:", "methodz:")
+    (tmp_path / "typo.yaml").write_text(text)
+    with pytest.raises(StudyError, match="methodz"):
+        load_study_config(tmp_path / "typo.yaml")
+    assert re.search(r"^results_dir: results/small_scale", SMALL_SCALE.read_text(), re.M)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import TEST_SETS, InstructionPool, load_instructions, load_test_set
-from .generate import GenerateConfig, generate_test_set, question_text
+from .generate import GenerateConfig, cached_test_set, generate_test_set, generation_key, question_text
 from .io import atomic_open, read_jsonl, stable_hash, write_json, write_jsonl
 from .judges import (
     LOSS, OFFLINE_JUDGES, TIE, WIN, Judge, JudgementCache, Review, ReviewRequest, Side, make_judge, reference_nll,
@@ -267,12 +267,10 @@ def load_test_pools(test_sets: Sequence[str], sample: int | None = None, seed: i
 def _with_reference_nll(loaded: LoadedModel, records: list[dict], path: Path, template: str,
                         max_length: int) -> list[dict]:
     """Add each row's reference NLL under ``loaded`` (cached next to the generations)."""
-    key = stable_hash({"model": loaded.identity, "ids": [r["id"] for r in records],
-                       "refs": [r.get("reference") for r in records], "template": template, "max_length": max_length})
-    if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("key") == key:
-            return [{**r, "reference_nll": v} for r, v in zip(records, saved["reference_nll"])]
+    key = _reference_nll_key(loaded.identity, records, template, max_length)
+    cached = _cached_reference_nll(path, key, records)
+    if cached is not None:
+        return cached
     with_ref = [i for i, r in enumerate(records) if r.get("reference")]
     values: list[float | None] = [None] * len(records)
     if with_ref:
@@ -282,6 +280,36 @@ def _with_reference_nll(loaded: LoadedModel, records: list[dict], path: Path, te
             values[i] = v
     write_json(path, {"key": key, "reference_nll": values})
     return [{**r, "reference_nll": v} for r, v in zip(records, values)]
+
+
+def _reference_nll_key(model_identity: str, records: list[dict], template: str, max_length: int) -> str:
+    return stable_hash({"model": model_identity, "ids": [r["id"] for r in records],
+                        "refs": [r.get("reference") for r in records], "template": template, "max_length": max_length})
+
+
+def _cached_reference_nll(path: Path, key: str, records: list[dict]) -> list[dict] | None:
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return [{**r, "reference_nll": v} for r, v in zip(records, saved["reference_nll"])]
+    return None
+
+
+def cached_generations_for_model(model_identity: str, dtype: str, name: str, pools: dict[str, InstructionPool],
+                                 out_dir: Path, config: GenerateConfig, nll_max_length: int = 1024) -> list[dict] | None:
+    """What ``generate_for_model`` would return, read from its caches without loading the model; None if
+    any test set's generations or reference NLLs are missing or were made by another model or setting."""
+    records = []
+    for dataset, pool in pools.items():
+        rows = cached_test_set(out_dir / name, dataset, generation_key(model_identity, dtype, pool, config, name))
+        if rows is None:
+            return None
+        with_nll = _cached_reference_nll(out_dir / name / f"{dataset}.reference_nll.json",
+                                         _reference_nll_key(model_identity, rows, config.template, nll_max_length), rows)
+        if with_nll is None:
+            return None
+        records += with_nll
+    return records
 
 
 def generate_for_model(loaded: LoadedModel, name: str, pools: dict[str, InstructionPool], out_dir: Path,

@@ -17,6 +17,8 @@ to be committed (``results/small_scale``)::
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -32,6 +34,7 @@ from .selection import check_scores_match, export_subset, select_indices
 STAGES = ("score", "select", "train", "generate", "judge", "report")
 BASELINE = "full"
 TIMINGS_FILE = "timings.jsonl"
+RECORD_DIR = "record"  # under results_dir: the committed record of every finished stage (see StudyRecord)
 
 
 class StudyError(ValueError):
@@ -196,6 +199,10 @@ class Study:
         return self.run_dir / "evaluation"
 
     @property
+    def record(self) -> StudyRecord:
+        return StudyRecord(self.results_dir / RECORD_DIR, self.run_dir)
+
+    @property
     def pool(self) -> InstructionPool:
         if self._pool is None:
             from .pipeline import resolve_data_source
@@ -265,6 +272,7 @@ class Study:
             if not result.skipped:
                 self._log_time("train", time.perf_counter() - t0, model=arm.name, rows=len(rows),
                                steps=result.steps)
+                self.record.keep()
         return results
 
     def _chosen(self, only: Sequence[str] | None) -> list[Arm]:
@@ -296,23 +304,36 @@ class Study:
         return [test_set_label(name) for name in self.config.test_sets]
 
     def generate(self, only: Sequence[str] | None = None) -> dict[str, list[dict]]:
-        from .evaluate import generate_for_model
-        from .train import load_trained
+        from .evaluate import cached_generations_for_model, generate_for_model
+        from .train import has_weights, load_trained, trained_model_signature
 
         config = self.config.generate_config()
         pools = self.test_pools()
         missing = [a.name for a in self._chosen(only) if not self._trained(a)]
         if missing:
             raise StudyError(f"not trained yet: {', '.join(missing)}: run the 'train' stage first")
+        nll_max_length = self.config.score_config().max_length
         generations = {}
         for arm in self._chosen(only):
+            model_dir = self.model_dir(arm)
+            self.record.restore_generations(arm.name, pools)
+            identity, dtype = trained_model_signature(model_dir)
+            cached = cached_generations_for_model(identity, dtype, arm.name, pools, self.generations_dir, config,
+                                                  nll_max_length)
+            if cached is not None:  # nothing to generate: the model need not even be loaded
+                generations[arm.name] = cached
+                continue
+            if not has_weights(model_dir):
+                raise StudyError(
+                    f"{arm.name}: its generations are missing or out of date, and its weights are not in "
+                    f"{model_dir} (a checkout keeps only each model's record): retrain it with "
+                    f"'rm -r {model_dir}' and '--stages train generate --models {arm.name}'")
             t0 = time.perf_counter()
-            before = _file_times(self.generations_dir / arm.name)
-            loaded = load_trained(self.model_dir(arm), device=self.config.train_config().device)
+            loaded = load_trained(model_dir, device=self.config.train_config().device)
             generations[arm.name] = generate_for_model(loaded, arm.name, pools, self.generations_dir, config,
-                                                       nll_max_length=self.config.score_config().max_length)
-            if _file_times(self.generations_dir / arm.name) != before:  # something was generated, not just read
-                self._log_time("generate", time.perf_counter() - t0, model=arm.name)
+                                                       nll_max_length=nll_max_length)
+            self._log_time("generate", time.perf_counter() - t0, model=arm.name)
+            self.record.keep_generations(arm.name)
             del loaded
         return generations
 
@@ -346,14 +367,127 @@ class Study:
             "score": self.score, "select": self.select, "train": lambda: self.train(only),
             "generate": lambda: self.generate(only), "judge": self.judge, "report": self.report}
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for stage in STAGES:  # always in the study's order, whatever order they were named in
-            if stage in stages:
-                print(f"[study] {stage}", flush=True)
-                actions[stage]()
+        self.record.restore(self.arms, self.test_set_labels)
+        try:
+            for stage in STAGES:  # always in the study's order, whatever order they were named in
+                if stage in stages:
+                    print(f"[study] {stage}", flush=True)
+                    actions[stage]()
+                    self.record.keep()
+        finally:  # a stopped run (Ctrl-C, an error) still records what it finished: scores resume by chunk
+            self.record.keep()
 
 
-def _file_times(directory: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in directory.glob("*")} if directory.exists() else {}
+# --- the committed record: what a fresh checkout needs to continue the study ---------------------------
+
+@dataclass
+class StudyRecord:
+    """The small files of a study's run directory, kept beside its report so that they can be committed.
+
+    A study on a CPU outlasts a sitting, and its run directory (adapters, checkpoints, subsets) is
+    neither small nor committed. The record holds what the later stages need and nothing from the
+    datasets: scores (ids and numbers, also a run's finished chunks so far), each model's manifest,
+    configuration and loss curve, and each model's answers as ``{"id", "output"}`` plus their reference
+    NLLs. A fresh checkout restores these into its run directory; every stage then finds its inputs, and
+    the fingerprints decide as always what is reused. Weights are not kept: a model is restored only
+    together with all its generations, so nothing later needs it.
+    """
+
+    root: Path  # results_dir/record
+    run_dir: Path
+
+    FILES = ("scores/manifest.json", "scores/scores.jsonl", "scores/scores.partial*.jsonl", "scores/neighbors.json",
+             "subsets/selections.json", TIMINGS_FILE)
+    MODEL_FILES = ("manifest.json", "train_config.json", "loss.csv")
+    GENERATION_FILES = ("*.meta.json", "*.reference_nll.json")
+
+    def keep(self) -> None:
+        """Copy the run directory's small files into the record (finished models only)."""
+        for pattern in self.FILES:
+            for path in self.run_dir.glob(pattern):
+                _copy_atomically(path, self.root / path.relative_to(self.run_dir))
+        if (self.run_dir / "scores" / "scores.jsonl").exists():  # finished: its chunks are in scores.jsonl now
+            for stale in self.root.glob("scores/scores.partial*.jsonl"):
+                stale.unlink()
+        for manifest in self.run_dir.glob("models/*/manifest.json"):
+            if json.loads(manifest.read_text(encoding="utf-8")).get("status") == "complete":
+                for name in self.MODEL_FILES:
+                    if (manifest.parent / name).exists():
+                        _copy_atomically(manifest.parent / name, self.root / "models" / manifest.parent.name / name)
+        for model in self.run_dir.glob("generations/*"):
+            self.keep_generations(model.name)
+
+    def keep_generations(self, model: str) -> None:
+        source = self.run_dir / "generations" / model
+        for meta in source.glob("*.meta.json"):
+            dataset = meta.name.removesuffix(".meta.json")
+            if not (source / f"{dataset}.jsonl").exists():
+                continue
+            for pattern in self.GENERATION_FILES:
+                for path in source.glob(pattern.replace("*", dataset, 1)):
+                    _copy_atomically(path, self.root / "generations" / model / path.name)
+            answers = [{"id": r["id"], "output": r["output"]} for r in read_jsonl(source / f"{dataset}.jsonl")]
+            target = self.root / "generations" / model / f"{dataset}.outputs.jsonl"
+            if not target.exists() or read_jsonl(target) != answers:
+                write_jsonl(target, answers)
+
+    def restore(self, arms: Sequence[Arm], datasets: Sequence[str]) -> list[str]:
+        """Copy recorded files that the run directory lacks into it; returns what was restored.
+
+        Files already in the run directory win: they are the newer work. A model's record is restored
+        only if the answers of that model on every test set are recorded too.
+        """
+        if not self.root.is_dir():
+            return []
+        restored = []
+        for pattern in self.FILES:
+            for path in self.root.glob(pattern):
+                if _copy_if_missing(path, self.run_dir / path.relative_to(self.root)):
+                    restored.append(str(path.relative_to(self.root)))
+        for arm in arms:
+            recorded = self.root / "generations" / arm.name
+            if not all((recorded / f"{d}{suffix}").exists() for d in datasets
+                       for suffix in (".outputs.jsonl", ".meta.json", ".reference_nll.json")):
+                continue
+            for name in self.MODEL_FILES:
+                if _copy_if_missing(self.root / "models" / arm.name / name, self.run_dir / "models" / arm.name / name):
+                    restored.append(f"models/{arm.name}/{name}")
+        if restored:
+            print(f"[study] restored {len(restored)} files from {self.root}", flush=True)
+        return restored
+
+    def restore_generations(self, model: str, pools: Mapping[str, InstructionPool]) -> None:
+        """Rebuild a model's generation files from its recorded answers and the test sets themselves."""
+        from .generate import generation_records, write_generations
+
+        recorded, target = self.root / "generations" / model, self.run_dir / "generations" / model
+        for dataset, pool in pools.items():
+            answers_path = recorded / f"{dataset}.outputs.jsonl"
+            if (target / f"{dataset}.jsonl").exists() or not answers_path.exists():
+                continue
+            answers = read_jsonl(answers_path)
+            if [a["id"] for a in answers] != [row["id"] for row in pool.rows]:
+                continue  # another sample of the test set: these answers do not apply, generate anew
+            write_generations(target, generation_records(pool, [a["output"] for a in answers], model, dataset),
+                              stem=dataset)
+            for suffix in (".meta.json", ".reference_nll.json"):
+                _copy_if_missing(recorded / f"{dataset}{suffix}", target / f"{dataset}{suffix}")
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    if target.exists() and target.read_bytes() == source.read_bytes():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, scratch)
+    os.replace(scratch, target)
+
+
+def _copy_if_missing(source: Path, target: Path) -> bool:
+    if target.exists() or not source.exists():
+        return False
+    _copy_atomically(source, target)
+    return True
 
 
 def run_study(config: str | Path | Mapping | StudyConfig, run_dir: str | Path | None = None,
@@ -367,5 +501,5 @@ def run_study(config: str | Path | Mapping | StudyConfig, run_dir: str | Path | 
     return study
 
 
-__all__ = ["Arm", "BASELINE", "STAGES", "Study", "StudyConfig", "StudyError", "load_study_config", "plan_arms",
+__all__ = ["Arm", "BASELINE", "STAGES", "Study", "StudyConfig", "StudyError", "StudyRecord", "load_study_config", "plan_arms",
            "run_study"]

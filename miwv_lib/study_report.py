@@ -120,8 +120,8 @@ def _setting(study: Study) -> str:
         f"{f' (random: seeds {c.random_seeds})' if 'random' in c.methods else ''}, full pool |",
         f"| fine-tuning | full fine-tuning, 3 epochs | {'LoRA' if train.method == 'lora' else 'full fine-tuning'} (r={train.lora_r}, alpha={train.lora_alpha}, "
         f"all linear layers), {epochs}, lr {train.resolved_learning_rate():g}, effective batch "
-        f"{train.batch_size * train.gradient_accumulation_steps}, max length {train.max_length}; "
-        "identical for every model |",
+        f"{train.batch_size * train.gradient_accumulation_steps}, max length {train.max_length}, "
+        f"{train.sampling.replace('_', ' ')} batches; identical for every model |",
         f"| test sets | Vicuna, Koala, WizardLM, Self-Instruct, LIMA | {tests} |",
         f"| generation | – | greedy, at most {gen.max_new_tokens} new tokens |",
         f"| judge | GPT-4, both answer orders | offline reference judges, both answer orders: "
@@ -508,7 +508,9 @@ def write_study_report(study: Study) -> Path:
               "", "## Reproduce", "", "```bash", command, "```", "",
               "Each stage skips what is already done, so the same command continues an interrupted study; "
               f"`--stages` runs a subset of {', '.join(f'`{s}`' for s in ('score', 'select', 'train', 'generate', 'judge', 'report'))}. "
-              f"Intermediate files live in `{c.run_dir}` (not committed)."]
+              f"Intermediate files live in `{c.run_dir}` (not committed); `record/` beside this report keeps the "
+              "small ones (scores, each model's manifest and loss curve, its answers as ids and text, no weights, no "
+              "dataset text), so a fresh clone continues the study where the last commit left it."]
     timings = _timings(study)
     if timings:
         per_stage: dict[str, float] = {}

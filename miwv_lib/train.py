@@ -509,6 +509,24 @@ def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config:
                        tokens_per_second=manifest["tokens_per_second"], resumed_from_step=curve.resumed_from_step)
 
 
+def trained_model_signature(model_dir: str | Path) -> tuple[str, str]:
+    """``(identity, dtype)`` that ``load_trained(model_dir)`` reports, read from the run's records alone.
+
+    Enough to look up cached generations of a model whose weights are not on this machine (a study
+    continued in a fresh checkout keeps only each model's records, not its adapter).
+    """
+    model_dir = Path(model_dir)
+    saved = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    fingerprint = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["fingerprint"]
+    kind = "lora" if saved["method"] == "lora" else "full"
+    return f"{saved['base_model_identity']}+{kind}:{fingerprint}", f"torch.{saved['weights_dtype']}"
+
+
+def has_weights(model_dir: str | Path) -> bool:
+    """Whether the adapter (or the fully fine-tuned model) of a finished run is on disk."""
+    return (Path(model_dir) / ADAPTER_DIR).is_dir() or (Path(model_dir) / FULL_MODEL_DIR).is_dir()
+
+
 def load_trained(model_dir: str | Path, *, base: LoadedModel | None = None, dtype: str | None = None,
                  device: str = "auto") -> LoadedModel:
     """A fine-tuned model from a ``train_model`` directory, in eval mode, ready for scoring and generation.

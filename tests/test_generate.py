@@ -8,7 +8,7 @@ import pytest
 
 from conftest import make_rows
 from miwv_lib.generate import (
-    GenerateConfig, _until_stop, generate, generate_ids, generate_test_set, generation_records, prompt_token_ids,
+    GenerateConfig, _left_padded, _until_stop, generate, generate_ids, generate_test_set, generation_records, prompt_token_ids,
     write_generations,
 )
 from miwv_lib.prompts import SpecialTokens, encode_examples
@@ -47,6 +47,34 @@ def test_left_padded_batches_match_one_by_one(talkative):
     assert all(0 < len(ids) <= 6 for ids in batched)
     assert generate(talkative, rows, settings) == [talkative.tokenizer.decode(ids, skip_special_tokens=True).strip()
                                                    for ids in batched]
+
+
+def test_prompt_pass_never_copies_the_head_weight_per_row(talkative):
+    # Without contiguous_head_input, the prompt pass's strided last-position slice sends a frozen LM head
+    # (every LoRA model's) through a batched product with its weight broadcast to batch x hidden x vocab.
+    import copy
+
+    from torch.profiler import profile
+
+    frozen = copy.copy(talkative)
+    frozen.model = copy.deepcopy(talkative.model).requires_grad_(False)
+    prompts = prompt_token_ids(make_rows(3, seed=2), talkative.tokenizer)
+    head = frozen.model.get_output_embeddings()
+    vocab, hidden = head.weight.shape
+    broadcast_weight = [len(prompts), hidden, vocab]
+    settings = GenerateConfig(max_new_tokens=2, batch_size=3, progress=False)
+
+    def shapes_seen(run) -> list:
+        with profile(record_shapes=True) as trace:
+            run()
+        return [shape for event in trace.events() for shape in event.input_shapes]
+
+    unguarded = dict(input_ids=_left_padded(prompts, 0)[0], attention_mask=_left_padded(prompts, 0)[1],
+                     max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert broadcast_weight in shapes_seen(lambda: frozen.model.generate(**unguarded))  # the trap is real
+    assert broadcast_weight not in shapes_seen(lambda: generate_ids(frozen, prompts, settings))
+    assert generate_ids(frozen, prompts, settings) == generate_ids(talkative, prompts, settings)
+    assert not head._forward_pre_hooks  # the hook is gone afterwards
 
 
 def test_generation_stops_at_eos(tiny):

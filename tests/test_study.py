@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from miwv_lib.io import read_jsonl
 from miwv_lib.selection import select_indices, subset_size
-from miwv_lib.study import BASELINE, Study, StudyError, load_study_config, plan_arms
+from miwv_lib.study import BASELINE, Study, StudyError, StudyRecord, load_study_config, plan_arms
 from miwv_lib.study_report import averaged, paired_difference
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +124,8 @@ def test_cli_errors_name_the_problem(tmp_path):
     result = run_cli("--config", str(bad), "--run-dir", str(tmp_path / "r"))
     assert result.returncode == 2 and "bad.yaml" in result.stderr and "epochs" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_cli("--config", str(SMOKE), "--run-dir", str(tmp_path / "fresh"), "--stages", "train")
+    result = run_cli("--config", str(SMOKE), "--run-dir", str(tmp_path / "fresh"), "--results-dir",
+                     str(tmp_path / "fresh_results"), "--stages", "train")
     assert result.returncode == 2 and "run the 'score' stage first" in result.stderr
     nested = tmp_path / "nested.yaml"
     nested.write_text(SMOKE.read_text().replace("train: {", "train: {epoch: 3, "))
@@ -158,3 +160,71 @@ def test_small_scale_config_refuses_a_typo_early(tmp_path):
     with pytest.raises(StudyError, match="methodz"):
         load_study_config(tmp_path / "typo.yaml")
     assert re.search(r"^results_dir: results/small_scale", SMALL_SCALE.read_text(), re.M)
+
+
+def _work_timings(run_dir: Path) -> list[dict]:
+    """The expensive stages' timings (judging is cheap and redone in a fresh run directory)."""
+    return [t for t in read_jsonl(run_dir / "timings.jsonl") if t["stage"] in ("score", "train", "generate")]
+
+
+def test_a_fresh_checkout_continues_from_the_committed_record(study_dirs, tmp_path):
+    """Only results_dir is committed; a clean clone has no run directory. The record beside the report
+    must let the study finish there without scoring, training or generating anything again."""
+    results = tmp_path / "results"
+    shutil.copytree(study_dirs["results"], results)
+    record = results / "record"
+    answers = sorted(record.rglob("*.outputs.jsonl"))
+    assert len(answers) == len(plan_arms(load_study_config(SMOKE)))  # one test set, every model
+    for path in answers:  # our models' answers, never the test sets' prompts or references
+        assert all(set(row) == {"id", "output"} for row in read_jsonl(path))
+    assert not list(record.rglob("adapter*")) and not list(record.glob("subsets/*pct.json"))
+
+    fresh = tmp_path / "run"
+    result = run_cli("--config", str(SMOKE), "--run-dir", str(fresh), "--results-dir", str(results))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "restored" in result.stdout
+    assert not list((fresh / "models").glob("*/adapter"))  # no model was trained again
+    assert _work_timings(fresh) == _work_timings(study_dirs["run"])  # nor scored or generated again
+    assert read_jsonl(fresh / "scores" / "scores.jsonl") == read_jsonl(study_dirs["run"] / "scores" / "scores.jsonl")
+    original = read_jsonl(study_dirs["run"] / "evaluation" / "judgements.jsonl")
+    assert read_jsonl(fresh / "evaluation" / "judgements.jsonl") == original
+    assert "Status: complete" in (results / "REPORT.md").read_text(encoding="utf-8")
+
+
+def test_a_model_whose_answers_are_not_all_recorded_is_trained_again(study_dirs, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(study_dirs["results"], results)
+    next(iter((results / "record" / "generations" / "miwv_10pct").glob("*.outputs.jsonl"))).unlink()
+    fresh = tmp_path / "run"
+    result = run_cli("--config", str(SMOKE), "--run-dir", str(fresh), "--results-dir", str(results),
+                     "--stages", "score", "select", "train", "--models", "miwv_10pct")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (fresh / "models" / "miwv_10pct" / "adapter").is_dir()  # trained here: its weights are needed
+    assert (fresh / "models" / "full" / "manifest.json").exists()  # restored: all its answers are recorded
+    assert not (fresh / "models" / "full" / "adapter").exists()
+    manifest = json.loads((fresh / "models" / "miwv_10pct" / "manifest.json").read_text())
+    before = json.loads((study_dirs["run"] / "models" / "miwv_10pct" / "manifest.json").read_text())
+    assert manifest["fingerprint"] == before["fingerprint"] and manifest["train_loss"] == pytest.approx(
+        before["train_loss"], rel=1e-5)
+
+
+def test_the_record_keeps_finished_chunks_until_the_scores_are_complete(tmp_path):
+    run = tmp_path / "run"
+    record = StudyRecord(tmp_path / "results" / "record", run)
+    (run / "scores").mkdir(parents=True)
+    (run / "scores" / "manifest.json").write_text('{"status": "running"}\n')
+    (run / "scores" / "scores.partial.jsonl").write_text('{"index": 0}\n')
+    record.keep()
+    assert (record.root / "scores" / "scores.partial.jsonl").read_text() == '{"index": 0}\n'
+
+    elsewhere = StudyRecord(record.root, tmp_path / "fresh")  # a clean clone resumes from the same chunks
+    assert sorted(elsewhere.restore([], [])) == ["scores/manifest.json", "scores/scores.partial.jsonl"]
+    assert (tmp_path / "fresh" / "scores" / "scores.partial.jsonl").read_text() == '{"index": 0}\n'
+    (tmp_path / "fresh" / "scores" / "manifest.json").write_text('{"status": "newer"}\n')
+    assert elsewhere.restore([], []) == []  # what the run directory has wins
+    assert (tmp_path / "fresh" / "scores" / "manifest.json").read_text() == '{"status": "newer"}\n'
+
+    (run / "scores" / "scores.partial.jsonl").unlink()  # score_pool merged the chunks into scores.jsonl
+    (run / "scores" / "scores.jsonl").write_text('{"index": 0}\n')
+    record.keep()
+    assert not list(record.root.glob("scores/scores.partial*")) and (record.root / "scores" / "scores.jsonl").exists()

@@ -277,6 +277,38 @@ class _KilledAtStep3(LossCurveCallback):
             raise KeyboardInterrupt
 
 
+def test_length_grouped_sampling_pads_less_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    """``sampling="group_by_length"`` (the study's setting) reaches the Trainer, and a killed run still
+    resumes to the same adapter: the sampler's order must be the same in both sessions."""
+    rows = make_rows(64, seed=3)  # HF groups within "megabatches" of up to 50 batches: here 8 batches of 2
+    for i, row in enumerate(rows):  # short and long responses, interleaved
+        row["output"] = " ".join(["sea"] * (3 if i % 2 else 60))
+    padding = {}
+    for sampling in ("random", "group_by_length"):
+        masks: list[torch.Tensor] = []
+
+        def recording(tokenizer, masks=masks):
+            collate = _right_padding_collator(tokenizer)
+            return lambda features: masks.append((batch := collate(features))["attention_mask"]) or batch
+
+        monkeypatch.setattr(train_module, "_right_padding_collator", recording)
+        train_model(rows, tmp_path / sampling, _config(tiny_model_dir, max_steps=-1, epochs=1.0, batch_size=2,
+                                                       sampling=sampling))
+        padding[sampling] = sum(int((m == 0).sum()) for m in masks)
+    monkeypatch.undo()
+    assert padding["group_by_length"] < padding["random"] / 2
+
+    config = _config(tiny_model_dir, max_steps=6, batch_size=2, save_steps=2, sampling="group_by_length")
+    whole = train_model(rows, tmp_path / "whole", config)
+    _kill_at_step_3(rows, tmp_path / "killed", config, monkeypatch)
+    resumed = train_model(rows, tmp_path / "killed", config)
+    assert resumed.resumed_from_step == 2 and resumed.train_loss == pytest.approx(whole.train_loss, rel=1e-5)
+    expected, got = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (tmp_path / "whole",
+                                                                                      tmp_path / "killed"))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 class _KilledAtTrainEnd(LossCurveCallback):
     def on_train_end(self, args, state, control, **kwargs):
         raise KeyboardInterrupt

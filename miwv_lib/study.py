@@ -368,6 +368,11 @@ class Study:
             "generate": lambda: self.generate(only), "judge": self.judge, "report": self.report}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.record.restore(self.arms, self.test_set_labels)
+        answered = [a.name for a in self.arms if (self.record.root / "generations" / a.name).is_dir()]
+        if answered:  # rebuilt now, not only in 'generate': the report counts them whatever stages run
+            pools = self.test_pools()
+            for name in answered:
+                self.record.restore_generations(name, pools)
         try:
             for stage in STAGES:  # always in the study's order, whatever order they were named in
                 if stage in stages:

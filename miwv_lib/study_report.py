@@ -152,7 +152,8 @@ def _scoring_section(study: Study, figures: dict[str, str]) -> tuple[str, list[d
         lines.append(f"- Time: {seconds / 3600:.2f} h of scoring for {rows_timed:,} rows, "
                      f"**{seconds / rows_timed:.2f} s/sample** ({rows_timed / seconds:.2f} samples/s) on "
                      f"{env.get('device') or env.get('platform') or 'this machine'}"
-                     f"{', over several resumed runs' if len(timings) > 1 else ''}.")
+                     f"{', over several resumed runs' if len(timings) > 1 else ''} (wall time: it counts "
+                     "whatever else the machine was doing, so it bounds the cost from above).")
     lines += [
         f"- MIWV: median {stats['median']:.3f}, range {stats['min']:.3f} to {stats['max']:.3f}; "
         f"{positive:,} rows ({positive / len(scores):.1%}) have MIWV > 0 (the neighbour's example made the loss worse).",

@@ -179,6 +179,11 @@ def test_a_fresh_checkout_continues_from_the_committed_record(study_dirs, tmp_pa
         assert all(set(row) == {"id", "output"} for row in read_jsonl(path))
     assert not list(record.rglob("adapter*")) and not list(record.glob("subsets/*pct.json"))
 
+    report_only = run_cli("--config", str(SMOKE), "--run-dir", str(tmp_path / "report_only"), "--results-dir",
+                          str(results), "--stages", "report")  # the restored answers count without 'generate'
+    assert report_only.returncode == 0, report_only.stderr[-3000:]
+    assert "still to run: judge." in (results / "REPORT.md").read_text(encoding="utf-8")
+
     fresh = tmp_path / "run"
     result = run_cli("--config", str(SMOKE), "--run-dir", str(fresh), "--results-dir", str(results))
     assert result.returncode == 0, result.stderr[-3000:]

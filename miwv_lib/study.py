@@ -17,8 +17,6 @@ to be committed (``results/small_scale``)::
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -26,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import InstructionPool, load_instructions, load_test_set
-from .io import read_jsonl, write_json, write_jsonl
+from .io import atomic_open, read_jsonl, write_json, write_jsonl
 from .runs import now
 from .scoring import ScoreConfig, score_pool
 from .selection import check_scores_match, export_subset, select_indices
@@ -316,7 +314,6 @@ class Study:
         generations = {}
         for arm in self._chosen(only):
             model_dir = self.model_dir(arm)
-            self.record.restore_generations(arm.name, pools)
             identity, dtype = trained_model_signature(model_dir)
             cached = cached_generations_for_model(identity, dtype, arm.name, pools, self.generations_dir, config,
                                                   nll_max_length)
@@ -404,7 +401,7 @@ class StudyRecord:
     FILES = ("scores/manifest.json", "scores/scores.jsonl", "scores/scores.partial*.jsonl", "scores/neighbors.json",
              "subsets/selections.json", TIMINGS_FILE)
     MODEL_FILES = ("manifest.json", "train_config.json", "loss.csv")
-    GENERATION_FILES = ("*.meta.json", "*.reference_nll.json")
+    GENERATION_SUFFIXES = (".meta.json", ".reference_nll.json")  # per test set, copied as they are
 
     def keep(self) -> None:
         """Copy the run directory's small files into the record (finished models only)."""
@@ -428,9 +425,9 @@ class StudyRecord:
             dataset = meta.name.removesuffix(".meta.json")
             if not (source / f"{dataset}.jsonl").exists():
                 continue
-            for pattern in self.GENERATION_FILES:
-                for path in source.glob(pattern.replace("*", dataset, 1)):
-                    _copy_atomically(path, self.root / "generations" / model / path.name)
+            for name in (f"{dataset}{suffix}" for suffix in self.GENERATION_SUFFIXES):
+                if (source / name).exists():
+                    _copy_atomically(source / name, self.root / "generations" / model / name)
             answers = [{"id": r["id"], "output": r["output"]} for r in read_jsonl(source / f"{dataset}.jsonl")]
             target = self.root / "generations" / model / f"{dataset}.outputs.jsonl"
             if not target.exists() or read_jsonl(target) != answers:
@@ -452,7 +449,7 @@ class StudyRecord:
         for arm in arms:
             recorded = self.root / "generations" / arm.name
             if not all((recorded / f"{d}{suffix}").exists() for d in datasets
-                       for suffix in (".outputs.jsonl", ".meta.json", ".reference_nll.json")):
+                       for suffix in (".outputs.jsonl", *self.GENERATION_SUFFIXES)):
                 continue
             for name in self.MODEL_FILES:
                 if _copy_if_missing(self.root / "models" / arm.name / name, self.run_dir / "models" / arm.name / name):
@@ -475,17 +472,15 @@ class StudyRecord:
                 continue  # another sample of the test set: these answers do not apply, generate anew
             write_generations(target, generation_records(pool, [a["output"] for a in answers], model, dataset),
                               stem=dataset)
-            for suffix in (".meta.json", ".reference_nll.json"):
+            for suffix in self.GENERATION_SUFFIXES:
                 _copy_if_missing(recorded / f"{dataset}{suffix}", target / f"{dataset}{suffix}")
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
     if target.exists() and target.read_bytes() == source.read_bytes():
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, scratch)
-    os.replace(scratch, target)
+    with atomic_open(target, "wb") as handle:
+        handle.write(source.read_bytes())
 
 
 def _copy_if_missing(source: Path, target: Path) -> bool:

@@ -541,7 +541,7 @@ def load_trained(model_dir: str | Path, *, base: LoadedModel | None = None, dtyp
     fingerprint = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["fingerprint"]
     if (model_dir / FULL_MODEL_DIR).exists():
         loaded = load_model(str(model_dir / FULL_MODEL_DIR), dtype=dtype, device=device)
-        loaded.name, loaded.identity = model_dir.name, f"{saved['base_model_identity']}+full:{fingerprint}"
+        loaded.name, loaded.identity = model_dir.name, trained_model_signature(model_dir)[0]
         return loaded
     from peft import PeftModel
 

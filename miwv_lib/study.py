@@ -336,11 +336,20 @@ class Study:
 
     # 5. judge
     def judge(self) -> list[dict]:
+        """Every trained model against the full-pool one; a study still training is judged so far."""
         from .evaluate import compare_generations
 
+        ready = [a.name for a in self.arms if self._trained(a)]
+        if BASELINE not in ready:
+            raise StudyError(f"the full-pool model is not trained yet, and every model is judged against it: "
+                             f"run '--stages train generate --models {BASELINE}' first")
+        waiting = [a.name for a in self.arms if a.name not in ready]
+        if waiting:  # judging is cheap and cached, so an unfinished study can show its first comparisons
+            print(f"[study] judging {len(ready) - 1} of {len(self.arms) - 1} models; not trained yet: "
+                  f"{', '.join(waiting)}", flush=True)
         # Through the generate stage, not straight from the files: it checks every file's fingerprint
         # against its model, so a retrained model can never be judged on its predecessor's answers.
-        generations = self.generate()
+        generations = self.generate(ready)
         verdicts = self.evaluation_dir / "judgements.jsonl"
         before = verdicts.read_bytes() if verdicts.exists() else None
         t0 = time.perf_counter()

@@ -21,6 +21,8 @@ import numpy as np
 from .io import atomic_open, read_jsonl, write_json
 from .report import jaccard, ratio_label, row_source_files, spearman, summary_stats
 
+from .study import BASELINE
+
 if TYPE_CHECKING:
     from .study import Study
 
@@ -315,8 +317,11 @@ def _status(study: Study) -> list[str]:
                    if not all((study.generations_dir / a.name / f"{d}.jsonl").exists() for d in study.test_set_labels)]
     if ungenerated:
         missing.append(f"generate ({len(ungenerated)} of {len(study.arms)} models)")
-    if not (study.evaluation_dir / "judgements.jsonl").exists():
-        missing.append("judge")
+    verdicts = study.evaluation_dir / "judgements.jsonl"
+    judged = {r["model_a"] for r in read_jsonl(verdicts)} if verdicts.exists() else set()
+    unjudged = [a.name for a in study.arms if a.name != BASELINE and a.name not in judged]
+    if unjudged:
+        missing.append(f"judge ({len(unjudged)} of {len(study.arms) - 1} models)")
     return missing
 
 

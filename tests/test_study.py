@@ -33,7 +33,8 @@ def study_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
     run_dir, results = root / "run", root / "results"
     common = ("--config", str(SMOKE), "--run-dir", str(run_dir), "--results-dir", str(results))
-    first = run_cli(*common, "--stages", "score", "select", "train", "report", "--models", "full", "miwv_10pct")
+    first = run_cli(*common, "--stages", "score", "select", "train", "generate", "judge", "report",
+                    "--models", "full", "miwv_10pct")
     assert first.returncode == 0, first.stderr[-3000:]
     partial_report = (results / "REPORT.md").read_text(encoding="utf-8")
     manifests = {p.parent.name: p.stat().st_mtime_ns for p in (run_dir / "models").glob("*/manifest.json")}
@@ -59,10 +60,20 @@ def test_the_paper_scale_config_loads_and_plans_the_issue_s_arms():
     assert config.test_sets["alpaca_eval_gpt4"] >= 200 and "sinstruct" in config.test_sets
 
 
-def test_a_partial_study_reports_what_is_missing(study_dirs):
+def test_a_partial_study_reports_what_is_missing_and_judges_what_is_trained(study_dirs):
     text = study_dirs["partial_report"]
-    assert "Status: incomplete" in text and "train (9 of 11 models)" in text
+    assert "Status: incomplete" in text
+    assert "train (9 of 11 models), generate (9 of 11 models), judge (9 of 10 models)" in text
     assert set(study_dirs["first_manifests"]) == {"full", "miwv_10pct"}
+    judged_rows = re.findall(r"^\| (\S+) \|.*\*\*[\d.]+\*\* \[", text, re.M)  # the per-judge tables
+    assert judged_rows and set(judged_rows) == {"miwv_10pct"}
+
+
+def test_judging_needs_the_full_pool_model(tmp_path):
+    result = run_cli("--config", str(SMOKE), "--run-dir", str(tmp_path / "run"), "--results-dir",
+                     str(tmp_path / "results"), "--stages", "judge")
+    assert result.returncode != 0
+    assert "full-pool model is not trained yet" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_resumed_study_skips_finished_work(study_dirs):
@@ -182,7 +193,7 @@ def test_a_fresh_checkout_continues_from_the_committed_record(study_dirs, tmp_pa
     report_only = run_cli("--config", str(SMOKE), "--run-dir", str(tmp_path / "report_only"), "--results-dir",
                           str(results), "--stages", "report")  # the restored answers count without 'generate'
     assert report_only.returncode == 0, report_only.stderr[-3000:]
-    assert "still to run: judge." in (results / "REPORT.md").read_text(encoding="utf-8")
+    assert "still to run: judge (10 of 10 models)." in (results / "REPORT.md").read_text(encoding="utf-8")
 
     fresh = tmp_path / "run"
     result = run_cli("--config", str(SMOKE), "--run-dir", str(fresh), "--results-dir", str(results))

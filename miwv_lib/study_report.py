@@ -97,6 +97,16 @@ def _git_commit(root: Path) -> str | None:
         return None
 
 
+def _from_repo(path) -> str:
+    """A path as a reader of the repository types it: relative to its root when inside it."""
+    from .pipeline import repo_root
+
+    try:
+        return Path(path).resolve().relative_to(repo_root()).as_posix()
+    except (TypeError, ValueError):  # no file (a config given as a mapping), or one outside the repository
+        return str(path)
+
+
 def _f(value, spec: str = ".3f") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
@@ -459,7 +469,7 @@ def write_study_report(study: Study) -> Path:
     scoring_text, scores = _scoring_section(study, figures)
     missing = _status(study)
     c = study.config
-    command = f"python -m miwv_lib study --config {c.source}"
+    command = f"python -m miwv_lib study --config {_from_repo(c.source)}"
     parts = [
         "# Small-scale reproduction of MIWV",
         "",

@@ -125,7 +125,7 @@ def test_report_numbers_come_from_the_judgements(study_dirs):
         data = (study_dirs["results"] / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"]({png})" in text
-    assert f"python -m miwv_lib study --config {SMOKE}" in text
+    assert "python -m miwv_lib study --config configs/study/smoke.yaml" in text  # as typed in the repository
     results = json.loads((study_dirs["results"] / "results.json").read_text())
     assert results["status_missing"] == [] and len(results["comparisons"]) == 3 * 2 * 4
 

@@ -282,7 +282,8 @@ class Study:
             raise StudyError(f"unknown models {unknown}; this study has: {', '.join(a.name for a in self.arms)}")
         return [a for a in self.arms if a.name in set(only)]
 
-    def _trained(self, arm: Arm) -> bool:
+    def is_trained(self, arm: Arm) -> bool:
+        """Its training finished (a run cut off mid-way leaves a manifest with another status)."""
         manifest = self.model_dir(arm) / "manifest.json"
         return manifest.exists() and json.loads(manifest.read_text(encoding="utf-8")).get("status") == "complete"
 
@@ -307,7 +308,7 @@ class Study:
 
         config = self.config.generate_config()
         pools = self.test_pools()
-        missing = [a.name for a in self._chosen(only) if not self._trained(a)]
+        missing = [a.name for a in self._chosen(only) if not self.is_trained(a)]
         if missing:
             raise StudyError(f"not trained yet: {', '.join(missing)}: run the 'train' stage first")
         nll_max_length = self.config.score_config().max_length
@@ -339,7 +340,7 @@ class Study:
         """Every trained model against the full-pool one; a study still training is judged so far."""
         from .evaluate import compare_generations
 
-        ready = [a.name for a in self.arms if self._trained(a)]
+        ready = [a.name for a in self.arms if self.is_trained(a)]
         if BASELINE not in ready:
             raise StudyError(f"the full-pool model is not trained yet, and every model is judged against it: "
                              f"run '--stages train generate --models {BASELINE}' first")

@@ -20,13 +20,13 @@ import numpy as np
 
 from .io import atomic_open, read_jsonl, write_json
 from .report import jaccard, ratio_label, row_source_files, spearman, summary_stats
-
 from .study import BASELINE
 
 if TYPE_CHECKING:
     from .study import Study
 
 ALPACA_52K = 52_002
+JUDGED_OUTPUTS = ("table.csv", "winning_scores.png", "win_tie_lose.png")
 _VALUE = {"win": 1, "tie": 0, "loss": -1}
 
 
@@ -319,8 +319,7 @@ def _status(study: Study) -> list[str]:
     missing = []
     if not study.scores_path.exists():
         missing.append("score")
-    untrained = [a.name for a in study.arms if not (_manifest(study.model_dir(a) / "manifest.json") or {}).get(
-        "status") == "complete"]
+    untrained = [a.name for a in study.arms if not study.is_trained(a)]
     if untrained:
         missing.append(f"train ({len(untrained)} of {len(study.arms)} models)")
     ungenerated = [a.name for a in study.arms
@@ -465,6 +464,9 @@ def write_study_report(study: Study) -> Path:
         figures["winning"] = _save(winning_score_figure(study, table), out / "winning_scores.png")
         figures["bars"] = _save(outcome_bars_figure(study, table), out / "win_tie_lose.png")
         (out / "table.csv").write_text(table_path.read_text(encoding="utf-8"), encoding="utf-8")
+    else:  # an earlier, judged report's files would otherwise sit beside a report that has no judgements
+        for name in JUDGED_OUTPUTS:
+            (out / name).unlink(missing_ok=True)
 
     scoring_text, scores = _scoring_section(study, figures)
     missing = _status(study)

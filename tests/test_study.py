@@ -16,7 +16,7 @@ import pytest
 from miwv_lib.io import read_jsonl
 from miwv_lib.selection import select_indices, subset_size
 from miwv_lib.study import BASELINE, Study, StudyError, StudyRecord, load_study_config, plan_arms
-from miwv_lib.study_report import averaged, paired_difference
+from miwv_lib.study_report import JUDGED_OUTPUTS, averaged, paired_difference
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "study" / "smoke.yaml"
@@ -75,6 +75,18 @@ def test_judging_needs_the_full_pool_model(tmp_path):
                      str(tmp_path / "results"), "--stages", "judge")
     assert result.returncode != 0
     assert "full-pool model is not trained yet" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_report_without_judgements_removes_an_earlier_report_s_judged_files(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in JUDGED_OUTPUTS:
+        (results / name).write_text("from an earlier, judged report")
+    result = run_cli("--config", str(SMOKE), "--run-dir", str(tmp_path / "run"), "--results-dir", str(results),
+                     "--stages", "report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Needs the judgements" in (results / "REPORT.md").read_text(encoding="utf-8")
+    assert [name for name in JUDGED_OUTPUTS if (results / name).exists()] == []
 
 
 def test_resumed_study_skips_finished_work(study_dirs):

@@ -295,13 +295,18 @@ class EmbeddingJudge(_PerAnswerJudge):
         self.embedder_name, self.margin, self.progress = embedder, margin, progress
         self.id = f"embedding-cosine:{embedder}"
         self._embedder = None
+        # A study judges every model against the same baseline answers and references, chunk by chunk
+        # and in both orders: remembered, each distinct text is embedded once, not once per request.
+        self._vectors: dict[str, np.ndarray] = {}
 
     def _embed(self, texts: list[str]) -> dict[str, np.ndarray]:
         from .neighbors import embed_texts, load_embedder
 
-        self._embedder = self._embedder or load_embedder(self.embedder_name)
-        unique = list(dict.fromkeys(texts))
-        return dict(zip(unique, embed_texts(unique, self._embedder, progress=self.progress)))
+        new = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        if new:
+            self._embedder = self._embedder or load_embedder(self.embedder_name)
+            self._vectors.update(zip(new, embed_texts(new, self._embedder, progress=self.progress)))
+        return self._vectors
 
     def scores(self, requests, sides):
         vectors = self._embed([r.reference for r in requests] + [s.answer for s in sides])

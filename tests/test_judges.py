@@ -209,6 +209,29 @@ def test_embedding_prefers_a_paraphrase_of_the_reference():
     assert verdict(review, judge.margin) == WIN
 
 
+def test_embedding_judge_embeds_each_text_once_whatever_the_order_or_batch():
+    reference = "Paris is the capital city of France."
+    judge = EmbeddingJudge()
+    first = judge.review([_request("The capital of France is Paris.", "Bananas are rich in potassium.",
+                                   reference=reference)])
+    encoded: list[str] = []
+    real = judge._embedder
+
+    class CountingEmbedder:
+        def encode(self, texts, **kwargs):
+            encoded.extend(texts)
+            return real.encode(texts, **kwargs)
+
+    judge._embedder = CountingEmbedder()
+    swapped = judge.review([_request("Bananas are rich in potassium.", "The capital of France is Paris.",
+                                     reference=reference),
+                            _request("Paris is in France.", "The capital of France is Paris.", reference=reference)])
+    assert encoded == ["Paris is in France."]  # the only text not seen before
+    assert (swapped[0].score_1, swapped[0].score_2) == (first[0].score_2, first[0].score_1)
+    fresh = EmbeddingJudge().review([_request("Paris is in France.", "Bananas.", reference=reference)])
+    assert fresh[0].score_1 == pytest.approx(swapped[1].score_1, abs=1e-5)
+
+
 def test_likelihood_judge_prefers_the_model_trained_on_the_reference(tmp_path, tiny_model_dir):
     from miwv_lib import load_model
     from miwv_lib.train import TrainConfig, load_trained, train_model

@@ -177,7 +177,7 @@ def run_lock(out_dir: str | Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             raise RunDirectoryBusy(
-                f"{out_dir} is being written by another scoring process (pid {holder}); wait for it to finish, "
+                f"{out_dir} is being written by another process (pid {holder}: a scoring run or a study); wait for it to finish, "
                 "or use another output directory") from None
         except OSError:  # e.g. a file system without flock support: carry on unlocked
             yield

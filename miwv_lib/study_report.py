@@ -252,6 +252,34 @@ def _evaluation_tables(study: Study, table: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _answer_lengths(study: Study) -> str:
+    """Median answer length per model and test set, beside the reference's: the text judges reward
+    answers that resemble the reference, so a subset that teaches short or long answers shows here."""
+    sets = study.test_set_labels
+    medians: dict[str, dict[str, float]] = {}
+    references: dict[str, float] = {}
+    for arm in study.arms:
+        paths = {d: study.generations_dir / arm.name / f"{d}.jsonl" for d in sets}
+        if not all(p.exists() for p in paths.values()):
+            continue
+        medians[arm.name] = {}
+        for d, path in paths.items():
+            rows = read_jsonl(path)
+            medians[arm.name][d] = float(np.median([len(r["output"].split()) for r in rows]))
+            if d not in references and all(r.get("reference") for r in rows):
+                references[d] = float(np.median([len(r["reference"].split()) for r in rows]))
+    if not medians:
+        return ""
+    lines = ["Median answer length in words (greedy, at most "
+             f"{study.config.generate_config().max_new_tokens} new tokens):", "",
+             "| model | " + " | ".join(sets) + " |", "|---|" + "---:|" * len(sets)]
+    for name, per_set in medians.items():
+        lines.append(f"| {name} | " + " | ".join(f"{per_set[d]:.0f}" for d in sets) + " |")
+    if references:
+        lines.append("| *reference (GPT-4)* | " + " | ".join(_f(references.get(d), ".0f") for d in sets) + " |")
+    return "\n".join(lines)
+
+
 def comparisons(study: Study, records: Sequence[Mapping]) -> list[dict]:
     """MIWV's subset against each baseline's at the same ratio, per judge (paired over prompts)."""
     values = outcome_values(records)
@@ -306,7 +334,46 @@ def _conclusions(study: Study, comps: list[dict]) -> str:
         total = sum(t.values())
         lines.append(f"- against **{baseline}**: MIWV clearly better in {t['better']} of {total} comparisons, "
                      f"clearly worse in {t['worse']}, no clear difference in {t['unclear']}.")
+    lines += ["", _bottom_line(study, tally)]
     return "\n".join(lines)
+
+
+def _reading(t: Mapping[str, int]) -> str:
+    total = sum(t.values())
+    if t["better"] == total:
+        return "better under every judge and ratio"
+    if t["worse"] == total:
+        return "worse under every judge and ratio"
+    if t["better"] and not t["worse"]:
+        return f"better in {t['better']} of {total} comparisons and not clearly different in the rest"
+    if t["worse"] and not t["better"]:
+        return f"worse in {t['worse']} of {total} comparisons and not clearly different in the rest"
+    if not t["better"] and not t["worse"]:
+        return "not clearly different under any judge or ratio"
+    return f"mixed: better in {t['better']}, worse in {t['worse']}, unclear in {t['unclear']} of {total} comparisons"
+
+
+def _bottom_line(study: Study, tally: Mapping[str, Mapping[str, int]]) -> str:
+    """The plain-language reading of the tally; every word of it follows from the numbers above."""
+    full = tally.get("full")
+    lines = []
+    if full:
+        reproduced = ("**reproduced here**" if full["better"] == sum(full.values()) else
+                      "**not reproduced here**" if full["better"] == 0 else "**only partly reproduced here**")
+        lines.append(f"**Bottom line.** The paper's headline claim, that a small MIWV subset beats fine-tuning on "
+                     f"the whole pool, is {reproduced}: the MIWV model is {_reading(full)} against the full-pool model.")
+    others = [f"{_reading(t)} against **{b}**" for b, t in tally.items() if b != "full"]
+    if others:
+        lines.append("Against the other selections of the same size, MIWV is " + "; ".join(others) + ".")
+    steps = {arm.name: m["steps"] for arm in study.arms
+             if (m := _manifest(study.model_dir(arm) / "manifest.json")) and m.get("status") == "complete"}
+    subset_steps = sorted({v for name, v in steps.items() if name != BASELINE})
+    if BASELINE in steps and subset_steps:
+        lines.append(f"Every model trains for the same number of epochs, so a subset model takes "
+                     f"{' or '.join(str(v) for v in subset_steps)} optimizer steps against the full-pool model's "
+                     f"{steps[BASELINE]}: against the full pool, a subset is compared at a fraction of the compute, "
+                     "as in the paper's setting.")
+    return " ".join(lines)
 
 
 def _timings(study: Study) -> list[dict]:
@@ -513,6 +580,8 @@ def write_study_report(study: Study) -> Path:
         "## 4. Every subset model against the full-pool model",
         "",
         _evaluation_tables(study, table) if table else "Needs the judgements (stages `generate`, `judge`).",
+        "",
+        _answer_lengths(study),
     ]
     if "winning" in figures:
         parts += ["", f"![winning scores]({figures['winning']})", "", f"![win/tie/lose]({figures['bars']})"]

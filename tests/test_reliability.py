@@ -502,7 +502,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(cli, base, tmp_pa
         holder.write("4242\n")
         holder.flush()
         result = cli("score", "--data", base["data"], "--out", run, *FAST)
-    result.assert_clean_error(str(run), "another scoring process (pid 4242)")
+    result.assert_clean_error(str(run), "another process (pid 4242")
     assert not (run / "manifest.json").exists()
 
 

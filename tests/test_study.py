@@ -11,12 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from miwv_lib.io import read_jsonl
 from miwv_lib.selection import select_indices, subset_size
 from miwv_lib.study import BASELINE, Study, StudyError, StudyRecord, load_study_config, plan_arms
-from miwv_lib.study_report import JUDGED_OUTPUTS, averaged, paired_difference
+from miwv_lib.study_report import JUDGED_OUTPUTS, _reading, averaged, paired_difference
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "study" / "smoke.yaml"
@@ -140,6 +141,33 @@ def test_report_numbers_come_from_the_judgements(study_dirs):
     assert "python -m miwv_lib study --config configs/study/smoke.yaml" in text  # as typed in the repository
     results = json.loads((study_dirs["results"] / "results.json").read_text())
     assert results["status_missing"] == [] and len(results["comparisons"]) == 3 * 2 * 4
+
+    against_full = [c for c in results["comparisons"] if c["baseline"] == "full"]
+    beaten = sum(c["ci_low"] > 0 for c in against_full)
+    expected = ("not reproduced" if beaten == 0 else "reproduced" if beaten == len(against_full)
+                else "only partly reproduced")
+    assert f"is **{expected} here**" in text
+    steps = {p.parent.name: json.loads(p.read_text())["steps"] for p in (study_dirs["run"] / "models").glob("*/manifest.json")}
+    assert f"optimizer steps against the full-pool model's {steps['full']}:" in text
+
+    lengths = text.split("Median answer length in words")[1].split("\n\n")[1].splitlines()
+    [test_set] = Study.from_config(load_study_config(SMOKE), study_dirs["run"], study_dirs["results"]).test_set_labels
+    answers = read_jsonl(study_dirs["run"] / "generations" / "ifd_25pct" / f"{test_set}.jsonl")
+    median = float(np.median([len(r["output"].split()) for r in answers]))
+    assert f"| ifd_25pct | {median:.0f} |" in lengths
+    model_rows = [line.split(" | ")[0][2:] for line in lengths[2:] if not line.startswith("| *reference")]
+    assert model_rows == [a.name for a in plan_arms(load_study_config(SMOKE))]
+
+
+@pytest.mark.parametrize(("tally", "reading"), [
+    ({"better": 3, "worse": 0, "unclear": 0}, "better under every judge and ratio"),
+    ({"better": 0, "worse": 3, "unclear": 0}, "worse under every judge and ratio"),
+    ({"better": 1, "worse": 0, "unclear": 2}, "better in 1 of 3 comparisons and not clearly different in the rest"),
+    ({"better": 0, "worse": 0, "unclear": 3}, "not clearly different under any judge or ratio"),
+    ({"better": 1, "worse": 1, "unclear": 1}, "mixed: better in 1, worse in 1, unclear in 1 of 3 comparisons"),
+])
+def test_the_bottom_line_reads_the_tally_as_it_is(tally, reading):
+    assert _reading(tally) == reading
 
 
 def test_cli_errors_name_the_problem(tmp_path):

@@ -287,6 +287,10 @@ class Study:
         manifest = self.model_dir(arm) / "manifest.json"
         return manifest.exists() and json.loads(manifest.read_text(encoding="utf-8")).get("status") == "complete"
 
+    def is_answered(self, arm: Arm) -> bool:
+        """Its answers to every test set are in the run directory."""
+        return all((self.generations_dir / arm.name / f"{d}.jsonl").exists() for d in self.test_set_labels)
+
     # 4. generate
     def test_pools(self) -> dict[str, InstructionPool]:
         from .evaluate import test_set_label

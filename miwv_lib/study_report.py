@@ -258,13 +258,10 @@ def _answer_lengths(study: Study) -> str:
     sets = study.test_set_labels
     medians: dict[str, dict[str, float]] = {}
     references: dict[str, float] = {}
-    for arm in study.arms:
-        paths = {d: study.generations_dir / arm.name / f"{d}.jsonl" for d in sets}
-        if not all(p.exists() for p in paths.values()):
-            continue
+    for arm in filter(study.is_answered, study.arms):
         medians[arm.name] = {}
-        for d, path in paths.items():
-            rows = read_jsonl(path)
+        for d in sets:
+            rows = read_jsonl(study.generations_dir / arm.name / f"{d}.jsonl")
             medians[arm.name][d] = float(np.median([len(r["output"].split()) for r in rows]))
             if d not in references and all(r.get("reference") for r in rows):
                 references[d] = float(np.median([len(r["reference"].split()) for r in rows]))
@@ -365,8 +362,8 @@ def _bottom_line(study: Study, tally: Mapping[str, Mapping[str, int]]) -> str:
     others = [f"{_reading(t)} against **{b}**" for b, t in tally.items() if b != "full"]
     if others:
         lines.append("Against the other selections of the same size, MIWV is " + "; ".join(others) + ".")
-    steps = {arm.name: m["steps"] for arm in study.arms
-             if (m := _manifest(study.model_dir(arm) / "manifest.json")) and m.get("status") == "complete"}
+    steps = {arm.name: _manifest(study.model_dir(arm) / "manifest.json")["steps"]
+             for arm in filter(study.is_trained, study.arms)}
     subset_steps = sorted({v for name, v in steps.items() if name != BASELINE})
     if BASELINE in steps and subset_steps:
         lines.append(f"Every model trains for the same number of epochs, so a subset model takes "
@@ -389,8 +386,7 @@ def _status(study: Study) -> list[str]:
     untrained = [a.name for a in study.arms if not study.is_trained(a)]
     if untrained:
         missing.append(f"train ({len(untrained)} of {len(study.arms)} models)")
-    ungenerated = [a.name for a in study.arms
-                   if not all((study.generations_dir / a.name / f"{d}.jsonl").exists() for d in study.test_set_labels)]
+    ungenerated = [a.name for a in study.arms if not study.is_answered(a)]
     if ungenerated:
         missing.append(f"generate ({len(ungenerated)} of {len(study.arms)} models)")
     verdicts = study.evaluation_dir / "judgements.jsonl"

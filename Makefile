@@ -10,7 +10,7 @@ export MIWV_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 RUN_DIR ?= runs/demo
 CONFIG ?= configs/demo.yaml
 
-.PHONY: install test demo bench clean
+.PHONY: install test check demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+check: install   # the contributors' fast lane: no real model, no whole pipeline or study (see the markers in pyproject)
+	$(PY) -m pytest -q -m "not slow and not study and not integration"
 
 demo: install   # the notebooks, in order, with papermill: executed copies, figures and report.md in $(RUN_DIR)
 	$(PY) -m miwv_lib pipeline --config $(CONFIG) --run-dir $(RUN_DIR)

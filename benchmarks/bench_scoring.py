@@ -49,10 +49,12 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     loaded = load_model(args.model, dtype="bfloat16" if mode == "fast" else "float32", device="cpu")
     special = SpecialTokens.from_tokenizer(loaded.tokenizer)
     examples = encode_examples(pool.rows, loaded.tokenizer)
-    sequences = []
+    sequences, no_demo = [], []
     for i, example in enumerate(examples):
         sequences.append(zero_shot_sequence(example, special, args.max_length)[0])
-        sequences.append(one_shot_sequence(example, examples[neighbors[i]], special, args.max_length)[0])
+        one, cut = one_shot_sequence(example, examples[neighbors[i]], special, args.max_length)
+        sequences.append(one)
+        no_demo.append(cut.no_demo)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if mode == "naive":
@@ -64,6 +66,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
                 n, k = len(seq.input_ids), seq.n_targets
                 losses.append(F.cross_entropy(logits[n - k - 1:n - 1].float(), ids[0, n - k:]).item())
         losses = np.array(losses)
+        losses[1::2][np.array(no_demo, dtype=bool)] = np.nan  # as in the engine: a one-shot pass without its demo has no loss
     else:  # the scoring path of `score_pool`: chunk plan, shared prefixes, batched passes
         config = ScoreConfig(max_length=args.max_length, batch_size=args.batch_size, compute_ifd=False)
         ids = [row["id"] for row in pool.rows]
@@ -71,7 +74,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         for chunk in chunk_plan(neighbors, config.chunk_rows):
             rows += score_rows(loaded, examples, ids, chunk, neighbors, similarities, config)
         rows.sort(key=lambda row: row["index"])
-        losses = np.array([[row["zero_shot_loss"], row["one_shot_loss"]] for row in rows]).reshape(-1)
+        losses = np.array([[row["zero_shot_loss"], row["one_shot_loss"]] for row in rows], dtype=float).reshape(-1)
     seconds = time.perf_counter() - start
     return {
         "mode": mode,
@@ -109,18 +112,14 @@ def token_accounting(examples, neighbors, special, max_length: int, chunk_rows: 
             "body_tokens_kv_reuse": kv_reuse}
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b)[0])
-
-
 def top_overlap(a: np.ndarray, b: np.ndarray, ratio: float = 0.10) -> float:
     k = max(1, math.floor(ratio * len(a)))
     return len(set(np.argsort(-a, kind="stable")[:k]) & set(np.argsort(-b, kind="stable")[:k])) / k
 
 
 def summarise(results: dict[str, dict]) -> list[dict]:
+    from miwv_lib.report import spearman
+
     reference = results.get("naive")
     rows = []
     for mode, r in results.items():
@@ -132,13 +131,16 @@ def summarise(results: dict[str, dict]) -> list[dict]:
                "peak_rss_mb": round(r["peak_rss_mb"]), "threads": r["threads"],
                "body_tokens": r["body_tokens_naive"] if mode == "naive" else r["body_tokens_engine"]}
         if reference is not None:
-            ref_losses = np.array(reference["losses"])
+            ref_losses = np.array(reference["losses"], dtype=float)
             ref_miwv = ref_losses[1::2] - ref_losses[0::2]
+            if not np.array_equal(np.isnan(losses), np.isnan(ref_losses)):
+                raise RuntimeError(f"{mode} and naive disagree on which rows have a loss")
+            has = ~np.isnan(miwv)  # rows whose demo does not fit (an explicit --max-length) have no MIWV
             row.update(speedup_vs_naive=round(reference["seconds"] / r["seconds"], 2),
-                       max_abs_dloss=float(np.abs(losses - ref_losses).max()),
-                       max_abs_dmiwv=float(np.abs(miwv - ref_miwv).max()),
-                       spearman_miwv=round(spearman(miwv, ref_miwv), 5),
-                       top10_overlap=round(top_overlap(miwv, ref_miwv), 3))
+                       max_abs_dloss=float(np.nanmax(np.abs(losses - ref_losses))),
+                       max_abs_dmiwv=float(np.abs(miwv - ref_miwv)[has].max()),
+                       spearman_miwv=round(spearman(miwv[has], ref_miwv[has]), 5),
+                       top10_overlap=round(top_overlap(miwv[has], ref_miwv[has]), 3))
         rows.append(row)
     return rows
 

@@ -18,10 +18,10 @@ from .neighbors import DEFAULT_EMBEDDER
 from .pipeline import PipelineError
 from .prompts import TEMPLATES
 from .runs import FingerprintMismatch, RunDirectoryBusy, run_lock
-from .scoring import ScoreConfig, score_pool
+from .scoring import AUTO_MAX_LENGTH, ScoreConfig, check_max_length, score_pool
 from .study import StudyError
-from .selection import (SELECTION_METHODS, SelectionError, check_scores_match, check_scores_provenance, export_subset,
-                        load_scores, select_indices)
+from .selection import (SELECTION_METHODS, SelectionError, check_scores_match, check_scores_provenance, demo_trimmed,
+                        export_subset, load_scores, score_warnings, select_indices)
 
 
 def _positive_int(text: str) -> int:
@@ -32,6 +32,21 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _max_length(text: str) -> int | str:
+    """``auto`` or an integer ≥ 2 (the scorer's and the trainer's rule: ``scoring.check_max_length``)."""
+    try:
+        return check_max_length(text if text == AUTO_MAX_LENGTH else int(text))
+    except ValueError as exc:
+        message = str(exc) if text.lstrip("-").isdigit() else f"expected {AUTO_MAX_LENGTH!r} or an integer, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def _train_max_length(text: str) -> int:
+    if text == AUTO_MAX_LENGTH:
+        raise argparse.ArgumentTypeError("training takes an integer --max-length (Alpaca's is 512)")
+    return _max_length(text)
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--model", default=DEFAULT_MODEL)
     score.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers name/path, or 'self'")
     score.add_argument("--template", choices=TEMPLATES, default="alpaca")
-    score.add_argument("--max-length", type=_positive_int, default=ScoreConfig.max_length)
+    score.add_argument("--max-length", type=_max_length, default=ScoreConfig.max_length,
+                       help="longest sequence in tokens; auto (default): the pool's longest one-shot sequence, "
+                            "capped at the model's context window, so nothing is cut")
     score.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                        help="auto = bf16 (fast); float32 = exact mode")
     score.add_argument("--device", default="auto")
@@ -99,7 +116,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="the base model (as for 'score')")
     parser.add_argument("--method", choices=["lora", "full"], default=TrainConfig.method)
     parser.add_argument("--template", choices=TEMPLATES, default=TrainConfig.template)
-    parser.add_argument("--max-length", type=_positive_int, default=TrainConfig.max_length)
+    parser.add_argument("--max-length", type=_train_max_length, default=TrainConfig.max_length)
     parser.add_argument("--epochs", type=float, default=TrainConfig.epochs)
     parser.add_argument("--learning-rate", type=float, default=None, help="default: 2e-4 (LoRA), 2e-5 (full)")
     parser.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size, help="per device")
@@ -172,12 +189,8 @@ def run_score(args: argparse.Namespace) -> None:
     summary = (f"MIWV min {miwvs[0]:+.3f}, median {miwvs[len(miwvs) // 2]:+.3f}, max {miwvs[-1]:+.3f}" if miwvs
                else "no finite MIWV")
     print(f"scored {len(scores)} rows -> {out / 'scores.jsonl'}; {summary}")
-    flagged = [s["index"] for s in scores if s.get("truncated")]
-    if flagged:
-        print(f"{len(flagged)} rows were cut to --max-length {args.max_length} (flagged 'truncated' in scores.jsonl); "
-              f"first rows: {flagged[:5]}")
-    if len(miwvs) < len(scores):
-        print(f"{len(scores) - len(miwvs)} rows have no finite MIWV (null in scores.jsonl); they are never selected")
+    for line in score_warnings(scores):
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def _check_device(device: str) -> None:
@@ -206,6 +219,11 @@ def run_select(args: argparse.Namespace) -> None:
     indices = select_indices(scores, args.ratio, by=args.by, seed=args.seed)
     out = export_subset(pool, scores, indices, args.out, by=args.by)
     print(f"selected {len(indices)} of {len(pool)} rows by {args.by} -> {out}")
+    trimmed = demo_trimmed([scores[i] for i in indices])
+    if trimmed:
+        print(f"warning: {trimmed} of the {len(indices)} selected rows had their demonstration trimmed by "
+              "--max-length (a trimmed demo helps less, which raises MIWV); score again with --max-length auto",
+              file=sys.stderr)
 
 
 def run_pipeline_command(args: argparse.Namespace) -> None:

@@ -52,12 +52,6 @@ def prompt_token_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase, templ
     return [[*special.prefix, *e.prompt[max(0, len(e.prompt) - room):]] for e in examples]
 
 
-def text_token_ids(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
-    """``[BOS] text`` for ready-made prompt strings (a judge's chat-formatted review request)."""
-    prefix = SpecialTokens.from_tokenizer(tokenizer).prefix
-    return [[*prefix, *ids] for ids in tokenizer(texts, add_special_tokens=False).input_ids]
-
-
 def _left_padded(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -33,8 +33,8 @@ import numpy as np
 
 from .io import stable_hash
 from .models import LoadedModel
-from .prompts import SpecialTokens, encode_examples, strip_prepended_bos
-from .scoring import EngineConfig, sequence_losses, zero_shot_sequence
+from .prompts import SpecialTokens, encode_chat, encode_examples, encode_text
+from .scoring import EngineConfig, resolve_max_length, sequence_losses, zero_shot_sequence
 
 WIN, TIE, LOSS = "win", "tie", "loss"
 
@@ -168,21 +168,27 @@ class HFChatBackend:
         self.id = f"hf:{loaded.identity}"
 
     def prompt_text(self, system: str, user: str) -> str:
+        """The review request as text (for reading; ``prompt_ids`` is what the model gets)."""
+        return self.loaded.tokenizer.decode(self.prompt_ids(system, user)[len(self._prefix()):])
+
+    def prompt_ids(self, system: str, user: str) -> list[int]:
+        """``[BOS]`` and the review request: the chat template's tokens special, the answers' text always text."""
         tokenizer = self.loaded.tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            return f"{system}\n\n{user}"
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+            return [*self._prefix(), *encode_text(tokenizer, [f"{system}\n\n{user}"])[0]]
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = encode_chat(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": user}])
         except Exception:  # some templates refuse a system turn: fold it into the user's
-            text = tokenizer.apply_chat_template([{"role": "user", "content": f"{system}\n\n{user}"}],
-                                                 tokenize=False, add_generation_prompt=True)
-        return strip_prepended_bos(text, tokenizer)  # the BOS ID is added by generate.text_token_ids
+            ids = encode_chat(tokenizer, [{"role": "user", "content": f"{system}\n\n{user}"}])
+        return [*self._prefix(), *ids]
+
+    def _prefix(self) -> tuple[int, ...]:
+        return SpecialTokens.from_tokenizer(self.loaded.tokenizer).prefix
 
     def complete(self, system: str, users: list[str]) -> list[str]:
-        from .generate import GenerateConfig, generate_ids, text_token_ids
+        from .generate import GenerateConfig, generate_ids
 
-        prompts = text_token_ids([self.prompt_text(system, u) for u in users], self.loaded.tokenizer)
+        prompts = [self.prompt_ids(system, u) for u in users]
         config = GenerateConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=self.progress)
         outputs = generate_ids(self.loaded, prompts, config, desc="judge")
         return [self.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
@@ -324,10 +330,12 @@ class ReferenceLikelihoodJudge(_PerAnswerJudge):
 
 
 def reference_nll(loaded: LoadedModel, rows: list[dict], references: list[str], template: str = "alpaca",
-                  max_length: int = 1024, batch_size: int = 16, progress: bool = False) -> list[float]:
+                  max_length: int | str = 1024, batch_size: int = 16, progress: bool = False) -> list[float]:
     """Mean NLL of each reference answer given its prompt: the scorer's zero-shot loss with y = reference."""
     special = SpecialTokens.from_tokenizer(loaded.tokenizer)
     examples = encode_examples([{**r, "output": ref} for r, ref in zip(rows, references)], loaded.tokenizer, template)
+    needed = [len(special.prefix) + len(e.prompt) + len(e.response) + 1 for e in examples]
+    max_length = resolve_max_length(max_length, needed, loaded.model)
     sequences = [zero_shot_sequence(e, special, max_length)[0] for e in examples]
     losses = sequence_losses(loaded.model, sequences, loaded.tokenizer.pad_token_id,
                              EngineConfig(batch_size=batch_size, progress=progress, progress_desc="reference NLL"))

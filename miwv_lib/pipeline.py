@@ -56,10 +56,6 @@ def notebooks_dir() -> Path:
     return repo_root() / "notebooks"
 
 
-def configs_dir() -> Path:
-    return repo_root() / "configs"
-
-
 def resolve_path(path: str | Path) -> Path:
     """An absolute path as it is (``~`` expanded); a relative one against the repository root."""
     path = Path(path).expanduser()
@@ -287,8 +283,6 @@ def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None
     ``overrides``: ``key=value`` strings or a dict; ``NN_name.key`` targets one notebook.
     Raises :class:`PipelineError` naming the notebook and cell when one fails.
     """
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
     from tqdm.auto import tqdm
 
     cfg = load_config(config)
@@ -296,8 +290,7 @@ def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None
     cfg = _apply_overrides(cfg, parse_overrides(overrides), [p.stem for p in notebook_paths()])
     out_dir = resolve_run_dir(run_dir if run_dir is not None else cfg["run_dir"])
     plan = plan_parameters(cfg, paths, out_dir)
-    executed_dir = out_dir / "notebooks"
-    executed_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "notebooks").mkdir(parents=True, exist_ok=True)
 
     result = PipelineResult(run_dir=out_dir)
     record = {"config": cfg["source"], "description": cfg["description"], "started": now(),
@@ -306,26 +299,10 @@ def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None
     bar = tqdm(paths, desc="notebooks", unit="nb", disable=not progress)
     for path in bar:
         bar.set_postfix_str(path.stem)
-        final = executed_dir / path.name
-        partial = executed_dir / f".{path.stem}.partial.ipynb"  # renamed over `final` when done
         t0 = time.perf_counter()
-        try:
-            papermill.execute_notebook(
-                str(path), str(partial), parameters=plan[path.stem], kernel_name=kernel_name,
-                progress_bar={"desc": path.stem, "leave": False} if progress else False,
-                cwd=str(path.parent), start_timeout=start_timeout, execution_timeout=cell_timeout,
-            )
-        except PapermillExecutionError as exc:
-            error = _notebook_failure(path.stem, exc, partial, final)
-        except Exception as exc:  # kernel died, timeout, missing kernel…
-            error = _notebook_failure(path.stem, exc, partial, final)
-        else:
-            error = None
-        finally:
-            result.seconds[path.stem] = round(time.perf_counter() - t0, 1)
-            if partial.exists():
-                settle_progress_bars(partial)
-                os.replace(partial, final)
+        final, error = _execute(path, plan[path.stem], out_dir / "notebooks", progress=progress,
+                                kernel_name=kernel_name, start_timeout=start_timeout, cell_timeout=cell_timeout)
+        result.seconds[path.stem] = round(time.perf_counter() - t0, 1)
         if error is not None:
             bar.close()
             record.update(status="failed", finished=now(), failed=path.stem, error=str(error))
@@ -340,6 +317,29 @@ def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None
 
         result.report = write_report(out_dir)
     return result
+
+
+def _execute(path: Path, parameters: dict, executed_dir: Path, *, progress: bool, kernel_name: str,
+             start_timeout: int, cell_timeout: int | None) -> tuple[Path, PipelineError | None]:
+    """Run one notebook into ``executed_dir``; the executed copy is kept (renamed into place) even when it fails."""
+    import papermill
+
+    final = executed_dir / path.name
+    partial = executed_dir / f".{path.stem}.partial.ipynb"  # renamed over `final` when done
+    error = None
+    try:
+        papermill.execute_notebook(
+            str(path), str(partial), parameters=parameters, kernel_name=kernel_name,
+            progress_bar={"desc": path.stem, "leave": False} if progress else False,
+            cwd=str(path.parent), start_timeout=start_timeout, execution_timeout=cell_timeout,
+        )
+    except Exception as exc:  # a failing cell (PapermillExecutionError), a dead kernel, a timeout…
+        error = _notebook_failure(path.stem, exc, partial, final)
+    finally:
+        if partial.exists():
+            settle_progress_bars(partial)
+            os.replace(partial, final)
+    return final, error
 
 
 _WIDGET_VIEW, _WIDGET_STATE = "application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json"

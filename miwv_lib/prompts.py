@@ -40,7 +40,7 @@ def format_prompt(instruction: str, input: str = "", template: str = "alpaca",
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ValueError("template='chat' needs a tokenizer with a chat template; use 'alpaca' or 'plain'")
-        content = f"{instruction}\n\n{input}" if input else instruction
+        content = _chat_content({"instruction": instruction, "input": input})
         text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
         return strip_prepended_bos(text, tokenizer)
@@ -56,15 +56,6 @@ def strip_prepended_bos(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
     if bos and text.startswith(bos) and SpecialTokens.from_tokenizer(tokenizer).bos is not None:
         return text[len(bos):]
     return text
-
-
-def resolve_template(template: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    """``auto``: the chat template when the tokenizer has one, else Alpaca's."""
-    if template == "auto":
-        return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of auto, {', '.join(TEMPLATES)}; got {template!r}")
-    return template
 
 
 @dataclass(frozen=True)
@@ -93,15 +84,74 @@ class SpecialTokens:
         return () if self.bos is None else (self.bos,)
 
 
+def encode_text(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token IDs of data text, without special tokens.
+
+    Data is text: a ``</s>``, ``<eos>`` or ``<mask>`` inside an instruction or a response must not
+    become the tokenizer's control token (an end-of-sequence in the middle of a response, say).
+    """
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True).input_ids
+
+
+_SLOT = "\x00MIWV-SLOT-{}\x00"  # a string no chat template alters and no data row holds
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template's IDs with ``add_generation_prompt``: its own tokens special, each message's content text.
+
+    The template is rendered once with placeholders to find its frame; the frame is tokenised with
+    special tokens, the contents with ``encode_text``. A BOS the tokenizer prepends as an ID is left out.
+    """
+    def render(contents: list[str]) -> str:
+        filled = [{**m, "content": c} for m, c in zip(messages, contents)]
+        return tokenizer.apply_chat_template(filled, tokenize=False, add_generation_prompt=True)
+
+    framed = render([_SLOT.format(j) for j in range(len(messages))])
+    frames, rest = [], framed
+    for j in range(len(messages)):
+        before, rest = rest.split(_SLOT.format(j), 1)
+        frames.append(before)
+    frames.append(rest)
+    contents = [m["content"] for m in messages]
+    real = render(contents)
+    if real != _interleave(frames, contents):
+        contents = [c.strip() for c in contents]  # templates that trim the content
+        if real != _interleave(frames, contents):
+            raise ValueError("the chat template changes the message text in a way this tokenisation cannot follow")
+    frames[0] = strip_prepended_bos(frames[0], tokenizer)
+    frame_ids = tokenizer(frames, add_special_tokens=False).input_ids
+    content_ids = encode_text(tokenizer, contents)
+    ids: list[int] = []
+    for frame, content in zip(frame_ids, [*content_ids, []]):
+        ids += [*frame, *content]
+    return ids
+
+
+def _interleave(frames: list[str], contents: list[str]) -> str:
+    return "".join(f + c for f, c in zip(frames, [*contents, ""]))
+
+
+def encode_prompts(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = "alpaca") -> list[list[int]]:
+    """The prompt IDs of each row (no BOS): the data's text stays text, a chat template's tokens stay special."""
+    if template != "chat":  # alpaca and plain hold no special token of their own
+        return encode_text(tokenizer, [format_prompt(r["instruction"], r.get("input", ""), template) for r in rows])
+    format_prompt("", "", "chat", tokenizer)  # the clear error for a tokenizer without a chat template
+    return [encode_chat(tokenizer, [{"role": "user", "content": _chat_content(r)}]) for r in rows]
+
+
+def _chat_content(row: dict) -> str:
+    return f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
+
+
 def encode_examples(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = "alpaca",
                     batch_size: int = 1024) -> list[EncodedExample]:
     """Tokenise prompt and response of each row separately (fast tokenizer, batched)."""
     encoded: list[EncodedExample] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        prompts = [format_prompt(r["instruction"], r.get("input", ""), template, tokenizer) for r in chunk]
-        responses = [r.get("output", "") for r in chunk]
-        prompt_ids = tokenizer(prompts, add_special_tokens=False).input_ids
-        response_ids = tokenizer(responses, add_special_tokens=False).input_ids
+        prompt_ids = encode_prompts(chunk, tokenizer, template)
+        response_ids = encode_text(tokenizer, [r.get("output", "") for r in chunk])
         encoded.extend(EncodedExample(tuple(p), tuple(r)) for p, r in zip(prompt_ids, response_ids))
     return encoded

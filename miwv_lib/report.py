@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from .io import atomic_open, read_jsonl
+from .prompts import encode_text
 
-SCORE_FIELDS = ("zero_shot_loss", "one_shot_loss", "miwv", "unconditional_loss", "ifd")
 SUMMARY_FIELDS = ("zero_shot_loss", "one_shot_loss", "miwv", "ifd")
 
 # Figures that the report embeds, in order, with a caption (others in figures/ are listed by name).
@@ -100,7 +100,7 @@ def token_lengths(rows: Sequence[Mapping[str, str]], tokenizer) -> dict[str, np.
     out = {}
     for field, key in (("instruction", "instruction"), ("input", "input"), ("response", "output")):
         texts = [row.get(key) or "" for row in rows]
-        ids = tokenizer(texts, add_special_tokens=False).input_ids
+        ids = encode_text(tokenizer, texts)
         out[field] = np.array([len(x) for x in ids], dtype=np.int64)
     return out
 
@@ -170,6 +170,7 @@ def truncation_summary(scores: Sequence[Mapping], top_fraction: float = 0.15) ->
     trimmed = [s for s in usable if s.get("truncated")]
     full = [s for s in usable if not s.get("truncated")]
     return {
+        "no_demo": sum(1 for s in scores if s.get("status") == "no-demo"),
         "rows": len(usable),
         "truncated": len(trimmed),
         "demo_trimmed": sum(1 for s in usable if (s.get("truncation") or {}).get("demo")),
@@ -219,7 +220,8 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _fmt(value: Any, spec: str = ".4f") -> str:
+def fmt(value: Any, spec: str = ".4f") -> str:
+    """A number for a table; a missing or non-finite one is a dash."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     return format(value, spec)
@@ -233,20 +235,29 @@ def _one_line(text: str, limit: int = 110) -> str:
 def build_report(run_dir: str | Path) -> str:
     """The Markdown text of ``report.md``, from the files in ``run_dir`` only."""
     run_dir = Path(run_dir)
-    pool_info = _read_json(run_dir / "pool_info.json") or {}
-    manifest = _read_json(run_dir / "manifest.json") or {}
     pipeline = _read_json(run_dir / "pipeline.json") or {}
-    summary = _read_json(run_dir / "subsets" / "summary.json")
     scores = read_jsonl(run_dir / "scores.jsonl") if (run_dir / "scores.jsonl").is_file() else []
     rows = read_jsonl(run_dir / "pool.jsonl") if (run_dir / "pool.jsonl").is_file() else []
-
-    lines = ["# MIWV run report", ""]
-    lines += [f"Run directory: `{run_dir.name}`. Built from the files in it by `miwv_lib.report.write_report`.", ""]
+    lines = ["# MIWV run report", "",
+             f"Run directory: `{run_dir.name}`. Built from the files in it by `miwv_lib.report.write_report`.", ""]
     if pipeline.get("description"):
         lines += [str(pipeline["description"]).strip(), ""]
+    lines += _setup_lines(run_dir, pipeline, rows)
+    lines += _score_lines(scores, rows) if scores else []
+    lines += _subset_lines(_read_json(run_dir / "subsets" / "summary.json"))
+    lines += _training_lines(run_dir)
+    lines += _evaluation_lines(run_dir)
+    lines += _figure_lines(run_dir)
+    executed = sorted(p.name for p in (run_dir / "notebooks").glob("[!.]*.ipynb"))
+    if executed:
+        lines += ["## Executed notebooks", "", *(f"- [{n}](notebooks/{n})" for n in executed), ""]
+    return "\n".join(lines).rstrip() + "\n"
 
-    # ---- what was run
-    lines += ["## Setup", "", "| item | value |", "|---|---|"]
+
+def _setup_lines(run_dir: Path, pipeline: Mapping, rows: list[dict]) -> list[str]:
+    pool_info = _read_json(run_dir / "pool_info.json") or {}
+    manifest = _read_json(run_dir / "manifest.json") or {}
+    lines = ["## Setup", "", "| item | value |", "|---|---|"]
     if pool_info:
         how = [f"limit {pool_info['limit']}"] if pool_info.get("limit") else []
         if pool_info.get("sample"):
@@ -261,80 +272,83 @@ def build_report(run_dir: str | Path) -> str:
         lines.append(f"| rows | {len(rows)} |")
     config = manifest.get("config", {})
     if config:
-        lines.append(f"| model | `{config.get('model')}` ({manifest.get('fingerprint_inputs', {}).get('dtype')}) |")
-        lines.append(f"| embedder | `{config.get('embedder')}` |")
-        lines.append(f"| template, max length | {config.get('template')}, {config.get('max_length')} tokens |")
-        lines.append(f"| scoring time | {_fmt(manifest.get('seconds_scoring'), '.1f')} s "
-                     f"({_fmt(manifest.get('seconds_per_sample'), '.3f')} s/sample), neighbours "
-                     f"{_fmt(manifest.get('seconds_neighbors'), '.1f')} s |")
-        lines.append(f"| truncated rows | {manifest.get('truncated_rows')} |")
+        lines += [
+            f"| model | `{config.get('model')}` ({manifest.get('fingerprint_inputs', {}).get('dtype')}) |",
+            f"| embedder | `{config.get('embedder')}` |",
+            f"| template, max length | {config.get('template')}, {manifest.get('max_length', config.get('max_length'))}"
+            f" tokens |",
+            f"| scoring time | {fmt(manifest.get('seconds_scoring'), '.1f')} s "
+            f"({fmt(manifest.get('seconds_per_sample'), '.3f')} s/sample), neighbours "
+            f"{fmt(manifest.get('seconds_neighbors'), '.1f')} s |",
+            f"| truncated rows | {manifest.get('truncated_rows')} ({manifest.get('demo_trimmed_rows', '?')} "
+            f"with a trimmed demonstration; {manifest.get('no_miwv_rows', '?')} rows without MIWV) |"]
     seconds = pipeline.get("seconds") or {}
     if seconds:
         lines.append("| notebook wall time | " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
                      + f" (total {sum(seconds.values()):.0f} s) |")
     if pipeline.get("status"):
         lines.append(f"| pipeline status | {pipeline['status']} |")
-    lines.append("")
+    return [*lines, ""]
 
-    # ---- scores
-    if scores:
-        stats = score_summary(scores)
-        lines += ["## MIWV and IFD", "",
-                  f"N = {len(scores)} scored samples. MIWV = one-shot loss − zero-shot loss "
-                  "(high: the most similar other example made the model worse on this one).", "",
-                  "| quantity | n | mean | std | min | 25% | median | 75% | max |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for name, st in stats.items():
-            lines.append(f"| {name} | {st['n']} | " + " | ".join(
-                _fmt(st[k]) for k in ("mean", "std", "min", "p25", "median", "p75", "max")) + " |")
-        positive = sum(1 for s in scores if s.get("miwv") is not None and s["miwv"] > 0)
-        rho = spearman([s.get("miwv") for s in scores], [s.get("ifd") for s in scores])
-        lines += ["", f"{positive} of {len(scores)} samples have MIWV > 0. "
-                      f"Spearman correlation of MIWV and IFD: {_fmt(rho, '.3f')}.", ""]
-        trunc = truncation_summary(scores)
-        if trunc["truncated"]:
-            lines += [f"Truncation: {trunc['truncated']} of {trunc['rows']} samples were cut at max length "
-                      f"({trunc['demo_trimmed']} had their demonstration trimmed), and {trunc['top_truncated']} of "
-                      f"the top {trunc['top_k']} by MIWV; median MIWV {_fmt(trunc['median_miwv_truncated'])} "
-                      f"(cut) vs {_fmt(trunc['median_miwv_not_truncated'])} (not cut).", ""]
-        if rows and len(rows) == len(scores):
-            lines += ["### Top-5 samples by MIWV", "",
-                      "| rank | MIWV | IFD | instruction | demo (nearest neighbour) instruction | similarity |",
-                      "|---|---|---|---|---|---|"]
-            for rank, ex in enumerate(ranked_examples(rows, scores, 5), start=1):
-                lines.append(f"| {rank} | {_fmt(ex['miwv'])} | {_fmt(ex['ifd'])} | {_one_line(ex['instruction'])} | "
-                             f"{_one_line(ex['neighbor_instruction'])} | {_fmt(ex['neighbor_similarity'], '.3f')} |")
-            lines.append("")
 
-    # ---- subsets
-    if summary:
-        lines += ["## Subsets", "", f"Pool of {summary.get('pool_rows')} rows; each subset keeps floor(r·N) rows.", "",
-                  "| method | ratio | rows | file |", "|---|---|---|---|"]
-        for entry in summary.get("subsets", []):
-            lines.append(f"| {entry['method']} | {entry['ratio']:g} | {entry['rows']} | `subsets/{entry['file']}` |")
-        for entry in summary.get("skipped", []):
-            lines.append(f"| {entry['method']} | {entry['ratio']:g} | skipped: {entry['reason']} | |")
+def _score_lines(scores: list[dict], rows: list[dict]) -> list[str]:
+    lines = ["## MIWV and IFD", "",
+             f"N = {len(scores)} scored samples. MIWV = one-shot loss − zero-shot loss "
+             "(high: the most similar other example made the model worse on this one).", "",
+             "| quantity | n | mean | std | min | 25% | median | 75% | max |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, st in score_summary(scores).items():
+        lines.append(f"| {name} | {st['n']} | " + " | ".join(
+            fmt(st[k]) for k in ("mean", "std", "min", "p25", "median", "p75", "max")) + " |")
+    positive = sum(1 for s in scores if s.get("miwv") is not None and s["miwv"] > 0)
+    rho = spearman([s.get("miwv") for s in scores], [s.get("ifd") for s in scores])
+    lines += ["", f"{positive} of {len(scores)} samples have MIWV > 0. "
+                  f"Spearman correlation of MIWV and IFD: {fmt(rho, '.3f')}.", ""]
+    trunc = truncation_summary(scores)
+    if trunc["no_demo"]:
+        lines += [f"**{trunc['no_demo']} samples have no MIWV**: max length leaves no room for their neighbour's "
+                  "example (status `no-demo`). They are never selected by MIWV; score with `max_length: auto`.", ""]
+    if trunc["truncated"]:
+        lines += [f"Truncation: {trunc['truncated']} of {trunc['rows']} samples were cut at max length "
+                  f"({trunc['demo_trimmed']} had their demonstration trimmed), and {trunc['top_truncated']} of "
+                  f"the top {trunc['top_k']} by MIWV; median MIWV {fmt(trunc['median_miwv_truncated'])} "
+                  f"(cut) vs {fmt(trunc['median_miwv_not_truncated'])} (not cut).", ""]
+    if rows and len(rows) == len(scores):
+        lines += ["### Top-5 samples by MIWV", "",
+                  "| rank | MIWV | IFD | instruction | demo (nearest neighbour) instruction | similarity |",
+                  "|---|---|---|---|---|---|"]
+        for rank, ex in enumerate(ranked_examples(rows, scores, 5), start=1):
+            lines.append(f"| {rank} | {fmt(ex['miwv'])} | {fmt(ex['ifd'])} | {_one_line(ex['instruction'])} | "
+                         f"{_one_line(ex['neighbor_instruction'])} | {fmt(ex['neighbor_similarity'], '.3f')} |")
         lines.append("")
+    return lines
 
-    lines += _training_lines(run_dir)
-    lines += _evaluation_lines(run_dir)
 
-    # ---- figures
-    figures_dir = run_dir / "figures"
-    figures = sorted(p.name for p in figures_dir.glob("[!.]*.png"))
-    if figures:
-        lines += ["## Figures", ""]
-        for name, caption in KEY_FIGURES.items():
-            if name in figures:
-                lines += [f"**{caption}**", "", f"![{caption}](figures/{name})", ""]
-        others = [n for n in figures if n not in KEY_FIGURES]
-        if others:
-            lines += ["Other figures: " + ", ".join(f"[{n}](figures/{n})" for n in others), ""]
+def _subset_lines(summary: Mapping | None) -> list[str]:
+    if not summary:
+        return []
+    lines = ["## Subsets", "", f"Pool of {summary.get('pool_rows')} rows; each subset keeps floor(r·N) rows.", "",
+             "| method | ratio | rows | rows with a trimmed demo | file |", "|---|---|---|---|---|"]
+    for entry in summary.get("subsets", []):
+        lines.append(f"| {entry['method']} | {entry['ratio']:g} | {entry['rows']} | "
+                     f"{entry.get('demo_trimmed', '?')} | `subsets/{entry['file']}` |")
+    for entry in summary.get("skipped", []):
+        lines.append(f"| {entry['method']} | {entry['ratio']:g} | skipped: {entry['reason']} | | |")
+    return [*lines, ""]
 
-    executed = sorted(p.name for p in (run_dir / "notebooks").glob("[!.]*.ipynb"))
-    if executed:
-        lines += ["## Executed notebooks", "", *(f"- [{n}](notebooks/{n})" for n in executed), ""]
-    return "\n".join(lines).rstrip() + "\n"
+
+def _figure_lines(run_dir: Path) -> list[str]:
+    figures = sorted(p.name for p in (run_dir / "figures").glob("[!.]*.png"))
+    if not figures:
+        return []
+    lines = ["## Figures", ""]
+    for name, caption in KEY_FIGURES.items():
+        if name in figures:
+            lines += [f"**{caption}**", "", f"![{caption}](figures/{name})", ""]
+    others = [n for n in figures if n not in KEY_FIGURES]
+    if others:
+        lines += ["Other figures: " + ", ".join(f"[{n}](figures/{n})" for n in others), ""]
+    return lines
 
 
 def _training_lines(run_dir: Path) -> list[str]:
@@ -351,8 +365,8 @@ def _training_lines(run_dir: Path) -> list[str]:
              "| model | rows | optimizer steps | final train loss | seconds | tokens/s |", "|---|---|---|---|---|---|"]
     for name in comparison.get("models", {}):
         m = _read_json(run_dir / "models" / name / "manifest.json") or {}
-        lines.append(f"| {name} | {m.get('rows', '–')} | {m.get('steps', '–')} | {_fmt(m.get('train_loss'))} | "
-                     f"{_fmt(m.get('seconds'), '.0f')} | {_fmt(m.get('tokens_per_second'), '.1f')} |")
+        lines.append(f"| {name} | {m.get('rows', '–')} | {m.get('steps', '–')} | {fmt(m.get('train_loss'))} | "
+                     f"{fmt(m.get('seconds'), '.0f')} | {fmt(m.get('tokens_per_second'), '.1f')} |")
     return [*lines, ""]
 
 

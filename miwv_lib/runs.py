@@ -19,8 +19,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .io import write_json
-
 
 class FingerprintMismatch(RuntimeError):
     """A run directory already holds results of a different configuration."""
@@ -125,14 +123,21 @@ def _parse_row(line: bytes) -> dict | None:
     return row if isinstance(index, int) and not isinstance(index, bool) else None
 
 
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("miwv-lib")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def environment_info() -> dict[str, Any]:
     import torch
     import transformers
 
-    from . import __version__
-
     return {
-        "miwv_lib": __version__,
+        "miwv_lib": _package_version(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -146,44 +151,39 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_manifest(path: Path, **fields: Any) -> None:
-    write_json(path, fields)
-
-
 class RunDirectoryBusy(RuntimeError):
     """Another live process is scoring into the same run directory."""
 
 
 @contextmanager
 def run_lock(out_dir: str | Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``out_dir/.lock`` while scoring into ``out_dir``.
+    """Hold an exclusive lock on ``out_dir/.lock`` while writing into ``out_dir``.
 
-    A second process asking for the same directory gets :class:`RunDirectoryBusy` at once instead of
-    doing the same (paid) work twice. The kernel drops the lock when its holder dies, even by SIGKILL,
-    so a killed run never leaves a stale lock behind. Where locks are unsupported it does nothing.
+    A second process asking for the same directory gets :class:`RunDirectoryBusy` at once, naming the
+    holder's pid (kept in ``.lock.pid``: the lock file itself is truncated by every attempt), instead of
+    doing the same (paid) work twice. The kernel drops the lock when its holder dies, even by SIGKILL.
     """
+    from filelock import FileLock, Timeout
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out_dir / ".lock", timeout=0)
     try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    path = out_dir / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        lock.acquire()
+    except Timeout:
+        holder = _read_pid(out_dir / ".lock.pid")
+        raise RunDirectoryBusy(
+            f"{out_dir} is being written by another process (pid {holder}: a scoring run or a study); wait for it "
+            "to finish, or use another output directory") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            raise RunDirectoryBusy(
-                f"{out_dir} is being written by another process (pid {holder}: a scoring run or a study); wait for it to finish, "
-                "or use another output directory") from None
-        except OSError:  # e.g. a file system without flock support: carry on unlocked
-            yield
-            return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        (out_dir / ".lock.pid").write_text(f"{os.getpid()}\n", encoding="ascii")
         yield
     finally:
-        os.close(fd)
+        lock.release()
+
+
+def _read_pid(path: Path) -> str:
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip() or "unknown"
+    except OSError:
+        return "unknown"

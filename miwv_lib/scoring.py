@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -81,9 +81,19 @@ class Truncation:
     demo: int = 0  # cut from the left of the neighbour's example (one-shot only)
     prompt: int = 0  # cut from the left of sample i's prompt (both passes alike)
     response: int = 0  # cut from the right of sample i's response, EOS included (both passes alike)
+    demo_kept: int | None = None  # tokens of the neighbour's example left in the one-shot sequence
 
-    def as_dict(self) -> dict[str, int]:
-        return {k: v for k, v in vars(self).items() if v}
+    @property
+    def no_demo(self) -> bool:
+        """Nothing of the demonstration fits: the one-shot pass would be the zero-shot pass, MIWV a false 0."""
+        return self.demo_kept == 0
+
+    def as_dict(self) -> dict[str, int | str]:
+        cut: dict[str, int | str] = {k: v for k, v in
+                                     (("demo", self.demo), ("prompt", self.prompt), ("response", self.response)) if v}
+        if self.no_demo:
+            cut["demo"] = "all"
+        return cut
 
 
 def _sample_body(example: EncodedExample, special: SpecialTokens, max_length: int) -> tuple[list[int], int, Truncation]:
@@ -117,8 +127,9 @@ def one_shot_sequence(example: EncodedExample, demo: EncodedExample, special: Sp
     demo_body = [*demo.prompt, *demo.response, special.eos]
     room = max_length - len(special.prefix) - len(body)
     if len(demo_body) > room:
-        cut.demo = len(demo_body) - room
+        cut.demo = len(demo_body) - max(room, 0)
         demo_body = demo_body[cut.demo:]  # trim the demo from the left: keep what sits next to x_i
+    cut.demo_kept = len(demo_body)
     return Sequence((*special.prefix, *demo_body, *body), n_targets), cut
 
 
@@ -222,12 +233,52 @@ def span_losses(model, sequences: list[Sequence], pad_token_id: int,
 
 # --- a scoring run: neighbours, three passes per sample, resumable output ----------------------
 
+AUTO_MAX_LENGTH = "auto"
+MIN_MAX_LENGTH = 2  # a BOS and one response token: anything shorter holds no target at all
+
+
+def check_max_length(value: int | str) -> int | str:
+    """``auto`` or an int ≥ 2; anything else is a ValueError naming the value (checked before any model loads)."""
+    if value == AUTO_MAX_LENGTH:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_MAX_LENGTH:
+        raise ValueError(f"max_length {value!r} cannot hold a single response token once the prompt is cut away; "
+                         f"use {AUTO_MAX_LENGTH!r} or an integer of at least {MIN_MAX_LENGTH}")
+    return value
+
+
+def context_window(model) -> int | None:
+    """The longest sequence the model's positions cover, when its config says."""
+    config = getattr(model.config, "text_config", None) or model.config
+    window = getattr(config, "max_position_embeddings", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
+
+
+def resolve_max_length(setting: int | str, needed: list[int], model) -> int:
+    """``auto``: the longest sequence ``needed``, capped at the model's context window; an int as it is."""
+    if check_max_length(setting) != AUTO_MAX_LENGTH:
+        return int(setting)
+    longest, window = max(needed, default=MIN_MAX_LENGTH), context_window(model)
+    return max(MIN_MAX_LENGTH, min(longest, window) if window else longest)
+
+
+def one_shot_lengths(examples: list[EncodedExample], neighbor_index: np.ndarray, special: SpecialTokens,
+                     indices: list[int] | None = None) -> list[int]:
+    """Untruncated length of each row's one-shot sequence (all rows, or ``indices``): BOS, the neighbour's example,
+    then the row's."""
+    def body(i: int) -> int:
+        return len(examples[i].prompt) + len(examples[i].response) + 1
+
+    rows = range(len(examples)) if indices is None else indices
+    return [len(special.prefix) + body(int(neighbor_index[i])) + body(i) for i in rows]
+
+
 @dataclass
 class ScoreConfig:
     model: str = DEFAULT_MODEL
     embedder: str = DEFAULT_EMBEDDER  # a sentence-transformers name/path, or "self" (the scored model)
     template: str = "alpaca"  # alpaca | plain | chat
-    max_length: int = 1024  # one-shot sequences hold two examples, so twice the usual 512
+    max_length: int | str = AUTO_MAX_LENGTH  # "auto": nothing is cut, unless the model's context window must
     dtype: str = "auto"  # auto (bf16) | float32 (exact mode)
     device: str = "auto"
     batch_size: int = 16
@@ -235,6 +286,9 @@ class ScoreConfig:
     compute_ifd: bool = True  # one extra, short pass per sample
     chunk_rows: int = 64  # rows per checkpoint: at most this much work is lost when killed
     progress: bool = True
+
+    def __post_init__(self):
+        check_max_length(self.max_length)
 
 
 def score_fingerprint_inputs(config: ScoreConfig, loaded: LoadedModel, pool: InstructionPool) -> dict:
@@ -308,8 +362,9 @@ def plan_passes(examples: list[EncodedExample], indices: list[int], neighbor_ind
     one, cuts = {}, {}
     for i in indices:
         one[i], cuts[i] = one_shot_sequence(examples[i], examples[neighbor_index[i]], special, max_length)
+    with_demo = [i for i in indices if not cuts[i].no_demo]  # a row without its demo gets no one-shot pass
     donor: dict[int, int] = {}  # row -> the row whose one-shot pass carries its zero-shot sequence
-    for i in indices:
+    for i in with_demo:
         k = int(neighbor_index[i])
         if k in zero and k not in donor and one[i].input_ids[:len(zero[k].input_ids)] == zero[k].input_ids:
             donor[k] = i
@@ -320,10 +375,11 @@ def plan_passes(examples: list[EncodedExample], indices: list[int], neighbor_ind
     sequences: list[Sequence] = []
     where: dict[tuple[str, int], tuple[int, int]] = {}
     for i in indices:
-        spans = tuple((len(zero[k].input_ids), zero[k].n_targets) for k in carried.get(i, ()))
-        where[("one", i)] = (len(sequences), 0)
-        where.update({("zero", k): (len(sequences), 1 + n) for n, k in enumerate(carried.get(i, ()))})
-        sequences.append(Sequence(one[i].input_ids, one[i].n_targets, spans))
+        if i in with_demo:
+            spans = tuple((len(zero[k].input_ids), zero[k].n_targets) for k in carried.get(i, ()))
+            where[("one", i)] = (len(sequences), 0)
+            where.update({("zero", k): (len(sequences), 1 + n) for n, k in enumerate(carried.get(i, ()))})
+            sequences.append(Sequence(one[i].input_ids, one[i].n_targets, spans))
         if i not in donor:
             where[("zero", i)] = (len(sequences), 0)
             sequences.append(zero[i])
@@ -338,7 +394,10 @@ def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[st
                engine: EngineConfig | None = None) -> list[dict]:
     """Zero-shot, one-shot (and unconditional) losses of the rows ``indices``, batched together."""
     special = SpecialTokens.from_tokenizer(loaded.tokenizer)
-    plan = plan_passes(examples, indices, neighbor_index, special, config.max_length, config.compute_ifd)
+    # "auto" cuts only what exceeds the context window, so resolving it per chunk gives the pool's numbers.
+    max_length = resolve_max_length(config.max_length, one_shot_lengths(examples, neighbor_index, special, indices),
+                                    loaded.model)
+    plan = plan_passes(examples, indices, neighbor_index, special, max_length, config.compute_ifd)
     sequences, where, one, cuts = plan.sequences, plan.where, plan.one_shot, plan.cuts
     engine = engine or EngineConfig(batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
                                     progress=config.progress)
@@ -348,28 +407,40 @@ def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[st
         sequence, span = where.get((kind, i), (None, None))
         return math.nan if sequence is None else losses[sequence][span]
 
-    rows = []
-    for i in indices:
-        zero_loss, one_loss, uncond = loss("zero", i), loss("one", i), loss("uncond", i)
-        k = int(neighbor_index[i])
-        rows.append({
-            "index": i,
-            "id": ids[i],
-            "neighbor_index": k,
-            "neighbor_id": ids[k],
-            "neighbor_similarity": round(float(neighbor_similarity[i]), 6),
-            "zero_shot_loss": _finite_or_none(zero_loss),
-            "one_shot_loss": _finite_or_none(one_loss),
-            "miwv": _finite_or_none(miwv(one_loss, zero_loss)),
-            "unconditional_loss": _finite_or_none(uncond),
-            "ifd": _finite_or_none(ifd(zero_loss, uncond)) if config.compute_ifd else None,
-            "prompt_tokens": len(examples[i].prompt),
-            "response_tokens": len(examples[i].response),
-            "one_shot_tokens": len(one[i].input_ids),
-            "truncated": bool(cuts[i].as_dict()),
-            "truncation": cuts[i].as_dict(),
-        })
-    return rows
+    return [_score_row(i, int(neighbor_index[i]), ids, examples, one[i], cuts[i], neighbor_similarity[i],
+                       loss("zero", i), loss("one", i), loss("uncond", i), config.compute_ifd) for i in indices]
+
+
+# Why a row has no MIWV (``status`` in scores.jsonl); such a row is never selected.
+STATUS_OK = "ok"
+STATUS_NO_DEMO = "no-demo"  # max_length leaves no room for any of the neighbour's example
+STATUS_NOT_FINITE = "loss-not-finite"
+
+
+def _score_row(i: int, k: int, ids: list[str], examples: list[EncodedExample], one: Sequence, cut: Truncation,
+               similarity: float, zero_loss: float, one_loss: float, uncond: float, compute_ifd: bool) -> dict:
+    status = STATUS_NO_DEMO if cut.no_demo else STATUS_OK
+    value = _finite_or_none(miwv(one_loss, zero_loss))
+    if status == STATUS_OK and value is None:
+        status = STATUS_NOT_FINITE
+    return {
+        "index": i,
+        "id": ids[i],
+        "neighbor_index": k,
+        "neighbor_id": ids[k],
+        "neighbor_similarity": round(float(similarity), 6),
+        "zero_shot_loss": _finite_or_none(zero_loss),
+        "one_shot_loss": _finite_or_none(one_loss),
+        "miwv": value,
+        "status": status,
+        "unconditional_loss": _finite_or_none(uncond),
+        "ifd": _finite_or_none(ifd(zero_loss, uncond)) if compute_ifd else None,
+        "prompt_tokens": len(examples[i].prompt),
+        "response_tokens": len(examples[i].response),
+        "one_shot_tokens": len(one.input_ids),
+        "truncated": bool(cut.as_dict()),
+        "truncation": cut.as_dict(),
+    }
 
 
 def chunk_plan(neighbor_index: np.ndarray, chunk_rows: int) -> list[list[int]]:
@@ -405,6 +476,30 @@ def _load_done(partials: list[PartialResults], repair: bool = False) -> dict[int
     return done
 
 
+@dataclass
+class _Run:
+    """One scoring run's directory, configuration and identity (shared by the helpers of ``score_pool``)."""
+
+    pool: InstructionPool
+    out_dir: Path
+    config: ScoreConfig
+    loaded: LoadedModel
+    shard: Shard
+
+    @property
+    def inputs(self) -> dict:
+        return score_fingerprint_inputs(self.config, self.loaded, self.pool)
+
+    @property
+    def neighbor_key(self) -> dict:
+        return {"embedder": self.config.embedder, "data": self.pool.content_hash,
+                "model": self.loaded.identity if self.config.embedder == SELF_EMBEDDER else None}
+
+    @property
+    def progress(self) -> bool:
+        return self.config.progress and self.shard.is_main
+
+
 def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig | None = None, *,
                loaded: LoadedModel | None = None, overwrite: bool = False) -> list[dict]:
     """Score every row of ``pool`` into ``out_dir/scores.jsonl`` (+ ``manifest.json``), resuming if possible.
@@ -412,80 +507,90 @@ def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig |
     Under ``torchrun`` each rank scores every world_size-th chunk and rank 0 merges (see ``distributed``).
     """
     config = config or ScoreConfig()
-    shard = init_from_env()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
-    inputs = score_fingerprint_inputs(config, loaded, pool)
-    fingerprint = stable_hash(inputs)
-    manifest_path, scores_path = out_dir / "manifest.json", out_dir / "scores.jsonl"
-    neighbors_path = out_dir / "neighbors.json"
-    neighbor_key = {"embedder": config.embedder, "data": pool.content_hash,
-                    "model": loaded.identity if config.embedder == SELF_EMBEDDER else None}
-    progress = config.progress and shard.is_main
-
+    run = _Run(pool, out_dir, config, loaded, init_from_env())
     # Rank 0 alone checks the directory, writes the manifest, searches neighbours and repairs torn lines.
-    status: dict = {"error": None, "finished": False}
-    manifest, seconds_neighbors = {}, 0.0
-    if shard.is_main:
-        try:
-            previous = check_fingerprint(manifest_path, fingerprint, inputs, overwrite=overwrite)
-            status["finished"] = bool(previous and previous.get("status") == "complete" and scores_path.exists())
-            if not status["finished"]:
-                if previous is None:  # a new run, or an overwrite: drop what an older configuration left
-                    for old in _partial_files(out_dir, shard)[1]:
-                        old.remove()
-                    scores_path.unlink(missing_ok=True)
-                manifest = {"status": "running", "fingerprint": fingerprint, "fingerprint_inputs": inputs,
-                            "config": asdict(config), "data_source": pool.source, "started": now(),
-                            "world_size": shard.world_size, "environment": environment_info()}
-                write_json(manifest_path, manifest)
-                t0 = time.perf_counter()
-                _cached_neighbors(neighbors_path, neighbor_key,
-                                  lambda: find_neighbors(pool, config.embedder, loaded, progress=progress))
-                seconds_neighbors = time.perf_counter() - t0
-                _load_done(_partial_files(out_dir, shard)[1], repair=True)
-        except Exception as exc:  # noqa: BLE001 - raised on every rank just below
-            status["error"] = exc
-    status = from_main(shard, status)
+    status = from_main(run.shard, _start(run, overwrite) if run.shard.is_main else None)
     if status["error"] is not None:
         raise status["error"]
-    if status["finished"]:
-        return read_jsonl(scores_path)
+    if not status["finished"]:
+        max_length, seconds, todo = _score_missing_chunks(run)
+        barrier(run.shard)
+        if run.shard.is_main:
+            _finish(run, status["manifest"], max_length, seconds, todo)
+        barrier(run.shard)
+    return read_jsonl(out_dir / "scores.jsonl")
 
-    neighbor_index, neighbor_similarity = _read_neighbors(neighbors_path, neighbor_key)
-    examples = encode_examples(pool.rows, loaded.tokenizer, config.template)
-    ids = [row["id"] for row in pool.rows]
-    mine, everyone = _partial_files(out_dir, shard)
+
+def _start(run: _Run, overwrite: bool) -> dict:
+    """Rank 0: refuse another configuration's directory, then the manifest and the neighbours; never raises."""
+    status: dict = {"error": None, "finished": False, "manifest": {}}
+    try:
+        fingerprint = stable_hash(run.inputs)
+        previous = check_fingerprint(run.out_dir / "manifest.json", fingerprint, run.inputs, overwrite=overwrite)
+        status["finished"] = bool(previous and previous.get("status") == "complete"
+                                  and (run.out_dir / "scores.jsonl").exists())
+        if status["finished"]:
+            return status
+        if previous is None:  # a new run, or an overwrite: drop what an older configuration left
+            for old in _partial_files(run.out_dir, run.shard)[1]:
+                old.remove()
+            (run.out_dir / "scores.jsonl").unlink(missing_ok=True)
+        status["manifest"] = manifest = {
+            "status": "running", "fingerprint": fingerprint, "fingerprint_inputs": run.inputs,
+            "config": asdict(run.config), "data_source": run.pool.source, "started": now(),
+            "world_size": run.shard.world_size, "environment": environment_info()}
+        write_json(run.out_dir / "manifest.json", manifest)
+        t0 = time.perf_counter()
+        _cached_neighbors(run.out_dir / "neighbors.json", run.neighbor_key,
+                          lambda: find_neighbors(run.pool, run.config.embedder, run.loaded, progress=run.progress))
+        manifest["seconds_neighbors"] = round(time.perf_counter() - t0, 2)
+        _load_done(_partial_files(run.out_dir, run.shard)[1], repair=True)
+    except Exception as exc:  # noqa: BLE001 - raised on every rank by score_pool
+        status["error"] = exc
+    return status
+
+
+def _score_missing_chunks(run: _Run) -> tuple[int, float, list[int]]:
+    """This rank's unfinished chunks, appended to its partial file; returns (max length, seconds, rows to do)."""
+    neighbor_index, neighbor_similarity = _read_neighbors(run.out_dir / "neighbors.json", run.neighbor_key)
+    examples = encode_examples(run.pool.rows, run.loaded.tokenizer, run.config.template)
+    special = SpecialTokens.from_tokenizer(run.loaded.tokenizer)
+    max_length = resolve_max_length(run.config.max_length, one_shot_lengths(examples, neighbor_index, special),
+                                    run.loaded.model)
+    config = replace(run.config, max_length=max_length)
+    ids = [row["id"] for row in run.pool.rows]
+    mine, everyone = _partial_files(run.out_dir, run.shard)
     done = _load_done(everyone)
-    plan = chunk_plan(neighbor_index, config.chunk_rows)
     # A chunk is scored whole even if a crash left part of it on disk: its batches stay the same.
-    my_chunks = [chunk for number, chunk in enumerate(plan)
-                 if shard.owns(number) and any(i not in done for i in chunk)]
-    todo = [i for i in range(len(pool)) if i not in done]
-    label = "MIWV scoring" if shard.world_size == 1 else f"MIWV scoring (rank 0 of {shard.world_size})"
+    my_chunks = [chunk for number, chunk in enumerate(chunk_plan(neighbor_index, config.chunk_rows))
+                 if run.shard.owns(number) and any(i not in done for i in chunk)]
+    world = run.shard.world_size
+    label = "MIWV scoring" if world == 1 else f"MIWV scoring (rank 0 of {world})"
     t0 = time.perf_counter()
     with tqdm(total=len(done) + sum(map(len, my_chunks)), initial=len(done), desc=label, unit="sample",
-              disable=not progress) as bar:
+              disable=not run.progress) as bar:
         for chunk in my_chunks:
-            rows = score_rows(loaded, examples, ids, chunk, neighbor_index, neighbor_similarity, config)
+            rows = score_rows(run.loaded, examples, ids, chunk, neighbor_index, neighbor_similarity, config)
             mine.append([row for row in rows if row["index"] not in done])
             bar.update(len(chunk))
-    seconds_scoring = time.perf_counter() - t0
-    barrier(shard)
+    return max_length, time.perf_counter() - t0, [i for i in range(len(run.pool)) if i not in done]
 
-    if shard.is_main:
-        everyone = _partial_files(out_dir, shard)[1]
-        done = _load_done(everyone)
-        scores = [done[i] for i in range(len(pool))]
-        write_jsonl(scores_path, scores)
-        manifest.update(status="complete", finished=now(), rows=len(scores), rows_scored_this_run=len(todo),
-                        rows_resumed=len(pool) - len(todo), seconds_neighbors=round(seconds_neighbors, 2),
-                        seconds_scoring=round(seconds_scoring, 2),
-                        seconds_per_sample=round(seconds_scoring / len(todo), 4) if todo else None,
-                        truncated_rows=sum(r["truncated"] for r in scores))
-        write_json(manifest_path, manifest)
-        for partial in everyone:
-            partial.remove()
-    barrier(shard)
-    return read_jsonl(scores_path)
+
+def _finish(run: _Run, manifest: dict, max_length: int, seconds: float, todo: list[int]) -> None:
+    """Rank 0: merge every rank's partial file into ``scores.jsonl`` in input order; complete the manifest."""
+    everyone = _partial_files(run.out_dir, run.shard)[1]
+    done = _load_done(everyone)
+    scores = [done[i] for i in range(len(run.pool))]
+    write_jsonl(run.out_dir / "scores.jsonl", scores)
+    manifest.update(status="complete", finished=now(), rows=len(scores), rows_scored_this_run=len(todo),
+                    rows_resumed=len(run.pool) - len(todo), seconds_scoring=round(seconds, 2),
+                    seconds_per_sample=round(seconds / len(todo), 4) if todo else None,
+                    max_length=max_length, truncated_rows=sum(r["truncated"] for r in scores),
+                    demo_trimmed_rows=sum(bool(r["truncation"].get("demo")) for r in scores),
+                    no_miwv_rows=sum(r["miwv"] is None for r in scores))
+    write_json(run.out_dir / "manifest.json", manifest)
+    for partial in everyone:
+        partial.remove()

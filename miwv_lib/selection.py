@@ -12,6 +12,7 @@ from .data import InstructionPool
 from .io import atomic_open
 
 SELECTION_METHODS = ("miwv", "ifd", "low-miwv", "length", "random")
+BASELINE = "full"  # the model fine-tuned on the whole pool, which every subset's model is compared against
 # method -> (score field, descending?)
 _RANKED = {"miwv": ("miwv", True), "ifd": ("ifd", True), "low-miwv": ("miwv", False),
            "length": ("response_tokens", True)}
@@ -52,6 +53,29 @@ def select_indices(scores: list[dict], ratio: float, by: str = "miwv", seed: int
     sign = -1.0 if descending else 1.0
     ranked = sorted(usable, key=lambda s: (sign * s[field], s["id"], s["index"]))
     return [int(s["index"]) for s in ranked[:size]]
+
+
+def demo_trimmed(scores: list[dict]) -> int:
+    """Rows whose demonstration ``max_length`` trimmed or cut away: their one-shot loss is not the paper's."""
+    return sum(1 for s in scores if (s.get("truncation") or {}).get("demo"))
+
+
+def score_warnings(scores: list[dict]) -> list[str]:
+    """What a user must know about a scores file before trusting its ranking (one sentence per problem)."""
+    lines = []
+    no_demo = [s["index"] for s in scores if s.get("status") == "no-demo"]
+    if no_demo:
+        lines.append(f"{len(no_demo)} rows have no MIWV: max_length leaves no room for their neighbour's example "
+                     f"(status 'no-demo', first rows {no_demo[:5]}); they are never selected. Use --max-length auto")
+    others = [s["index"] for s in scores if s.get("miwv") is None and s.get("status") != "no-demo"]
+    if others:
+        lines.append(f"{len(others)} rows have no finite MIWV (null in scores.jsonl, first rows {others[:5]}); "
+                     "they are never selected")
+    trimmed = [s["index"] for s in scores if s.get("truncated") and s.get("status") != "no-demo"]
+    if trimmed:
+        lines.append(f"{len(trimmed)} rows were cut to fit max_length ({demo_trimmed(scores) - len(no_demo)} of them "
+                     f"with a trimmed demonstration, which raises MIWV; flagged 'truncated', first rows {trimmed[:5]})")
+    return lines
 
 
 def _is_finite_number(value) -> bool:

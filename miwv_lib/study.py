@@ -27,10 +27,9 @@ from .data import InstructionPool, load_instructions, load_test_set
 from .io import atomic_open, read_jsonl, write_json, write_jsonl
 from .runs import now
 from .scoring import ScoreConfig, score_pool
-from .selection import check_scores_match, export_subset, select_indices
+from .selection import BASELINE, check_scores_match, export_subset, select_indices
 
 STAGES = ("score", "select", "train", "generate", "judge", "report")
-BASELINE = "full"
 TIMINGS_FILE = "timings.jsonl"
 RECORD_DIR = "record"  # under results_dir: the committed record of every finished stage (see StudyRecord)
 
@@ -81,7 +80,10 @@ def _build(cls, values: Mapping[str, Any], where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise StudyError(f"{where}: unknown keys {unknown}; allowed: {', '.join(sorted(known))}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a field's own check (ScoreConfig.max_length, say)
+        raise StudyError(f"{where}: {exc}") from None
 
 
 def load_study_config(path: str | Path | Mapping) -> StudyConfig:
@@ -134,11 +136,6 @@ class Arm:
     method: str  # a selection method, or "full"
     ratio: float  # 1.0 for the full pool
     seed: int | None = None  # random selections only
-
-    @property
-    def label(self) -> str:
-        """The method as the tables show it (random seeds folded into one label)."""
-        return self.method
 
 
 def plan_arms(config: StudyConfig) -> list[Arm]:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .io import atomic_open, read_jsonl, write_json
-from .report import jaccard, ratio_label, row_source_files, spearman, summary_stats
-from .study import BASELINE
+from .report import fmt, jaccard, ratio_label, row_source_files, spearman, summary_stats
+from .selection import BASELINE, demo_trimmed, subset_size
 
 if TYPE_CHECKING:
     from .study import Study
@@ -108,9 +108,7 @@ def _from_repo(path) -> str:
 
 
 def _f(value, spec: str = ".3f") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "–"
-    return format(value, spec)
+    return fmt(value, spec)
 
 
 # --- sections --------------------------------------------------------------------------------------------
@@ -118,7 +116,7 @@ def _f(value, spec: str = ".3f") -> str:
 def _setting(study: Study) -> str:
     c = study.config
     score, train, gen = c.score_config(), c.train_config(), c.generate_config()
-    sizes = ", ".join(f"{100 * r:g}% = {math.floor(r * len(study.pool) + 1e-9)} rows" for r in sorted(c.ratios))
+    sizes = ", ".join(f"{100 * r:g}% = {subset_size(len(study.pool), r)} rows" for r in sorted(c.ratios))
     tests = ", ".join(f"{name} ({'all' if n is None else f'{n} sampled, seed {c.test_seed}'})"
                       for name, n in c.test_sets.items())
     epochs = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs:g} epoch(s)"
@@ -170,7 +168,9 @@ def _scoring_section(study: Study, figures: dict[str, str]) -> tuple[str, list[d
         f"- MIWV: median {stats['median']:.3f}, range {stats['min']:.3f} to {stats['max']:.3f}; "
         f"{positive:,} rows ({positive / len(scores):.1%}) have MIWV > 0 (the neighbour's example made the loss worse).",
         f"- Spearman correlation of MIWV with IFD: {rho:.3f}.",
-        f"- Rows whose one-shot sequence was truncated: {sum(s['truncated'] for s in scores)}.",
+        f"- Rows whose one-shot sequence was truncated: {sum(s['truncated'] for s in scores)} "
+        f"({demo_trimmed(scores)} with a trimmed demonstration); rows without MIWV: "
+        f"{sum(s['miwv'] is None for s in scores)}.",
     ]
     if "scores" in figures:
         lines += ["", f"![MIWV and IFD]({figures['scores']})"]
@@ -182,8 +182,8 @@ def _selection_section(study: Study, scores: list[dict] | None) -> str:
         return "Needs the scores."
     plan = study.selections(scores)
     sources = row_source_files(study.pool.files, len(study.pool)) if study.pool.files else None
-    lines = ["| subset | rows | median response tokens | mean MIWV | mean IFD | share per source file |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = ["| subset | rows | rows with a trimmed demo | median response tokens | mean MIWV | mean IFD | "
+             "share per source file |", "|---|---:|---:|---:|---:|---:|---|"]
     for arm in study.arms:
         idx = plan[arm.name]
         resp = [scores[i]["response_tokens"] for i in idx]
@@ -193,7 +193,7 @@ def _selection_section(study: Study, scores: list[dict] | None) -> str:
             for i in idx:
                 counts[sources[i]] = counts.get(sources[i], 0) + 1
             share = ", ".join(f"{k} {v / len(idx):.0%}" for k, v in sorted(counts.items()))
-        lines.append(f"| {arm.name} | {len(idx):,} | {np.median(resp):.0f} | "
+        lines.append(f"| {arm.name} | {len(idx):,} | {demo_trimmed([scores[i] for i in idx])} | {np.median(resp):.0f} | "
                      f"{_f(_mean([scores[i]['miwv'] for i in idx]))} | {_f(_mean([scores[i]['ifd'] for i in idx]))} | "
                      f"{share} |")
     lines += ["", "Overlap (Jaccard) between the subsets of the same size:", ""]
@@ -408,17 +408,23 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def winning_score_figure(study: Study, table: list[dict]):
-    """One panel per judge: each subset model's winning score against the full-pool model, with its interval."""
+def _judge_panels(study: Study, table: list[dict]):
+    """A figure with one panel per judge, sharing one row per subset model: (fig, axes, judges, arms)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     judges = judge_ids(table)
-    arms = [a for a in study.arms if a.method != "full"]
+    arms = [a for a in study.arms if a.method != BASELINE]
     fig, axes = plt.subplots(1, len(judges), figsize=(4.2 * len(judges), 0.32 * len(arms) + 1.6), sharey=True,
                              squeeze=False)
+    return fig, axes, judges, arms
+
+
+def winning_score_figure(study: Study, table: list[dict]):
+    """One panel per judge: each subset model's winning score against the full-pool model, with its interval."""
+    fig, axes, judges, arms = _judge_panels(study, table)
     colors = {"miwv": "#C44E52", "ifd": "#4C72B0", "low-miwv": "#8172B2", "random": "#8C8C8C", "length": "#55A868"}
     for ax, judge in zip(axes[0], judges):
         rows = {r["model_a"]: r for r in table if r["judge"] == judge and r["test_set"] == "All"}
@@ -441,15 +447,7 @@ def winning_score_figure(study: Study, table: list[dict]):
 
 def outcome_bars_figure(study: Study, table: list[dict]):
     """Win/tie/lose shares (all test sets) per subset model, one panel per judge: the paper's Figure 2 layout."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    judges = judge_ids(table)
-    arms = [a for a in study.arms if a.method != "full"]
-    fig, axes = plt.subplots(1, len(judges), figsize=(4.2 * len(judges), 0.32 * len(arms) + 1.6), sharey=True,
-                             squeeze=False)
+    fig, axes, judges, arms = _judge_panels(study, table)
     for ax, judge in zip(axes[0], judges):
         rows = {r["model_a"]: r for r in table if r["judge"] == judge and r["test_set"] == "All"}
         left = np.zeros(len(arms))
@@ -506,10 +504,31 @@ def scores_figure(scores: list[dict]):
 
 def write_study_report(study: Study) -> Path:
     """``REPORT.md`` + figures + ``results.json`` in ``study.results_dir``; returns the report's path."""
-    from .pipeline import repo_root
-
     out = study.results_dir
     out.mkdir(parents=True, exist_ok=True)
+    figures, table, comps = _figures_and_tables(study, out)
+    scoring_text, scores = _scoring_section(study, figures)
+    missing = _status(study)
+    parts = [*_intro(study, missing),
+             "## 1. Scoring", "", scoring_text, "",
+             "## 2. Selected subsets", "", _selection_section(study, scores), "",
+             "## 3. Fine-tuning", "", _training_section(study, figures), "",
+             "## 4. Every subset model against the full-pool model", "",
+             _evaluation_tables(study, table) if table else "Needs the judgements (stages `generate`, `judge`).", "",
+             _answer_lengths(study)]
+    if "winning" in figures:
+        parts += ["", f"![winning scores]({figures['winning']})", "", f"![win/tie/lose]({figures['bars']})"]
+    parts += _closing(study, comps)
+    path = out / "REPORT.md"
+    with atomic_open(path) as handle:
+        handle.write("\n".join(parts) + "\n")
+    write_json(out / "results.json", {"status_missing": missing, "comparisons": comps, "table": table,
+                                      "figures": figures})
+    return path
+
+
+def _figures_and_tables(study: Study, out: Path) -> tuple[dict[str, str], list[dict], list[dict]]:
+    """Draw the figures the run directory has data for; copy the judged table. Returns (figures, table, comparisons)."""
     figures: dict[str, str] = {}
     scores = read_jsonl(study.scores_path) if study.scores_path.exists() else None
     if scores:
@@ -517,93 +536,64 @@ def write_study_report(study: Study) -> Path:
     fig = training_figure(study)
     if fig is not None:
         figures["training"] = _save(fig, out / "training_loss.png")
-
     table_path = study.evaluation_dir / "table.csv"
     judgements_path = study.evaluation_dir / "judgements.jsonl"
     table = _read_csv(table_path) if table_path.exists() else []
     records = read_jsonl(judgements_path) if judgements_path.exists() else []
-    comps = comparisons(study, records) if records else []
     if table:
         figures["winning"] = _save(winning_score_figure(study, table), out / "winning_scores.png")
         figures["bars"] = _save(outcome_bars_figure(study, table), out / "win_tie_lose.png")
-        (out / "table.csv").write_text(table_path.read_text(encoding="utf-8"), encoding="utf-8")
+        with atomic_open(out / "table.csv") as handle:
+            handle.write(table_path.read_text(encoding="utf-8"))
     else:  # an earlier, judged report's files would otherwise sit beside a report that has no judgements
         for name in JUDGED_OUTPUTS:
             (out / name).unlink(missing_ok=True)
+    return figures, table, comparisons(study, records) if records else []
 
-    scoring_text, scores = _scoring_section(study, figures)
-    missing = _status(study)
+
+def _intro(study: Study, missing: list[str]) -> list[str]:
+    from .pipeline import repo_root
+
     c = study.config
-    command = f"python -m miwv_lib study --config {_from_repo(c.source)}"
-    parts = [
-        "# Small-scale reproduction of MIWV",
-        "",
+    return [
+        "# Small-scale reproduction of MIWV", "",
         f"*Generated by `miwv_lib/study_report.py` from the run directory; commit {_git_commit(repo_root()) or '?'}.*",
         "",
         "**Status: complete.**" if not missing else f"**Status: incomplete — still to run: {', '.join(missing)}.** "
-        "The sections below show what exists so far.",
-        "",
-        "## The paper's claim",
-        "",
+        "The sections below show what exists so far.", "",
+        "## The paper's claim", "",
         "MIWV (*Importance-Aware Data Selection for Efficient LLM Instruction Tuning*, AAAI-26) ranks instruction "
         "data by how much a similar example, placed before a sample as a one-shot demonstration, *hurts* the model's "
         "loss on that sample's response (MIWV = one-shot loss − zero-shot loss). The paper reports that fine-tuning "
         "LLaMA-2-7B on the top 1 % of Alpaca-52K by MIWV beats fine-tuning on all 52K rows under a GPT-4 pairwise "
-        "judge on five test sets (winning score > 1), and beats IFD (Cherry) selection at the same size.",
-        "",
-        "## Our setting, and how it differs",
-        "",
-        c.description.strip() if c.description else "",
-        "",
-        _setting(study),
-        "",
+        "judge on five test sets (winning score > 1), and beats IFD (Cherry) selection at the same size.", "",
+        "## Our setting, and how it differs", "",
+        c.description.strip() if c.description else "", "",
+        _setting(study), "",
         "Winning score = 1 + (wins − losses) / N over prompts; each prompt is judged twice with the answers "
         "swapped, a prompt is a win if the model wins both orders or wins one and ties the other, a loss "
-        "symmetrically, otherwise a tie (the paper's protocol). 95 % intervals: bootstrap over prompts.",
-        "",
-        "## 1. Scoring",
-        "",
-        scoring_text,
-        "",
-        "## 2. Selected subsets",
-        "",
-        _selection_section(study, scores),
-        "",
-        "## 3. Fine-tuning",
-        "",
-        _training_section(study, figures),
-        "",
-        "## 4. Every subset model against the full-pool model",
-        "",
-        _evaluation_tables(study, table) if table else "Needs the judgements (stages `generate`, `judge`).",
-        "",
-        _answer_lengths(study),
-    ]
-    if "winning" in figures:
-        parts += ["", f"![winning scores]({figures['winning']})", "", f"![win/tie/lose]({figures['bars']})"]
-    parts += ["", "## 5. What we can and cannot conclude", "", _conclusions(study, comps), "",
-              "What this setting cannot show: the paper's judge is GPT-4 reading both answers; ours are reference-based "
-              "proxies (likelihood of, and similarity to, the GPT-4 reference answer), which reward answers that look "
-              f"like the reference, not answers a person prefers. The model is far smaller than the paper's 7B, "
-              f"the pool is {len(study.pool):,} rows ({len(study.pool) / ALPACA_52K:.1%} of Alpaca-52K), and "
-              "fine-tuning is on a CPU budget. A negative or null result here does not refute the paper at its "
-              "scale; a positive one does not confirm it.",
-              "", "## Reproduce", "", "```bash", command, "```", "",
-              "Each stage skips what is already done, so the same command continues an interrupted study; "
-              f"`--stages` runs a subset of {', '.join(f'`{s}`' for s in ('score', 'select', 'train', 'generate', 'judge', 'report'))}. "
-              f"Intermediate files live in `{c.run_dir}` (not committed); `record/` beside this report keeps the "
-              "small ones (scores, each model's manifest and loss curve, its answers as ids and text, no weights, no "
-              "dataset text), so a fresh clone continues the study where the last commit left it."]
-    timings = _timings(study)
-    if timings:
-        per_stage: dict[str, float] = {}
-        for t in timings:
-            per_stage[t["stage"]] = per_stage.get(t["stage"], 0.0) + t["seconds"]
+        "symmetrically, otherwise a tie (the paper's protocol). 95 % intervals: bootstrap over prompts.", ""]
+
+
+def _closing(study: Study, comps: list[dict]) -> list[str]:
+    c = study.config
+    stages = ", ".join(f"`{s}`" for s in ("score", "select", "train", "generate", "judge", "report"))
+    parts = ["", "## 5. What we can and cannot conclude", "", _conclusions(study, comps), "",
+             "What this setting cannot show: the paper's judge is GPT-4 reading both answers; ours are reference-based "
+             "proxies (likelihood of, and similarity to, the GPT-4 reference answer), which reward answers that look "
+             f"like the reference, not answers a person prefers. The model is far smaller than the paper's 7B, "
+             f"the pool is {len(study.pool):,} rows ({len(study.pool) / ALPACA_52K:.1%} of Alpaca-52K), and "
+             "fine-tuning is on a CPU budget. A negative or null result here does not refute the paper at its "
+             "scale; a positive one does not confirm it.",
+             "", "## Reproduce", "", "```bash", f"python -m miwv_lib study --config {_from_repo(c.source)}", "```", "",
+             "Each stage skips what is already done, so the same command continues an interrupted study; "
+             f"`--stages` runs a subset of {stages}. "
+             f"Intermediate files live in `{c.run_dir}` (not committed); `record/` beside this report keeps the "
+             "small ones (scores, each model's manifest and loss curve, its answers as ids and text, no weights, no "
+             "dataset text), so a fresh clone continues the study where the last commit left it."]
+    per_stage: dict[str, float] = {}
+    for t in _timings(study):
+        per_stage[t["stage"]] = per_stage.get(t["stage"], 0.0) + t["seconds"]
+    if per_stage:
         parts += ["", "Compute spent so far: " + ", ".join(f"{k} {v / 3600:.2f} h" for k, v in per_stage.items()) + "."]
-    text = "\n".join(parts) + "\n"
-    path = out / "REPORT.md"
-    with atomic_open(path) as handle:
-        handle.write(text)
-    write_json(out / "results.json", {"status_missing": missing, "comparisons": comps, "table": table,
-                                      "figures": figures})
-    return path
+    return parts

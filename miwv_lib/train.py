@@ -34,6 +34,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -453,20 +454,40 @@ def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config:
     base = base or load_model(config.model, dtype=_weights_dtype(config, use_bf16), device=device)
 
     inputs = train_fingerprint_inputs(config, base, rows, use_bf16)
-    fingerprint = stable_hash(inputs)
-    manifest_path = out_dir / MANIFEST_FILE
-    previous = check_fingerprint(manifest_path, fingerprint, inputs, overwrite=overwrite)
+    manifest = {"status": "running", "fingerprint": stable_hash(inputs), "fingerprint_inputs": inputs, "name": name,
+                "base_model": base.name, "started": now(), "environment": environment_info()}
+    previous = check_fingerprint(out_dir / MANIFEST_FILE, manifest["fingerprint"], inputs, overwrite=overwrite)
     if previous and previous.get("status") == "complete":
         return _result_from_manifest(name, out_dir, previous)
     resume_from = _resume_checkpoint(out_dir, config, previous, overwrite)
-    manifest = {"status": "running", "fingerprint": fingerprint, "fingerprint_inputs": inputs, "name": name,
-                "base_model": base.name, "started": now(), "environment": environment_info()}
     if resume_from:
         manifest |= {"started": previous.get("started", manifest["started"]), "resumed": now()}
-    write_json(manifest_path, manifest)
+    write_json(out_dir / MANIFEST_FILE, manifest)
 
-    features = build_features(rows, base.tokenizer, config.template, config.max_length)
     model = _prepare_model(copy.deepcopy(base.model) if borrowed else base.model, config)
+    session = _fit(model, build_features(rows, base.tokenizer, config.template, config.max_length), base, config,
+                   device, use_bf16, out_dir, name, resume_from)
+    _save_model(model, base, config, out_dir)
+    write_loss_csv(out_dir / LOSS_FILE, session.curve.rows)
+    write_json(out_dir / CONFIG_FILE, asdict(config) | {
+        "learning_rate": config.resolved_learning_rate(), "bf16": use_bf16,
+        "weights_dtype": str(base.dtype).removeprefix("torch."), "base_model_identity": base.identity,
+        "n_examples": len(rows)})
+    return _complete(out_dir, manifest, session, len(rows))
+
+
+@dataclass
+class _Session:
+    """What one ``Trainer.train`` call left: its output, loss curve, tokens seen and wall time."""
+
+    output: Any
+    curve: LossCurveCallback
+    tokens: int
+    seconds: float
+
+
+def _fit(model, features: list[dict], base: LoadedModel, config: TrainConfig, device: torch.device, use_bf16: bool,
+         out_dir: Path, name: str, resume_from: str | None) -> _Session:
     curve = LossCurveCallback(progress=config.progress, desc=f"train {name}")
     trainer_class = ResponseOnlyLossTrainer if config.response_only_loss else Trainer
     with tempfile.TemporaryDirectory(prefix="miwv-trainer-") as scratch:
@@ -479,34 +500,34 @@ def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config:
         trainer.remove_callback(ProgressCallback)
         t0 = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume_from)
-        seconds = time.perf_counter() - t0
+        return _Session(output, curve, trainer.state.num_input_tokens_seen, time.perf_counter() - t0)
 
-    tokens = trainer.state.num_input_tokens_seen
-    session_tokens = tokens - curve.tokens_at_start  # a resumed session did not process the checkpoint's tokens
-    train_loss = _whole_run_loss(curve, output.training_loss, output.global_step)
+
+def _save_model(model, base: LoadedModel, config: TrainConfig, out_dir: Path) -> None:
     if config.method == "lora":
         _save_atomically(out_dir, ADAPTER_DIR, model.save_pretrained)
     else:
         _save_atomically(out_dir, FULL_MODEL_DIR,
                          lambda d: (model.save_pretrained(d), base.tokenizer.save_pretrained(d)))
-    write_loss_csv(out_dir / LOSS_FILE, curve.rows)
-    config_record = asdict(config) | {"learning_rate": config.resolved_learning_rate(), "bf16": use_bf16,
-                                      "weights_dtype": str(base.dtype).removeprefix("torch."),
-                                      "base_model_identity": base.identity, "n_examples": len(rows)}
-    write_json(out_dir / CONFIG_FILE, config_record)
+
+
+def _complete(out_dir: Path, manifest: dict, session: _Session, n_rows: int) -> TrainResult:
+    """Mark the run complete in its manifest and drop its checkpoints: nothing is left to resume."""
+    curve, steps = session.curve, session.output.global_step
+    session_tokens = session.tokens - curve.tokens_at_start  # a resumed session did not process the checkpoint's
+    train_loss = _whole_run_loss(curve, session.output.training_loss, steps)
     # seconds: the whole run's training time (earlier sessions up to their checkpoint); tokens/s: this session's
-    total_seconds = curve.seconds_before + seconds
-    manifest.update(status="complete", finished=now(), rows=len(rows), steps=output.global_step,
-                    train_loss=train_loss, seconds=round(total_seconds, 2), session_seconds=round(seconds, 2),
-                    tokens_seen=tokens,
-                    tokens_per_second=round(session_tokens / seconds, 1) if session_tokens and seconds else None,
+    total_seconds = curve.seconds_before + session.seconds
+    tokens_per_second = round(session_tokens / session.seconds, 1) if session_tokens and session.seconds else None
+    manifest.update(status="complete", finished=now(), rows=n_rows, steps=steps, train_loss=train_loss,
+                    seconds=round(total_seconds, 2), session_seconds=round(session.seconds, 2),
+                    tokens_seen=session.tokens, tokens_per_second=tokens_per_second,
                     resumed_from_step=curve.resumed_from_step)
-    write_json(manifest_path, manifest)
-    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)  # the run is complete: nothing left to resume
-    del trainer, model
-    return TrainResult(name=name, out_dir=out_dir, fingerprint=fingerprint, n_examples=len(rows),
-                       train_loss=train_loss, steps=output.global_step, seconds=total_seconds,
-                       tokens_per_second=manifest["tokens_per_second"], resumed_from_step=curve.resumed_from_step)
+    write_json(out_dir / MANIFEST_FILE, manifest)
+    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+    return TrainResult(name=manifest["name"], out_dir=out_dir, fingerprint=manifest["fingerprint"], n_examples=n_rows,
+                       train_loss=train_loss, steps=steps, seconds=total_seconds, tokens_per_second=tokens_per_second,
+                       resumed_from_step=curve.resumed_from_step)
 
 
 def trained_model_signature(model_dir: str | Path) -> tuple[str, str]:

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import make_rows
+
+pytestmark = pytest.mark.integration  # runs the benchmark scripts end to end (tens of seconds)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+pytestmark = pytest.mark.integration  # runs the notebook pipeline on the tiny model (about a minute)
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -280,7 +282,9 @@ def test_report_matches_the_scores(smoke_run):
     pool = _read_jsonl(run_dir / "pool.jsonl")
     best = max(scores, key=lambda s: (s["miwv"], s["id"]))
     assert f"| 1 | {best['miwv']:.4f} |" in report and pool[best["index"]]["instruction"] in report
-    assert "| miwv | 0.25 | 10 | `subsets/miwv_25pct.json` |" in report
+    chosen = [r["miwv_selection"]["index"] for r in json.loads((run_dir / "subsets" / "miwv_25pct.json").read_text())]
+    trimmed = sum(1 for i in chosen if scores[i]["truncation"].get("demo"))
+    assert f"| miwv | 0.25 | 10 | {trimmed} | `subsets/miwv_25pct.json` |" in report
     # 04 and 05 are summarised from their manifests and tables
     for name in ("miwv_10pct", "random_10pct", "full"):
         manifest = json.loads((run_dir / "models" / name / "manifest.json").read_text())

@@ -195,7 +195,8 @@ def _fake_run(run_dir: Path, n: int = 6) -> list[dict]:
     write_jsonl(run_dir / "pool.jsonl", rows)
     write_jsonl(run_dir / "scores.jsonl", scores)
     write_json(run_dir / "subsets" / "summary.json", {
-        "pool_rows": n, "subsets": [{"method": "miwv", "ratio": 0.5, "rows": 3, "file": "miwv_50pct.json"}],
+        "pool_rows": n, "subsets": [{"method": "miwv", "ratio": 0.5, "rows": 3, "file": "miwv_50pct.json",
+                                    "demo_trimmed": 1}],
         "skipped": [{"method": "miwv", "ratio": 0.01, "reason": "selects zero rows"}]})
     return scores
 
@@ -210,7 +211,7 @@ def test_report_is_built_from_the_run_directory_alone(tmp_path):
     assert path == tmp_path / "report.md"
     assert f"N = {len(scores)} scored samples" in text
     assert f"{max(miwvs):.4f}" in text and f"{min(miwvs):.4f}" in text
-    assert "| miwv | 0.5 | 3 | `subsets/miwv_50pct.json` |" in text and "skipped: selects zero rows" in text
+    assert "| miwv | 0.5 | 3 | 1 | `subsets/miwv_50pct.json` |" in text and "skipped: selects zero rows" in text
     best = max(scores, key=lambda s: s["miwv"])
     assert f"| 1 | {best['miwv']:.4f} |" in text and f"Task number {best['index']}" in text
     assert "## Figures" not in text  # none yet

@@ -51,7 +51,7 @@ def test_cli_scores_and_selects_real_data_end_to_end(shared_data_dir, tmp_path):
     data = shared_data_dir / "train" / "alpaca_gpt4_999.json"
     run = tmp_path / "run"
     score = subprocess.run([sys.executable, "-m", "miwv_lib", "score", "--data", str(data), "--limit", "16",
-                            "--out", str(run), "--max-length", "512"],
+                            "--out", str(run)],
                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert score.returncode == 0, score.stderr[-3000:]
     scores = [json.loads(line) for line in (run / "scores.jsonl").read_text().splitlines()]
@@ -61,6 +61,7 @@ def test_cli_scores_and_selects_real_data_end_to_end(shared_data_dir, tmp_path):
         assert 0 < s["zero_shot_loss"] < 10 and 0 < s["one_shot_loss"] < 10
         assert s["miwv"] == pytest.approx(s["one_shot_loss"] - s["zero_shot_loss"])
         assert 0 < s["ifd"] < 2
+        assert not s["truncated"] and s["status"] == "ok"  # the default max length cuts nothing
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["fingerprint_inputs"]["dtype"] == "bfloat16" and manifest["status"] == "complete"
 

@@ -182,7 +182,7 @@ def digest(*paths: Path) -> dict[str, str]:
     for path in paths:
         files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
         for file in files:
-            if file.exists() and file.name != ".lock":
+            if file.exists() and not file.name.startswith(".lock"):
                 out[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
     return out
 
@@ -305,10 +305,17 @@ def test_score_refuses_bad_input_cleanly(cli, tmp_path, name, make, extra, fragm
 
 
 def test_bad_flag_values_are_usage_errors(cli, base, tmp_path):
-    for flag in ("--max-length", "--batch-size", "--chunk-rows"):
+    for flag in ("--batch-size", "--chunk-rows"):
         result = cli("score", "--data", base["data"], "--out", tmp_path / "x", *FAST, flag, "0")
         assert result.rc == 2 and "Traceback" not in result.stderr
         assert f"argument {flag}: expected a positive integer, got '0'" in result.stderr
+    for value in ("0", "1", "-3"):  # too short to hold one response token: refused before any model loads
+        result = cli("score", "--data", base["data"], "--out", tmp_path / "x", *FAST, "--max-length", value)
+        assert result.rc == 2 and "Traceback" not in result.stderr
+        assert f"argument --max-length: max_length {value} cannot hold a single response token" in result.stderr
+    result = cli("score", "--data", base["data"], "--out", tmp_path / "x", *FAST, "--max-length", "long")
+    assert result.rc == 2 and "argument --max-length: expected 'auto' or an integer, got 'long'" in result.stderr
+    assert not (tmp_path / "x").exists()
     result = cli("select", "--data", base["data"], "--scores", base["scores"], "--ratio", "half",
                  "--out", tmp_path / "s")
     assert result.rc == 2 and "argument --ratio: invalid float value: 'half'" in result.stderr
@@ -419,11 +426,51 @@ def test_too_long_response_is_cut_identically_and_flagged(base):
     # the response alone does not fit: it is cut from the right so that [BOS] + response + EOS = max_length
     assert long_row["truncation"]["response"] == long_row["response_tokens"] + 1 - (MAX_LENGTH - 1)
     assert long_row["one_shot_tokens"] == MAX_LENGTH
-    assert all(math.isfinite(long_row[k]) for k in ("zero_shot_loss", "one_shot_loss", "miwv", "ifd"))
+    assert all(math.isfinite(long_row[k]) for k in ("zero_shot_loss", "ifd"))
+    # nothing of the demonstration fits beside it: no one-shot loss, no MIWV (not a false 0.0), and it says why
+    assert long_row["truncation"]["demo"] == "all" and long_row["status"] == "no-demo"
+    assert long_row["one_shot_loss"] is None and long_row["miwv"] is None
     assert all("response" not in s["truncation"] for s in scores if s["index"] != 4)
+    assert all(s["status"] == "ok" and math.isfinite(s["miwv"]) for s in scores if s["index"] != 4)
     manifest = json.loads((base["run"] / "manifest.json").read_text())
     assert manifest["truncated_rows"] == sum(s["truncated"] for s in scores) >= 1
-    assert "flagged 'truncated'" in base["result"].stdout
+    assert manifest["no_miwv_rows"] == 1 and manifest["max_length"] == MAX_LENGTH
+    assert "flagged 'truncated'" in base["result"].stderr
+    assert "warning: 1 rows have no MIWV" in base["result"].stderr and "[4]" in base["result"].stderr
+
+
+def test_a_row_whose_demo_cannot_fit_is_never_selected(cli, base, tmp_path):
+    result = cli("select", "--data", base["data"], "--scores", base["scores"], "--ratio", "1", "--out", tmp_path / "a.json")
+    result.assert_clean_error("only 13 rows have a finite 'miwv'; cannot select 14")
+    result = cli("select", "--data", base["data"], "--scores", base["scores"], "--ratio", "0.9",
+                 "--out", tmp_path / "b.json")
+    assert result.rc == 0, result.stderr[-3000:]
+    chosen = [r["miwv_selection"]["index"] for r in json.loads((tmp_path / "b.json").read_text())]
+    assert len(chosen) == 12 and 4 not in chosen
+
+
+def test_max_length_too_small_for_any_demo_leaves_every_row_without_miwv(cli, base, tmp_path):
+    run = tmp_path / "run"
+    result = cli("score", "--data", base["data"], "--out", run, *FAST, "--max-length", "2")
+    assert result.rc == 0, result.stderr[-3000:]
+    scores = read_jsonl(run / "scores.jsonl")
+    assert all(s["miwv"] is None and s["status"] == "no-demo" for s in scores)  # never 0.0
+    assert "warning: 14 rows have no MIWV" in result.stderr and "no finite MIWV" in result.stdout
+    select = cli("select", "--data", base["data"], "--scores", run / "scores.jsonl", "--ratio", "0.5",
+                 "--out", tmp_path / "s.json")
+    select.assert_clean_error("only 0 rows have a finite 'miwv'")
+
+
+def test_default_max_length_cuts_nothing(cli, base, tmp_path):
+    run = tmp_path / "run"
+    result = cli("score", "--data", base["data"], "--out", run, *FAST)
+    assert result.rc == 0, result.stderr[-3000:]
+    scores = read_jsonl(run / "scores.jsonl")
+    assert not any(s["truncated"] for s in scores) and all(s["status"] == "ok" for s in scores)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["max_length"] == "auto"
+    assert manifest["max_length"] == max(s["one_shot_tokens"] for s in scores) > MAX_LENGTH
+    assert not [line for line in result.stderr.splitlines() if line.startswith("warning:")]
 
 
 def test_exact_duplicates_are_scored_and_reported(base):
@@ -493,17 +540,15 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_file(cli, cli_env, 
 
 
 def test_a_second_process_on_the_same_run_directory_is_refused(cli, base, tmp_path):
-    fcntl = pytest.importorskip("fcntl")
+    from miwv_lib.runs import run_lock
 
     run = tmp_path / "busy"
-    run.mkdir()
-    with open(run / ".lock", "w") as holder:  # another live scoring process holds the directory
-        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        holder.write("4242\n")
-        holder.flush()
+    with run_lock(run):  # this test's process holds the directory, as a live scoring run would
         result = cli("score", "--data", base["data"], "--out", run, *FAST)
-    result.assert_clean_error(str(run), "another process (pid 4242")
+    result.assert_clean_error(str(run), f"another process (pid {os.getpid()}")
     assert not (run / "manifest.json").exists()
+    with run_lock(run):  # released: the directory can be taken again
+        pass
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):

@@ -9,13 +9,16 @@ import torch.nn.functional as F
 
 from conftest import make_rows
 from miwv_lib.prompts import EncodedExample, SpecialTokens, encode_examples
+from miwv_lib.selection import select_indices
 from miwv_lib.scoring import (
     EngineConfig,
     ScoreConfig,
     chunk_plan,
     ifd,
     miwv,
+    one_shot_lengths,
     one_shot_sequence,
+    resolve_max_length,
     score_rows,
     sequence_losses,
     unconditional_sequence,
@@ -84,10 +87,12 @@ def test_demo_is_trimmed_from_the_left_first():
 def test_demo_dropped_entirely_before_the_prompt_is_cut():
     one, cut = one_shot_sequence(SAMPLE, DEMO, SPECIAL, max_length=7)
     assert one.input_ids == (BOS, 10, 11, 12, 20, 21, EOS)
-    assert cut.as_dict() == {"demo": 6}
+    assert cut.as_dict() == {"demo": "all"} and cut.no_demo
     one, cut = one_shot_sequence(SAMPLE, DEMO, SPECIAL, max_length=5)
     assert one.input_ids == (BOS, 12, 20, 21, EOS)  # prompt trimmed from the left
-    assert cut.as_dict() == {"demo": 6, "prompt": 2}
+    assert cut.as_dict() == {"demo": "all", "prompt": 2}
+    _, cut = one_shot_sequence(SAMPLE, DEMO, SPECIAL, max_length=8)
+    assert cut.as_dict() == {"demo": 5} and not cut.no_demo  # one token of the demo is still there
 
 
 def test_response_longer_than_max_length_is_cut_identically():
@@ -200,3 +205,69 @@ def test_chunk_plan_keeps_neighbour_chains_together_and_covers_every_row():
     assert sorted(i for chunk in plan for i in chunk) == list(range(8))
     assert plan[0] == [0, 5, 1]  # 0 -> 5 -> 0 closes the chain; 1 starts the next
     assert [len(c) for c in plan] == [3, 3, 2]
+
+
+# --- rows MIWV cannot be computed for, and the default maximum length ------------------------
+
+def test_a_row_whose_demo_cannot_fit_has_no_miwv_and_is_never_selected(tiny):
+    """Before: the one-shot pass held no demo, so one-shot = zero-shot and MIWV was a false 0.0 near the top."""
+    rows = make_rows(6, seed=5)
+    rows[2]["output"] = " ".join(["the quick dog runs past the green city"] * 30)  # fills max_length alone
+    examples = encode_examples(rows, tiny.tokenizer)
+    special = SpecialTokens.from_tokenizer(tiny.tokenizer)
+    max_length = len(zero_shot_sequence(examples[2], special, 10_000)[0].input_ids)
+    neighbors = np.array([1, 2, 1, 4, 3, 4])
+    scores = score_rows(tiny, examples, list("abcdef"), list(range(6)), neighbors, np.ones(6, dtype=np.float32),
+                        ScoreConfig(progress=False, max_length=max_length))
+    row = scores[2]
+    assert row["status"] == "no-demo" and row["truncation"] == {"demo": "all"}
+    assert row["miwv"] is None and row["one_shot_loss"] is None
+    assert row["zero_shot_loss"] == pytest.approx(naive_loss(tiny.model, zero_shot_sequence(examples[2], special,
+                                                                                          max_length)[0]), abs=1e-5)
+    assert row["ifd"] is not None  # IFD needs no demonstration
+    assert all(s["status"] == "ok" and s["miwv"] is not None for s in scores if s["index"] != 2)
+    assert 2 not in select_indices(scores, ratio=5 / 6, by="miwv")
+    assert 2 not in select_indices(scores, ratio=5 / 6, by="low-miwv")
+    assert 2 in select_indices(scores, ratio=1.0, by="ifd")
+
+
+@pytest.mark.parametrize("value", [0, 1, -5, 1.5, "long", None, True])
+def test_a_max_length_that_holds_no_response_token_is_refused(value):
+    with pytest.raises(ValueError, match="cannot hold a single response token"):
+        ScoreConfig(max_length=value)
+
+
+def test_auto_max_length_is_the_longest_one_shot_sequence_capped_at_the_context_window(tiny):
+    examples = encode_examples(make_rows(8, seed=2), tiny.tokenizer)
+    special = SpecialTokens.from_tokenizer(tiny.tokenizer)
+    neighbors = np.array([7, 0, 1, 2, 3, 4, 5, 6])
+    lengths = one_shot_lengths(examples, neighbors, special)
+    assert lengths == [len(one_shot_sequence(examples[i], examples[k], special, 10_000)[0].input_ids)
+                       for i, k in enumerate(neighbors)]
+    assert resolve_max_length("auto", lengths, tiny.model) == max(lengths)
+    assert resolve_max_length("auto", [10**6], tiny.model) == tiny.model.config.max_position_embeddings
+    assert resolve_max_length(300, lengths, tiny.model) == 300
+    assert ScoreConfig().max_length == "auto"
+
+
+def test_the_default_max_length_cuts_no_row_of_the_local_pool(shared_data_dir):
+    """Whatever the neighbours: even the longest example as every row's demo fits Gemma-3's window uncut."""
+    from miwv_lib.data import load_instructions
+    from miwv_lib.models import load_tokenizer
+
+    pool = load_instructions("alpaca", data_dir=shared_data_dir)
+    tokenizer = load_tokenizer("gemma-3-270m")
+    examples = encode_examples(pool.rows, tokenizer)
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    longest = max(range(len(examples)), key=lambda i: len(examples[i].prompt) + len(examples[i].response))
+    worst = np.full(len(examples), longest)
+    worst[longest] = 0
+    lengths = one_shot_lengths(examples, worst, special)
+
+    class Gemma270m:  # its context window, without loading the weights
+        config = type("Config", (), {"max_position_embeddings": 32_768})()
+
+    max_length = resolve_max_length(ScoreConfig().max_length, lengths, Gemma270m)
+    assert max_length == max(lengths) < 32_768
+    cuts = [one_shot_sequence(examples[i], examples[k], special, max_length)[1] for i, k in enumerate(worst)]
+    assert not any(cut.as_dict() for cut in cuts)

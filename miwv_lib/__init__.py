@@ -20,13 +20,13 @@ from .scoring import (  # noqa: E402
     unconditional_sequence,
     zero_shot_sequence,
 )
-from .selection import export_subset, select_indices, subset_size  # noqa: E402
+from .selection import Arm, arm_name, export_subset, plan_arms, select_arms, select_indices, subset_size  # noqa: E402
 from . import plots  # noqa: E402
 from .pipeline import PipelineError, run_pipeline  # noqa: E402
 from .report import write_report  # noqa: E402
 
 __all__ = [
-    "DEFAULT_MODEL", "DataError", "InstructionPool", "LoadedModel", "PipelineError", "ScoreConfig", "build_tiny_model",
+    "Arm", "DEFAULT_MODEL", "DataError", "arm_name", "plan_arms", "select_arms", "InstructionPool", "LoadedModel", "PipelineError", "ScoreConfig", "build_tiny_model",
     "embed_texts", "encode_examples", "export_subset", "format_prompt", "ifd", "load_embedder",
     "load_instructions", "load_model", "load_test_set", "miwv", "nearest_neighbors", "one_shot_sequence", "plots",
     "response_loss", "run_pipeline", "score_pool", "select_indices", "sequence_losses", "subset_size",
@@ -36,11 +36,11 @@ __all__ = [
 # Fine-tuning, generation and pairwise evaluation, imported on first use: the Trainer stack is
 # slow to import and the scoring command line does not need it.
 _LAZY = {
-    "TrainConfig": "train", "TrainResult": "train", "train_model": "train", "train_comparison": "train",
-    "load_trained": "train",
+    "TrainConfig": "train", "TrainResult": "train", "train_model": "train", "load_trained": "train",
+    "train_arms": "experiment", "answer_arms": "experiment", "run_comparison": "experiment",
     "GenerateConfig": "generate", "generate_test_set": "generate",  # generate(): miwv_lib.generate.generate
     "write_generations": "generate",
-    "ComparisonResult": "evaluate", "run_comparison": "evaluate", "compare_generations": "evaluate",
+    "ComparisonResult": "evaluate", "compare_generations": "evaluate",
     "judge_pair": "evaluate", "summarize": "evaluate", "combine_orders": "evaluate",
     "winning_score": "evaluate", "bootstrap_interval": "evaluate", "write_table": "evaluate",
     "plot_outcomes": "evaluate",

@@ -291,7 +291,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import run_comparison
+    from .experiment import run_comparison
     from .generate import GenerateConfig
     from .judges import OFFLINE_JUDGES, make_judge
 

@@ -5,9 +5,8 @@ a **loss** symmetrically, otherwise a **tie** (tie+tie, or one win and one loss:
 followed the position). Winning score = 1 + (wins − losses) / N, per test set and over all sets
 ("All"), with a seeded bootstrap 95 % interval over prompts.
 
-``run_comparison`` is the whole experiment in one call: train MIWV-top-r %, random-r % and
-full-pool models (``train.train_comparison``), generate on the test sets, and compare each
-selected-data model against the full-pool model with the offline judges (or a strong LLM judge).
+``compare_generations`` judges every model's answers against the baseline's; the experiment engine
+(``miwv_lib.experiment``) trains the models and collects their answers.
 """
 
 from __future__ import annotations
@@ -21,15 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import TEST_SETS, InstructionPool, load_instructions, load_test_set
+from .data import TEST_SETS, InstructionPool, load_test_set
 from .generate import GenerateConfig, cached_test_set, generate_test_set, generation_key, question_text
-from .io import atomic_open, read_jsonl, stable_hash, write_json, write_jsonl
+from .io import atomic_open, stable_hash, write_json, write_jsonl
 from .judges import (
-    LOSS, OFFLINE_JUDGES, TIE, WIN, Judge, JudgementCache, Review, ReviewRequest, Side, make_judge, reference_nll,
+    LOSS, TIE, WIN, Judge, JudgementCache, Review, ReviewRequest, Side, make_judge, reference_nll,
     run_judge, verdict,
 )
 from .models import LoadedModel
-from .selection import check_scores_match
 
 ALPACA_EVAL = "alpaca_eval_gpt4"
 DEFAULT_TEST_SETS = (*TEST_SETS, ALPACA_EVAL)
@@ -344,47 +342,3 @@ def compare_generations(generations: dict[str, list[dict]], baseline: str, judge
         except ImportError:  # matplotlib comes with the notebooks extra; the tables do not need it
             warnings.warn("matplotlib is not installed: no win/tie/loss figure (pip install matplotlib)", stacklevel=2)
     return ComparisonResult(run_dir=out_dir, table=table, records=records, paths=paths)
-
-
-def run_comparison(run_dir: str | Path, pool: InstructionPool | str | Path, ratio: float = 0.05, *,
-                   methods: tuple[str, ...] = ("miwv", "random"), train_config=None,
-                   generate_config: GenerateConfig | None = None, test_sets: Sequence[str] = DEFAULT_TEST_SETS,
-                   sample: int | None = None, sample_seed: int = 0, data_dir: str | Path | None = None,
-                   judges: Sequence[Judge | str] = OFFLINE_JUDGES, selection_seed: int = 0,
-                   n_resamples: int = 2000, bootstrap_seed: int = 0, overwrite: bool = False) -> ComparisonResult:
-    """Train MIWV-top-r %, random-r % and full-pool models from a scored run directory, and compare
-    each with the full-pool model on the test sets.
-
-    ``run_dir`` holds ``scores.jsonl`` from ``score_pool`` for ``pool`` (an InstructionPool, or a path or
-    registry name to load). Models go to ``run_dir/models``, generations to ``run_dir/generations``,
-    the tables, figure and judgements to ``run_dir/evaluation``. Everything is cached: re-running
-    continues where a run stopped. Pass ``judges=["hf:<strong model>"]`` or ``["openai:<model>"]`` (or a
-    judge object) for an LLM judge; the default offline judges need reference answers, which only
-    Self-Instruct (``sinstruct``) and AlpacaEval have.
-    """
-    from .train import TrainConfig, load_trained, train_comparison
-
-    run_dir = Path(run_dir)
-    if not isinstance(pool, InstructionPool):
-        pool = load_instructions(pool, data_dir=data_dir)
-    scores_path = run_dir / "scores.jsonl"
-    scores = read_jsonl(scores_path)
-    check_scores_match(pool, scores, scores_path)
-    train_config = train_config or TrainConfig()
-    generate_config = generate_config or GenerateConfig(template=train_config.template)
-    models = train_comparison(pool, scores, run_dir, ratio, methods, include_full=True, config=train_config,
-                              selection_seed=selection_seed, overwrite=overwrite)
-    pools = load_test_pools(test_sets, sample, sample_seed, data_dir)
-    generations = {}
-    for name, result in models.items():
-        loaded = load_trained(result.out_dir, device=train_config.device)
-        generations[name] = generate_for_model(loaded, name, pools, run_dir / "generations", generate_config)
-        del loaded
-    comparison = compare_generations(generations, "full", judges, run_dir / "evaluation", datasets=list(test_sets),
-                                     n_resamples=n_resamples, seed=bootstrap_seed)
-    comparison.models = models
-    write_json(run_dir / "evaluation" / "comparison.json",
-               {"ratio": ratio, "methods": list(methods), "baseline": "full", "test_sets": list(test_sets),
-                "sample": sample, "sample_seed": sample_seed, "judges": sorted({r["judge"] for r in comparison.records}),
-                "models": {n: str(r.out_dir) for n, r in models.items()}})
-    return comparison

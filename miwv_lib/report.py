@@ -184,15 +184,6 @@ def truncation_summary(scores: Sequence[Mapping], top_fraction: float = 0.15) ->
 # --------------------------------------------------------------------------- selections
 
 
-def ratio_label(ratio: float) -> str:
-    """0.05 -> '5pct', 0.015 -> '1.5pct'."""
-    return f"{round(ratio * 100, 6):g}pct"
-
-
-def subset_filename(method: str, ratio: float) -> str:
-    return f"{method}_{ratio_label(ratio)}.json"
-
-
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
     a, b = set(a), set(b)
     return len(a & b) / len(a | b) if a | b else 1.0
@@ -353,17 +344,18 @@ def _figure_lines(run_dir: Path) -> list[str]:
 
 def _training_lines(run_dir: Path) -> list[str]:
     """04: one row per fine-tuned model, from each model's manifest."""
-    comparison = _read_json(run_dir / "models" / "comparison.json")
-    if not comparison:
+    selections = _read_json(run_dir / "subsets" / "selections.json")
+    names = [arm["name"] for arm in selections["arms"]] if selections else []
+    if not names:
         return []
-    config = comparison.get("config", {})
+    config = _read_json(run_dir / "models" / names[-1] / "train_config.json") or {}
     steps = f"{config['max_steps']} steps" if config.get("max_steps", -1) > 0 else f"{config.get('epochs')} epochs"
     lines = ["## Fine-tuning (04)", "",
              f"{'LoRA' if config.get('method', 'lora') == 'lora' else 'Full fine-tuning'} on `{config.get('model')}`, {steps}, batch {config.get('batch_size')} × "
              f"{config.get('gradient_accumulation_steps')} accumulation, max length {config.get('max_length')}; "
              "the same settings for every model.", "",
              "| model | rows | optimizer steps | final train loss | seconds | tokens/s |", "|---|---|---|---|---|---|"]
-    for name in comparison.get("models", {}):
+    for name in names:
         m = _read_json(run_dir / "models" / name / "manifest.json") or {}
         lines.append(f"| {name} | {m.get('rows', '–')} | {m.get('steps', '–')} | {fmt(m.get('train_loss'))} | "
                      f"{fmt(m.get('seconds'), '.0f')} | {fmt(m.get('tokens_per_second'), '.1f')} |")

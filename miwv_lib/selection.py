@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,51 @@ def score_warnings(scores: list[dict]) -> list[str]:
         lines.append(f"{len(trimmed)} rows were cut to fit max_length ({demo_trimmed(scores) - len(no_demo)} of them "
                      f"with a trimmed demonstration, which raises MIWV; flagged 'truncated', first rows {trimmed[:5]})")
     return lines
+
+
+# --- arms: the models an experiment fine-tunes, each on one selection ------------------------------
+
+@dataclass(frozen=True)
+class Arm:
+    """One fine-tuned model: a selection method at a ratio (and seed), or the full pool."""
+
+    name: str
+    method: str  # a selection method, or BASELINE
+    ratio: float  # 1.0 for the full pool
+    seed: int | None = None  # random selections only
+
+
+def ratio_label(ratio: float) -> str:
+    """0.05 -> '5pct', 0.015 -> '1.5pct'."""
+    return f"{round(ratio * 100, 6):g}pct"
+
+
+def arm_name(method: str, ratio: float, seed: int | None = None) -> str:
+    """The one name of a subset, its file and its model: ``miwv_5pct``, ``random-s1_10pct``."""
+    return f"{method if seed is None else f'{method}-s{seed}'}_{ratio_label(ratio)}"
+
+
+def plan_arms(ratios: Sequence[float], methods: Sequence[str], random_seeds: Sequence[int] = (0,),
+              include_full: bool = True) -> list[Arm]:
+    """Every subset model, smallest ratio first, then the full-pool baseline.
+
+    A random arm carries its seed in its name only when there are several seeds to tell apart.
+    """
+    arms = []
+    for ratio in sorted(ratios):
+        for method in methods:
+            for seed in random_seeds if method == "random" else [None]:
+                shown = seed if len(random_seeds) > 1 else None
+                arms.append(Arm(arm_name(method, ratio, shown), method, float(ratio), seed))
+    if include_full:
+        arms.append(Arm(BASELINE, BASELINE, 1.0))
+    return arms
+
+
+def select_arms(arms: Sequence[Arm], scores: list[dict]) -> dict[str, list[int]]:
+    """Each arm's rows: its selection rule on ``scores``, or every row for the full pool."""
+    return {arm.name: list(range(len(scores))) if arm.method == BASELINE
+            else select_indices(scores, arm.ratio, by=arm.method, seed=arm.seed or 0) for arm in arms}
 
 
 def _is_finite_number(value) -> bool:

@@ -19,23 +19,23 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .data import InstructionPool, load_instructions, load_test_set
-from .io import atomic_open, read_jsonl, write_json, write_jsonl
+from .io import atomic_open, read_jsonl, write_jsonl
 from .runs import now
 from .scoring import ScoreConfig, score_pool
-from .selection import BASELINE, check_scores_match, export_subset, select_indices
+from .experiment import ExperimentError, answer_arms, is_trained, train_arms, write_selections
+from .selection import BASELINE, Arm, check_scores_match, export_subset, plan_arms, select_arms
 
 STAGES = ("score", "select", "train", "generate", "judge", "report")
 TIMINGS_FILE = "timings.jsonl"
 RECORD_DIR = "record"  # under results_dir: the committed record of every finished stage (see StudyRecord)
 
 
-class StudyError(ValueError):
-    """A study configuration or run directory that cannot be used, with the reason."""
+StudyError = ExperimentError  # a study configuration or run directory that cannot be used, with the reason
 
 
 # --- configuration --------------------------------------------------------------------------------
@@ -73,6 +73,10 @@ class StudyConfig:
 
         defaults = {"template": self.train_config().template}
         return _build(GenerateConfig, defaults | self.generate, f"{self.source}: generate")
+
+    def arms(self) -> list[Arm]:
+        """Every subset model (each method at each ratio, each random seed), then the full-pool baseline."""
+        return plan_arms(self.ratios, self.methods, self.random_seeds)
 
 
 def _build(cls, values: Mapping[str, Any], where: str):
@@ -126,33 +130,6 @@ def _validate(config: StudyConfig) -> None:
     config.score_config(), config.train_config(), config.generate_config()  # unknown keys fail now, not hours later
 
 
-# --- the plan: which subsets, which models ----------------------------------------------------------
-
-@dataclass(frozen=True)
-class Arm:
-    """One fine-tuned model of the study: a selection method at a ratio (and seed), or the full pool."""
-
-    name: str
-    method: str  # a selection method, or "full"
-    ratio: float  # 1.0 for the full pool
-    seed: int | None = None  # random selections only
-
-
-def plan_arms(config: StudyConfig) -> list[Arm]:
-    """Every subset model, smallest ratio first, then the full-pool baseline."""
-    from .report import ratio_label
-
-    arms = []
-    for ratio in sorted(config.ratios):
-        for method in config.methods:
-            seeds = config.random_seeds if method == "random" else [None]
-            for seed in seeds:
-                tag = method if seed is None else f"{method}-s{seed}"
-                arms.append(Arm(f"{tag}_{ratio_label(ratio)}", method, float(ratio), seed))
-    arms.append(Arm(BASELINE, BASELINE, 1.0))
-    return arms
-
-
 # --- stages -----------------------------------------------------------------------------------------
 
 @dataclass
@@ -171,7 +148,7 @@ class Study:
         from .pipeline import resolve_path
 
         return cls(config=config, run_dir=resolve_path(run_dir or config.run_dir),
-                   results_dir=resolve_path(results_dir or config.results_dir), arms=plan_arms(config))
+                   results_dir=resolve_path(results_dir or config.results_dir), arms=config.arms())
 
     # paths
     @property
@@ -232,43 +209,26 @@ class Study:
 
     # 2. select
     def selections(self, scores: list[dict] | None = None) -> dict[str, list[int]]:
-        scores = scores if scores is not None else self.scores()
-        plan = {}
-        for arm in self.arms:
-            if arm.method == BASELINE:
-                plan[arm.name] = list(range(len(self.pool)))
-            else:
-                plan[arm.name] = select_indices(scores, arm.ratio, by=arm.method, seed=arm.seed or 0)
-        return plan
+        return select_arms(self.arms, scores if scores is not None else self.scores())
 
     def select(self) -> dict[str, list[int]]:
         scores = self.scores()
         plan = self.selections(scores)
-        out = self.run_dir / "subsets"
         for arm in self.arms:
             if arm.method != BASELINE:
-                export_subset(self.pool, scores, plan[arm.name], out / f"{arm.name}.json", by=arm.method)
-        write_json(out / "selections.json", {"arms": [asdict(a) for a in self.arms],
-                                             "indices": {k: v for k, v in plan.items() if k != BASELINE}})
+                export_subset(self.pool, scores, plan[arm.name], self.run_dir / "subsets" / f"{arm.name}.json",
+                              by=arm.method)
+        write_selections(self.run_dir, self.arms, plan)
         return plan
 
     # 3. train
     def train(self, only: Sequence[str] | None = None) -> dict[str, Any]:
-        from .train import train_model
+        def trained(arm: Arm, result, seconds: float) -> None:
+            self._log_time("train", seconds, model=arm.name, rows=result.n_examples, steps=result.steps)
+            self.record.keep()
 
-        config = self.config.train_config()
-        plan = self.selections()
-        results = {}
-        for arm in self._chosen(only):
-            rows = [self.pool.rows[i] for i in plan[arm.name]]
-            t0 = time.perf_counter()
-            # base=None: each model loads a fresh base (seconds), so no run can leak into the next one
-            results[arm.name] = result = train_model(rows, self.model_dir(arm), config, name=arm.name)
-            if not result.skipped:
-                self._log_time("train", time.perf_counter() - t0, model=arm.name, rows=len(rows),
-                               steps=result.steps)
-                self.record.keep()
-        return results
+        return train_arms(self._chosen(only), self.selections(), self.pool, self.run_dir / "models",
+                          self.config.train_config(), on_trained=trained)
 
     def _chosen(self, only: Sequence[str] | None) -> list[Arm]:
         if not only:
@@ -280,9 +240,7 @@ class Study:
         return [a for a in self.arms if a.name in set(only)]
 
     def is_trained(self, arm: Arm) -> bool:
-        """Its training finished (a run cut off mid-way leaves a manifest with another status)."""
-        manifest = self.model_dir(arm) / "manifest.json"
-        return manifest.exists() and json.loads(manifest.read_text(encoding="utf-8")).get("status") == "complete"
+        return is_trained(self.model_dir(arm))
 
     def is_answered(self, arm: Arm) -> bool:
         """Its answers to every test set are in the run directory."""
@@ -304,37 +262,14 @@ class Study:
         return [test_set_label(name) for name in self.config.test_sets]
 
     def generate(self, only: Sequence[str] | None = None) -> dict[str, list[dict]]:
-        from .evaluate import cached_generations_for_model, generate_for_model
-        from .train import has_weights, load_trained, trained_model_signature
+        def answered(name: str, seconds: float) -> None:
+            self._log_time("generate", seconds, model=name)
+            self.record.keep_generations(name)
 
-        config = self.config.generate_config()
-        pools = self.test_pools()
-        missing = [a.name for a in self._chosen(only) if not self.is_trained(a)]
-        if missing:
-            raise StudyError(f"not trained yet: {', '.join(missing)}: run the 'train' stage first")
-        nll_max_length = self.config.score_config().max_length
-        generations = {}
-        for arm in self._chosen(only):
-            model_dir = self.model_dir(arm)
-            identity, dtype = trained_model_signature(model_dir)
-            cached = cached_generations_for_model(identity, dtype, arm.name, pools, self.generations_dir, config,
-                                                  nll_max_length)
-            if cached is not None:  # nothing to generate: the model need not even be loaded
-                generations[arm.name] = cached
-                continue
-            if not has_weights(model_dir):
-                raise StudyError(
-                    f"{arm.name}: its generations are missing or out of date, and its weights are not in "
-                    f"{model_dir} (a checkout keeps only each model's record): retrain it with "
-                    f"'rm -r {model_dir}' and '--stages train generate --models {arm.name}'")
-            t0 = time.perf_counter()
-            loaded = load_trained(model_dir, device=self.config.train_config().device)
-            generations[arm.name] = generate_for_model(loaded, arm.name, pools, self.generations_dir, config,
-                                                       nll_max_length=nll_max_length)
-            self._log_time("generate", time.perf_counter() - t0, model=arm.name)
-            self.record.keep_generations(arm.name)
-            del loaded
-        return generations
+        return answer_arms([a.name for a in self._chosen(only)], self.run_dir / "models", self.test_pools(),
+                           self.generations_dir, self.config.generate_config(),
+                           nll_max_length=self.config.score_config().max_length,
+                           device=self.config.train_config().device, on_answered=answered)
 
     # 5. judge
     def judge(self) -> list[dict]:
@@ -512,5 +447,5 @@ def run_study(config: str | Path | Mapping | StudyConfig, run_dir: str | Path | 
     return study
 
 
-__all__ = ["Arm", "BASELINE", "STAGES", "Study", "StudyConfig", "StudyError", "StudyRecord", "load_study_config", "plan_arms",
+__all__ = ["Arm", "BASELINE", "STAGES", "Study", "StudyConfig", "StudyError", "StudyRecord", "load_study_config",
            "run_study"]

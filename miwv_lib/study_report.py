@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .io import atomic_open, read_jsonl, write_json
-from .report import fmt, jaccard, ratio_label, row_source_files, spearman, summary_stats
-from .selection import BASELINE, demo_trimmed, subset_size
+from .report import fmt, jaccard, row_source_files, spearman, summary_stats
+from .selection import BASELINE, demo_trimmed, ratio_label, subset_size
 
 if TYPE_CHECKING:
     from .study import Study

@@ -57,7 +57,6 @@ from .models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
 from .prompts import SpecialTokens, encode_examples
 from .runs import check_fingerprint, environment_info, now
 from .scoring import LAYOUT_VERSION, logit_transform, zero_shot_sequence
-from .selection import select_indices, subset_size
 
 TRAIN_FORMAT_VERSION = 1  # bump when what a saved model directory holds changes
 IGNORE_INDEX = -100  # the label value torch's cross_entropy (and every HF model) skips
@@ -577,40 +576,6 @@ def load_trained(model_dir: str | Path, *, base: LoadedModel | None = None, dtyp
 
 
 # --- the models a comparison needs ----------------------------------------------------------------
-
-def comparison_name(method: str, ratio: float) -> str:
-    """``miwv_5pct``, ``random_0.5pct``: a readable, filesystem-safe model name."""
-    return f"{method}_{100 * ratio:g}pct"
-
-
-def train_comparison(pool: InstructionPool, scores: list[dict], run_dir: str | Path, ratio: float,
-                     methods: tuple[str, ...] = ("miwv", "random"), include_full: bool = True,
-                     config: TrainConfig | None = None, *, selection_seed: int = 0, base: LoadedModel | None = None,
-                     overwrite: bool = False) -> dict[str, TrainResult]:
-    """Train one model per selection method on its top floor(r·N) rows (plus the full pool), same settings.
-
-    Models go to ``run_dir/models/<name>``; a model already trained there with the same fingerprint
-    is skipped, so an interrupted comparison resumes where it stopped.
-    """
-    config = config or TrainConfig()
-    run_dir = Path(run_dir)
-    subset_size(len(pool), ratio)  # refuse a useless ratio before any training starts
-    plan: dict[str, list[int]] = {
-        comparison_name(m, ratio): select_indices(scores, ratio, by=m, seed=selection_seed) for m in methods}
-    if include_full:
-        plan["full"] = list(range(len(pool)))
-    results = {}
-    for name, indices in plan.items():
-        rows = [pool.rows[i] for i in indices]
-        results[name] = train_model(rows, run_dir / "models" / name, config, base=base, name=name,
-                                    overwrite=overwrite)
-    write_json(run_dir / "models" / "comparison.json",
-               {"ratio": ratio, "methods": list(methods), "include_full": include_full,
-                "selection_seed": selection_seed, "config": asdict(config),
-                "models": {n: {"fingerprint": r.fingerprint, "rows": r.n_examples, "train_loss": r.train_loss,
-                               "dir": str(r.out_dir)} for n, r in results.items()}})
-    return results
-
 
 def estimated_steps(n_rows: int, config: TrainConfig) -> int:
     """Optimizer steps a run will take (for planning CPU time)."""

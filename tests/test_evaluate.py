@@ -9,9 +9,10 @@ import random
 import pytest
 
 from miwv_lib.evaluate import (
-    ALL, PairItem, bootstrap_interval, combine_orders, compare_generations, judge_pair, plot_outcomes, run_comparison,
-    summarize, table_markdown, winning_score, write_table,
+    ALL, PairItem, bootstrap_interval, combine_orders, compare_generations, judge_pair, plot_outcomes, summarize,
+    table_markdown, winning_score, write_table,
 )
+from miwv_lib.experiment import run_comparison
 from miwv_lib.judges import LOSS, TIE, WIN, Review, RougeJudge
 
 # (verdict for A when A is shown first, verdict for A when A is shown second) -> outcome for A

@@ -204,9 +204,9 @@ def test_04_trained_the_three_models_with_the_same_settings(smoke_run):
 
     run_dir = smoke_run.run_dir
     models = run_dir / "models"
-    comparison = json.loads((models / "comparison.json").read_text())
-    assert comparison["ratio"] == 0.1 and comparison["methods"] == ["miwv", "random"]
-    assert set(comparison["models"]) == set(SMOKE_TRAINED)
+    selections = json.loads((run_dir / "subsets" / "selections.json").read_text())
+    assert [(a["name"], a["method"], a["ratio"]) for a in selections["arms"]] == [
+        ("miwv_10pct", "miwv", 0.1), ("random_10pct", "random", 0.1), ("full", "full", 1.0)]
     settings = []
     for name, rows in SMOKE_TRAINED.items():
         manifest = json.loads((models / name / "manifest.json").read_text())

@@ -147,10 +147,16 @@ def test_unknown_notebook_name_is_refused(tmp_path):
 
 
 def test_selection_helpers():
-    from miwv_lib.report import jaccard, jaccard_matrix, ratio_label, sample_rows, subset_filename, top_words
+    from miwv_lib.report import jaccard, jaccard_matrix, sample_rows, top_words
+    from miwv_lib.selection import arm_name, plan_arms, ratio_label
 
     assert ratio_label(0.05) == "5pct" and ratio_label(0.015) == "1.5pct" and ratio_label(0.1) == "10pct"
-    assert subset_filename("low-miwv", 0.01) == "low-miwv_1pct.json"
+    assert arm_name("low-miwv", 0.01) == "low-miwv_1pct" and arm_name("random", 0.1, 2) == "random-s2_10pct"
+    # one seed: its name carries none; several: each carries its own
+    assert [a.name for a in plan_arms([0.1, 0.05], ["miwv", "random"], [3])] == ["miwv_5pct", "random_5pct",
+                                                                                   "miwv_10pct", "random_10pct", "full"]
+    assert [a.name for a in plan_arms([0.1], ["random"], [0, 1], include_full=False)] == ["random-s0_10pct",
+                                                                                          "random-s1_10pct"]
     assert jaccard([1, 2, 3], [2, 3, 4]) == 0.5 and jaccard([], []) == 1.0
     labels, matrix = jaccard_matrix({"a": [1, 2], "b": [3]})
     assert labels == ["a", "b"] and matrix.tolist() == [[1.0, 0.0], [0.0, 1.0]]

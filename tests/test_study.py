@@ -16,7 +16,7 @@ import pytest
 
 from miwv_lib.io import read_jsonl
 from miwv_lib.selection import select_indices, subset_size
-from miwv_lib.study import BASELINE, Study, StudyError, StudyRecord, load_study_config, plan_arms
+from miwv_lib.study import BASELINE, Study, StudyError, StudyRecord, load_study_config
 from miwv_lib.study_report import JUDGED_OUTPUTS, _reading, averaged, paired_difference
 
 pytestmark = pytest.mark.integration  # runs the smoke study on the tiny model (tens of seconds)
@@ -50,7 +50,7 @@ def study_dirs(tmp_path_factory):
 
 def test_plan_has_every_method_ratio_and_seed_and_the_full_baseline():
     config = load_study_config(SMOKE)
-    names = [a.name for a in plan_arms(config)]
+    names = [a.name for a in config.arms()]
     assert names[-1] == BASELINE
     assert len(names) == len(set(names)) == 1 + len(config.ratios) * (len(config.methods) - 1 + len(config.random_seeds))
     assert {"miwv_10pct", "random-s1_25pct", "low-miwv_25pct"} <= set(names)
@@ -58,7 +58,7 @@ def test_plan_has_every_method_ratio_and_seed_and_the_full_baseline():
 
 def test_the_paper_scale_config_loads_and_plans_the_issue_s_arms():
     config = load_study_config(SMALL_SCALE)
-    names = {a.name for a in plan_arms(config)}
+    names = {a.name for a in config.arms()}
     for ratio in ("5pct", "10pct"):
         assert {f"miwv_{ratio}", f"ifd_{ratio}", f"low-miwv_{ratio}", *(f"random-s{s}_{ratio}" for s in (0, 1, 2))} <= names
     assert config.test_sets["alpaca_eval_gpt4"] >= 200 and "sinstruct" in config.test_sets
@@ -98,8 +98,8 @@ def test_resumed_study_skips_finished_work(study_dirs):
         assert (run_dir / "models" / name / "manifest.json").stat().st_mtime_ns == mtime
     timings = read_jsonl(run_dir / "timings.jsonl")
     assert [t["stage"] for t in timings].count("score") == 1
-    assert sorted(t["model"] for t in timings if t["stage"] == "train") == sorted(a.name for a in plan_arms(
-        load_study_config(SMOKE)))
+    trained = sorted(t["model"] for t in timings if t["stage"] == "train")
+    assert trained == sorted(a.name for a in load_study_config(SMOKE).arms())
     before = (run_dir / "timings.jsonl").read_text()
     again = run_cli(*study_dirs["common"])
     assert again.returncode == 0, again.stderr[-3000:]
@@ -158,7 +158,7 @@ def test_report_numbers_come_from_the_judgements(study_dirs):
     median = float(np.median([len(r["output"].split()) for r in answers]))
     assert f"| ifd_25pct | {median:.0f} |" in lengths
     model_rows = [line.split(" | ")[0][2:] for line in lengths[2:] if not line.startswith("| *reference")]
-    assert model_rows == [a.name for a in plan_arms(load_study_config(SMOKE))]
+    assert model_rows == [a.name for a in load_study_config(SMOKE).arms()]
 
 
 @pytest.mark.parametrize(("tally", "reading"), [
@@ -228,7 +228,7 @@ def test_a_fresh_checkout_continues_from_the_committed_record(study_dirs, tmp_pa
     shutil.copytree(study_dirs["results"], results)
     record = results / "record"
     answers = sorted(record.rglob("*.outputs.jsonl"))
-    assert len(answers) == len(plan_arms(load_study_config(SMOKE)))  # one test set, every model
+    assert len(answers) == len(load_study_config(SMOKE).arms())  # one test set, every model
     for path in answers:  # our models' answers, never the test sets' prompts or references
         assert all(set(row) == {"id", "output"} for row in read_jsonl(path))
     assert not list(record.rglob("adapter*")) and not list(record.glob("subsets/*pct.json"))

@@ -18,7 +18,7 @@ from miwv_lib import train as train_module
 from miwv_lib.train import (
     CHECKPOINT_DIR, IGNORE_INDEX, LossCurveCallback, ResponseOnlyLossTrainer, TrainConfig, _prepare_model,
     _right_padding_collator, _training_arguments, build_features, load_trained, read_loss_csv, response_only_loss,
-    train_comparison, train_model,
+    train_model,
 )
 
 
@@ -135,14 +135,17 @@ def test_full_fine_tuning(tmp_path, tiny_model_dir):
     assert "+full:" in trained.identity
 
 
-def test_train_comparison_trains_each_subset_once(tmp_path, tiny_model_dir):
-    from miwv_lib import load_instructions
+def test_train_arms_trains_each_subset_once(tmp_path, tiny_model_dir):
+    from miwv_lib import load_instructions, plan_arms, select_arms
+    from miwv_lib.experiment import train_arms
 
     (tmp_path / "pool.json").write_text(json.dumps(make_rows(10)))
     pool = load_instructions(str(tmp_path / "pool.json"))
     scores = [{"index": i, "id": r["id"], "miwv": -float(i)} for i, r in enumerate(pool.rows)]
     config = _config(tiny_model_dir, max_steps=1)
-    results = train_comparison(pool, scores, tmp_path, 0.2, config=config)
+    arms = plan_arms([0.2], ["miwv", "random"])
+    plan = select_arms(arms, scores)
+    results = train_arms(arms, plan, pool, tmp_path / "models", config)
     assert list(results) == ["miwv_20pct", "random_20pct", "full"]
     assert [r.n_examples for r in results.values()] == [2, 2, 10]
     inputs = json.loads((tmp_path / "models" / "miwv_20pct" / "manifest.json").read_text())["fingerprint_inputs"]
@@ -150,7 +153,7 @@ def test_train_comparison_trains_each_subset_once(tmp_path, tiny_model_dir):
     from miwv_lib.io import stable_hash
 
     assert inputs["data"] == stable_hash([(r["id"], r["instruction"], r["input"], r["output"]) for r in expected])
-    assert all(r.skipped for r in train_comparison(pool, scores, tmp_path, 0.2, config=config).values())
+    assert all(r.skipped for r in train_arms(arms, plan, pool, tmp_path / "models", config).values())
 
 
 @pytest.mark.slow

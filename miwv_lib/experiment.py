@@ -1,0 +1,130 @@
+"""The experiment engine: one model per arm, fine-tuned, asked the test prompts, judged against the full pool.
+
+Notebooks 04 and 05, the ``evaluate`` command and the reproduction study (``study``) run these same
+functions, so a model is named (``selection.arm_name``), selected, trained, asked and judged the same way
+whichever path started it. Every stage skips what its files already hold (a model by its fingerprint,
+answers by their key, verdicts through the judge cache), so running it again continues where it stopped.
+
+A run directory holds ``subsets/selections.json`` (the arms and their rows), ``models/<arm>/``,
+``generations/<arm>/`` and ``evaluation/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from .data import InstructionPool, load_instructions
+from .evaluate import (DEFAULT_TEST_SETS, ComparisonResult, cached_generations_for_model, compare_generations,
+                       generate_for_model, load_test_pools)
+from .generate import GenerateConfig
+from .io import read_jsonl, write_json
+from .judges import OFFLINE_JUDGES, Judge
+from .selection import BASELINE, Arm, check_scores_match, plan_arms, select_arms
+from .train import TrainConfig, TrainResult, has_weights, load_trained, train_model, trained_model_signature
+
+SELECTIONS_FILE = "subsets/selections.json"
+
+
+class ExperimentError(ValueError):
+    """A stage that cannot run yet (a model not trained, answers without weights), with what to do."""
+
+
+def write_selections(run_dir: Path, arms: Sequence[Arm], plan: dict[str, list[int]]) -> Path:
+    """The arms of a run and each subset's rows (the full pool's are all rows, so not listed)."""
+    return write_json(Path(run_dir) / SELECTIONS_FILE, {
+        "arms": [asdict(a) for a in arms], "indices": {k: v for k, v in plan.items() if k != BASELINE}})
+
+
+def read_arms(run_dir: Path) -> list[Arm]:
+    path = Path(run_dir) / SELECTIONS_FILE
+    if not path.is_file():
+        raise ExperimentError(f"{path} not found: select and train the models first (notebook 04, or 'train')")
+    return [Arm(**arm) for arm in json.loads(path.read_text(encoding="utf-8"))["arms"]]
+
+
+def is_trained(model_dir: Path) -> bool:
+    """Its training finished (a run cut off mid-way leaves a manifest with another status)."""
+    manifest = Path(model_dir) / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text(encoding="utf-8")).get("status") == "complete"
+
+
+def train_arms(arms: Sequence[Arm], plan: dict[str, list[int]], pool: InstructionPool, models_dir: Path,
+               config: TrainConfig, *, overwrite: bool = False,
+               on_trained: Callable[[Arm, TrainResult, float], None] | None = None) -> dict[str, TrainResult]:
+    """Fine-tune one model per arm on its rows, all with ``config``; a model already trained so is reused."""
+    results = {}
+    for arm in arms:
+        rows = [pool.rows[i] for i in plan[arm.name]]
+        t0 = time.perf_counter()
+        # each model loads a fresh base (seconds), so no run can leak into the next one
+        results[arm.name] = result = train_model(rows, Path(models_dir) / arm.name, config, name=arm.name,
+                                                 overwrite=overwrite)
+        if on_trained is not None and not result.skipped:
+            on_trained(arm, result, time.perf_counter() - t0)
+    return results
+
+
+def answer_arms(names: Sequence[str], models_dir: Path, pools: dict[str, InstructionPool], generations_dir: Path,
+                config: GenerateConfig, *, nll_max_length: int | str = 1024, device: str = "auto",
+                on_answered: Callable[[str, float], None] | None = None) -> dict[str, list[dict]]:
+    """Each trained model's answers to every test prompt (and the reference answers' NLL under it).
+
+    Answers on disk whose key matches the model and settings are read back without loading the model.
+    """
+    missing = [name for name in names if not is_trained(Path(models_dir) / name)]
+    if missing:
+        raise ExperimentError(f"not trained yet: {', '.join(missing)}: train them first")
+    answers = {}
+    for name in names:
+        model_dir = Path(models_dir) / name
+        identity, dtype = trained_model_signature(model_dir)
+        cached = cached_generations_for_model(identity, dtype, name, pools, generations_dir, config, nll_max_length)
+        if cached is not None:
+            answers[name] = cached
+            continue
+        if not has_weights(model_dir):
+            raise ExperimentError(
+                f"{name}: its answers are missing or out of date, and its weights are not in {model_dir} (a checkout "
+                f"keeps only each model's record): delete {model_dir} and train it again")
+        t0 = time.perf_counter()
+        loaded = load_trained(model_dir, device=device)
+        answers[name] = generate_for_model(loaded, name, pools, generations_dir, config, nll_max_length=nll_max_length)
+        del loaded
+        if on_answered is not None:
+            on_answered(name, time.perf_counter() - t0)
+    return answers
+
+
+def run_comparison(run_dir: str | Path, pool: InstructionPool | str | Path, ratio: float = 0.05, *,
+                   methods: tuple[str, ...] = ("miwv", "random"), train_config: TrainConfig | None = None,
+                   generate_config: GenerateConfig | None = None, test_sets: Sequence[str] = DEFAULT_TEST_SETS,
+                   sample: int | None = None, sample_seed: int = 0, data_dir: str | Path | None = None,
+                   judges: Sequence[Judge | str] = OFFLINE_JUDGES, selection_seed: int = 0,
+                   n_resamples: int = 2000, bootstrap_seed: int = 0, overwrite: bool = False) -> ComparisonResult:
+    """The paper's experiment from a scored run directory: the top r % by each method and the full pool,
+    fine-tuned alike, each compared with the full-pool model on the test sets (the ``evaluate`` command).
+
+    ``run_dir`` holds ``scores.jsonl`` of ``pool`` (an InstructionPool, or a path or registry name). Pass
+    ``judges=["hf:<strong model>"]`` or ``["openai:<model>"]`` for an LLM judge; the offline judges need
+    reference answers, which only Self-Instruct (``sinstruct``) and AlpacaEval have.
+    """
+    run_dir = Path(run_dir)
+    pool = pool if isinstance(pool, InstructionPool) else load_instructions(pool, data_dir=data_dir)
+    scores = read_jsonl(run_dir / "scores.jsonl")
+    check_scores_match(pool, scores, run_dir / "scores.jsonl")
+    train_config = train_config or TrainConfig()
+    generate_config = generate_config or GenerateConfig(template=train_config.template)
+    arms = plan_arms([ratio], methods, [selection_seed])
+    plan = select_arms(arms, scores)
+    write_selections(run_dir, arms, plan)
+    models = train_arms(arms, plan, pool, run_dir / "models", train_config, overwrite=overwrite)
+    answers = answer_arms([a.name for a in arms], run_dir / "models", load_test_pools(test_sets, sample, sample_seed,
+                          data_dir), run_dir / "generations", generate_config, device=train_config.device)
+    comparison = compare_generations(answers, BASELINE, judges, run_dir / "evaluation", datasets=list(test_sets),
+                                     n_resamples=n_resamples, seed=bootstrap_seed)
+    comparison.models = models
+    return comparison

@@ -34,6 +34,7 @@ DEFAULT_TEST_SETS = (*TEST_SETS, ALPACA_EVAL)
 ALL = "All"
 OUTCOMES = (WIN, TIE, LOSS)
 _FLIP = {WIN: LOSS, LOSS: WIN, TIE: TIE}
+OUTCOME_VALUE = {WIN: 1, TIE: 0, LOSS: -1}  # a prompt's share of wins − losses: the winning score is 1 + the mean
 
 
 # --- the protocol's arithmetic -------------------------------------------------------------------
@@ -53,16 +54,26 @@ def winning_score(wins: int, losses: int, n: int) -> float:
     return 1.0 + (wins - losses) / n if n else math.nan
 
 
+def mean_interval(values: Sequence[float], n_resamples: int = 2000, level: float = 0.95,
+                  seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (one per prompt; prompts resampled, seeded)."""
+    from scipy.stats import bootstrap
+
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return math.nan, math.nan
+    if np.all(data == data[0]):  # every resample has the same mean (scipy refuses a single value)
+        return float(data[0]), float(data[0])
+    interval = bootstrap((data,), np.mean, n_resamples=n_resamples, confidence_level=level, method="percentile",
+                         vectorized=True, random_state=np.random.default_rng(seed)).confidence_interval
+    return float(interval.low), float(interval.high)
+
+
 def bootstrap_interval(outcomes: Sequence[str], n_resamples: int = 2000, level: float = 0.95,
                        seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of the winning score, resampling prompts with replacement (seeded)."""
-    if not outcomes:
-        return math.nan, math.nan
-    values = np.array([{WIN: 1, TIE: 0, LOSS: -1}[o] for o in outcomes], dtype=np.int8)
-    picks = np.random.default_rng(seed).integers(0, len(values), size=(n_resamples, len(values)))
-    scores = 1.0 + values[picks].mean(axis=1)
-    tail = (1 - level) / 2
-    return float(np.quantile(scores, tail)), float(np.quantile(scores, 1 - tail))
+    """Interval of the winning score 1 + mean(+1 win, 0 tie, −1 loss) over prompts."""
+    low, high = mean_interval([OUTCOME_VALUE[o] for o in outcomes], n_resamples, level, seed)
+    return 1.0 + low, 1.0 + high
 
 
 # --- judging one pair of models --------------------------------------------------------------------
@@ -185,36 +196,22 @@ def plot_outcomes(rows: list[dict], path: str | Path, title: str | None = None) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import outcome_bars, save_png
+
     keys = list(dict.fromkeys((r["judge"], r["model_a"], r["model_b"]) for r in rows))
     heights = [len([r for r in rows if (r["judge"], r["model_a"], r["model_b"]) == k]) for k in keys]
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 0.45 * sum(heights) + 1.3 * len(keys)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
-    colors = {WIN: "#4C72B0", TIE: "#C8C8C8", LOSS: "#DD8452"}
     for ax, key in zip(axes[:, 0], keys):
-        part = [r for r in rows if (r["judge"], r["model_a"], r["model_b"]) == key][::-1]  # "All" at the bottom
-        labels = [r["test_set"] for r in part]
-        left = np.zeros(len(part))
-        for outcome, column in zip(OUTCOMES, ("wins", "ties", "losses")):
-            share = np.array([r[column] / r["n"] if r["n"] else 0.0 for r in part])
-            ax.barh(labels, share, left=left, color=colors[outcome], label=outcome.capitalize())
-            for y, (x0, w) in enumerate(zip(left, share)):
-                if w >= 0.08:
-                    ax.text(x0 + w / 2, y, f"{w:.0%}", ha="center", va="center", fontsize=8)
-            left += share
-        ax.set_xlim(0, 1)
+        part = [r for r in rows if (r["judge"], r["model_a"], r["model_b"]) == key]
+        outcome_bars(ax, [r["test_set"] for r in part], part)  # "All" last, at the bottom
         ax.set_title(f"{key[1]} vs {key[2]} — judge {key[0]}", fontsize=9)
         ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     axes[0, 0].legend(loc="lower center", bbox_to_anchor=(0.5, 1.15), ncol=3, frameon=False, fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=150)
-    plt.close(fig)
-    tmp.replace(path)  # atomic, as every other output
-    return path
+    return save_png(fig, path, dpi=150, close=True)
 
 
 # --- pairing generations --------------------------------------------------------------------------------

@@ -21,9 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,7 +192,11 @@ class HFChatBackend:
 
 
 class OpenAIChatBackend:
-    """Any OpenAI-compatible ``/chat/completions`` endpoint (OpenAI, vLLM, llama.cpp server, …) over urllib."""
+    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp server, …) through the ``openai`` client.
+
+    The client is an optional extra (``pip install 'miwv-lib[openai]'``); it retries rate limits and
+    server errors with backoff.
+    """
 
     def __init__(self, model: str, base_url: str = "https://api.openai.com/v1", api_key_env: str | None = "OPENAI_API_KEY",
                  temperature: float = 0.0, max_tokens: int = 512, timeout: float = 120.0, retries: int = 3):
@@ -209,33 +210,29 @@ class OpenAIChatBackend:
                                  "(pass api_key_env=None for an endpoint without a key)")
         self.id = f"openai-compatible:{model}"
 
-    def _post(self, payload: dict) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=json.dumps(payload).encode("utf-8"),
-                                         headers=headers, method="POST")
-        for attempt in range(self.retries + 1):
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.loads(response.read().decode("utf-8"))
-            except urllib.error.HTTPError as exc:
-                retryable = exc.code == 429 or exc.code >= 500
-                if not retryable or attempt == self.retries:
-                    body = exc.read().decode("utf-8", "replace")[:300]
-                    raise RuntimeError(f"{self.base_url}: HTTP {exc.code}: {body}") from None
-            except urllib.error.URLError as exc:
-                if attempt == self.retries:
-                    raise RuntimeError(f"{self.base_url}: {exc.reason}") from None
-            time.sleep(min(2 ** attempt, 30))  # rate limits and restarts: back off, then retry
-        raise AssertionError("unreachable")
+    def _client(self):
+        try:
+            from openai import OpenAI
+        except ImportError:
+            raise RuntimeError("the openai judge needs the openai client: pip install 'miwv-lib[openai]'") from None
+        # an endpoint without a key still gets one: the client refuses to start without any
+        return OpenAI(base_url=self.base_url, api_key=self.api_key or "no-key", timeout=self.timeout,
+                      max_retries=self.retries)
 
     def complete(self, system: str, users: list[str]) -> list[str]:
-        texts = []
+        import openai
+
+        client, texts = self._client(), []
         for user in users:
-            reply = self._post({"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
-                                "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]})
-            texts.append(reply["choices"][0]["message"]["content"] or "")
+            try:
+                reply = client.chat.completions.create(
+                    model=self.model, temperature=self.temperature, max_tokens=self.max_tokens,
+                    messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
+            except openai.APIStatusError as exc:
+                raise RuntimeError(f"{self.base_url}: HTTP {exc.status_code}: {str(exc.message)[:300]}") from None
+            except openai.APIConnectionError as exc:
+                raise RuntimeError(f"{self.base_url}: {exc.message}") from None
+            texts.append(reply.choices[0].message.content or "")
         return texts
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from .io import atomic_open, write_json
 from .models import load_tokenizer  # noqa: F401 - re-exported for the notebooks
-from .runs import now
+from .runs import now, read_yaml_mapping
 
 CONFIG_KEYS = ("description", "run_dir", "parameters", "notebooks")
 DEFAULT_RUN_DIR = "runs/notebooks"
@@ -127,8 +127,6 @@ def describe_notebooks(directory: str | Path | None = None) -> list[dict]:
 
 def load_config(config: str | Path | Mapping | None) -> dict:
     """A validated configuration dict (``parameters`` and ``notebooks`` always present)."""
-    import yaml
-
     config_path = None
     if config is None:
         raw: Any = {}
@@ -139,12 +137,7 @@ def load_config(config: str | Path | Mapping | None) -> dict:
         path = Path(config).expanduser()
         if not path.is_file() and not path.is_absolute() and (repo_root() / path).is_file():
             path = repo_root() / path
-        if not path.is_file():
-            raise PipelineError(f"configuration file not found: {config}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise PipelineError(f"{config}: not valid YAML ({exc})") from None
+        raw = read_yaml_mapping(path, config, PipelineError)
         origin = str(config)
         config_path = str(path.resolve())
     if not isinstance(raw, Mapping):

@@ -16,11 +16,37 @@ from .io import atomic_open
 
 
 def save_figure(fig, run_dir: str | Path, name: str, dpi: int = 110) -> Path:
-    """Save ``fig`` as ``run_dir/figures/<name>.png`` (written to a temp file, then renamed)."""
-    path = Path(run_dir) / "figures" / (name if name.endswith(".png") else f"{name}.png")
+    """Save ``fig`` as ``run_dir/figures/<name>.png``."""
+    return save_png(fig, Path(run_dir) / "figures" / (name if name.endswith(".png") else f"{name}.png"), dpi)
+
+
+def save_png(fig, path: str | Path, dpi: int = 110, close: bool = False) -> Path:
+    """The one figure writer: a PNG written to a temp file, then renamed (``close``: free the figure too)."""
     with atomic_open(path, "wb") as handle:
         fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
-    return path
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return Path(path)
+
+
+OUTCOME_COLUMNS = (("wins", "#4C72B0", "win"), ("ties", "#C8C8C8", "tie"), ("losses", "#DD8452", "loss"))
+
+
+def outcome_bars(ax, labels: Sequence[str], rows: Sequence[Mapping | None]) -> None:
+    """The paper's Figure 2 on one axis: a stacked win/tie/loss bar per table row (shares of its n prompts)."""
+    left = np.zeros(len(rows))
+    for column, color, label in OUTCOME_COLUMNS:
+        share = np.array([int(r[column]) / int(r["n"]) if r and int(r["n"]) else 0.0 for r in rows])
+        ax.barh(range(len(rows)), share, left=left, color=color, label=label)
+        for y, (x0, width) in enumerate(zip(left, share)):
+            if width >= 0.08:
+                ax.text(x0 + width / 2, y, f"{width:.0%}", ha="center", va="center", fontsize=8)
+        left += share
+    ax.set_xlim(0, 1)
+    ax.set_yticks(range(len(rows)), list(labels), fontsize=8)
+    ax.invert_yaxis()
 
 
 def _finite(values) -> np.ndarray:

@@ -12,7 +12,7 @@ import os
 import platform
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -145,6 +145,22 @@ def environment_info() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
     }
+
+
+def read_yaml_mapping(path: Path, shown: str | Path, error: type[Exception]) -> dict:
+    """The settings in a YAML file. A missing, binary or malformed file, or one that is not a mapping, is one
+    ``error`` that names it (as ``shown``: the path as the user gave it)."""
+    import yaml
+
+    if not path.is_file():
+        raise error(f"configuration file not found: {shown}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise error(f"{shown}: not a valid YAML text file ({exc})") from None
+    if not isinstance(raw, Mapping):
+        raise error(f"{shown}: expected a mapping of settings, got {type(raw).__name__}")
+    return dict(raw)
 
 
 def now() -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 from .data import InstructionPool, load_instructions, load_test_set
 from .io import atomic_open, read_jsonl, write_jsonl
-from .runs import now
+from .runs import now, read_yaml_mapping
 from .scoring import ScoreConfig, score_pool
 from .experiment import ExperimentError, answer_arms, is_trained, train_arms, write_selections
 from .selection import BASELINE, Arm, check_scores_match, export_subset, plan_arms, select_arms
@@ -92,23 +92,12 @@ def _build(cls, values: Mapping[str, Any], where: str):
 
 def load_study_config(path: str | Path | Mapping) -> StudyConfig:
     """A ``StudyConfig`` from a YAML file (or a mapping); unknown keys are errors that name the file."""
-    import yaml
-
     from .pipeline import resolve_path
 
     if isinstance(path, Mapping):
         raw, source = dict(path), "<dict>"
     else:
-        resolved = resolve_path(path)
-        if not resolved.is_file():
-            raise StudyError(f"study configuration not found: {path}")
-        try:
-            raw = yaml.safe_load(resolved.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise StudyError(f"{path}: not valid YAML ({exc})") from None
-        source = str(path)
-    if not isinstance(raw, Mapping):
-        raise StudyError(f"{source}: expected a mapping of study settings")
+        raw, source = read_yaml_mapping(resolve_path(path), path, StudyError), str(path)
     config = _build(StudyConfig, {**raw, "source": source}, source)
     _validate(config)
     return config

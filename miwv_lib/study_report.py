@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .evaluate import OUTCOME_VALUE, mean_interval
 from .io import atomic_open, read_jsonl, write_json
+from .plots import outcome_bars, save_png
 from .report import fmt, jaccard, row_source_files, spearman, summary_stats
 from .selection import BASELINE, demo_trimmed, ratio_label, subset_size
 
@@ -27,7 +29,6 @@ if TYPE_CHECKING:
 
 ALPACA_52K = 52_002
 JUDGED_OUTPUTS = ("table.csv", "winning_scores.png", "win_tie_lose.png")
-_VALUE = {"win": 1, "tie": 0, "loss": -1}
 
 
 def judge_ids(rows: Sequence[Mapping]) -> list[str]:
@@ -51,7 +52,7 @@ def outcome_values(records: Sequence[Mapping]) -> dict[tuple[str, str], dict[tup
     """``{(judge, model_a): {(dataset, id): +1 | 0 | -1}}`` from judgement records."""
     table: dict[tuple[str, str], dict[tuple[str, str], int]] = {}
     for r in records:
-        table.setdefault((r["judge"], r["model_a"]), {})[(r["dataset"], r["id"])] = _VALUE[r["outcome"]]
+        table.setdefault((r["judge"], r["model_a"]), {})[(r["dataset"], r["id"])] = OUTCOME_VALUE[r["outcome"]]
     return table
 
 
@@ -60,17 +61,12 @@ def paired_difference(a: Mapping[tuple[str, str], float], b: Mapping[tuple[str, 
     """Winning-score difference A − B on the prompts both were judged on, with a paired bootstrap interval.
 
     Both models were compared with the same full-pool model on the same prompts, so resampling prompts
-    (not the two models independently) is what measures how sure the difference is.
+    (the per-prompt differences, not the two models independently) is what measures how sure it is.
     """
     keys = sorted(set(a) & set(b))
-    if not keys:
-        return {"n": 0, "difference": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    diff = np.array([a[k] - b[k] for k in keys], dtype=np.float64)
-    picks = np.random.default_rng(seed).integers(0, len(diff), size=(n_resamples, len(diff)))
-    boot = diff[picks].mean(axis=1)
-    tail = (1 - level) / 2
-    return {"n": len(keys), "difference": float(diff.mean()), "ci_low": float(np.quantile(boot, tail)),
-            "ci_high": float(np.quantile(boot, 1 - tail))}
+    diff = [a[k] - b[k] for k in keys]
+    low, high = mean_interval(diff, n_resamples, level, seed)
+    return {"n": len(keys), "difference": float(np.mean(diff)) if diff else math.nan, "ci_low": low, "ci_high": high}
 
 
 def averaged(values: Sequence[Mapping[tuple[str, str], int]]) -> dict[tuple[str, str], float]:
@@ -400,12 +396,7 @@ def _status(study: Study) -> list[str]:
 # --- figures --------------------------------------------------------------------------------------------
 
 def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
-
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path.name
+    return save_png(fig, path, dpi=120, close=True).name
 
 
 def _judge_panels(study: Study, table: list[dict]):
@@ -450,17 +441,8 @@ def outcome_bars_figure(study: Study, table: list[dict]):
     fig, axes, judges, arms = _judge_panels(study, table)
     for ax, judge in zip(axes[0], judges):
         rows = {r["model_a"]: r for r in table if r["judge"] == judge and r["test_set"] == "All"}
-        left = np.zeros(len(arms))
-        for column, color, label in (("wins", "#4C72B0", "win"), ("ties", "#C8C8C8", "tie"),
-                                     ("losses", "#DD8452", "lose")):
-            share = np.array([int(rows[a.name][column]) / int(rows[a.name]["n"]) if a.name in rows else 0.0
-                              for a in arms])
-            ax.barh(range(len(arms)), share, left=left, color=color, label=label)
-            left += share
-        ax.set_xlim(0, 1)
+        outcome_bars(ax, [a.name for a in arms], [rows.get(a.name) for a in arms])
         ax.set_title(f"judge: {judge}", fontsize=10)
-        ax.set_yticks(range(len(arms)), [a.name for a in arms], fontsize=8)
-        ax.invert_yaxis()
     axes[0, 0].legend(loc="lower left", bbox_to_anchor=(0, 1.08), ncol=3, frameon=False, fontsize=8)
     fig.tight_layout()
     return fig

@@ -13,15 +13,17 @@ import sys
 from pathlib import Path
 
 from .data import DataError, load_instructions
-from .models import DEFAULT_MODEL, ModelLoadError, resolve_device
-from .neighbors import DEFAULT_EMBEDDER
+from .models import ModelLoadError, resolve_device
 from .pipeline import PipelineError
-from .prompts import TEMPLATES
 from .runs import FingerprintMismatch, RunDirectoryBusy, run_lock
-from .scoring import AUTO_MAX_LENGTH, ScoreConfig, check_max_length, score_pool
+from .schema import add_flags, from_args
+from .scoring import ScoreConfig, score_pool
 from .study import StudyError
 from .selection import (SELECTION_METHODS, SelectionError, check_scores_match, check_scores_provenance, demo_trimmed,
                         export_subset, load_scores, score_warnings, select_indices)
+
+
+TRAIN = "train_"  # the training flags' dest prefix: 'train' and 'evaluate' have a selection --seed of their own
 
 
 def _positive_int(text: str) -> int:
@@ -32,21 +34,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
-
-
-def _max_length(text: str) -> int | str:
-    """``auto`` or an integer ≥ 2 (the scorer's and the trainer's rule: ``scoring.check_max_length``)."""
-    try:
-        return check_max_length(text if text == AUTO_MAX_LENGTH else int(text))
-    except ValueError as exc:
-        message = str(exc) if text.lstrip("-").isdigit() else f"expected {AUTO_MAX_LENGTH!r} or an integer, got {text!r}"
-        raise argparse.ArgumentTypeError(message) from None
-
-
-def _train_max_length(text: str) -> int:
-    if text == AUTO_MAX_LENGTH:
-        raise argparse.ArgumentTypeError("training takes an integer --max-length (Alpaca's is 512)")
-    return _max_length(text)
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -64,20 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser("score", help="compute MIWV (and IFD) for every row")
     _add_data_args(score)
     score.add_argument("--out", required=True, help="run directory for scores.jsonl and manifest.json")
-    score.add_argument("--model", default=DEFAULT_MODEL)
-    score.add_argument("--embedder", default=DEFAULT_EMBEDDER, help="sentence-transformers name/path, or 'self'")
-    score.add_argument("--template", choices=TEMPLATES, default="alpaca")
-    score.add_argument("--max-length", type=_max_length, default=ScoreConfig.max_length,
-                       help="longest sequence in tokens; auto (default): the pool's longest one-shot sequence, "
-                            "capped at the model's context window, so nothing is cut")
-    score.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                       help="auto = bf16 (fast); float32 = exact mode")
-    score.add_argument("--device", default="auto")
-    score.add_argument("--batch-size", type=_positive_int, default=ScoreConfig.batch_size)
-    score.add_argument("--chunk-rows", type=_positive_int, default=ScoreConfig.chunk_rows,
-                       help="advanced: rows per checkpoint in scores.partial.jsonl (at most this much work is lost "
-                            "when the job is killed; a resumed run must use the same value to be byte-identical)")
-    score.add_argument("--no-ifd", action="store_true", help="skip the unconditional pass that IFD needs")
+    add_flags(score, ScoreConfig)  # --model, --embedder, --template, --max-length, --dtype, --batch-size, --no-ifd…
     score.add_argument("--overwrite", action="store_true", help="replace results of a different configuration")
 
     select = commands.add_parser("select", help="write the top floor(ratio·N) rows")
@@ -113,26 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
     from .train import TrainConfig
 
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="the base model (as for 'score')")
-    parser.add_argument("--method", choices=["lora", "full"], default=TrainConfig.method)
-    parser.add_argument("--template", choices=TEMPLATES, default=TrainConfig.template)
-    parser.add_argument("--max-length", type=_train_max_length, default=TrainConfig.max_length)
-    parser.add_argument("--epochs", type=float, default=TrainConfig.epochs)
-    parser.add_argument("--learning-rate", type=float, default=None, help="default: 2e-4 (LoRA), 2e-5 (full)")
-    parser.add_argument("--batch-size", type=_positive_int, default=TrainConfig.batch_size, help="per device")
-    parser.add_argument("--grad-accum", type=_positive_int, default=TrainConfig.gradient_accumulation_steps)
-    parser.add_argument("--max-steps", type=int, default=TrainConfig.max_steps, help="> 0 overrides --epochs")
-    parser.add_argument("--lora-r", type=_positive_int, default=TrainConfig.lora_r)
-    parser.add_argument("--lora-alpha", type=_positive_int, default=TrainConfig.lora_alpha)
-    parser.add_argument("--lora-dropout", type=float, default=TrainConfig.lora_dropout)
-    parser.add_argument("--train-seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--no-bf16", action="store_true", help="train in float32 even where bf16 is supported")
-    parser.add_argument("--device", default="auto")
+    # --model, --method, --template, --max-length, --epochs, --learning-rate, --batch-size, --grad-accum,
+    # --max-steps, --lora-r/-alpha/-dropout, --train-seed, --no-bf16, --device, ... (dest: train_<field>)
+    add_flags(parser, TrainConfig, prefix=TRAIN)
     parser.add_argument("--overwrite", action="store_true", help="replace a model trained with other settings")
 
 
 def _add_train_commands(commands) -> None:
     from .evaluate import DEFAULT_TEST_SETS
+    from .generate import GenerateConfig
     from .judges import OFFLINE_JUDGES
 
     train = commands.add_parser("train", help="fine-tune (LoRA) on the pool or on a selected subset of it")
@@ -154,7 +117,7 @@ def _add_train_commands(commands) -> None:
     evaluate.add_argument("--test-sets", nargs="+", default=list(DEFAULT_TEST_SETS))
     evaluate.add_argument("--sample", type=_positive_int, default=None, help="prompts per test set (seeded sample)")
     evaluate.add_argument("--sample-seed", type=int, default=0)
-    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    add_flags(evaluate, GenerateConfig, only=["max_new_tokens"])
     evaluate.add_argument("--judge", action="append", default=None, metavar="SPEC",
                           help=f"repeatable: {', '.join(OFFLINE_JUDGES)} (default: all three), "
                                "hf:<model> or openai:<model>")
@@ -176,9 +139,7 @@ def run_score(args: argparse.Namespace) -> None:
         raise DataError(f"MIWV needs at least 2 rows (each row's demonstration is its nearest other row); "
                         f"got {len(pool)}", source=pool.source)
     _check_device(args.device)
-    config = ScoreConfig(model=args.model, embedder=args.embedder, template=args.template,
-                         max_length=args.max_length, dtype=args.dtype, device=args.device,
-                         batch_size=args.batch_size, compute_ifd=not args.no_ifd, chunk_rows=args.chunk_rows)
+    config = from_args(ScoreConfig, args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DataError("--out must be a run directory, but this is a file", source=str(out))
@@ -266,11 +227,7 @@ def _study_run_dir(config: str) -> Path:
 def _train_config(args: argparse.Namespace):
     from .train import TrainConfig
 
-    return TrainConfig(model=args.model, method=args.method, template=args.template, max_length=args.max_length,
-                       epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
-                       gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, lora_r=args.lora_r,
-                       lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, seed=args.train_seed,
-                       bf16=False if args.no_bf16 else None, device=args.device)
+    return from_args(TrainConfig, args, prefix=TRAIN)
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -278,14 +235,18 @@ def run_train(args: argparse.Namespace) -> None:
 
     pool = _load_pool(args)
     rows = pool.rows
+    if args.ratio is not None and not args.scores:
+        raise SelectionError("--ratio selects rows by their scores: give --scores too (or leave --ratio out to train "
+                             "on every row)")
     if args.scores:
         if args.ratio is None:
             raise SelectionError("--scores needs --ratio (the fraction of rows to train on)")
         scores = load_scores(args.scores)
         check_scores_match(pool, scores, args.scores)
         rows = [pool.rows[i] for i in select_indices(scores, args.ratio, by=args.by, seed=args.seed)]
-    _check_device(args.device)
-    result = train_model(rows, args.out, _train_config(args), overwrite=args.overwrite)
+    config = _train_config(args)
+    _check_device(config.device)
+    result = train_model(rows, args.out, config, overwrite=args.overwrite)
     state = "already trained" if result.skipped else f"trained {result.steps} steps, {result.tokens_per_second} tokens/s"
     print(f"{state} on {result.n_examples} rows, final mean loss {result.train_loss:.4f} -> {result.model_dir}")
 
@@ -296,12 +257,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
     from .judges import OFFLINE_JUDGES, make_judge
 
     pool = _load_pool(args)
-    _check_device(args.device)
+    config = _train_config(args)
+    _check_device(config.device)
     judges = [make_judge(spec, base_url=args.judge_base_url, api_key_env=args.judge_api_key_env)
               if spec.startswith("openai:") else spec for spec in (args.judge or OFFLINE_JUDGES)]
-    config = _train_config(args)
     result = run_comparison(args.run_dir, pool, args.ratio, methods=tuple(args.methods), train_config=config,
-                            generate_config=GenerateConfig(max_new_tokens=args.max_new_tokens, template=args.template),
+                            generate_config=GenerateConfig(max_new_tokens=args.max_new_tokens, template=config.template),
                             test_sets=args.test_sets, sample=args.sample, sample_seed=args.sample_seed,
                             data_dir=args.data_dir, judges=judges, overwrite=args.overwrite)
     print(Path(result.paths["markdown"]).read_text(encoding="utf-8"))

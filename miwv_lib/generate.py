@@ -20,16 +20,21 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from .data import InstructionPool
 from .io import read_jsonl, stable_hash, write_json, write_jsonl
 from .models import LoadedModel
-from .prompts import SpecialTokens, encode_examples
+from .prompts import TEMPLATES, SpecialTokens, encode_examples
+from .schema import boolean, check, integer, setting
 
 
 @dataclass
 class GenerateConfig:
-    max_new_tokens: int = 512
-    batch_size: int = 8
-    template: str = "alpaca"  # the template the model was fine-tuned with
-    max_prompt_length: int = 1024  # longer prompts lose tokens from the left (after the BOS), as in the scorer
-    progress: bool = True
+    max_new_tokens: int = setting(512, rule=integer(1), help="longest generated answer, in tokens")
+    batch_size: int = setting(8, rule=integer(1), help="prompts generated together")
+    template: str = setting("alpaca", choices=TEMPLATES, help="the template the model was fine-tuned with")
+    # longer prompts lose tokens from the left (after the BOS), as in the scorer
+    max_prompt_length: int = setting(1024, rule=integer(2))
+    progress: bool = setting(True, rule=boolean(), cli=False)
+
+    def __post_init__(self):
+        check(self)
 
 
 def stop_token_ids(loaded: LoadedModel) -> list[int]:

@@ -30,9 +30,10 @@ from .data import InstructionPool, format_source_text
 from .io import read_jsonl, stable_hash, write_json, write_jsonl
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .neighbors import DEFAULT_EMBEDDER, SELF_EMBEDDER, embed_texts, load_embedder, model_embeddings, nearest_neighbors
-from .prompts import EncodedExample, SpecialTokens, encode_examples
+from .prompts import TEMPLATES, EncodedExample, SpecialTokens, encode_examples
 from .distributed import Shard, barrier, from_main, init_from_env
 from .runs import PartialResults, check_fingerprint, environment_info, now
+from .schema import boolean, check, integer, setting, text
 
 LAYOUT_VERSION = 1  # bump when the token layout changes: it is part of every fingerprint
 
@@ -237,14 +238,22 @@ AUTO_MAX_LENGTH = "auto"
 MIN_MAX_LENGTH = 2  # a BOS and one response token: anything shorter holds no target at all
 
 
-def check_max_length(value: int | str) -> int | str:
-    """``auto`` or an int ≥ 2; anything else is a ValueError naming the value (checked before any model loads)."""
-    if value == AUTO_MAX_LENGTH:
-        return value
+def max_length_rule(value: int | str, *, allow_auto: bool = True) -> str | None:
+    """What is wrong with a maximum length (``auto`` or an int ≥ 2), or None; checked before any model loads."""
+    if value == AUTO_MAX_LENGTH and allow_auto:
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < MIN_MAX_LENGTH:
-        raise ValueError(f"max_length {value!r} cannot hold a single response token once the prompt is cut away; "
-                         f"use {AUTO_MAX_LENGTH!r} or an integer of at least {MIN_MAX_LENGTH}")
-    return value
+        allowed = f"{AUTO_MAX_LENGTH!r} or an integer" if allow_auto else "an integer"
+        return (f"{value!r} cannot hold a single response token once the prompt is cut away; use {allowed} of at "
+                f"least {MIN_MAX_LENGTH}")
+    return None
+
+
+def parse_max_length(text: str) -> int | str:
+    return text if text == AUTO_MAX_LENGTH else int(text)
+
+
+parse_max_length.kind = f"{AUTO_MAX_LENGTH!r} or an integer"
 
 
 def context_window(model) -> int | None:
@@ -256,7 +265,10 @@ def context_window(model) -> int | None:
 
 def resolve_max_length(setting: int | str, needed: list[int], model) -> int:
     """``auto``: the longest sequence ``needed``, capped at the model's context window; an int as it is."""
-    if check_max_length(setting) != AUTO_MAX_LENGTH:
+    problem = max_length_rule(setting)
+    if problem:
+        raise ValueError(f"max_length: {problem}")
+    if setting != AUTO_MAX_LENGTH:
         return int(setting)
     longest, window = max(needed, default=MIN_MAX_LENGTH), context_window(model)
     return max(MIN_MAX_LENGTH, min(longest, window) if window else longest)
@@ -275,20 +287,26 @@ def one_shot_lengths(examples: list[EncodedExample], neighbor_index: np.ndarray,
 
 @dataclass
 class ScoreConfig:
-    model: str = DEFAULT_MODEL
-    embedder: str = DEFAULT_EMBEDDER  # a sentence-transformers name/path, or "self" (the scored model)
-    template: str = "alpaca"  # alpaca | plain | chat
-    max_length: int | str = AUTO_MAX_LENGTH  # "auto": nothing is cut, unless the model's context window must
-    dtype: str = "auto"  # auto (bf16) | float32 (exact mode)
-    device: str = "auto"
-    batch_size: int = 16
-    max_tokens_per_batch: int = 8192
-    compute_ifd: bool = True  # one extra, short pass per sample
-    chunk_rows: int = 64  # rows per checkpoint: at most this much work is lost when killed
-    progress: bool = True
+    model: str = setting(DEFAULT_MODEL, rule=text(), help="built-in name, local directory, .gguf file or hub id")
+    embedder: str = setting(DEFAULT_EMBEDDER, rule=text(), help="sentence-transformers name/path, or 'self'")
+    template: str = setting("alpaca", choices=TEMPLATES)
+    max_length: int | str = setting(
+        AUTO_MAX_LENGTH, rule=max_length_rule, parse=parse_max_length,
+        help="longest sequence in tokens; auto (default): the pool's longest one-shot sequence, capped at the "
+             "model's context window, so nothing is cut")
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"), help="auto = bf16 (fast); float32 = exact mode")
+    device: str = setting("auto", rule=text())
+    batch_size: int = setting(16, rule=integer(1), help="most sequences in one forward pass")
+    max_tokens_per_batch: int = setting(8192, rule=integer(1), help="padded tokens per forward pass (memory bound)")
+    compute_ifd: bool = setting(True, rule=boolean(), flag="--no-ifd",
+                                help="skip the unconditional pass that IFD needs")
+    chunk_rows: int = setting(
+        64, rule=integer(1), help="advanced: rows per checkpoint in scores.partial.jsonl (at most this much work is "
+                                  "lost when the job is killed; a resumed run must use the same value to be byte-identical)")
+    progress: bool = setting(True, rule=boolean(), cli=False)
 
     def __post_init__(self):
-        check_max_length(self.max_length)
+        check(self)
 
 
 def score_fingerprint_inputs(config: ScoreConfig, loaded: LoadedModel, pool: InstructionPool) -> dict:

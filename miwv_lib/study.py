@@ -28,7 +28,8 @@ from .io import atomic_open, read_jsonl, write_jsonl
 from .runs import now, read_yaml_mapping
 from .scoring import ScoreConfig, score_pool
 from .experiment import ExperimentError, answer_arms, is_trained, train_arms, write_selections
-from .selection import BASELINE, Arm, check_scores_match, export_subset, plan_arms, select_arms
+from .schema import check, each, integer, mapping, number, setting, text
+from .selection import SELECTION_METHODS, BASELINE, Arm, check_scores_match, export_subset, plan_arms, select_arms
 
 STAGES = ("score", "select", "train", "generate", "judge", "report")
 TIMINGS_FILE = "timings.jsonl"
@@ -42,23 +43,29 @@ StudyError = ExperimentError  # a study configuration or run directory that cann
 
 @dataclass
 class StudyConfig:
-    description: str = ""
-    data: str = "alpaca"  # registry name, file or hub id of the instruction pool
-    data_dir: str | None = None  # local mirror (default: $MIWV_DATA_DIR)
-    limit: int | None = None  # first N rows only (smoke runs)
-    run_dir: str = "runs/small_scale"  # scores, models, generations: large, not committed
-    results_dir: str = "results/small_scale"  # REPORT.md, tables and figures: small, committed
-    ratios: list[float] = field(default_factory=lambda: [0.05, 0.10])
-    methods: list[str] = field(default_factory=lambda: ["miwv", "ifd", "low-miwv", "random"])
-    random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    test_sets: dict[str, int | None] = field(default_factory=lambda: {"alpaca_eval_gpt4": 200, "sinstruct": None})
-    test_seed: int = 0  # which deterministic sample of a test set
-    judges: list[str] = field(default_factory=lambda: ["reference-nll", "embedding", "rougeL"])
-    n_bootstrap: int = 2000
-    score: dict[str, Any] = field(default_factory=dict)  # ScoreConfig fields
-    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
-    generate: dict[str, Any] = field(default_factory=dict)  # GenerateConfig fields
+    description: str = setting("", rule=lambda v: None if isinstance(v, str) else f"expected text, got {v!r}")
+    data: str = setting("alpaca", rule=text())  # registry name, file or hub id of the instruction pool
+    data_dir: str | None = setting(None, rule=text(optional=True))  # local mirror (default: $MIWV_DATA_DIR)
+    limit: int | None = setting(None, rule=integer(2, optional=True))  # first N rows only (smoke runs)
+    run_dir: str = setting("runs/small_scale", rule=text())  # scores, models, generations: large, not committed
+    results_dir: str = setting("results/small_scale", rule=text())  # REPORT.md, tables, figures: committed
+    ratios: list[float] = setting(default_factory=lambda: [0.05, 0.10], rule=each(number(0, 1, above=True, below=True)))
+    methods: list[str] = setting(default_factory=lambda: ["miwv", "ifd", "low-miwv", "random"],
+                                 rule=each(lambda m: None if m in SELECTION_METHODS else
+                                           f"expected one of {', '.join(SELECTION_METHODS)}, got {m!r}"))
+    random_seeds: list[int] = setting(default_factory=lambda: [0, 1, 2], rule=each(integer(0), nonempty=False))
+    test_sets: dict[str, int | None] = setting(default_factory=lambda: {"alpaca_eval_gpt4": 200, "sinstruct": None},
+                                               rule=mapping(text(), integer(1, optional=True), nonempty=True))
+    test_seed: int = setting(0, rule=integer(0))  # which deterministic sample of a test set
+    judges: list[str] = setting(default_factory=lambda: ["reference-nll", "embedding", "rougeL"], rule=each(text()))
+    n_bootstrap: int = setting(2000, rule=integer(100))
+    score: dict[str, Any] = setting(default_factory=dict, rule=mapping(text()))  # ScoreConfig fields
+    train: dict[str, Any] = setting(default_factory=dict, rule=mapping(text()))  # TrainConfig fields
+    generate: dict[str, Any] = setting(default_factory=dict, rule=mapping(text()))  # GenerateConfig fields
     source: str = "<defaults>"  # where the configuration came from (for messages and the report)
+
+    def __post_init__(self):
+        check(self)
 
     def score_config(self) -> ScoreConfig:
         return _build(ScoreConfig, self.score, f"{self.source}: score")
@@ -104,18 +111,8 @@ def load_study_config(path: str | Path | Mapping) -> StudyConfig:
 
 
 def _validate(config: StudyConfig) -> None:
-    from .selection import SELECTION_METHODS
-
-    bad = [m for m in config.methods if m not in SELECTION_METHODS]
-    if bad:
-        raise StudyError(f"{config.source}: methods {bad} unknown; choose from {', '.join(SELECTION_METHODS)}")
     if "random" in config.methods and not config.random_seeds:
         raise StudyError(f"{config.source}: method 'random' needs at least one of random_seeds")
-    for ratio in config.ratios:
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-            raise StudyError(f"{config.source}: ratios must lie in (0, 1); got {ratio!r}")
-    if not config.test_sets:
-        raise StudyError(f"{config.source}: test_sets is empty")
     config.score_config(), config.train_config(), config.generate_config()  # unknown keys fail now, not hours later
 
 

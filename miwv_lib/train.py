@@ -54,9 +54,10 @@ from transformers.trainer_utils import get_last_checkpoint
 from .data import InstructionPool
 from .io import atomic_open, stable_hash, write_json
 from .models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
-from .prompts import SpecialTokens, encode_examples
+from .prompts import TEMPLATES, SpecialTokens, encode_examples
 from .runs import check_fingerprint, environment_info, now
-from .scoring import LAYOUT_VERSION, logit_transform, zero_shot_sequence
+from .schema import boolean, check, integer, number, setting, text
+from .scoring import LAYOUT_VERSION, logit_transform, max_length_rule, zero_shot_sequence
 
 TRAIN_FORMAT_VERSION = 1  # bump when what a saved model directory holds changes
 IGNORE_INDEX = -100  # the label value torch's cross_entropy (and every HF model) skips
@@ -67,32 +68,42 @@ CHECKPOINT_DIR = "checkpoints"  # Trainer checkpoints of a run in progress (save
 
 @dataclass
 class TrainConfig:
-    model: str = DEFAULT_MODEL
-    method: str = "lora"  # lora | full (full fine-tuning: a GPU and fp32 master weights)
-    template: str = "alpaca"  # must match the scoring template: the same prompt is trained and scored
-    max_length: int = 512  # Alpaca's model_max_length
-    epochs: float = 3.0
-    learning_rate: float | None = None  # None: 2e-4 for LoRA, Alpaca's 2e-5 for full fine-tuning
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    batch_size: int = 4  # per device
-    gradient_accumulation_steps: int = 4  # effective batch 16
-    max_steps: int = -1  # > 0 overrides epochs (smoke runs, throughput measurements)
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: str | list[str] = "all-linear"  # every linear projection except the LM head
-    bf16: bool | None = None  # None: wherever the hardware has it (CUDA with bf16, CPUs with AVX512-BF16/AMX)
-    dtype: str = "auto"  # weights as loaded; auto: bf16 frozen base for LoRA, fp32 master weights for full
-    device: str = "auto"
-    gradient_checkpointing: bool = False  # trade compute for memory on large models
-    sampling: str = "random"  # Trainer's train_sampling_strategy; "group_by_length" pads less but is not Alpaca's order
-    seed: int = 42
-    logging_steps: int = 1
-    progress: bool = True
-    response_only_loss: bool = True  # LM head only where a label is predicted; False: HF's full-logits loss
-    save_steps: int = 0  # > 0: checkpoint every save_steps optimizer steps (a killed run resumes from the last)
+    model: str = setting(DEFAULT_MODEL, rule=text(), help="the base model (as for 'score')")
+    method: str = setting("lora", choices=("lora", "full"), help="full: full fine-tuning (a GPU, fp32 master weights)")
+    template: str = setting("alpaca", choices=TEMPLATES, help="must match the scoring template")
+    max_length: int = setting(512, rule=lambda v: max_length_rule(v, allow_auto=False),
+                              help="longest training sequence in tokens (Alpaca's model_max_length)")
+    epochs: float = setting(3.0, rule=number(0, above=True))
+    learning_rate: float | None = setting(None, rule=number(0, above=True, optional=True), parse=float,
+                                          help="default: 2e-4 (LoRA), 2e-5 (full)")
+    lr_scheduler: str = setting("cosine", rule=text())
+    warmup_ratio: float = setting(0.03, rule=number(0, 1, below=True))
+    weight_decay: float = setting(0.0, rule=number(0))
+    batch_size: int = setting(4, rule=integer(1), help="per device")
+    gradient_accumulation_steps: int = setting(4, rule=integer(1), flag="--grad-accum", help="effective batch: 4 × 4")
+    max_steps: int = setting(-1, rule=integer(-1), help="> 0 overrides --epochs (smoke runs, throughput)")
+    lora_r: int = setting(16, rule=integer(1))
+    lora_alpha: int = setting(32, rule=integer(1))
+    lora_dropout: float = setting(0.05, rule=number(0, 1, below=True))
+    lora_target_modules: str | list[str] = setting("all-linear", cli=False)  # every linear projection but the head
+    bf16: bool | None = setting(None, rule=boolean(optional=True), flag="--no-bf16",
+                                help="train in float32 even where bf16 is supported (default: bf16 where the "
+                                     "hardware has it: CUDA with bf16, CPUs with AVX512-BF16/AMX)")
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"),
+                         help="weights as loaded; auto: bf16 frozen base for LoRA, fp32 master weights for full")
+    device: str = setting("auto", rule=text())
+    gradient_checkpointing: bool = setting(False, rule=boolean(), help="trade compute for memory on large models")
+    sampling: str = setting("random", choices=("random", "sequential", "group_by_length"),
+                            help="group_by_length pads less but is not Alpaca's order")
+    seed: int = setting(42, rule=integer(0), flag="--train-seed", help="LoRA initialisation and data order")
+    logging_steps: int = setting(1, rule=integer(1), cli=False)
+    progress: bool = setting(True, rule=boolean(), cli=False)
+    # LM head only where a label is predicted; False: HF's full-logits loss (the same loss, slower)
+    response_only_loss: bool = setting(True, rule=boolean(), cli=False)
+    save_steps: int = setting(0, rule=integer(0), help="> 0: a checkpoint every N optimizer steps, to resume from")
+
+    def __post_init__(self):
+        check(self)
 
     def resolved_learning_rate(self) -> float:
         if self.learning_rate is not None:

@@ -305,14 +305,14 @@ def test_score_refuses_bad_input_cleanly(cli, tmp_path, name, make, extra, fragm
 
 
 def test_bad_flag_values_are_usage_errors(cli, base, tmp_path):
-    for flag in ("--batch-size", "--chunk-rows"):
+    for flag in ("--batch-size", "--chunk-rows", "--max-tokens-per-batch"):
         result = cli("score", "--data", base["data"], "--out", tmp_path / "x", *FAST, flag, "0")
         assert result.rc == 2 and "Traceback" not in result.stderr
-        assert f"argument {flag}: expected a positive integer, got '0'" in result.stderr
+        assert f"argument {flag}: expected a positive integer, got 0" in result.stderr
     for value in ("0", "1", "-3"):  # too short to hold one response token: refused before any model loads
         result = cli("score", "--data", base["data"], "--out", tmp_path / "x", *FAST, "--max-length", value)
         assert result.rc == 2 and "Traceback" not in result.stderr
-        assert f"argument --max-length: max_length {value} cannot hold a single response token" in result.stderr
+        assert f"argument --max-length: {value} cannot hold a single response token" in result.stderr
     result = cli("score", "--data", base["data"], "--out", tmp_path / "x", *FAST, "--max-length", "long")
     assert result.rc == 2 and "argument --max-length: expected 'auto' or an integer, got 'long'" in result.stderr
     assert not (tmp_path / "x").exists()

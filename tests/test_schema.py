@@ -1,0 +1,104 @@
+"""One configuration schema: the dataclasses check every value and the command line is derived from them."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from miwv_lib.cli import TRAIN, build_parser, main
+from miwv_lib.generate import GenerateConfig
+from miwv_lib.schema import from_args
+from miwv_lib.scoring import ScoreConfig
+from miwv_lib.study import StudyError, load_study_config
+from miwv_lib.train import TrainConfig
+
+# The command-line contract: these flags existed before the schema, and keep their names.
+SCORE_FLAGS = {"--model", "--embedder", "--template", "--max-length", "--dtype", "--device", "--batch-size",
+               "--chunk-rows", "--no-ifd", "--overwrite", "--out", "--data", "--data-dir", "--limit"}
+TRAIN_FLAGS = {"--model", "--method", "--template", "--max-length", "--epochs", "--learning-rate", "--batch-size",
+               "--grad-accum", "--max-steps", "--lora-r", "--lora-alpha", "--lora-dropout", "--train-seed", "--no-bf16",
+               "--device", "--overwrite", "--out", "--scores", "--ratio", "--by", "--seed"}
+
+
+def _flags(command: str) -> set[str]:
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    return {flag for action in subparsers.choices[command]._actions for flag in action.option_strings}
+
+
+def test_the_command_line_keeps_its_flags():
+    assert SCORE_FLAGS <= _flags("score")
+    assert TRAIN_FLAGS <= _flags("train") and TRAIN_FLAGS - {"--out", "--scores", "--by", "--seed"} <= _flags("evaluate")
+    assert "--max-new-tokens" in _flags("evaluate")
+
+
+def test_flag_defaults_are_the_dataclass_defaults():
+    """No default is written twice: parsing no flags gives the dataclasses' own defaults."""
+    args = build_parser().parse_args(["score", "--out", "x"])
+    assert from_args(ScoreConfig, args) == ScoreConfig()
+    args = build_parser().parse_args(["train", "--out", "x"])
+    assert from_args(TrainConfig, args, prefix=TRAIN) == TrainConfig()
+    assert build_parser().parse_args(["evaluate", "--run-dir", "x", "--ratio", "0.1"]).max_new_tokens == \
+        GenerateConfig().max_new_tokens
+
+
+def test_flags_reach_their_fields():
+    args = build_parser().parse_args(["train", "--out", "x", "--grad-accum", "2", "--train-seed", "7", "--no-bf16",
+                                      "--seed", "3", "--learning-rate", "1e-3", "--sampling", "group_by_length"])
+    config = from_args(TrainConfig, args, prefix=TRAIN)
+    assert (config.gradient_accumulation_steps, config.seed, config.bf16, config.learning_rate, config.sampling) == \
+        (2, 7, False, 1e-3, "group_by_length")
+    assert args.seed == 3  # the selection's seed is not the training seed
+    args = build_parser().parse_args(["score", "--out", "x", "--no-ifd", "--max-length", "300"])
+    assert from_args(ScoreConfig, args).compute_ifd is False and from_args(ScoreConfig, args).max_length == 300
+
+
+@pytest.mark.parametrize(("cls", "field", "value", "says"), [
+    (ScoreConfig, "batch_size", 0, "expected a positive integer"),
+    (ScoreConfig, "chunk_rows", "64", "expected an integer"),
+    (ScoreConfig, "template", "vicuna", "expected one of alpaca, plain, chat"),
+    (ScoreConfig, "compute_ifd", "yes", "expected true or false"),
+    (ScoreConfig, "max_length", 1, "cannot hold a single response token"),
+    (TrainConfig, "epochs", 0, "expected a number > 0"),
+    (TrainConfig, "learning_rate", math.nan, "expected a finite number"),
+    (TrainConfig, "lora_dropout", 5, "expected a number < 1"),
+    (TrainConfig, "max_length", "auto", "cannot hold a single response token"),
+    (TrainConfig, "warmup_ratio", -0.1, "expected a number ≥ 0"),
+    (GenerateConfig, "max_new_tokens", 0, "expected a positive integer"),
+])
+def test_every_setting_is_checked_where_it_is_built(cls, field, value, says):
+    with pytest.raises(ValueError, match=f"^{field}: .*{says}"):
+        cls(**{field: value})
+
+
+@pytest.mark.parametrize(("yaml_text", "says"), [
+    ("ratios: abc", "ratios: expected a non-empty list, got 'abc'"),
+    ("ratios: [0.05, 2]", "ratios: item 1: expected a number < 1"),
+    ("limit: ten", "limit: expected an integer, got 'ten'"),
+    ("test_sets: [sinstruct]", "test_sets: expected a non-empty mapping"),
+    ("score: 5", "score: expected a mapping"),
+    ("score: {max_length: 1}", "score: max_length: 1 cannot hold a single response token"),
+    ("train: {epochs: 0}", "train: epochs: expected a number > 0"),
+    ("methods: [miwv, best]", "methods: item 1: expected one of"),
+])
+def test_a_study_yaml_with_a_wrong_value_names_the_file_and_key(tmp_path, yaml_text, says):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml_text + "\n", encoding="utf-8")
+    with pytest.raises(StudyError) as caught:
+        load_study_config(path)
+    assert str(path) in str(caught.value) and says in str(caught.value)
+
+
+def test_a_binary_study_config_is_a_clear_error(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(StudyError, match="not a valid YAML text file"):
+        load_study_config(path)
+
+
+def test_train_ratio_without_scores_is_refused_not_ignored(tmp_path, capsys):
+    data = tmp_path / "pool.json"
+    data.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]', encoding="utf-8")
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--ratio", "0.5"]) == 2
+    assert "--ratio selects rows by their scores: give --scores too" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -19,8 +19,9 @@ from .runs import FingerprintMismatch, RunDirectoryBusy, run_lock
 from .schema import add_flags, from_args
 from .scoring import ScoreConfig, score_pool
 from .study import StudyError
-from .selection import (SELECTION_METHODS, SelectionError, check_scores_match, check_scores_provenance, demo_trimmed,
-                        export_subset, load_scores, score_warnings, select_indices)
+from .selection import (SELECTION_METHODS, SelectionError, check_scores_integrity, check_scores_match,
+                        check_scores_provenance, demo_trimmed, export_subset, load_scores, score_warnings,
+                        select_indices, subset_format)
 
 
 TRAIN = "train_"  # the training flags' dest prefix: 'train' and 'evaluate' have a selection --seed of their own
@@ -170,10 +171,12 @@ def _check_device(device: str) -> None:
 
 
 def run_select(args: argparse.Namespace) -> None:
+    subset_format(args.out)  # before any work: the name decides the format
     pool = _load_pool(args)
     for given, role in ((args.data, "--data"), (args.scores, "--scores")):
         if given and Path(given).exists() and Path(args.out).resolve() == Path(given).resolve():
             raise SelectionError(f"--out {args.out} is the {role} file; refusing to overwrite an input")
+    check_scores_integrity(args.scores)
     scores = load_scores(args.scores)
     check_scores_match(pool, scores, args.scores)
     check_scores_provenance(pool, args.scores)
@@ -241,8 +244,10 @@ def run_train(args: argparse.Namespace) -> None:
     if args.scores:
         if args.ratio is None:
             raise SelectionError("--scores needs --ratio (the fraction of rows to train on)")
+        check_scores_integrity(args.scores)
         scores = load_scores(args.scores)
         check_scores_match(pool, scores, args.scores)
+        check_scores_provenance(pool, args.scores)
         rows = [pool.rows[i] for i in select_indices(scores, args.ratio, by=args.by, seed=args.seed)]
     config = _train_config(args)
     _check_device(config.device)

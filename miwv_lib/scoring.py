@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import InstructionPool, format_source_text
-from .io import read_jsonl, stable_hash, write_json, write_jsonl
+from .io import file_sha256, read_jsonl, stable_hash, write_json, write_jsonl
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .neighbors import DEFAULT_EMBEDDER, SELF_EMBEDDER, embed_texts, load_embedder, model_embeddings, nearest_neighbors
 from .prompts import TEMPLATES, EncodedExample, SpecialTokens, encode_examples
 from .distributed import Shard, barrier, from_main, init_from_env
-from .runs import PartialResults, check_fingerprint, environment_info, now
+from .runs import FingerprintMismatch, PartialResults, check_fingerprint, environment_info, now
 from .schema import boolean, check, integer, setting, text
 
 LAYOUT_VERSION = 1  # bump when the token layout changes: it is part of every fingerprint
@@ -551,6 +551,7 @@ def _start(run: _Run, overwrite: bool) -> dict:
         status["finished"] = bool(previous and previous.get("status") == "complete"
                                   and (run.out_dir / "scores.jsonl").exists())
         if status["finished"]:
+            _check_unchanged(run.out_dir / "scores.jsonl", previous)
             return status
         if previous is None:  # a new run, or an overwrite: drop what an older configuration left
             for old in _partial_files(run.out_dir, run.shard)[1]:
@@ -569,6 +570,15 @@ def _start(run: _Run, overwrite: bool) -> dict:
     except Exception as exc:  # noqa: BLE001 - raised on every rank by score_pool
         status["error"] = exc
     return status
+
+
+def _check_unchanged(scores_path: Path, manifest: dict) -> None:
+    """A finished run's scores are the file it wrote: a row lost or a number edited since is an error, not a result."""
+    recorded = manifest.get("scores_sha256")  # absent in runs written before checksums were recorded
+    if recorded and file_sha256(scores_path) != recorded:
+        raise FingerprintMismatch(
+            f"{scores_path} was changed after the run finished (its checksum differs from the one in "
+            f"{scores_path.parent / 'manifest.json'}): restore it, or score again with --overwrite")
 
 
 def _score_missing_chunks(run: _Run) -> tuple[int, float, list[int]]:
@@ -603,7 +613,7 @@ def _finish(run: _Run, manifest: dict, max_length: int, seconds: float, todo: li
     done = _load_done(everyone)
     scores = [done[i] for i in range(len(run.pool))]
     write_jsonl(run.out_dir / "scores.jsonl", scores)
-    manifest.update(status="complete", finished=now(), rows=len(scores), rows_scored_this_run=len(todo),
+    manifest.update(status="complete", scores_sha256=file_sha256(run.out_dir / "scores.jsonl"), finished=now(), rows=len(scores), rows_scored_this_run=len(todo),
                     rows_resumed=len(run.pool) - len(todo), seconds_scoring=round(seconds, 2),
                     seconds_per_sample=round(seconds / len(todo), 4) if todo else None,
                     max_length=max_length, truncated_rows=sum(r["truncated"] for r in scores),

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import InstructionPool
-from .io import atomic_open
+from .io import atomic_open, file_sha256
 
 SELECTION_METHODS = ("miwv", "ifd", "low-miwv", "length", "random")
 BASELINE = "full"  # the model fine-tuned on the whole pool, which every subset's model is compared against
@@ -161,22 +161,44 @@ def load_scores(path: str | Path) -> list[dict]:
     return scores
 
 
+def check_scores_integrity(scores_path: str | Path) -> None:
+    """Refuse an unfinished run's partial file, and a scores file changed after 'score' wrote it (its checksum
+    in the ``manifest.json`` beside it): a hand-edited number must not rank a row first."""
+    scores_path = Path(scores_path)
+    if scores_path.name.startswith("scores.partial"):
+        raise SelectionError(f"{scores_path} holds the finished chunks of an unfinished run: run the same 'score' "
+                             f"command again to finish it, then select from {scores_path.parent / 'scores.jsonl'}")
+    manifest = _manifest_beside(scores_path)
+    recorded = manifest.get("scores_sha256") if manifest else None
+    if recorded and scores_path.is_file() and file_sha256(scores_path) != recorded:
+        raise SelectionError(f"{scores_path} was changed after 'score' wrote it (its checksum differs from the one in "
+                             f"{scores_path.parent / 'manifest.json'}); restore it, or score again")
+
+
 def check_scores_provenance(pool: InstructionPool, scores_path: str | Path) -> None:
     """If the run's ``manifest.json`` sits next to the scores, refuse scores computed on other data.
 
     This catches what ids alone cannot: another dataset that happens to use the same ids (0, 1, 2, ...).
     """
-    manifest_path = Path(scores_path).parent / "manifest.json"
+    manifest = _manifest_beside(Path(scores_path))
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         scored_hash = manifest["fingerprint_inputs"]["data"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return  # no (readable) manifest: the id check is all there is
     if scored_hash != pool.content_hash:
+        manifest_path = Path(scores_path).parent / "manifest.json"
         raise SelectionError(
             f"{scores_path} was computed on other data than {pool.source} (content hash {scored_hash} in "
             f"{manifest_path}, {pool.content_hash} for this data, {len(pool)} rows); use the --data and --limit "
             "that 'score' used")
+
+
+def _manifest_beside(scores_path: Path) -> dict | None:
+    try:
+        manifest = json.loads((scores_path.parent / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def check_scores_match(pool: InstructionPool, scores: list[dict], scores_path: str | Path = "scores") -> None:
@@ -190,10 +212,20 @@ def check_scores_match(pool: InstructionPool, scores: list[dict], scores_path: s
                                  f"data's id {row['id']!r}; these scores belong to another dataset")
 
 
+def subset_format(out: str | Path) -> str:
+    """``json`` or ``jsonl`` from the file name (any case); any other suffix is a SelectionError, not JSON in disguise."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise SelectionError(f"{out}: a subset is written as .json (a list of rows) or .jsonl (one row per line); "
+                             f"got {Path(out).suffix or 'no suffix'!r}")
+    return suffix[1:]
+
+
 def export_subset(pool: InstructionPool, scores: list[dict], indices: list[int], out: str | Path,
                   by: str = "miwv") -> Path:
     """Write the chosen rows in the input's own schema (JSON list, or JSONL for .jsonl), scores attached."""
     out = Path(out)
+    fmt = subset_format(out)
     score_field = _RANKED.get(by, ("miwv", True))[0]
     records = []
     for rank, i in enumerate(indices):
@@ -203,7 +235,7 @@ def export_subset(pool: InstructionPool, scores: list[dict], indices: list[int],
                                     "miwv": scores[i].get("miwv"), "ifd": scores[i].get("ifd")}
         records.append(record)
     with atomic_open(out) as handle:
-        if out.suffix == ".jsonl":
+        if fmt == "jsonl":
             handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         else:
             json.dump(records, handle, ensure_ascii=False, indent=2)

@@ -317,7 +317,7 @@ def test_bad_flag_values_are_usage_errors(cli, base, tmp_path):
     assert result.rc == 2 and "argument --max-length: expected 'auto' or an integer, got 'long'" in result.stderr
     assert not (tmp_path / "x").exists()
     result = cli("select", "--data", base["data"], "--scores", base["scores"], "--ratio", "half",
-                 "--out", tmp_path / "s")
+                 "--out", tmp_path / "s.json")
     assert result.rc == 2 and "argument --ratio: invalid float value: 'half'" in result.stderr
 
 
@@ -367,7 +367,30 @@ SELECT_ERRORS = [
     ("scores-is-the-run-directory", lambda b, t: ["--scores", b["run"]], ["is a directory", "scores.jsonl inside it"]),
     ("scores-without-finite-miwv", _scores_copy(_no_finite_miwv), ["only 0 rows have a finite 'miwv'"]),
     ("out-is-the-data-file", lambda b, t: ["--out", b["data"]], ["is the --data file", "refusing to overwrite"]),
+    ("out-is-parquet", lambda b, t: ["--out", t / "subset.parquet"], ["subset.parquet", ".json (a list of rows)"]),
+    ("out-has-no-suffix", lambda b, t: ["--out", t / "subset"], ["subset: a subset is written as .json"]),
+    ("scores-edited-after-score", lambda b, t: ["--scores", _edited_run(b, t)],
+     ["scores.jsonl was changed after 'score' wrote it", "manifest.json"]),
+    ("scores-of-an-unfinished-run", lambda b, t: ["--scores", _partial_scores(b, t)],
+     ["scores.partial.jsonl holds the finished chunks of an unfinished run", "run the same 'score' command"]),
 ]
+
+
+def _edited_run(base, tmp) -> Path:
+    """A copy of the finished run whose scores.jsonl was edited by hand: one row's MIWV made the largest."""
+    run = tmp / "edited"
+    shutil.copytree(base["run"], run)
+    rows = read_jsonl(run / "scores.jsonl")
+    rows[7]["miwv"] = 9.0
+    (run / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run / "scores.jsonl"
+
+
+def _partial_scores(base, tmp) -> Path:
+    run = tmp / "unfinished"
+    run.mkdir()
+    (run / "scores.partial.jsonl").write_text(base["scores"].read_text())
+    return run / "scores.partial.jsonl"
 
 
 @pytest.mark.parametrize("name, make, fragments", SELECT_ERRORS, ids=[c[0] for c in SELECT_ERRORS])
@@ -486,7 +509,7 @@ def test_exact_duplicates_are_scored_and_reported(base):
 def test_forked_runner_matches_a_plain_subprocess(cli, cli_env, base, tmp_path):
     """The table's forked processes behave like ``python -m miwv_lib``: same exit code, stdout and stderr
     (warnings included). The success path is compared in the kill test (a plain run against a forked one)."""
-    args = ["select", "--data", base["data"], "--scores", base["scores"], "--ratio", "0.05", "--out", tmp_path / "s"]
+    args = ["select", "--data", base["data"], "--scores", base["scores"], "--ratio", "0.05", "--out", tmp_path / "s.json"]
     forked = cli(*args)
     plain = subprocess.run([sys.executable, "-m", "miwv_lib", *map(str, args)], capture_output=True, text=True,
                            env=cli_env, cwd=REPO, timeout=300)
@@ -604,6 +627,25 @@ def test_batch_size_does_not_change_the_scores(cli, small_pool, tmp_path):
 
 def read_jsonl_bytes(blob: bytes) -> list[dict]:
     return [json.loads(line) for line in blob.decode().splitlines() if line.strip()]
+
+
+def test_a_finished_run_whose_scores_lost_a_row_is_an_error_not_a_success(cli, base, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    lines = (run / "scores.jsonl").read_text().splitlines(keepends=True)
+    (run / "scores.jsonl").write_text("".join(lines[:-1]))
+    before = digest(run)
+    result = cli("score", "--data", base["data"], "--out", run, *FAST, "--max-length", MAX_LENGTH)
+    result.assert_clean_error(str(run / "scores.jsonl"), "was changed after the run finished", "--overwrite")
+    assert digest(run) == before
+
+
+def test_an_upper_case_jsonl_subset_is_jsonl(cli, base, tmp_path):
+    result = cli("select", "--data", base["data"], "--scores", base["scores"], "--ratio", "0.5",
+                 "--out", tmp_path / "TOP.JSONL")
+    assert result.rc == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "TOP.JSONL").read_text().splitlines()]
+    assert len(rows) == 7 and load_instructions(tmp_path / "TOP.JSONL").rows[0]["instruction"] == rows[0]["instruction"]
 
 
 def test_selection_output_is_reproducible_and_random_is_seeded(cli, base, tmp_path):

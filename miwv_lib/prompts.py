@@ -99,34 +99,54 @@ _SLOT = "\x00MIWV-SLOT-{}\x00"  # a string no chat template alters and no data r
 
 
 def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
-    """The chat template's IDs with ``add_generation_prompt``: its own tokens special, each message's content text.
+    """The chat template's IDs with ``add_generation_prompt``: its own tokens special, each message's content text."""
+    return encode_chats(tokenizer, [messages])[0]
 
-    The template is rendered once with placeholders to find its frame; the frame is tokenised with
-    special tokens, the contents with ``encode_text``. A BOS the tokenizer prepends as an ID is left out.
+
+def encode_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
+    """``encode_chat`` for conversations with the same roles (one user turn per pool row, say).
+
+    The template is rendered once with placeholders to find its frame, which is tokenised once with special
+    tokens; each conversation's contents are tokenised as text (``encode_text``). A BOS the tokenizer
+    prepends as an ID is left out.
     """
-    def render(contents: list[str]) -> str:
-        filled = [{**m, "content": c} for m, c in zip(messages, contents)]
-        return tokenizer.apply_chat_template(filled, tokenize=False, add_generation_prompt=True)
+    if not conversations:
+        return []
+    roles = [m["role"] for m in conversations[0]]
+    frames = _chat_frames(tokenizer, roles)
+    contents = [_rendered_contents(tokenizer, frames, messages) for messages in conversations]
+    frame_ids = tokenizer([strip_prepended_bos(frames[0], tokenizer), *frames[1:]], add_special_tokens=False).input_ids
+    content_ids = iter(encode_text(tokenizer, [text for texts in contents for text in texts]))
+    encoded = []
+    for _ in conversations:
+        ids: list[int] = []
+        for frame, content in zip(frame_ids, [*(next(content_ids) for _ in roles), []]):
+            ids += [*frame, *content]
+        encoded.append(ids)
+    return encoded
 
-    framed = render([_SLOT.format(j) for j in range(len(messages))])
-    frames, rest = [], framed
-    for j in range(len(messages)):
+
+def _render(tokenizer: PreTrainedTokenizerBase, roles: list[str], contents: list[str]) -> str:
+    return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in zip(roles, contents)],
+                                         tokenize=False, add_generation_prompt=True)
+
+
+def _chat_frames(tokenizer: PreTrainedTokenizerBase, roles: list[str]) -> list[str]:
+    """The template's text around the contents: ``len(roles) + 1`` pieces."""
+    rest, frames = _render(tokenizer, roles, [_SLOT.format(j) for j in range(len(roles))]), []
+    for j in range(len(roles)):
         before, rest = rest.split(_SLOT.format(j), 1)
         frames.append(before)
-    frames.append(rest)
-    contents = [m["content"] for m in messages]
-    real = render(contents)
-    if real != _interleave(frames, contents):
-        contents = [c.strip() for c in contents]  # templates that trim the content
-        if real != _interleave(frames, contents):
-            raise ValueError("the chat template changes the message text in a way this tokenisation cannot follow")
-    frames[0] = strip_prepended_bos(frames[0], tokenizer)
-    frame_ids = tokenizer(frames, add_special_tokens=False).input_ids
-    content_ids = encode_text(tokenizer, contents)
-    ids: list[int] = []
-    for frame, content in zip(frame_ids, [*content_ids, []]):
-        ids += [*frame, *content]
-    return ids
+    return [*frames, rest]
+
+
+def _rendered_contents(tokenizer: PreTrainedTokenizerBase, frames: list[str], messages: list[dict[str, str]]) -> list[str]:
+    """The contents as the template renders them between its frames: as given, or trimmed."""
+    real = _render(tokenizer, [m["role"] for m in messages], [m["content"] for m in messages])
+    for contents in ([m["content"] for m in messages], [m["content"].strip() for m in messages]):
+        if real == _interleave(frames, contents):
+            return contents
+    raise ValueError("the chat template changes the message text in a way this tokenisation cannot follow")
 
 
 def _interleave(frames: list[str], contents: list[str]) -> str:
@@ -138,7 +158,7 @@ def encode_prompts(rows: list[dict], tokenizer: PreTrainedTokenizerBase, templat
     if template != "chat":  # alpaca and plain hold no special token of their own
         return encode_text(tokenizer, [format_prompt(r["instruction"], r.get("input", ""), template) for r in rows])
     format_prompt("", "", "chat", tokenizer)  # the clear error for a tokenizer without a chat template
-    return [encode_chat(tokenizer, [{"role": "user", "content": _chat_content(r)}]) for r in rows]
+    return encode_chats(tokenizer, [[{"role": "user", "content": _chat_content(r)}] for r in rows])
 
 
 def _chat_content(row: dict) -> str:

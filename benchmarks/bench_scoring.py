@@ -66,7 +66,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
                 n, k = len(seq.input_ids), seq.n_targets
                 losses.append(F.cross_entropy(logits[n - k - 1:n - 1].float(), ids[0, n - k:]).item())
         losses = np.array(losses)
-        losses[1::2][np.array(no_demo, dtype=bool)] = np.nan  # as in the engine: a one-shot pass without its demo has no loss
+        # as in the engine: a one-shot pass without its demo has no loss
+        losses[1::2][np.array(no_demo, dtype=bool)] = np.nan
     else:  # the scoring path of `score_pool`: chunk plan, shared prefixes, batched passes
         config = ScoreConfig(max_length=args.max_length, batch_size=args.batch_size, compute_ifd=False)
         ids = [row["id"] for row in pool.rows]

@@ -26,8 +26,8 @@ from .pipeline import PipelineError, run_pipeline  # noqa: E402
 from .report import write_report  # noqa: E402
 
 __all__ = [
-    "Arm", "DEFAULT_MODEL", "DataError", "arm_name", "plan_arms", "select_arms", "InstructionPool", "LoadedModel", "PipelineError", "ScoreConfig", "build_tiny_model",
-    "embed_texts", "encode_examples", "export_subset", "format_prompt", "ifd", "load_embedder",
+    "Arm", "DEFAULT_MODEL", "DataError", "InstructionPool", "LoadedModel", "PipelineError", "ScoreConfig", "arm_name",
+    "build_tiny_model", "plan_arms", "select_arms", "embed_texts", "encode_examples", "export_subset", "format_prompt", "ifd", "load_embedder",
     "load_instructions", "load_model", "load_test_set", "miwv", "nearest_neighbors", "one_shot_sequence", "plots",
     "response_loss", "run_pipeline", "score_pool", "select_indices", "sequence_losses", "subset_size",
     "unconditional_sequence", "write_report", "zero_shot_sequence",

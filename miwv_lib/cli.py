@@ -19,9 +19,8 @@ from .runs import FingerprintMismatch, RunDirectoryBusy, run_lock
 from .schema import add_flags, from_args
 from .scoring import ScoreConfig, score_pool
 from .study import StudyError
-from .selection import (SELECTION_METHODS, SelectionError, check_scores_integrity, check_scores_match,
-                        check_scores_provenance, demo_trimmed, export_subset, load_scores, score_warnings,
-                        select_indices, subset_format)
+from .selection import (SELECTION_METHODS, SelectionError, demo_trimmed, export_subset, load_checked_scores,
+                        score_warnings, select_indices, subset_format)
 
 
 TRAIN = "train_"  # the training flags' dest prefix: 'train' and 'evaluate' have a selection --seed of their own
@@ -176,10 +175,7 @@ def run_select(args: argparse.Namespace) -> None:
     for given, role in ((args.data, "--data"), (args.scores, "--scores")):
         if given and Path(given).exists() and Path(args.out).resolve() == Path(given).resolve():
             raise SelectionError(f"--out {args.out} is the {role} file; refusing to overwrite an input")
-    check_scores_integrity(args.scores)
-    scores = load_scores(args.scores)
-    check_scores_match(pool, scores, args.scores)
-    check_scores_provenance(pool, args.scores)
+    scores = load_checked_scores(pool, args.scores)
     indices = select_indices(scores, args.ratio, by=args.by, seed=args.seed)
     out = export_subset(pool, scores, indices, args.out, by=args.by)
     print(f"selected {len(indices)} of {len(pool)} rows by {args.by} -> {out}")
@@ -244,10 +240,7 @@ def run_train(args: argparse.Namespace) -> None:
     if args.scores:
         if args.ratio is None:
             raise SelectionError("--scores needs --ratio (the fraction of rows to train on)")
-        check_scores_integrity(args.scores)
-        scores = load_scores(args.scores)
-        check_scores_match(pool, scores, args.scores)
-        check_scores_provenance(pool, args.scores)
+        scores = load_checked_scores(pool, args.scores)
         rows = [pool.rows[i] for i in select_indices(scores, args.ratio, by=args.by, seed=args.seed)]
     config = _train_config(args)
     _check_device(config.device)
@@ -267,7 +260,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     judges = [make_judge(spec, base_url=args.judge_base_url, api_key_env=args.judge_api_key_env)
               if spec.startswith("openai:") else spec for spec in (args.judge or OFFLINE_JUDGES)]
     result = run_comparison(args.run_dir, pool, args.ratio, methods=tuple(args.methods), train_config=config,
-                            generate_config=GenerateConfig(max_new_tokens=args.max_new_tokens, template=config.template),
+                            generate_config=GenerateConfig(max_new_tokens=args.max_new_tokens,
+                                                           template=config.template),
                             test_sets=args.test_sets, sample=args.sample, sample_seed=args.sample_seed,
                             data_dir=args.data_dir, judges=judges, overwrite=args.overwrite)
     print(Path(result.paths["markdown"]).read_text(encoding="utf-8"))

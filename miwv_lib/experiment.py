@@ -21,10 +21,9 @@ from .data import InstructionPool, load_instructions
 from .evaluate import (DEFAULT_TEST_SETS, ComparisonResult, cached_generations_for_model, compare_generations,
                        generate_for_model, load_test_pools)
 from .generate import GenerateConfig
-from .io import read_jsonl, write_json
+from .io import write_json
 from .judges import OFFLINE_JUDGES, Judge
-from .selection import (BASELINE, Arm, check_scores_integrity, check_scores_match, check_scores_provenance, plan_arms,
-                        select_arms)
+from .selection import BASELINE, Arm, load_checked_scores, plan_arms, select_arms
 from .train import TrainConfig, TrainResult, has_weights, load_trained, train_model, trained_model_signature
 
 SELECTIONS_FILE = "subsets/selections.json"
@@ -115,10 +114,7 @@ def run_comparison(run_dir: str | Path, pool: InstructionPool | str | Path, rati
     """
     run_dir = Path(run_dir)
     pool = pool if isinstance(pool, InstructionPool) else load_instructions(pool, data_dir=data_dir)
-    check_scores_integrity(run_dir / "scores.jsonl")
-    scores = read_jsonl(run_dir / "scores.jsonl")
-    check_scores_match(pool, scores, run_dir / "scores.jsonl")
-    check_scores_provenance(pool, run_dir / "scores.jsonl")
+    scores = load_checked_scores(pool, run_dir / "scores.jsonl")
     train_config = train_config or TrainConfig()
     generate_config = generate_config or GenerateConfig(template=train_config.template)
     arms = plan_arms([ratio], methods, [selection_seed])

@@ -140,7 +140,8 @@ def _chat_frames(tokenizer: PreTrainedTokenizerBase, roles: list[str]) -> list[s
     return [*frames, rest]
 
 
-def _rendered_contents(tokenizer: PreTrainedTokenizerBase, frames: list[str], messages: list[dict[str, str]]) -> list[str]:
+def _rendered_contents(tokenizer: PreTrainedTokenizerBase, frames: list[str],
+                       messages: list[dict[str, str]]) -> list[str]:
     """The contents as the template renders them between its frames: as given, or trimmed."""
     real = _render(tokenizer, [m["role"] for m in messages], [m["content"] for m in messages])
     for contents in ([m["content"] for m in messages], [m["content"].strip() for m in messages]):

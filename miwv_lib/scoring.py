@@ -34,6 +34,7 @@ from .prompts import TEMPLATES, EncodedExample, SpecialTokens, encode_examples
 from .distributed import Shard, barrier, from_main, init_from_env
 from .runs import FingerprintMismatch, PartialResults, check_fingerprint, environment_info, now
 from .schema import boolean, check, integer, setting, text
+from .selection import scores_changed
 
 LAYOUT_VERSION = 1  # bump when the token layout changes: it is part of every fingerprint
 
@@ -546,8 +547,9 @@ def _start(run: _Run, overwrite: bool) -> dict:
     """Rank 0: refuse another configuration's directory, then the manifest and the neighbours; never raises."""
     status: dict = {"error": None, "finished": False, "manifest": {}}
     try:
-        fingerprint = stable_hash(run.inputs)
-        previous = check_fingerprint(run.out_dir / "manifest.json", fingerprint, run.inputs, overwrite=overwrite)
+        inputs = run.inputs
+        fingerprint = stable_hash(inputs)
+        previous = check_fingerprint(run.out_dir / "manifest.json", fingerprint, inputs, overwrite=overwrite)
         status["finished"] = bool(previous and previous.get("status") == "complete"
                                   and (run.out_dir / "scores.jsonl").exists())
         if status["finished"]:
@@ -558,7 +560,7 @@ def _start(run: _Run, overwrite: bool) -> dict:
                 old.remove()
             (run.out_dir / "scores.jsonl").unlink(missing_ok=True)
         status["manifest"] = manifest = {
-            "status": "running", "fingerprint": fingerprint, "fingerprint_inputs": run.inputs,
+            "status": "running", "fingerprint": fingerprint, "fingerprint_inputs": inputs,
             "config": asdict(run.config), "data_source": run.pool.source, "started": now(),
             "world_size": run.shard.world_size, "environment": environment_info()}
         write_json(run.out_dir / "manifest.json", manifest)
@@ -574,8 +576,7 @@ def _start(run: _Run, overwrite: bool) -> dict:
 
 def _check_unchanged(scores_path: Path, manifest: dict) -> None:
     """A finished run's scores are the file it wrote: a row lost or a number edited since is an error, not a result."""
-    recorded = manifest.get("scores_sha256")  # absent in runs written before checksums were recorded
-    if recorded and file_sha256(scores_path) != recorded:
+    if scores_changed(scores_path, manifest):
         raise FingerprintMismatch(
             f"{scores_path} was changed after the run finished (its checksum differs from the one in "
             f"{scores_path.parent / 'manifest.json'}): restore it, or score again with --overwrite")
@@ -613,8 +614,9 @@ def _finish(run: _Run, manifest: dict, max_length: int, seconds: float, todo: li
     done = _load_done(everyone)
     scores = [done[i] for i in range(len(run.pool))]
     write_jsonl(run.out_dir / "scores.jsonl", scores)
-    manifest.update(status="complete", scores_sha256=file_sha256(run.out_dir / "scores.jsonl"), finished=now(), rows=len(scores), rows_scored_this_run=len(todo),
-                    rows_resumed=len(run.pool) - len(todo), seconds_scoring=round(seconds, 2),
+    manifest.update(status="complete", scores_sha256=file_sha256(run.out_dir / "scores.jsonl"), finished=now(),
+                    rows=len(scores), rows_scored_this_run=len(todo), rows_resumed=len(run.pool) - len(todo),
+                    seconds_scoring=round(seconds, 2),
                     seconds_per_sample=round(seconds / len(todo), 4) if todo else None,
                     max_length=max_length, truncated_rows=sum(r["truncated"] for r in scores),
                     demo_trimmed_rows=sum(bool(r["truncation"].get("demo")) for r in scores),

@@ -168,11 +168,24 @@ def check_scores_integrity(scores_path: str | Path) -> None:
     if scores_path.name.startswith("scores.partial"):
         raise SelectionError(f"{scores_path} holds the finished chunks of an unfinished run: run the same 'score' "
                              f"command again to finish it, then select from {scores_path.parent / 'scores.jsonl'}")
-    manifest = _manifest_beside(scores_path)
-    recorded = manifest.get("scores_sha256") if manifest else None
-    if recorded and scores_path.is_file() and file_sha256(scores_path) != recorded:
+    if scores_path.is_file() and scores_changed(scores_path, _manifest_beside(scores_path)):
         raise SelectionError(f"{scores_path} was changed after 'score' wrote it (its checksum differs from the one in "
                              f"{scores_path.parent / 'manifest.json'}); restore it, or score again")
+
+
+def scores_changed(scores_path: Path, manifest: dict | None) -> bool:
+    """The file differs from the one its run wrote (the manifest's ``scores_sha256``; older runs have none)."""
+    recorded = manifest.get("scores_sha256") if manifest else None
+    return bool(recorded) and file_sha256(scores_path) != recorded
+
+
+def load_checked_scores(pool: InstructionPool, scores_path: str | Path) -> list[dict]:
+    """The scores of ``pool``, refused if unfinished, changed by hand, or computed on another dataset."""
+    check_scores_integrity(scores_path)
+    scores = load_scores(scores_path)
+    check_scores_match(pool, scores, scores_path)
+    check_scores_provenance(pool, scores_path)
+    return scores
 
 
 def check_scores_provenance(pool: InstructionPool, scores_path: str | Path) -> None:

@@ -29,8 +29,7 @@ from .runs import now, read_yaml_mapping
 from .scoring import ScoreConfig, score_pool
 from .experiment import ExperimentError, answer_arms, is_trained, train_arms, write_selections
 from .schema import check, each, integer, mapping, number, setting, text
-from .selection import (BASELINE, SELECTION_METHODS, Arm, check_scores_integrity, check_scores_match,
-                        check_scores_provenance, export_subset, plan_arms, select_arms)
+from .selection import BASELINE, SELECTION_METHODS, Arm, export_subset, load_checked_scores, plan_arms, select_arms
 
 STAGES = ("score", "select", "train", "generate", "judge", "report")
 TIMINGS_FILE = "timings.jsonl"
@@ -173,11 +172,7 @@ class Study:
     def scores(self) -> list[dict]:
         if not self.scores_path.exists():
             raise StudyError(f"{self.scores_path} does not exist: run the 'score' stage first")
-        check_scores_integrity(self.scores_path)
-        scores = read_jsonl(self.scores_path)
-        check_scores_match(self.pool, scores, self.scores_path)
-        check_scores_provenance(self.pool, self.scores_path)
-        return scores
+        return load_checked_scores(self.pool, self.scores_path)
 
     def _log_time(self, stage: str, seconds: float, **extra) -> None:
         path = self.run_dir / TIMINGS_FILE

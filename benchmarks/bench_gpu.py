@@ -1,32 +1,37 @@
-"""MIWV scoring throughput and model FLOP utilisation (MFU) on a GPU.
+"""MIWV scoring throughput and model FLOP utilisation (MFU) of the real engine on a GPU.
 
-Timing needs no trained weights: a Llama-architecture model with random bf16 weights (7B by
-default) scores synthetic Alpaca-length samples, i.e. the zero-shot, one-shot and unconditional
-passes of the real layout, with our engine. MFU = 2 · non-embedding params · tokens/s ÷ peak.
+Timing needs no trained weights: a Llama-architecture model with random weights (7B by default)
+scores synthetic Alpaca-length rows through the same path as ``score``: neighbour chains cut into
+chunks (``chunk_plan``), the passes of each chunk (``plan_passes``: one-shot passes that carry
+their neighbour's zero-shot loss, zero-shot passes only where none does), and ``span_losses``
+(length-sorted padded batches, LM head at response positions only). Each engine setting in
+``--variants`` is timed on the same rows, next to a bare forward of the body over the same
+batches and a measured bf16 GEMM rate, and the first ``--check`` sequences are compared with
+a naive forward (full logits) in the same dtype.
 
-    python benchmarks/bench_gpu.py                          # 7B on cuda, 2,000 samples
-    python benchmarks/bench_gpu.py --size tiny --device cpu --samples 32   # a smoke run anywhere
+Model FLOPs = 2 · body params · real tokens + 2 · head params · response tokens + causal
+attention (2 · layers · hidden · length² per sequence). MFU = model FLOPs/s ÷ the part's dense
+bf16 peak; "of GEMM" divides by the matmul rate measured in this run instead.
+
+    python benchmarks/bench_gpu.py                          # 7B on cuda, 4,000 rows, MIWV passes only
+    python benchmarks/bench_gpu.py --size tiny --device cpu --samples 32 --dtype float32   # anywhere
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
+from datetime import date
 
 import numpy as np
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from miwv_lib.prompts import EncodedExample, SpecialTokens
-from miwv_lib.scoring import (
-    EngineConfig,
-    Sequence,
-    one_shot_sequence,
-    sequence_losses,
-    unconditional_sequence,
-    zero_shot_sequence,
-)
+from miwv_lib.scoring import EngineConfig, _batches, chunk_plan, compile_body, plan_passes, span_losses
 
 SIZES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -34,7 +39,8 @@ SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=512),
 }
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts (spec sheets)
+SPECIAL = SpecialTokens(bos=1, eos=2)
 
 
 def synthetic_examples(n: int, vocab: int, seed: int = 0) -> list[EncodedExample]:
@@ -46,15 +52,91 @@ def synthetic_examples(n: int, vocab: int, seed: int = 0) -> list[EncodedExample
             for p, r in zip(prompts, responses)]
 
 
-def build_sequences(examples: list[EncodedExample], max_length: int) -> list[Sequence]:
-    special = SpecialTokens(bos=1, eos=2)
-    sequences = []
-    for i, example in enumerate(examples):
-        demo = examples[(i + 1) % len(examples)]
-        sequences += [zero_shot_sequence(example, special, max_length)[0],
-                      one_shot_sequence(example, demo, special, max_length)[0],
-                      unconditional_sequence(example, special, max_length)]
-    return sequences
+def synthetic_neighbors(n: int, seed: int = 0) -> np.ndarray:
+    """A random other row for each row (real neighbour graphs have chains and mutual pairs too)."""
+    rng = np.random.default_rng(seed + 1)
+    k = rng.integers(0, n - 1, n)
+    return np.where(k >= np.arange(n), k + 1, k)
+
+
+def build_plans(examples, neighbor_index, chunk_rows: int, max_length: int, ifd: bool):
+    """The sequences of every chunk, exactly as ``score_rows`` plans them."""
+    return [plan_passes(examples, rows, neighbor_index, SPECIAL, max_length, ifd).sequences
+            for rows in chunk_plan(neighbor_index, chunk_rows)]
+
+
+def model_flops(model, chunks) -> dict:
+    cfg = model.config
+    head = model.get_output_embeddings().weight.numel()
+    body = sum(p.numel() for p in model.parameters()) - head - model.get_input_embeddings().weight.numel()
+    lengths = [len(s.input_ids) for seqs in chunks for s in seqs]
+    targets = sum(k for seqs in chunks for s in seqs for _, k in s.spans)
+    attention = 2 * cfg.num_hidden_layers * cfg.hidden_size * sum(n * n for n in lengths)
+    return {"body_params": body, "head_params": head, "tokens": sum(lengths), "response_tokens": targets,
+            "flops": 2 * body * sum(lengths) + 2 * head * targets + attention}
+
+
+def padded_tokens(chunks, engine: EngineConfig) -> int:
+    total = 0
+    for seqs in chunks:
+        lengths = [len(s.input_ids) for s in seqs]
+        total += sum(len(b) * max(lengths[i] for i in b) for b in _batches(lengths, engine))
+    return total
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_engine(model, chunks, engine: EngineConfig, device) -> tuple[float, list]:
+    sync(device)
+    start = time.perf_counter()
+    losses = [span_losses(model, seqs, 0, engine) for seqs in chunks]
+    sync(device)
+    return time.perf_counter() - start, losses
+
+
+@torch.no_grad()
+def time_bare_forward(model, chunks, engine: EngineConfig, device) -> float:
+    """The body alone over the engine's own padded batches: what the engine adds on top of it."""
+    sync(device)
+    start = time.perf_counter()
+    for seqs in chunks:
+        lengths = [len(s.input_ids) for s in seqs]
+        for batch in _batches(lengths, engine):
+            width = max(lengths[i] for i in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(batch):
+                ids[row, :lengths[i]] = torch.tensor(seqs[i].input_ids)
+                mask[row, :lengths[i]] = 1
+            positions = torch.arange(width).expand(len(batch), width) * mask
+            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             position_ids=positions.to(device), use_cache=False)
+    sync(device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def naive_losses(model, seq, device) -> list[float]:
+    """One sequence alone, logits at every position, float32 log-softmax: the reference."""
+    logits = model(input_ids=torch.tensor([seq.input_ids], device=device)).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    ids = torch.tensor(seq.input_ids, device=device)
+    return [float(-logp[stop - k - 1:stop - 1].gather(1, ids[stop - k:stop, None]).mean()) for stop, k in seq.spans]
+
+
+def gemm_tflops(device, dtype, n: int) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 10 * 2 * n**3 / (time.perf_counter() - start) / 1e12
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -64,49 +146,88 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def parse_variants(text: str) -> list[EngineConfig]:
+    """``batch:tokens:head_chunk,…`` e.g. ``256:65536:256`` (the engine's head_chunk default is 256)."""
+    out = []
+    for item in text.split(","):
+        b, t, h = (int(x) for x in item.split(":"))
+        out.append(EngineConfig(batch_size=b, max_tokens_per_batch=t, head_chunk=h, progress=False))
+    return out
+
+
+def build_model(size: str, device, dtype):
+    config = LlamaConfig(**SIZES[size], max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def fidelity(model, chunks, losses, n: int, device) -> float | None:
+    seqs = [s for c in chunks for s in c][:n]
+    got = [x for c in losses for x in c][:n]
+    if not seqs:
+        return None
+    return max(abs(a - b) for s, g in zip(seqs, got) for a, b in zip(naive_losses(model, s, device), g))
+
+
+def measure(args) -> dict:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model = build_model(args.size, device, dtype)
+    if args.torch_compile:
+        compile_body(model)
+    examples = synthetic_examples(args.samples, model.config.vocab_size)
+    chunks = build_plans(examples, synthetic_neighbors(args.samples), args.chunk_rows, args.max_length, args.ifd)
+    work = model_flops(model, chunks)
+    peak = peak_tflops(device)
+    gemm = gemm_tflops(device, dtype, 8192 if device.type == "cuda" else 512)
+    variants = []
+    for engine in parse_variants(args.variants):
+        time_engine(model, chunks[:1], engine, device)  # warm-up: kernels, allocator
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, losses = time_engine(model, chunks, engine, device)
+        bare = time_bare_forward(model, chunks, engine, device)
+        achieved = work["flops"] / seconds / 1e12
+        variants.append({
+            "batch_size": engine.batch_size, "max_tokens_per_batch": engine.max_tokens_per_batch,
+            "head_chunk": engine.head_chunk, "seconds": round(seconds, 2), "bare_forward_seconds": round(bare, 2),
+            "padding_waste": round(1 - work["tokens"] / padded_tokens(chunks, engine), 3),
+            "rows_per_s": round(args.samples / seconds, 1), "tokens_per_s": round(work["tokens"] / seconds),
+            "achieved_tflops": round(achieved, 1), "mfu": round(achieved / peak, 3) if peak else None,
+            "of_gemm": round(achieved / gemm, 3), "alpaca_52k_minutes": round(52002 / (args.samples / seconds) / 60, 1),
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
+            "max_abs_dloss_vs_naive": fidelity(model, chunks, losses, args.check, device),
+        })
+    return {
+        "date": date.today().isoformat(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or str(device), "torch": torch.__version__, "transformers": transformers.__version__,
+        "size": args.size, "dtype": args.dtype, "samples": args.samples, "ifd": args.ifd, "chunk_rows": args.chunk_rows,
+        "torch_compile": args.torch_compile, **work, "gemm_tflops": round(gemm, 1), "peak_tflops": peak, "variants": variants,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="7b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--max-length", type=int, default=1024)
-    parser.add_argument("--max-tokens-per-batch", type=int, default=65536)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--chunk-rows", type=int, default=1024, help="rows planned together (score --chunk-rows)")
+    parser.add_argument("--ifd", action="store_true", help="also the unconditional pass IFD needs")
+    parser.add_argument("--variants", default="256:65536:256,256:65536:4096,256:16384:4096",
+                        help="engine settings to time, batch_size:max_tokens_per_batch:head_chunk,…")
+    parser.add_argument("--torch-compile", action="store_true", help="torch.compile the model body (dynamic shapes)")
+    parser.add_argument("--check", type=int, default=16, help="sequences compared with a naive forward")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args()
-
-    device = torch.device(args.device)
-    config = LlamaConfig(**SIZES[args.size], max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    body_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    sequences = build_sequences(synthetic_examples(args.samples, config.vocab_size), args.max_length)
-    tokens = sum(len(s.input_ids) for s in sequences)
-    engine = EngineConfig(batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch)
-
-    sequence_losses(model, sequences[:64], 0, engine)  # warm-up: kernels, allocator
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    sequence_losses(model, sequences, 0, engine)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-
-    tokens_per_s = tokens / seconds
-    peak = peak_tflops(device)
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-        "size": args.size, "body_params": body_params, "samples": args.samples, "tokens": tokens,
-        "seconds": round(seconds, 2), "samples_per_s": round(args.samples / seconds, 1),
-        "tokens_per_s": round(tokens_per_s), "achieved_tflops": round(2 * body_params * tokens_per_s / 1e12, 1),
-        "mfu": round(2 * body_params * tokens_per_s / (peak * 1e12), 3) if peak else None,
-        "alpaca_52k_minutes": round(52002 / (args.samples / seconds) / 60, 1),
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
-    }
+    result = measure(args)
     print(json.dumps(result, indent=2))
     if args.out:
         from miwv_lib.io import write_json

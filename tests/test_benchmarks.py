@@ -34,8 +34,13 @@ def test_scoring_benchmark_reports_speed_and_fidelity(tmp_path):
 def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     out = tmp_path / "gpu.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--size", "tiny",
-                             "--device", "cpu", "--samples", "8", "--out", str(out)],
+                             "--device", "cpu", "--dtype", "float32", "--samples", "24", "--chunk-rows", "8",
+                             "--variants", "4:512:16,64:8192:256", "--check", "8", "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["samples"] == 8 and report["tokens"] > 0 and report["tokens_per_s"] > 0
+    assert report["samples"] == 24 and report["tokens"] > report["response_tokens"] > 0
+    assert [v["head_chunk"] for v in report["variants"]] == [16, 256]
+    for variant in report["variants"]:
+        assert variant["tokens_per_s"] > 0 and 0 <= variant["padding_waste"] < 1
+        assert variant["max_abs_dloss_vs_naive"] <= 1e-5  # the timed path is the engine, and it is exact in float32

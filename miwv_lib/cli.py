@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .data import DataError, load_instructions
 from .models import ModelLoadError, resolve_device
+from .neighbors import EmbedderError, check_embedder
 from .pipeline import PipelineError
 from .runs import FingerprintMismatch, RunDirectoryBusy, run_lock
 from .schema import add_flags, from_args
@@ -36,35 +37,58 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    return value
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one ``error:`` line (like every other error), naming the flag and where help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see: {self.prog} --help)\n")
+
+
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None,
+    parser.add_argument("--data", default=None, type=_path,
                         help="file (.json/.jsonl/.parquet), registry name or hub id; default: 'alpaca' "
                              "from the data directory, else the hub")
-    parser.add_argument("--data-dir", default=None, help="local data mirror (default: $MIWV_DATA_DIR)")
+    parser.add_argument("--data-dir", default=None, type=_path, help="local data mirror (default: $MIWV_DATA_DIR)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N rows")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="miwv", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="miwv", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     score = commands.add_parser("score", help="compute MIWV (and IFD) for every row")
     _add_data_args(score)
-    score.add_argument("--out", required=True, help="run directory for scores.jsonl and manifest.json")
+    score.add_argument("--out", required=True, type=_path, help="run directory for scores.jsonl and manifest.json")
     add_flags(score, ScoreConfig)  # --model, --embedder, --template, --max-length, --dtype, --batch-size, --no-ifd…
     score.add_argument("--overwrite", action="store_true", help="replace results of a different configuration")
 
     select = commands.add_parser("select", help="write the top floor(ratio·N) rows")
     _add_data_args(select)
-    select.add_argument("--scores", required=True, help="scores.jsonl written by 'score'")
+    select.add_argument("--scores", required=True, type=_path, help="scores.jsonl written by 'score'")
     select.add_argument("--ratio", type=float, required=True, help="fraction of rows to keep, e.g. 0.01")
     select.add_argument("--by", choices=SELECTION_METHODS, default="miwv")
-    select.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
-    select.add_argument("--out", required=True, help="subset file (.json or .jsonl)")
+    select.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random baseline")
+    select.add_argument("--out", required=True, type=_path, help="subset file (.json or .jsonl)")
 
     pipeline = commands.add_parser("pipeline", help="run the notebooks in order with papermill, then write report.md")
-    pipeline.add_argument("--config", required=True, help="YAML configuration, e.g. configs/demo.yaml")
-    pipeline.add_argument("--run-dir", default=None,
+    pipeline.add_argument("--config", required=True, type=_path, help="YAML configuration, e.g. configs/demo.yaml")
+    pipeline.add_argument("--run-dir", default=None, type=_path,
                           help="output directory (relative to the current directory); default: the config's run_dir")
     pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a parameter (YAML value); NN_name.KEY=VALUE for one notebook; repeatable")
@@ -73,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     study = commands.add_parser("study", help="the reproduction study: score, select, train, generate, judge, report")
-    study.add_argument("--config", required=True, help="YAML study configuration, e.g. configs/study/small_scale.yaml")
-    study.add_argument("--run-dir", default=None, help="intermediate files (default: the config's run_dir)")
-    study.add_argument("--results-dir", default=None, help="REPORT.md and figures (default: the config's results_dir)")
+    study.add_argument("--config", required=True, type=_path,
+                       help="YAML study configuration, e.g. configs/study/small_scale.yaml")
+    study.add_argument("--run-dir", default=None, type=_path, help="intermediate files (default: the config's run_dir)")
+    study.add_argument("--results-dir", default=None, type=_path,
+                       help="REPORT.md and figures (default: the config's results_dir)")
     study.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
                        help="run only these stages (score select train generate judge report); default: all")
     study.add_argument("--models", nargs="+", default=None, metavar="NAME",
@@ -101,22 +127,24 @@ def _add_train_commands(commands) -> None:
     train = commands.add_parser("train", help="fine-tune (LoRA) on the pool or on a selected subset of it")
     _add_data_args(train)
     _add_training_args(train)
-    train.add_argument("--out", required=True, help="model directory (adapter, train_config.json, loss.csv)")
-    train.add_argument("--scores", default=None, help="scores.jsonl: train on a selection instead of all rows")
+    train.add_argument("--out", required=True, type=_path,
+                       help="model directory (adapter, train_config.json, loss.csv)")
+    train.add_argument("--scores", default=None, type=_path,
+                       help="scores.jsonl: train on a selection instead of all rows")
     train.add_argument("--ratio", type=float, default=None, help="with --scores: fraction of rows to keep")
     train.add_argument("--by", choices=SELECTION_METHODS, default="miwv")
-    train.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random baseline")
 
     evaluate = commands.add_parser(
         "evaluate", help="train MIWV-top, random and full-pool models and compare them pairwise on the test sets")
     _add_data_args(evaluate)
     _add_training_args(evaluate)
-    evaluate.add_argument("--run-dir", required=True, help="run directory holding scores.jsonl for --data")
+    evaluate.add_argument("--run-dir", required=True, type=_path, help="run directory holding scores.jsonl for --data")
     evaluate.add_argument("--ratio", type=float, required=True, help="fraction of rows each selected model gets")
     evaluate.add_argument("--methods", nargs="+", choices=SELECTION_METHODS, default=["miwv", "random"])
     evaluate.add_argument("--test-sets", nargs="+", default=list(DEFAULT_TEST_SETS))
     evaluate.add_argument("--sample", type=_positive_int, default=None, help="prompts per test set (seeded sample)")
-    evaluate.add_argument("--sample-seed", type=int, default=0)
+    evaluate.add_argument("--sample-seed", type=_non_negative_int, default=0)
     add_flags(evaluate, GenerateConfig, only=["max_new_tokens"])
     evaluate.add_argument("--judge", action="append", default=None, metavar="SPEC",
                           help=f"repeatable: {', '.join(OFFLINE_JUDGES)} (default: all three), "
@@ -143,6 +171,7 @@ def run_score(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DataError("--out must be a run directory, but this is a file", source=str(out))
+    check_embedder(config.embedder)  # before the scoring model loads, not after
     # One scoring process per run directory (rank 0 only under torchrun: the ranks share it on purpose).
     with run_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         scores = score_pool(pool, out, config, overwrite=args.overwrite)
@@ -170,7 +199,10 @@ def _check_device(device: str) -> None:
 
 
 def run_select(args: argparse.Namespace) -> None:
-    subset_format(args.out)  # before any work: the name decides the format
+    try:
+        subset_format(args.out)  # before any work: the name decides the format
+    except SelectionError as exc:
+        raise SelectionError(f"--out {exc}") from None
     pool = _load_pool(args)
     for given, role in ((args.data, "--data"), (args.scores, "--scores")):
         if given and Path(given).exists() and Path(args.out).resolve() == Path(given).resolve():
@@ -268,6 +300,12 @@ def run_evaluate(args: argparse.Namespace) -> None:
     print(f"tables and figure -> {result.run_dir}")
 
 
+def _one_line(exc: Exception) -> str:
+    """The message on one line; an OSError names its file first (``/run/scores.jsonl: No space left on device``)."""
+    text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename and exc.strerror else str(exc)
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -275,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         {"score": run_score, "select": run_select, "pipeline": run_pipeline_command, "train": run_train,
          "evaluate": run_evaluate, "study": run_study_command}[args.command](args)
     except (DataError, ModelLoadError, SelectionError, FingerprintMismatch, RunDirectoryBusy, PipelineError,
-            StudyError, OSError) as exc:  # OSError: a missing path, a full disk, no permission; the message names the file
-        print(f"error: {exc}", file=sys.stderr)
+            StudyError, EmbedderError, OSError) as exc:  # OSError: a missing path, a full disk, no permission
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.command == "score":

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from miwv_lib.io import stable_hash, write_json, write_jsonl
+from miwv_lib.io import stable_hash, unwritable, write_json, write_jsonl
 
 DATA_DIR_ENV = "MIWV_DATA_DIR"
 CACHE_DIR_ENV = "MIWV_CACHE_DIR"
@@ -399,12 +399,29 @@ def _read_json(path: Path, label: str) -> _RawFile:
         raise DataError(
             f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}{hint}", source=label
         ) from None
+    except ValueError:  # not a syntax error: an integer too long for Python to convert
+        raise DataError(_too_long_number(text), source=label, line=_long_number_line(text)) from None
     if isinstance(obj, dict):
         keys = list(obj)[:10]
         raise DataError(f"expected a JSON list of records, got an object with keys {keys}", source=label)
     if not isinstance(obj, list):
         raise DataError(f"expected a JSON list of records, got {_describe(obj)}", source=label)
     return _RawFile(path, label, "json", obj)
+
+
+_LONG_NUMBER = re.compile(r"\d{%d,}" % ((sys.get_int_max_str_digits() or 4300) + 1))
+
+
+def _too_long_number(text: str) -> str:
+    match = _LONG_NUMBER.search(text)
+    digits = len(match.group()) if match else "too many"
+    return (f"a number with {digits} digits, more than can be read (at most {sys.get_int_max_str_digits()}); "
+            "write it as a string")
+
+
+def _long_number_line(text: str) -> int | None:
+    match = _LONG_NUMBER.search(text)
+    return text.count("\n", 0, match.start()) + 1 if match else None
 
 
 def _read_jsonl(path: Path, label: str) -> _RawFile:
@@ -422,6 +439,8 @@ def _read_jsonl(path: Path, label: str) -> _RawFile:
             raise DataError(
                 f"not valid JSON: {exc.msg} at column {exc.colno}", source=label, row=len(records), line=line_no
             ) from None
+        except ValueError:  # an integer too long for Python to convert
+            raise DataError(_too_long_number(line), source=label, row=len(records), line=line_no) from None
         lines.append(line_no)
     return _RawFile(path, label, "jsonl", records, lines)
 
@@ -513,7 +532,8 @@ def _text(
     name = field_name or key
     if key not in record:
         if required:
-            raise where.error(f"missing required field (record has keys {sorted(record)[:10]})", name)
+            raise where.error(f"missing required field (record has keys {sorted(record)[:10]})"
+                              f"{_case_hint(record, (key,))}", name)
         return ""
     value = record[key]
     if not isinstance(value, str):
@@ -641,10 +661,25 @@ def _record_id(rec: Mapping, schema: str, norm: _Normalised, where: _Where) -> s
     return str(value)
 
 
+_TRAINING_KEYS = ("instruction", "input", "output", "prompt", "response", "completion", "messages", "conversations")
+
+
+def _case_hint(record: Any, wanted: Sequence[str] = _TRAINING_KEYS) -> str:
+    """``; rename the field 'Instruction' to 'instruction'`` when a key differs from a wanted one only in case."""
+    if not isinstance(record, Mapping):
+        return ""
+    renames = [(key, want) for key in record if isinstance(key, str) for want in wanted
+               if key != want and key.lower() == want and want not in record]
+    if not renames:
+        return ""
+    listed = ", ".join(f"{key!r} to {want!r}" for key, want in renames[:3])
+    return f"; field names are case-sensitive: rename the field {listed}"
+
+
 def _unknown_schema(record: Mapping, label: str) -> DataError:
     accepted = "; ".join(f"{name} {{{keys}}}" for name, keys in SCHEMA_KEYS.items())
     return DataError(
-        f"unknown schema: keys seen {sorted(record)[:20]}; accepted schemas: {accepted}",
+        f"unknown schema: keys seen {sorted(record)[:20]}{_case_hint(record)}; accepted schemas: {accepted}",
         source=label,
         row=0,
     )
@@ -662,6 +697,14 @@ def _file_schema(raw: _RawFile) -> str:
 
 
 # --------------------------------------------------------------------------- pool building
+
+
+def _check_writable(record: Mapping, where: _Where) -> None:
+    """Every value of a record must survive being written into a subset or a cache file (scores, subsets and
+    hub caches are standard JSON): NaN, Infinity and unpaired surrogates are refused here, not written later."""
+    found = unwritable(record)
+    if found:
+        raise where.error(found[1], found[0] or None)
 
 
 def _duplicate_groups(rows: Sequence[Mapping[str, str]]) -> list[list[int]]:
@@ -725,9 +768,10 @@ def _build_pool(
         raise DataError(f"files to concatenate must share one schema, but {mix}", source=source)
     schema = schemas[0]
     if require_output and schema in TEST_SCHEMAS:
+        hint = _case_hint(raws[0].records[0], ("instruction", "input", "output"))
         raise DataError(
-            f"schema {schema!r} is a test set (prompts only, no training responses); "
-            "use load_test_set() or require_output=False",
+            f"the rows look like the {schema!r} test set (prompts only, no responses to score or train on){hint}; "
+            "give a training pool with instruction and output (Python: load_test_set() or require_output=False)",
             source=source,
         )
     normalise = _NORMALISERS[schema]
@@ -742,6 +786,7 @@ def _build_pool(
             where = _Where(raw.label, i, raw.lines[i] if raw.lines else None)
             if not isinstance(rec, Mapping):
                 raise where.error(f"expected a JSON object (record), got {_describe(rec)}")
+            _check_writable(rec, where)
             norm = normalise(rec, where, require_output)
             rows.append(
                 {

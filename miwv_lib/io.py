@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -20,8 +21,11 @@ from typing import IO, Any
 def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temp file next to ``path``; on success fsync it and rename it over ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise naming(exc, path) from exc
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give outputs the usual permissions
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
@@ -29,9 +33,18 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise naming(exc, path) from exc
         raise
+
+
+def naming(exc: OSError, path: str | Path) -> OSError:
+    """``exc`` naming the file being written: a full disk's ENOSPC (raised by write or fsync) names none."""
+    if exc.filename is not None and Path(exc.filename) == Path(path):
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))  # OSError() picks the subclass for the errno
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -51,6 +64,29 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def unwritable(value: Any, *, json_types: bool = False) -> tuple[str, str] | None:
+    """(key path, problem) of the first value in ``value`` that cannot be written back as standard UTF-8 JSON
+    (NaN, Infinity, an unpaired surrogate; with ``json_types``, also a value of any other type, such as a date)."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path, f"{item} (NaN or Infinity) is not standard JSON; write null or a string instead"
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return path, f"an unpaired surrogate ({item[exc.start]!r}, a broken \\u escape) is not valid text"
+        elif isinstance(item, Mapping):
+            stack.extend((path, key) for key in item if isinstance(key, str))
+            stack.extend((f"{path}.{key}" if path else str(key), v) for key, v in reversed(list(item.items())))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(item))))
+        elif json_types and item is not None and not isinstance(item, (bool, int, float)):
+            return path, f"a {type(item).__name__} ({item!r}) is not a JSON value; quote it"
+    return None
 
 
 def stable_hash(obj: Any, length: int = 16) -> str:

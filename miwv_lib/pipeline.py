@@ -212,13 +212,14 @@ def plan_parameters(config: Mapping, notebooks: Sequence[Path], run_dir: Path,
     """
     all_notebooks = list(all_notebooks) if all_notebooks is not None else notebook_paths()
     declared = {path.stem: notebook_parameters(path) for path in {*all_notebooks, *notebooks}}
+    where = f"{config.get('source') or 'the configuration'}: "  # the file the typo is in
     unused = sorted(set(config["parameters"]) - {name for names in declared.values() for name in names})
     if unused:
-        raise PipelineError(f"no notebook declares the parameter(s) {unused} (a typo?); "
+        raise PipelineError(f"{where}no notebook declares the parameter(s) {unused} (a typo?); "
                             f"declared: {sorted({n for names in declared.values() for n in names})}")
     unknown = sorted(set(config["notebooks"]) - set(declared))
     if unknown:
-        raise PipelineError(f"the configuration names unknown notebooks {unknown}; known: {sorted(declared)}")
+        raise PipelineError(f"{where}the configuration names unknown notebooks {unknown}; known: {sorted(declared)}")
     plan: dict[str, dict] = {}
     for path in notebooks:
         stem, names = path.stem, declared[path.stem]
@@ -226,7 +227,8 @@ def plan_parameters(config: Mapping, notebooks: Sequence[Path], run_dir: Path,
         own = config["notebooks"].get(stem, {})
         undeclared = sorted(set(own) - set(names))
         if undeclared:
-            raise PipelineError(f"notebook {stem} declares no parameter {undeclared}; it declares {sorted(names)}",
+            raise PipelineError(f"{where}notebook {stem} declares no parameter {undeclared}; "
+                                f"it declares {sorted(names)}",
                                 notebook=stem)
         params.update(own)
         if "config" in names and "config" not in params and config.get("path"):

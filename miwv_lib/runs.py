@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .io import naming, unwritable
+
 
 class FingerprintMismatch(RuntimeError):
     """A run directory already holds results of a different configuration."""
@@ -100,14 +102,17 @@ class PartialResults:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
-            view = memoryview(blob)
-            while view:  # one write() in practice; loop only on a short write
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                view = memoryview(blob)
+                while view:  # one write() in practice; loop only on a short write
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full disk: a torn last line is cut off by the next load
+            raise naming(exc, self.path) from exc
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -160,6 +165,9 @@ def read_yaml_mapping(path: Path, shown: str | Path, error: type[Exception]) -> 
         raise error(f"{shown}: not a valid YAML text file ({exc})") from None
     if not isinstance(raw, Mapping):
         raise error(f"{shown}: expected a mapping of settings, got {type(raw).__name__}")
+    found = unwritable(raw, json_types=True)  # settings are recorded in JSON manifests: standard JSON values only
+    if found:
+        raise error(f"{shown}: key {found[0]!r}: {found[1]}")
     return dict(raw)
 
 
@@ -192,7 +200,10 @@ def run_lock(out_dir: str | Path) -> Iterator[None]:
             f"{out_dir} is being written by another process (pid {holder}: a scoring run or a study); wait for it "
             "to finish, or use another output directory") from None
     try:
-        (out_dir / ".lock.pid").write_text(f"{os.getpid()}\n", encoding="ascii")
+        try:
+            (out_dir / ".lock.pid").write_text(f"{os.getpid()}\n", encoding="ascii")
+        except OSError as exc:  # a full disk fails on close, naming no file
+            raise naming(exc, out_dir / ".lock.pid") from exc
         yield
     finally:
         lock.release()

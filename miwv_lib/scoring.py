@@ -16,6 +16,7 @@ batch × sequence × vocabulary logits tensor.
 from __future__ import annotations
 
 import json
+import warnings
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from .data import InstructionPool, format_source_text
@@ -187,50 +189,76 @@ def sequence_losses(model, sequences: list[Sequence], pad_token_id: int, cfg: En
     return np.array([spans[0] for spans in span_losses(model, sequences, pad_token_id, cfg)], dtype=np.float64)
 
 
+@dataclass
+class _Layout:
+    """One padded batch: the model inputs, and where its response tokens and their targets are."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    gather_rows: list[int]
+    gather_cols: list[int]
+    targets: list[int]
+
+
+def _layout(sequences: list[Sequence], batch: list[int], pad_token_id: int, padding_side: str) -> _Layout:
+    lengths = [len(sequences[i].input_ids) for i in batch]
+    width = max(lengths)
+    out = _Layout(torch.full((len(batch), width), pad_token_id, dtype=torch.long),
+                  torch.zeros((len(batch), width), dtype=torch.long), torch.zeros((len(batch), width), dtype=torch.long),
+                  [], [], [])
+    for row, (i, n) in enumerate(zip(batch, lengths)):
+        seq = sequences[i].input_ids
+        offset = width - n if padding_side == "left" else 0
+        out.ids[row, offset:offset + n] = torch.tensor(seq)
+        out.mask[row, offset:offset + n] = 1
+        # Explicit positions: with left padding the first real token must still be position 0.
+        out.positions[row, offset:offset + n] = torch.arange(n)
+        for stop, k in sequences[i].spans:
+            # The token at position t is predicted by the hidden state at t − 1.
+            out.gather_rows += [row] * k
+            out.gather_cols += range(offset + stop - k - 1, offset + stop - 1)
+            out.targets += seq[stop - k:stop]
+    return out
+
+
+def _head_nll(model, picked: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Per-token negative log-likelihood, ``chunk`` positions at a time: never positions × vocabulary at once."""
+    head, transform = model.get_output_embeddings(), logit_transform(model)
+    token_nll = torch.empty(len(targets), dtype=torch.float64, device=picked.device)
+    for start in range(0, len(targets), chunk):
+        logits = transform(head(picked[start:start + chunk]).float())  # float32 log-sum-exp, whatever the dtype
+        token_nll[start:start + chunk] = F.cross_entropy(logits, targets[start:start + chunk], reduction="none").double()
+    return token_nll.cpu()
+
+
 @torch.no_grad()
 def span_losses(model, sequences: list[Sequence], pad_token_id: int,
                 cfg: EngineConfig | None = None) -> list[list[float]]:
-    """Mean cross-entropy of every span of every sequence (``Sequence.spans`` order)."""
+    """Mean cross-entropy of every span of every sequence (``Sequence.spans`` order).
+
+    The ``record_function`` labels (layout, body, head) name the engine's parts in a torch.profiler
+    trace; ``benchmarks/bench_scoring.py --profile`` reads them.
+    """
     cfg = cfg or EngineConfig()
     if cfg.padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right'; got {cfg.padding_side!r}")
     device = next(model.parameters()).device
     head_chunk = cfg.head_chunk or (4096 if device.type == "cuda" else 256)
-    head = model.get_output_embeddings()
-    transform = logit_transform(model)
     lengths = [len(s.input_ids) for s in sequences]
     losses: list[list[float]] = [[] for _ in sequences]
     bar = tqdm(total=sum(lengths), desc=cfg.progress_desc, unit="tok", unit_scale=True, disable=not cfg.progress,
                leave=False)
     for batch in _batches(lengths, cfg):
-        width = max(lengths[i] for i in batch)
-        ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        positions = torch.zeros((len(batch), width), dtype=torch.long)
-        gather_rows, gather_cols, targets = [], [], []
-        for row, i in enumerate(batch):
-            seq, n = sequences[i].input_ids, lengths[i]
-            offset = width - n if cfg.padding_side == "left" else 0
-            ids[row, offset:offset + n] = torch.tensor(seq)
-            mask[row, offset:offset + n] = 1
-            # Explicit positions: with left padding the first real token must still be position 0.
-            positions[row, offset:offset + n] = torch.arange(n)
-            for stop, k in sequences[i].spans:
-                # The token at position t is predicted by the hidden state at t − 1.
-                gather_rows += [row] * k
-                gather_cols += range(offset + stop - k - 1, offset + stop - 1)
-                targets += seq[stop - k:stop]
-        # use_cache=False: a KV cache would only keep every layer's keys and values alive until the pass ends.
-        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                  position_ids=positions.to(device), use_cache=False).last_hidden_state
-        picked = hidden[torch.tensor(gather_rows, device=device), torch.tensor(gather_cols, device=device)]
-        target_ids = torch.tensor(targets, device=device)
-        token_nll = torch.empty(len(targets), dtype=torch.float64, device=device)
-        for start in range(0, len(targets), head_chunk):
-            stop = start + head_chunk
-            logits = transform(head(picked[start:stop]).float())
-            token_nll[start:stop] = F.cross_entropy(logits, target_ids[start:stop], reduction="none").double()
-        token_nll = token_nll.cpu()
+        with record_function("miwv.layout"):
+            lay = _layout(sequences, batch, pad_token_id, cfg.padding_side)
+        with record_function("miwv.body"):
+            # use_cache=False: a KV cache would only keep every layer's keys and values alive until the pass ends.
+            hidden = model.base_model(input_ids=lay.ids.to(device), attention_mask=lay.mask.to(device),
+                                      position_ids=lay.positions.to(device), use_cache=False).last_hidden_state
+        with record_function("miwv.head"):
+            picked = hidden[torch.tensor(lay.gather_rows, device=device), torch.tensor(lay.gather_cols, device=device)]
+            token_nll = _head_nll(model, picked, torch.tensor(lay.targets, device=device), head_chunk)
         cursor = 0
         for i in batch:
             for _, k in sequences[i].spans:
@@ -349,21 +377,43 @@ def find_neighbors(pool: InstructionPool, embedder: str, loaded: LoadedModel | N
     return nearest_neighbors(vectors)
 
 
-def _read_neighbors(path: Path, key: dict) -> tuple[np.ndarray, np.ndarray] | None:
+def _read_neighbors(path: Path, key: dict, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached neighbours, or None (compute them again) when absent, of another key, or damaged.
+
+    The file carries a checksum of its own numbers, so a hand edit that stays valid JSON (another
+    row's index, say) is caught like a torn file; the neighbours are deterministic, so recomputing
+    them gives back exactly what the scores already written were computed with.
+    """
     if not path.exists():
         return None
-    saved = json.loads(path.read_text(encoding="utf-8"))
-    if saved.get("key") != key:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved.get("key") != key:
+            return None
+        index = np.asarray(saved["neighbor_index"], dtype=np.int64)
+        similarity = np.asarray(saved["neighbor_similarity"], dtype=np.float32)
+        intact = (saved.get("checksum") == _neighbors_checksum(index, similarity) and index.shape == (rows,)
+                  and similarity.shape == (rows,) and ((index >= 0) & (index < rows) & (index != np.arange(rows))).all())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        intact = False
+    if not intact:
+        warnings.warn(f"{path} is damaged; the neighbours are computed again", stacklevel=2)
         return None
-    return np.asarray(saved["neighbor_index"]), np.asarray(saved["neighbor_similarity"], dtype=np.float32)
+    return index, similarity
 
 
-def _cached_neighbors(path: Path, key: dict, compute) -> tuple[np.ndarray, np.ndarray]:
-    cached = _read_neighbors(path, key)
+def _neighbors_checksum(index: np.ndarray, similarity: np.ndarray) -> str:
+    return stable_hash({"neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist()})
+
+
+def _cached_neighbors(path: Path, key: dict, rows: int, compute) -> tuple[np.ndarray, np.ndarray]:
+    cached = _read_neighbors(path, key, rows)
     if cached is not None:
         return cached
     index, similarity = compute()
-    write_json(path, {"key": key, "neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist()})
+    index, similarity = np.asarray(index, dtype=np.int64), np.asarray(similarity, dtype=np.float32)
+    write_json(path, {"key": key, "neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist(),
+                      "checksum": _neighbors_checksum(index, similarity)})
     return index, similarity
 
 
@@ -578,7 +628,7 @@ def _start(run: _Run, overwrite: bool) -> dict:
             "world_size": run.shard.world_size, "environment": environment_info()}
         write_json(run.out_dir / "manifest.json", manifest)
         t0 = time.perf_counter()
-        _cached_neighbors(run.out_dir / "neighbors.json", run.neighbor_key,
+        _cached_neighbors(run.out_dir / "neighbors.json", run.neighbor_key, len(run.pool),
                           lambda: find_neighbors(run.pool, run.config.embedder, run.loaded, progress=run.progress))
         manifest["seconds_neighbors"] = round(time.perf_counter() - t0, 2)
         _load_done(_partial_files(run.out_dir, run.shard)[1], repair=True)
@@ -597,7 +647,8 @@ def _check_unchanged(scores_path: Path, manifest: dict) -> None:
 
 def _score_missing_chunks(run: _Run) -> tuple[int, float, list[int]]:
     """This rank's unfinished chunks, appended to its partial file; returns (max length, seconds, rows to do)."""
-    neighbor_index, neighbor_similarity = _read_neighbors(run.out_dir / "neighbors.json", run.neighbor_key)
+    neighbor_index, neighbor_similarity = _read_neighbors(run.out_dir / "neighbors.json", run.neighbor_key,
+                                                          len(run.pool))  # rank 0 has just written them
     examples = encode_examples(run.pool.rows, run.loaded.tokenizer, run.config.template)
     special = SpecialTokens.from_tokenizer(run.loaded.tokenizer)
     max_length = resolve_max_length(run.config.max_length, one_shot_lengths(examples, neighbor_index, special),
@@ -627,6 +678,17 @@ def _finish(run: _Run, manifest: dict, max_length: int, seconds: float, todo: li
     done = _load_done(everyone)
     scores = [done[i] for i in range(len(run.pool))]
     write_jsonl(run.out_dir / "scores.jsonl", scores)
+    try:
+        _complete_manifest(run, manifest, scores, max_length, seconds, todo)
+    except BaseException:  # a full disk, say: no complete-looking scores.jsonl beside a "running" manifest
+        (run.out_dir / "scores.jsonl").unlink(missing_ok=True)  # the partial files stay: a re-run merges them again
+        raise
+    for partial in everyone:
+        partial.remove()
+
+
+def _complete_manifest(run: _Run, manifest: dict, scores: list[dict], max_length: int, seconds: float,
+                       todo: list[int]) -> None:
     manifest.update(status="complete", scores_sha256=file_sha256(run.out_dir / "scores.jsonl"), finished=now(),
                     rows=len(scores), rows_scored_this_run=len(todo), rows_resumed=len(run.pool) - len(todo),
                     seconds_scoring=round(seconds, 2),
@@ -635,5 +697,3 @@ def _finish(run: _Run, manifest: dict, max_length: int, seconds: float, todo: li
                     demo_trimmed_rows=sum(bool(r["truncation"].get("demo")) for r in scores),
                     no_miwv_rows=sum(r["miwv"] is None for r in scores))
     write_json(run.out_dir / "manifest.json", manifest)
-    for partial in everyone:
-        partial.remove()

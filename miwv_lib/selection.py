@@ -44,6 +44,8 @@ def select_indices(scores: list[dict], ratio: float, by: str = "miwv", seed: int
     """
     if by not in SELECTION_METHODS:
         raise SelectionError(f"by must be one of {', '.join(SELECTION_METHODS)}; got {by!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise SelectionError(f"seed must be a non-negative integer; got {seed!r}")
     size = subset_size(len(scores), ratio)
     if by == "random":
         order = np.random.default_rng(seed).permutation(len(scores))
@@ -155,10 +157,33 @@ def load_scores(path: str | Path) -> list[dict]:
         if not isinstance(row, dict):
             raise SelectionError(f"{path}, row {len(scores)} (line {line_no}): expected a JSON object, "
                                  f"got {type(row).__name__}")
+        _check_score_fields(row, f"{path}, row {len(scores)} (line {line_no})")
         scores.append(row)
     if not scores:
         raise SelectionError(f"{path}: empty scores file (0 rows)")
     return scores
+
+
+# The fields selection reads, and what 'score' writes in them: anything else was not written by 'score'.
+_NUMBER_FIELDS = ("miwv", "ifd", "zero_shot_loss", "one_shot_loss", "unconditional_loss", "response_tokens")
+
+
+def _check_score_fields(row: dict, where: str) -> None:
+    """A row's ``index`` and ``id`` have the types 'score' writes, and its scores are finite numbers or null."""
+    problem = None
+    if isinstance(row.get("index"), bool) or not isinstance(row.get("index"), int):
+        problem = "index", "an integer"
+    elif not isinstance(row.get("id"), str):
+        problem = "id", "a string"
+    else:
+        for name in _NUMBER_FIELDS:
+            if row.get(name) is not None and not _is_finite_number(row[name]):
+                problem = name, "a finite number or null"
+                break
+    if problem:
+        name, expected = problem
+        raise SelectionError(f"{where}, field {name!r}: expected {expected}, got {row.get(name)!r}; this is not "
+                             "what 'score' writes (was the file edited?): score again")
 
 
 def check_scores_integrity(scores_path: str | Path) -> None:
@@ -168,6 +193,10 @@ def check_scores_integrity(scores_path: str | Path) -> None:
     if scores_path.name.startswith("scores.partial"):
         raise SelectionError(f"{scores_path} holds the finished chunks of an unfinished run: run the same 'score' "
                              f"command again to finish it, then select from {scores_path.parent / 'scores.jsonl'}")
+    manifest_path = scores_path.parent / "manifest.json"
+    if scores_path.is_file() and manifest_path.is_file() and _manifest_beside(scores_path) is None:
+        raise SelectionError(f"{manifest_path} is damaged (not a JSON object), so {scores_path} cannot be checked "
+                             "against the checksum it records: restore the manifest, or score again")
     if scores_path.is_file() and scores_changed(scores_path, _manifest_beside(scores_path)):
         raise SelectionError(f"{scores_path} was changed after 'score' wrote it (its checksum differs from the one in "
                              f"{scores_path.parent / 'manifest.json'}); restore it, or score again")
@@ -220,7 +249,10 @@ def check_scores_match(pool: InstructionPool, scores: list[dict], scores_path: s
         raise SelectionError(f"{scores_path} has {len(scores)} rows but the data has {len(pool)}: "
                              "it was computed on another dataset (or with another --limit)")
     for position, (score, row) in enumerate(zip(scores, pool.rows)):
-        if score.get("index") != position or score.get("id") != row["id"]:
+        if score.get("index") != position:
+            raise SelectionError(f"{scores_path}, row {position}, field 'index': expected {position}, got "
+                                 f"{score.get('index')!r}; rows must be in the data's order, as 'score' writes them")
+        if score.get("id") != row["id"]:
             raise SelectionError(f"{scores_path}, row {position}, field 'id': {score.get('id')!r} does not match the "
                                  f"data's id {row['id']!r}; these scores belong to another dataset")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,14 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
         output = " ".join(rng.choice(words) for _ in range(rng.randint(2, 30))) + "."
         rows.append({"instruction": instruction, "input": inp, "output": output})
     return rows
+
+
+# ---- the fuzzer (tests/test_fuzz.py) ----------------------------------------------------------------------
+
+FUZZ_CASES: Counter = Counter()  # generated cases run, per family; shown in the summary
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ_CASES:
+        families = ", ".join(f"{family} {n}" for family, n in sorted(FUZZ_CASES.items()))
+        terminalreporter.write_line(f"fuzz cases run: {sum(FUZZ_CASES.values())} ({families})")

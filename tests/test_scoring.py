@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -284,3 +286,31 @@ def test_the_default_max_length_cuts_no_row_of_the_local_pool(shared_data_dir):
     assert max_length == max(lengths) < 32_768
     cuts = [one_shot_sequence(examples[i], examples[k], special, max_length)[1] for i, k in enumerate(worst)]
     assert not any(cut.as_dict() for cut in cuts)
+
+
+@pytest.mark.parametrize("damage", ["edit an index", "torn", "not json", "wrong length", "self as neighbour"])
+def test_a_damaged_neighbours_file_is_computed_again(tmp_path, damage):
+    from miwv_lib.scoring import _cached_neighbors
+
+    path, key = tmp_path / "neighbors.json", {"embedder": "e", "data": "d"}
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return np.array([1, 2, 0]), np.array([0.5, 0.25, 0.125], dtype=np.float32)
+
+    first = _cached_neighbors(path, key, 3, compute)
+    assert _cached_neighbors(path, key, 3, compute)[0].tolist() == [1, 2, 0] and len(calls) == 1  # read back
+    saved = json.loads(path.read_text())
+    if damage == "edit an index":
+        saved["neighbor_index"][0] = 2  # still a valid other row: only the checksum tells
+    elif damage == "wrong length":
+        saved["neighbor_index"].append(1)
+    elif damage == "self as neighbour":
+        saved["neighbor_index"][1] = 1
+    text = json.dumps(saved)
+    path.write_text({"torn": text[: len(text) // 2], "not json": "\x00\x01"}.get(damage, text))
+    with pytest.warns(UserWarning, match="damaged"):
+        again = _cached_neighbors(path, key, 3, compute)
+    assert len(calls) == 2 and again[0].tolist() == first[0].tolist()
+    assert json.loads(path.read_text())["neighbor_index"] == [1, 2, 0]  # repaired on disk

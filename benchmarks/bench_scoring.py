@@ -11,8 +11,16 @@ tokens/s counts the tokens of the naive passes (the work to be done), so it is c
 Each mode runs in its own subprocess so its peak memory (RSS) is its own. Fidelity is measured
 against ``naive``: max |Δloss|, Spearman of MIWV, overlap of the top-10% selections.
 
+The roofline is measured in the same run: the GEMM rates of this model's body shapes
+(4096 × hidden × intermediate and back) and head shape (256 × hidden × vocabulary) in bf16 and
+float32, and the least work that gives exact losses: each row's zero-shot sequence once, its
+one-shot suffix on top of the neighbour's cached keys and values, the head only at response
+positions. Each mode's "of roofline" is that work's time at its own dtype's rates over its time.
+``--profile N`` adds a torch.profiler breakdown of fast mode on N rows.
+
     python benchmarks/bench_scoring.py                    # gemma-3-270m, 200 rows of the local Alpaca pool
     python benchmarks/bench_scoring.py --rows 40 --modes naive,fast
+    python benchmarks/bench_scoring.py --rows 40 --modes fast --profile 40
 """
 
 from __future__ import annotations
@@ -90,6 +98,47 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     }
 
 
+def gemm_gflops(m: int, k: int, n: int, dtype, seconds: float = 1.5) -> float:
+    """Sustained rate of one (m × k) @ (k × n) matmul shape, on this process's threads."""
+    import torch
+
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b  # warm-up
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or reps < 2:
+        a @ b
+        reps += 1
+    return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+
+
+def measure_roofline(args: argparse.Namespace) -> dict:
+    """The model's parameter counts and its GEMM rates: the body's two MLP shapes and the head's."""
+    import torch
+
+    from miwv_lib.models import load_model
+
+    model = load_model(args.model, dtype="bfloat16", device="cpu").model
+    cfg = getattr(model.config, "text_config", model.config)
+    embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # a tied head is counted once, as the embedding
+    body = total - embed.numel() - (0 if head is embed else head.numel())
+    d, inter, vocab = cfg.hidden_size, cfg.intermediate_size, head.shape[0]
+    rates = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        rates[name] = {"body": (gemm_gflops(4096, d, inter, dtype) + gemm_gflops(4096, inter, d, dtype)) / 2,
+                       "head": gemm_gflops(256, d, vocab, dtype)}
+    return {"body_params": body, "head_params": head.numel(), "gemm_gflops": rates,
+            "shapes": {"body": [4096, d, inter], "head": [256, d, vocab]}, "threads": torch.get_num_threads()}
+
+
+def roofline_seconds(roof: dict, accounting: dict, dtype: str) -> dict:
+    body = 2 * roof["body_params"] * accounting["body_tokens_kv_reuse"]
+    head = 2 * roof["head_params"] * accounting["response_positions"]
+    rate = roof["gemm_gflops"][dtype]
+    return {"body_tflop": body / 1e12, "head_tflop": head / 1e12,
+            "seconds": body / (rate["body"] * 1e9) + head / (rate["head"] * 1e9)}
+
+
 def token_accounting(examples, neighbors, special, max_length: int, chunk_rows: int = 64) -> dict[str, int]:
     """Tokens each plan pushes through the model body (the work no head-side trick removes).
 
@@ -110,7 +159,80 @@ def token_accounting(examples, neighbors, special, max_length: int, chunk_rows: 
         shared = one[i].input_ids[:len(prefix)] == prefix  # not when the demo was trimmed to fit max_length
         kv_reuse += len(zero[i].input_ids) + len(one[i].input_ids) - (len(prefix) if shared else 0)
     return {"body_tokens_naive": sum(len(s.input_ids) for s in zero + one), "body_tokens_engine": engine,
-            "body_tokens_kv_reuse": kv_reuse}
+            "body_tokens_kv_reuse": kv_reuse, "response_positions": sum(s.n_targets for s in zero + one)}
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::mkldnn_linear",
+              "aten::_mkldnn_linear", "aten::baddbmm"}
+
+
+def classify(event) -> str:
+    """Which part of the engine an operator's own time belongs to, from its enclosing labels."""
+    label, attention, node = None, False, event
+    while node is not None and label is None:
+        attention |= "scaled_dot_product" in node.name or "attention" in node.name.lower()
+        label = node.name if node.name.startswith("miwv.") else None
+        node = node.cpu_parent
+    if label is None:
+        return "outside the engine's parts (loss assembly, batching)"
+    if event.name == label:
+        return {"miwv.layout": "layout: padded tensors and gather indices (Python)"}.get(label, f"{label}: Python")
+    if label == "miwv.layout":
+        return "layout: padded tensors and gather indices (Python)"
+    if label == "miwv.body":
+        if attention:
+            return "body: attention"
+        return "body: matmuls" if event.name in MATMUL_OPS else "body: norms, rotary, activations, copies"
+    return "head: matmul" if event.name in MATMUL_OPS else "head: log-softmax, cross-entropy, gather"
+
+
+def profile_fast(args: argparse.Namespace) -> dict:
+    """Fast mode on ``args.profile`` rows under torch.profiler: where the time goes."""
+    from collections import defaultdict
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from miwv_lib.data import load_instructions
+    from miwv_lib.models import load_model
+    from miwv_lib.prompts import SpecialTokens, encode_examples
+    from miwv_lib.scoring import EngineConfig, _batches, chunk_plan, find_neighbors, plan_passes, span_losses
+
+    pool = load_instructions(args.data, limit=args.profile)
+    neighbors, _ = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
+    loaded = load_model(args.model, dtype="bfloat16", device="cpu")
+    pad, special = loaded.tokenizer.pad_token_id, SpecialTokens.from_tokenizer(loaded.tokenizer)
+    start = time.perf_counter()
+    examples = encode_examples(pool.rows, loaded.tokenizer)
+    tokenise = time.perf_counter() - start
+    plans = [plan_passes(examples, chunk, neighbors, special, args.max_length, False).sequences
+             for chunk in chunk_plan(neighbors, 64)]
+    engine = EngineConfig(batch_size=args.batch_size, progress=False)
+    span_losses(loaded.model, plans[0][:4], pad, engine)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for seqs in plans:
+            span_losses(loaded.model, seqs, pad, engine)
+        wall = time.perf_counter() - start
+    parts: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        parts[classify(event)] += event.self_cpu_time_total / 1e6
+    real = sum(len(q.input_ids) for seqs in plans for q in seqs)
+    padded = sum(len(b) * max(len(seqs[i].input_ids) for i in b)
+                 for seqs in plans for b in _batches([len(q.input_ids) for q in seqs], engine))
+    return {"rows": len(pool), "wall_s": wall, "tokenise_s": tokenise, "parts_s": dict(parts),
+            "padding_fraction": 1 - real / padded, "threads": torch.get_num_threads()}
+
+
+def profile_table(profiled: dict) -> str:
+    total = sum(profiled["parts_s"].values())
+    lines = [f"Fast mode under torch.profiler, {profiled['rows']} rows, {profiled['threads']} threads: "
+             f"{profiled['wall_s']:.1f} s in the engine (profiler on), plus {profiled['tokenise_s']:.1f} s of "
+             f"tokenisation before it. Padding is {profiled['padding_fraction']:.1%} of the body's tokens.", "",
+             "| part | seconds | share |", "|---|---|---|"]
+    for name, sec in sorted(profiled["parts_s"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {name} | {sec:.2f} | {sec / total:.1%} |")
+    return "\n".join(lines)
 
 
 def top_overlap(a: np.ndarray, b: np.ndarray, ratio: float = 0.10) -> float:
@@ -118,19 +240,21 @@ def top_overlap(a: np.ndarray, b: np.ndarray, ratio: float = 0.10) -> float:
     return len(set(np.argsort(-a, kind="stable")[:k]) & set(np.argsort(-b, kind="stable")[:k])) / k
 
 
-def summarise(results: dict[str, dict]) -> list[dict]:
+def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
     from miwv_lib.report import spearman
 
     reference = results.get("naive")
     rows = []
     for mode, r in results.items():
+        bound = roofline_seconds(roof, r, "bf16" if mode == "fast" else "fp32")["seconds"] if roof else None
         losses = np.array(r["losses"])
         miwv = losses[1::2] - losses[0::2]
         row = {"mode": mode, "rows": r["rows"], "seconds": round(r["seconds"], 2),
                "samples_per_s": round(r["rows"] / r["seconds"], 3),
                "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
                "peak_rss_mb": round(r["peak_rss_mb"]), "threads": r["threads"],
-               "body_tokens": r["body_tokens_naive"] if mode == "naive" else r["body_tokens_engine"]}
+               "body_tokens": r["body_tokens_naive"] if mode == "naive" else r["body_tokens_engine"],
+               "of_roofline": round(bound / r["seconds"], 3) if bound else None}
         if reference is not None:
             ref_losses = np.array(reference["losses"], dtype=float)
             ref_miwv = ref_losses[1::2] - ref_losses[0::2]
@@ -147,13 +271,37 @@ def summarise(results: dict[str, dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    columns = ["mode", "rows", "seconds", "samples_per_s", "tokens_per_s", "speedup_vs_naive", "max_abs_dloss",
+    columns = ["mode", "rows", "seconds", "samples_per_s", "tokens_per_s", "speedup_vs_naive", "of_roofline",
+               "max_abs_dloss",
                "max_abs_dmiwv", "spearman_miwv", "top10_overlap", "peak_rss_mb", "body_tokens"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [f"{row[c]:.2e}" if c.startswith("max_abs") and c in row else str(row.get(c, "–")) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def child(what: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--_child", what, "--model", args.model, "--data", args.data,
+               "--rows", str(args.rows), "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+               "--profile", str(args.profile)]
+    print(f"[bench] {what} …", file=sys.stderr, flush=True)
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def roofline_text(roof: dict, accounting: dict) -> str:
+    rates = roof["gemm_gflops"]
+    bf16, fp32 = roofline_seconds(roof, accounting, "bf16"), roofline_seconds(roof, accounting, "fp32")
+    return (f"Roofline: the least work for exact losses is {bf16['body_tflop'] + bf16['head_tflop']:.1f} TFLOP "
+            f"(body {bf16['body_tflop']:.1f}: {accounting['body_tokens_kv_reuse']:,} tokens × 2 × "
+            f"{roof['body_params'] / 1e6:.1f} M; head {bf16['head_tflop']:.1f}: {accounting['response_positions']:,} "
+            f"response positions × 2 × {roof['head_params'] / 1e6:.1f} M). GEMM rates measured in this run "
+            f"({roof['threads']} threads), GFLOP/s, body {roof['shapes']['body']} and back / head "
+            f"{roof['shapes']['head']}: bf16 {rates['bf16']['body']:.0f} / {rates['bf16']['head']:.0f}, "
+            f"float32 {rates['fp32']['body']:.0f} / {rates['fp32']['head']:.0f}. At those rates the work takes "
+            f"{bf16['seconds']:.1f} s in bf16 and {fp32['seconds']:.1f} s in float32: each mode's of_roofline is "
+            f"its own dtype's bound over its time.")
 
 
 def main() -> None:
@@ -165,34 +313,36 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
+    parser.add_argument("--profile", type=int, default=0, help="also profile fast mode on this many rows")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args._child:  # one mode, in a fresh process
-        print(json.dumps(run_mode(args._child, args)))
+    if args._child:  # one mode, the GEMM rates or the profile, in a fresh process
+        work = {"roofline": measure_roofline, "profile": profile_fast}.get(args._child)
+        print(json.dumps(work(args) if work else run_mode(args._child, args)))
         return
 
     out = Path(args.out)
-    results = {}
-    for mode in args.modes.split(","):
-        child = [sys.executable, __file__, "--_child", mode, "--model", args.model, "--data", args.data,
-                 "--rows", str(args.rows), "--max-length", str(args.max_length), "--batch-size", str(args.batch_size)]
-        print(f"[bench] {mode} …", file=sys.stderr, flush=True)
-        done = subprocess.run(child, stdout=subprocess.PIPE, text=True, check=True)
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    rows = summarise(results)
+    results = {mode: child(mode, args) for mode in args.modes.split(",")}
+    roof = child("roofline", args)
+    profiled = child("profile", args) if args.profile else None
+    rows = summarise(results, roof)
     from miwv_lib.io import write_json
     from miwv_lib.runs import environment_info, now
 
     first = next(iter(results.values()))
-    accounting = {k: first[k] for k in ("body_tokens_naive", "body_tokens_engine", "body_tokens_kv_reuse")}
-    table = markdown_table(rows) + "\n\n" + (
+    accounting = {k: first[k] for k in ("body_tokens_naive", "body_tokens_engine", "body_tokens_kv_reuse",
+                                        "response_positions")}
+    table = markdown_table(rows) + "\n\n" + roofline_text(roof, accounting) + "\n\n" + (
         f"Tokens through the model body: naive {accounting['body_tokens_naive']:,}, engine "
         f"{accounting['body_tokens_engine']:,}, with neighbour KV-cache reuse (counted, not built) "
         f"{accounting['body_tokens_kv_reuse']:,} "
-        f"({1 - accounting['body_tokens_kv_reuse'] / accounting['body_tokens_engine']:.0%} fewer than the engine).")
+        f"({accounting['body_tokens_kv_reuse'] / accounting['body_tokens_engine'] - 1:+.0%} against the engine).")
+    if profiled:
+        table += "\n\n" + profile_table(profiled)
     write_json(out / "bench_scoring.json", {"date": now(), "environment": environment_info(), "args": vars(args),
-                                            "summary": rows, "token_accounting": accounting})
+                                            "summary": rows, "token_accounting": accounting, "roofline": roof,
+                                            "profile": profiled})
     (out / "bench_scoring.md").write_text(table + "\n", encoding="utf-8")
     print(table)
 

@@ -32,7 +32,7 @@ demo: install   # the notebooks, in order, with papermill: executed copies, figu
 	$(PY) -m miwv_lib pipeline --config $(CONFIG) --run-dir $(RUN_DIR)
 
 bench: install   # scoring speed and fidelity: naive reference vs our engine (float32 and bf16), side by side
-	$(PY) benchmarks/bench_scoring.py
+	$(PY) benchmarks/bench_scoring.py --profile 40
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

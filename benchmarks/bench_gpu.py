@@ -146,12 +146,13 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def parse_variants(text: str) -> list[EngineConfig]:
+def parse_variants(text: str, torch_compile: bool = False) -> list[EngineConfig]:
     """``batch:tokens:head_chunk,…`` e.g. ``256:65536:256`` (the engine's head_chunk default is 256)."""
     out = []
     for item in text.split(","):
         b, t, h = (int(x) for x in item.split(":"))
-        out.append(EngineConfig(batch_size=b, max_tokens_per_batch=t, head_chunk=h, progress=False))
+        out.append(EngineConfig(batch_size=b, max_tokens_per_batch=t, head_chunk=h, progress=False,
+                                torch_compile=torch_compile))
     return out
 
 
@@ -187,7 +188,7 @@ def measure(args) -> dict:
     peak = peak_tflops(device)
     gemm = gemm_tflops(device, dtype, 8192 if device.type == "cuda" else 512)
     variants = []
-    for engine in parse_variants(args.variants):
+    for engine in parse_variants(args.variants, args.torch_compile):
         time_engine(model, chunks[:1], engine, device)  # warm-up: kernels, allocator
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)

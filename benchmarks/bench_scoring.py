@@ -4,7 +4,11 @@ Modes, all on the same model, rows and machine:
 
 * ``naive``  — what public implementations do: one sample per forward pass, full logits, float32;
 * ``exact``  — our engine in float32 (the path ``score_pool`` takes, IFD off);
-* ``fast``   — our engine in bfloat16 (float32 log-softmax).
+* ``fast``   — our engine in bfloat16 (float32 log-softmax);
+* ``compiled`` — fast with ``--torch-compile`` (body and loss compiled).
+
+Each engine mode first scores two rows outside the timing (``warmup_s``: one-off costs such as
+compiling, which do not grow with the rows).
 
 tokens/s counts the tokens of the naive passes (the work to be done), so it is comparable across modes.
 
@@ -16,7 +20,7 @@ The roofline is measured in the same run: the GEMM rates of this model's body sh
 float32, and the least work that gives exact losses: each row's zero-shot sequence once, its
 one-shot suffix on top of the neighbour's cached keys and values, the head only at response
 positions. Each mode's "of roofline" is that work's time at its own dtype's rates over its time.
-``--profile N`` adds a torch.profiler breakdown of fast mode on N rows.
+``--profile N`` adds a torch.profiler breakdown of ``--profile-mode`` (fast or compiled) on N rows.
 
     python benchmarks/bench_scoring.py                    # gemma-3-270m, 200 rows of the local Alpaca pool
     python benchmarks/bench_scoring.py --rows 40 --modes naive,fast
@@ -37,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("naive", "exact", "fast")
+MODES = ("naive", "exact", "fast", "compiled")
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
@@ -54,7 +58,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
 
     pool = load_instructions(args.data, limit=args.rows)
     neighbors, similarities = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
-    loaded = load_model(args.model, dtype="bfloat16" if mode == "fast" else "float32", device="cpu")
+    loaded = load_model(args.model, dtype="float32" if mode in ("naive", "exact") else "bfloat16", device="cpu")
     special = SpecialTokens.from_tokenizer(loaded.tokenizer)
     examples = encode_examples(pool.rows, loaded.tokenizer)
     sequences, no_demo = [], []
@@ -64,6 +68,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         sequences.append(one)
         no_demo.append(cut.no_demo)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    warmup = warm_up(mode, loaded, examples, neighbors, similarities, args)
     start = time.perf_counter()
     if mode == "naive":
         losses = []
@@ -77,7 +82,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         # as in the engine: a one-shot pass without its demo has no loss
         losses[1::2][np.array(no_demo, dtype=bool)] = np.nan
     else:  # the scoring path of `score_pool`: chunk plan, shared prefixes, batched passes
-        config = ScoreConfig(max_length=args.max_length, batch_size=args.batch_size, compute_ifd=False)
+        config = ScoreConfig(max_length=args.max_length, batch_size=args.batch_size, compute_ifd=False,
+                             torch_compile=mode == "compiled")
         ids = [row["id"] for row in pool.rows]
         rows = []
         for chunk in chunk_plan(neighbors, config.chunk_rows):
@@ -92,10 +98,27 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         "tokens": sum(len(s.input_ids) for s in sequences),
         **token_accounting(examples, neighbors, special, args.max_length),
         "losses": losses.tolist(),
+        "warmup_s": warmup,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_load_mb": rss_loaded / 1024,
         "threads": torch.get_num_threads(),
     }
+
+
+def warm_up(mode: str, loaded, examples, neighbors, similarities, args: argparse.Namespace) -> float:
+    """The engine's first batch outside the timing: one-off costs (for ``compiled``, the compilation) are
+    reported on their own, since they do not grow with the rows."""
+    from miwv_lib.scoring import ScoreConfig, compile_body, score_rows
+
+    if mode == "naive":
+        return 0.0
+    start = time.perf_counter()
+    if mode == "compiled":
+        compile_body(loaded.model)  # as score_pool does
+    config = ScoreConfig(max_length=args.max_length, batch_size=args.batch_size, compute_ifd=False,
+                         torch_compile=mode == "compiled", progress=False)
+    score_rows(loaded, examples, [str(i) for i in range(len(examples))], [0, 1], neighbors, similarities, config)
+    return round(time.perf_counter() - start, 2)
 
 
 def gemm_gflops(m: int, k: int, n: int, dtype, seconds: float = 1.5) -> float:
@@ -186,8 +209,8 @@ def classify(event) -> str:
     return "head: matmul" if event.name in MATMUL_OPS else "head: log-softmax, cross-entropy, gather"
 
 
-def profile_fast(args: argparse.Namespace) -> dict:
-    """Fast mode on ``args.profile`` rows under torch.profiler: where the time goes."""
+def profile_mode(args: argparse.Namespace) -> dict:
+    """``args.profile_mode`` on ``args.profile`` rows under torch.profiler: where the time goes."""
     from collections import defaultdict
 
     import torch
@@ -196,7 +219,7 @@ def profile_fast(args: argparse.Namespace) -> dict:
     from miwv_lib.data import load_instructions
     from miwv_lib.models import load_model
     from miwv_lib.prompts import SpecialTokens, encode_examples
-    from miwv_lib.scoring import EngineConfig, _batches, chunk_plan, find_neighbors, plan_passes, span_losses
+    from miwv_lib.scoring import EngineConfig, _batches, chunk_plan, compile_body, find_neighbors, plan_passes, span_losses
 
     pool = load_instructions(args.data, limit=args.profile)
     neighbors, _ = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
@@ -207,8 +230,11 @@ def profile_fast(args: argparse.Namespace) -> dict:
     tokenise = time.perf_counter() - start
     plans = [plan_passes(examples, chunk, neighbors, special, args.max_length, False).sequences
              for chunk in chunk_plan(neighbors, 64)]
-    engine = EngineConfig(batch_size=args.batch_size, progress=False)
-    span_losses(loaded.model, plans[0][:4], pad, engine)  # warm-up
+    compiled = args.profile_mode == "compiled"
+    if compiled:
+        compile_body(loaded.model)
+    engine = EngineConfig(batch_size=args.batch_size, progress=False, torch_compile=compiled)
+    span_losses(loaded.model, plans[0][:4], pad, engine)  # warm-up (and compiling)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for seqs in plans:
@@ -220,13 +246,13 @@ def profile_fast(args: argparse.Namespace) -> dict:
     real = sum(len(q.input_ids) for seqs in plans for q in seqs)
     padded = sum(len(b) * max(len(seqs[i].input_ids) for i in b)
                  for seqs in plans for b in _batches([len(q.input_ids) for q in seqs], engine))
-    return {"rows": len(pool), "wall_s": wall, "tokenise_s": tokenise, "parts_s": dict(parts),
+    return {"mode": args.profile_mode, "rows": len(pool), "wall_s": wall, "tokenise_s": tokenise, "parts_s": dict(parts),
             "padding_fraction": 1 - real / padded, "threads": torch.get_num_threads()}
 
 
 def profile_table(profiled: dict) -> str:
     total = sum(profiled["parts_s"].values())
-    lines = [f"Fast mode under torch.profiler, {profiled['rows']} rows, {profiled['threads']} threads: "
+    lines = [f"{profiled['mode'].capitalize()} mode under torch.profiler, {profiled['rows']} rows, {profiled['threads']} threads: "
              f"{profiled['wall_s']:.1f} s in the engine (profiler on), plus {profiled['tokenise_s']:.1f} s of "
              f"tokenisation before it. Padding is {profiled['padding_fraction']:.1%} of the body's tokens.", "",
              "| part | seconds | share |", "|---|---|---|"]
@@ -246,11 +272,12 @@ def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
     reference = results.get("naive")
     rows = []
     for mode, r in results.items():
-        bound = roofline_seconds(roof, r, "bf16" if mode == "fast" else "fp32")["seconds"] if roof else None
+        dtype = "fp32" if mode in ("naive", "exact") else "bf16"
+        bound = roofline_seconds(roof, r, dtype)["seconds"] if roof else None
         losses = np.array(r["losses"])
         miwv = losses[1::2] - losses[0::2]
         row = {"mode": mode, "rows": r["rows"], "seconds": round(r["seconds"], 2),
-               "samples_per_s": round(r["rows"] / r["seconds"], 3),
+               "samples_per_s": round(r["rows"] / r["seconds"], 3), "warmup_s": r.get("warmup_s"),
                "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
                "peak_rss_mb": round(r["peak_rss_mb"]), "threads": r["threads"],
                "body_tokens": r["body_tokens_naive"] if mode == "naive" else r["body_tokens_engine"],
@@ -271,7 +298,7 @@ def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    columns = ["mode", "rows", "seconds", "samples_per_s", "tokens_per_s", "speedup_vs_naive", "of_roofline",
+    columns = ["mode", "rows", "seconds", "warmup_s", "samples_per_s", "tokens_per_s", "speedup_vs_naive", "of_roofline",
                "max_abs_dloss",
                "max_abs_dmiwv", "spearman_miwv", "top10_overlap", "peak_rss_mb", "body_tokens"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -284,7 +311,7 @@ def markdown_table(rows: list[dict]) -> str:
 def child(what: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--_child", what, "--model", args.model, "--data", args.data,
                "--rows", str(args.rows), "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
-               "--profile", str(args.profile)]
+               "--profile", str(args.profile), "--profile-mode", args.profile_mode]
     print(f"[bench] {what} …", file=sys.stderr, flush=True)
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -313,12 +340,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
-    parser.add_argument("--profile", type=int, default=0, help="also profile fast mode on this many rows")
+    parser.add_argument("--profile", type=int, default=0, help="also profile a mode on this many rows")
+    parser.add_argument("--profile-mode", choices=("fast", "compiled"), default="fast")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args._child:  # one mode, the GEMM rates or the profile, in a fresh process
-        work = {"roofline": measure_roofline, "profile": profile_fast}.get(args._child)
+        work = {"roofline": measure_roofline, "profile": profile_mode}.get(args._child)
         print(json.dumps(work(args) if work else run_mode(args._child, args)))
         return
 

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .data import DataError, load_instructions
@@ -306,7 +307,13 @@ def _one_line(exc: Exception) -> str:
     return " ".join(text.split())
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one line, like an error (not Python's two lines with the source of the call)."""
+    print(f"warning: {category.__name__}: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -101,15 +101,19 @@ def embed_texts(texts: list[str], embedder, batch_size: int = 64, progress: bool
     return np.asarray(vectors, dtype=np.float32)
 
 
+SELF_MAX_TOKENS = 512  # like a sentence embedder's max_seq_length: a 200,000-character instruction must not take GBs
+
+
 @torch.no_grad()
 def model_embeddings(model, tokenizer, texts: list[str], batch_size: int = 16, progress: bool = True) -> np.ndarray:
-    """Mean-pooled last hidden states of a causal LM over the text's tokens, unit-normalised."""
+    """Mean-pooled last hidden states of a causal LM over the text's first ``SELF_MAX_TOKENS`` tokens, unit-normalised."""
     device = next(model.parameters()).device
     out = []
     for start in tqdm(range(0, len(texts), batch_size), desc="embed (model)", disable=not progress):
-        batch = tokenizer(texts[start:start + batch_size], padding=True, return_tensors="pt",
-                          split_special_tokens=True).to(device)
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=SELF_MAX_TOKENS,
+                          return_tensors="pt", split_special_tokens=True).to(device)
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  use_cache=False).last_hidden_state
         mask = batch.attention_mask.unsqueeze(-1).to(torch.float32)
         pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
         out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())

@@ -25,9 +25,11 @@ def test_scoring_benchmark_reports_speed_and_fidelity(tmp_path):
                                                                               "MIWV_CACHE_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = {row["mode"]: row for row in json.loads((tmp_path / "bench_scoring.json").read_text())["summary"]}
-    assert set(summary) == {"naive", "exact", "fast"}
+    assert set(summary) == {"naive", "exact", "fast", "compiled"}
     assert summary["exact"]["max_abs_dloss"] <= 1e-5  # our float32 engine is the naive computation
-    assert 0 < summary["fast"]["max_abs_dloss"] < 0.1  # bf16 differs, but only by rounding
+    for mode in ("fast", "compiled"):
+        assert 0 < summary[mode]["max_abs_dloss"] < 0.1  # bf16 differs, but only by rounding
+    assert all(0 < summary[mode]["of_roofline"] for mode in summary)
     assert "| exact |" in (tmp_path / "bench_scoring.md").read_text()
 
 

@@ -62,3 +62,13 @@ def test_model_hidden_state_embeddings_are_unit_norm(tiny):
     assert vectors.shape == (3, tiny.model.config.hidden_size)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert nearest_neighbors(vectors)[0][0] == 2
+
+
+def test_self_embeddings_read_at_most_the_first_tokens_of_a_huge_text(tiny):
+    from miwv_lib.neighbors import SELF_MAX_TOKENS
+
+    huge = "the river runs past the green city " * 20_000  # ~140,000 tokens: untruncated, GBs of activations
+    vectors = model_embeddings(tiny.model, tiny.tokenizer, [huge, huge + " and more", "a cat"], progress=False)
+    assert vectors.shape == (3, tiny.model.config.hidden_size) and np.isfinite(vectors).all()
+    assert np.allclose(vectors[0], vectors[1], atol=1e-6)  # what lies past SELF_MAX_TOKENS is not read
+    assert SELF_MAX_TOKENS < len(tiny.tokenizer(huge).input_ids)

@@ -321,6 +321,12 @@ def test_bad_flag_values_are_usage_errors(cli, base, tmp_path):
     assert result.rc == 2 and "argument --ratio: invalid float value: 'half'" in result.stderr
 
 
+def test_chat_template_without_one_is_an_error_before_any_run_file(cli, base, tmp_path):
+    result = cli("score", "--data", base["data"], "--out", tmp_path / "run", *FAST, "--template", "chat")
+    result.assert_clean_error("tiny-random", "--template chat needs a chat template")
+    assert not (tmp_path / "run" / "manifest.json").exists()  # no run left marked "running"
+
+
 # (case id, how to make the arguments from the base run and a scratch dir, fragments; "{x}" names base/scratch paths)
 def _other_pool(rows) -> callable:
     return lambda base, tmp: ["--data", write_rows(tmp / "other.json", rows), "--scores", base["scores"]]
@@ -493,7 +499,8 @@ def test_default_max_length_cuts_nothing(cli, base, tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["config"]["max_length"] == "auto"
     assert manifest["max_length"] == max(s["one_shot_tokens"] for s in scores) > MAX_LENGTH
-    assert not [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    # no warning about cut rows (the base pool's duplicate rows still get their DataWarning)
+    assert not [line for line in result.stderr.splitlines() if line.startswith("warning:") and "Data" not in line]
 
 
 def test_exact_duplicates_are_scored_and_reported(base):

@@ -5,37 +5,20 @@ Everything the notebooks and the command line use is importable from here.
 
 __version__ = "0.1.0"
 
-from .data import DataError, InstructionPool, load_instructions, load_test_set  # noqa: E402
-from .models import DEFAULT_MODEL, LoadedModel, build_tiny_model, load_model  # noqa: E402
-from .neighbors import embed_texts, load_embedder, nearest_neighbors  # noqa: E402
-from .prompts import encode_examples, format_prompt  # noqa: E402
-from .scoring import (  # noqa: E402
-    ScoreConfig,
-    ifd,
-    miwv,
-    one_shot_sequence,
-    response_loss,
-    score_pool,
-    sequence_losses,
-    unconditional_sequence,
-    zero_shot_sequence,
-)
-from .selection import Arm, arm_name, export_subset, plan_arms, select_arms, select_indices, subset_size  # noqa: E402
-from . import plots  # noqa: E402
-from .pipeline import PipelineError, run_pipeline  # noqa: E402
-from .report import write_report  # noqa: E402
-
-__all__ = [
-    "Arm", "DEFAULT_MODEL", "DataError", "InstructionPool", "LoadedModel", "PipelineError", "ScoreConfig", "arm_name",
-    "build_tiny_model", "plan_arms", "select_arms", "embed_texts", "encode_examples", "export_subset", "format_prompt", "ifd", "load_embedder",
-    "load_instructions", "load_model", "load_test_set", "miwv", "nearest_neighbors", "one_shot_sequence", "plots",
-    "response_loss", "run_pipeline", "score_pool", "select_indices", "sequence_losses", "subset_size",
-    "unconditional_sequence", "write_report", "zero_shot_sequence",
-]
-
-# Fine-tuning, generation and pairwise evaluation, imported on first use: the Trainer stack is
-# slow to import and the scoring command line does not need it.
+# Every name is imported on first use (PEP 562), so ``import miwv_lib`` and ``python -m miwv_lib`` are
+# instant: the torch/transformers stack loads only when something needs it, and a Ctrl-C while it
+# loads reaches the command line's handler instead of interrupting this file.
 _LAZY = {
+    "DataError": "data", "InstructionPool": "data", "load_instructions": "data", "load_test_set": "data",
+    "DEFAULT_MODEL": "models", "LoadedModel": "models", "build_tiny_model": "models", "load_model": "models",
+    "embed_texts": "neighbors", "load_embedder": "neighbors", "nearest_neighbors": "neighbors",
+    "encode_examples": "prompts", "format_prompt": "prompts",
+    "ScoreConfig": "scoring", "ifd": "scoring", "miwv": "scoring", "one_shot_sequence": "scoring",
+    "response_loss": "scoring", "score_pool": "scoring", "sequence_losses": "scoring",
+    "unconditional_sequence": "scoring", "zero_shot_sequence": "scoring",
+    "Arm": "selection", "arm_name": "selection", "export_subset": "selection", "plan_arms": "selection",
+    "select_arms": "selection", "select_indices": "selection", "subset_size": "selection",
+    "PipelineError": "pipeline", "run_pipeline": "pipeline", "write_report": "report",
     "TrainConfig": "train", "TrainResult": "train", "train_model": "train", "load_trained": "train",
     "train_arms": "experiment", "answer_arms": "experiment", "run_comparison": "experiment",
     "GenerateConfig": "generate", "generate_test_set": "generate",  # generate(): miwv_lib.generate.generate
@@ -48,12 +31,17 @@ _LAZY = {
     "EmbeddingJudge": "judges", "ReferenceLikelihoodJudge": "judges", "make_judge": "judges",
     "parse_review": "judges", "reference_nll": "judges",
 }
-__all__ += sorted(_LAZY)
+__all__ = sorted(_LAZY) + ["plots"]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:  # a submodule used as an attribute: miwv_lib.plots, miwv_lib.scoring, …
+        return importlib.import_module(f".{name}", __name__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise  # the submodule exists, but something it imports is missing
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

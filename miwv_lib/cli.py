@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from .data import DataError, load_instructions
+from .io import keep_interrupts
 from .models import ModelLoadError, resolve_device
 from .neighbors import EmbedderError, check_embedder
 from .pipeline import PipelineError
@@ -314,6 +315,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
+    keep_interrupts()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

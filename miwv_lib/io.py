@@ -6,11 +6,14 @@ half-written file that looks complete (write to a temp file, fsync, rename).
 
 from __future__ import annotations
 
+import _thread
 import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,3 +118,15 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def keep_interrupts() -> None:
+    """A Ctrl-C that lands in a finalizer (``__del__``) would be printed as "Exception ignored" and lost,
+    and the run would go on: raise it again, where the program is, so the command stops cleanly."""
+    def hook(report) -> None:
+        if isinstance(report.exc_value, KeyboardInterrupt):  # a moment later: raised here, it would be lost again
+            threading.Timer(0.05, _thread.interrupt_main).start()
+        else:
+            sys.__unraisablehook__(report)
+
+    sys.unraisablehook = hook

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .io import file_sha256, stable_hash
@@ -203,6 +204,9 @@ def load_model(
             f"Could not load model {name_or_path!r} ({exc.__class__.__name__}: {exc}). "
             "Without a model hub, use a built-in name, a local directory or a .gguf file."
         ) from exc
+    except SafetensorError as exc:  # a truncated or damaged download or copy
+        raise ModelLoadError(f"{source}: a weights file is damaged or incomplete ({exc}); copy or download "
+                             "the model again") from exc
     model.to(target_device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path), identity=identity)
 

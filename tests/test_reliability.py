@@ -327,6 +327,30 @@ def test_chat_template_without_one_is_an_error_before_any_run_file(cli, base, tm
     assert not (tmp_path / "run" / "manifest.json").exists()  # no run left marked "running"
 
 
+def test_a_truncated_weights_file_is_a_clear_error(cli, base, tmp_path):
+    from miwv_lib.models import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    result = cli("score", "--data", base["data"], "--out", tmp_path / "run", "--model", model, "--embedder", "self")
+    result.assert_clean_error(str(model), "damaged or incomplete")
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 1.3, 2.5])
+def test_ctrl_c_at_any_moment_of_start_up_prints_no_traceback(cli_env, base, tmp_path, delay):
+    process = subprocess.Popen([sys.executable, "-m", "miwv_lib", "score", "--data", str(base["data"]), "--out",
+                                str(tmp_path / "run"), *FAST], env=cli_env, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode in (130, 0, -signal.SIGINT), stderr  # 0: it finished first; -2: before Python's handler
+    assert "Traceback" not in stderr, stderr
+    if process.returncode == 130:
+        assert stderr.strip().splitlines()[-1].startswith("interrupted"), stderr
+
+
 # (case id, how to make the arguments from the base run and a scratch dir, fragments; "{x}" names base/scratch paths)
 def _other_pool(rows) -> callable:
     return lambda base, tmp: ["--data", write_rows(tmp / "other.json", rows), "--scores", base["scores"]]

@@ -17,6 +17,7 @@ Paths: a relative path in a configuration or in a notebook parameter is relative
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -314,6 +315,26 @@ def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None
     return result
 
 
+def _local_kernel(sockets: str) -> dict:
+    """The kernel talks over Unix sockets in a private directory: no TCP port is opened, so the kernel has
+    no plain-text network traffic to warn about at start-up. (Windows has no such sockets: TCP there.)"""
+    if os.name == "nt":
+        return {}
+    from jupyter_client.manager import KernelManager
+    from traitlets import default
+
+    class LocalKernelManager(KernelManager):
+        @default("transport")
+        def _transport(self):
+            return "ipc"
+
+        @default("ip")
+        def _ip(self):
+            return os.path.join(sockets, "kernel")
+
+    return {"kernel_manager_class": LocalKernelManager}
+
+
 def _execute(path: Path, parameters: dict, executed_dir: Path, *, progress: bool, kernel_name: str,
              start_timeout: int, cell_timeout: int | None) -> tuple[Path, PipelineError | None]:
     """Run one notebook into ``executed_dir``; the executed copy is kept (renamed into place) even when it fails."""
@@ -323,11 +344,13 @@ def _execute(path: Path, parameters: dict, executed_dir: Path, *, progress: bool
     partial = executed_dir / f".{path.stem}.partial.ipynb"  # renamed over `final` when done
     error = None
     try:
-        papermill.execute_notebook(
-            str(path), str(partial), parameters=parameters, kernel_name=kernel_name,
-            progress_bar={"desc": path.stem, "leave": False} if progress else False,
-            cwd=str(path.parent), start_timeout=start_timeout, execution_timeout=cell_timeout,
-        )
+        with tempfile.TemporaryDirectory(prefix="miwv-kernel-") as sockets:
+            papermill.execute_notebook(
+                str(path), str(partial), parameters=parameters, kernel_name=kernel_name,
+                progress_bar={"desc": path.stem, "leave": False} if progress else False,
+                cwd=str(path.parent), start_timeout=start_timeout, execution_timeout=cell_timeout,
+                **_local_kernel(sockets),
+            )
     except Exception as exc:  # a failing cell (PapermillExecutionError), a dead kernel, a timeout…
         error = _notebook_failure(path.stem, exc, partial, final)
     finally:

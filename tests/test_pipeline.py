@@ -121,7 +121,7 @@ def test_cli_reports_a_configuration_error_with_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "notebooks").exists()  # refused before any notebook ran
 
 
-def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
+def test_a_failing_notebook_is_named_with_its_cell(tmp_path, capfd):
     """A bad parameter (a data file that does not exist) stops 01_data; the error says where."""
     with pytest.raises(PipelineError) as info:
         run_pipeline(ROOT / "configs" / "smoke.yaml", run_dir=tmp_path, notebooks=["01"],
@@ -136,6 +136,8 @@ def test_a_failing_notebook_is_named_with_its_cell(tmp_path):
     assert error.executed_path == saved and saved.is_file() and str(saved) in message
     record = json.loads((tmp_path / "pipeline.json").read_text())
     assert record["status"] == "failed" and record["failed"] == "01_data"
+    # the kernel ran over Unix sockets: its start-up printed no warning about TCP without encryption
+    assert "without encryption" not in capfd.readouterr().err
 
 
 def test_unknown_notebook_name_is_refused(tmp_path):

@@ -1,12 +1,19 @@
+import os
+import signal
 import sys
 
-from .io import keep_interrupts  # light: nothing of torch yet
+
+def _interrupted_at_start_up(signum, frame):
+    # Nothing is written before the command starts, so leave at once: a KeyboardInterrupt raised inside
+    # a library's import can leave half-imported modules behind that fail later with a traceback.
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted_at_start_up)
+from .io import keep_interrupts  # noqa: E402
+from .cli import main  # noqa: E402 - torch, transformers: seconds
 
 keep_interrupts()
-try:  # Ctrl-C while torch and transformers are still importing: one line, not a traceback
-    from .cli import main
-except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
-
+signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, the command's own handling
 sys.exit(main())

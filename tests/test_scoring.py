@@ -153,13 +153,14 @@ def test_losses_do_not_depend_on_batch_size_or_padding_side(tiny, tiny_sequences
 
 
 @pytest.mark.integration  # compiles a graph on the CPU (about 15 s)
-def test_a_compiled_body_gives_the_naive_losses(tiny_model_dir, tiny_sequences):
+def test_a_compiled_body_and_loss_give_the_naive_losses(tiny_model_dir, tiny_sequences):
     from miwv_lib.models import load_model
     from miwv_lib.scoring import compile_body
 
     loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")  # its own copy: compiling is in place
     compile_body(loaded.model)
-    got = sequence_losses(loaded.model, tiny_sequences, loaded.tokenizer.pad_token_id, EngineConfig(progress=False))
+    got = sequence_losses(loaded.model, tiny_sequences, loaded.tokenizer.pad_token_id,
+                          EngineConfig(progress=False, torch_compile=True, head_chunk=5))  # chunks of every size
     reference = np.array([naive_loss(loaded.model, s) for s in tiny_sequences])
     assert hasattr(loaded.model.base_model, "_orig_mod")  # the compiled module is what scored
     assert np.abs(got - reference).max() <= 1e-5

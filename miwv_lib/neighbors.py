@@ -6,8 +6,6 @@ embeddings of the instruction and input (never the response).
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 

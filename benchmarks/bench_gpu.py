@@ -30,8 +30,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from miwv_lib.prompts import EncodedExample, SpecialTokens
-from miwv_lib.scoring import EngineConfig, _batches, chunk_plan, compile_body, plan_passes, span_losses
+from miwv_lib.method.layouts import EncodedExample, SpecialTokens
+from miwv_lib.method.losses import EngineConfig, _batches, compile_body, span_losses
+from miwv_lib.method.importance import chunk_plan, plan_passes
 
 SIZES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -231,7 +232,7 @@ def main() -> None:
     result = measure(args)
     print(json.dumps(result, indent=2))
     if args.out:
-        from miwv_lib.io import write_json
+        from miwv_lib.runtime.io import write_json
 
         write_json(args.out, result)
 

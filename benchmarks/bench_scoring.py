@@ -50,11 +50,13 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from miwv_lib.data import load_instructions
-    from miwv_lib.models import load_model
-    from miwv_lib.prompts import SpecialTokens, encode_examples
-    from miwv_lib.scoring import (ScoreConfig, chunk_plan, find_neighbors, one_shot_sequence, score_rows,
-                                  zero_shot_sequence)
+    from miwv_lib.data.datasets import load_instructions
+    from miwv_lib.data.models import load_model
+    from miwv_lib.method.layouts import SpecialTokens
+    from miwv_lib.data.prompts import encode_examples
+    from miwv_lib.experiments.score import ScoreConfig, find_neighbors, score_rows
+    from miwv_lib.method.importance import chunk_plan
+    from miwv_lib.method.layouts import one_shot_sequence, zero_shot_sequence
 
     pool = load_instructions(args.data, limit=args.rows)
     neighbors, similarities = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
@@ -108,7 +110,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
 def warm_up(mode: str, loaded, examples, neighbors, similarities, args: argparse.Namespace) -> float:
     """The engine's first batch outside the timing: one-off costs (for ``compiled``, the compilation) are
     reported on their own, since they do not grow with the rows."""
-    from miwv_lib.scoring import ScoreConfig, compile_body, score_rows
+    from miwv_lib.experiments.score import ScoreConfig, score_rows
+    from miwv_lib.method.losses import compile_body
 
     if mode == "naive":
         return 0.0
@@ -138,7 +141,7 @@ def measure_roofline(args: argparse.Namespace) -> dict:
     """The model's parameter counts and its GEMM rates: the body's two MLP shapes and the head's."""
     import torch
 
-    from miwv_lib.models import load_model
+    from miwv_lib.data.models import load_model
 
     model = load_model(args.model, dtype="bfloat16", device="cpu").model
     cfg = getattr(model.config, "text_config", model.config)
@@ -170,7 +173,8 @@ def token_accounting(examples, neighbors, special, max_length: int, chunk_rows: 
     (which is also the prefix of the one-shot passes that use the row as their demo), plus the part of
     each one-shot sequence after that prefix. Counted, not run: the lever is not built.
     """
-    from miwv_lib.scoring import chunk_plan, one_shot_sequence, plan_passes, zero_shot_sequence
+    from miwv_lib.method.importance import chunk_plan, plan_passes
+    from miwv_lib.method.layouts import one_shot_sequence, zero_shot_sequence
 
     zero = [zero_shot_sequence(e, special, max_length)[0] for e in examples]
     one = [one_shot_sequence(e, examples[neighbors[i]], special, max_length)[0] for i, e in enumerate(examples)]
@@ -216,10 +220,13 @@ def profile_mode(args: argparse.Namespace) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from miwv_lib.data import load_instructions
-    from miwv_lib.models import load_model
-    from miwv_lib.prompts import SpecialTokens, encode_examples
-    from miwv_lib.scoring import EngineConfig, _batches, chunk_plan, compile_body, find_neighbors, plan_passes, span_losses
+    from miwv_lib.data.datasets import load_instructions
+    from miwv_lib.data.models import load_model
+    from miwv_lib.method.layouts import SpecialTokens
+    from miwv_lib.data.prompts import encode_examples
+    from miwv_lib.method.losses import EngineConfig, _batches, compile_body, span_losses
+    from miwv_lib.method.importance import chunk_plan, plan_passes
+    from miwv_lib.experiments.score import find_neighbors
 
     pool = load_instructions(args.data, limit=args.profile)
     neighbors, _ = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
@@ -267,7 +274,7 @@ def top_overlap(a: np.ndarray, b: np.ndarray, ratio: float = 0.10) -> float:
 
 
 def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
-    from miwv_lib.report import spearman
+    from miwv_lib.experiments.report import spearman
 
     reference = results.get("naive")
     rows = []
@@ -355,8 +362,8 @@ def main() -> None:
     roof = child("roofline", args)
     profiled = child("profile", args) if args.profile else None
     rows = summarise(results, roof)
-    from miwv_lib.io import write_json
-    from miwv_lib.runs import environment_info, now
+    from miwv_lib.runtime.io import write_json
+    from miwv_lib.runtime.runs import environment_info, now
 
     first = next(iter(results.values()))
     accounting = {k: first[k] for k in ("body_tokens_naive", "body_tokens_engine", "body_tokens_kv_reuse",

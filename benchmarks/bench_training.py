@@ -32,8 +32,8 @@ MODES = {"off": False, "on": True}
 
 def run_trial(mode: str, args: argparse.Namespace) -> dict:
     """Train ``args.steps`` optimizer steps in this process with one mode; return speed, loss and peak RSS."""
-    from miwv_lib.data import load_instructions
-    from miwv_lib.train import TrainConfig, read_loss_csv, train_model
+    from miwv_lib.data.datasets import load_instructions
+    from miwv_lib.experiments.train import TrainConfig, read_loss_csv, train_model
 
     rows = load_instructions(args.data, limit=args.steps * args.batch_size * args.grad_accum).rows
     config = TrainConfig(model=args.model, max_length=args.max_length, max_steps=args.steps,

@@ -8,30 +8,29 @@ __version__ = "0.1.0"
 # Every name is imported on first use (PEP 562), so ``import miwv_lib`` and ``python -m miwv_lib`` are
 # instant: the torch/transformers stack loads only when something needs it, and a Ctrl-C while it
 # loads reaches the command line's handler instead of interrupting this file.
-_LAZY = {
-    "DataError": "data", "InstructionPool": "data", "load_instructions": "data", "load_test_set": "data",
-    "DEFAULT_MODEL": "models", "LoadedModel": "models", "build_tiny_model": "models", "load_model": "models",
-    "embed_texts": "neighbors", "load_embedder": "neighbors", "nearest_neighbors": "neighbors",
-    "encode_examples": "prompts", "format_prompt": "prompts",
-    "ScoreConfig": "scoring", "ifd": "scoring", "miwv": "scoring", "one_shot_sequence": "scoring",
-    "response_loss": "scoring", "score_pool": "scoring", "sequence_losses": "scoring",
-    "unconditional_sequence": "scoring", "zero_shot_sequence": "scoring",
-    "Arm": "selection", "arm_name": "selection", "export_subset": "selection", "plan_arms": "selection",
-    "select_arms": "selection", "select_indices": "selection", "subset_size": "selection",
-    "PipelineError": "pipeline", "run_pipeline": "pipeline", "write_report": "report",
-    "TrainConfig": "train", "TrainResult": "train", "train_model": "train", "load_trained": "train",
-    "train_arms": "experiment", "answer_arms": "experiment", "run_comparison": "experiment",
-    "GenerateConfig": "generate", "generate_test_set": "generate",  # generate(): miwv_lib.generate.generate
-    "write_generations": "generate",
-    "ComparisonResult": "evaluate", "compare_generations": "evaluate",
-    "judge_pair": "evaluate", "summarize": "evaluate", "combine_orders": "evaluate",
-    "winning_score": "evaluate", "bootstrap_interval": "evaluate", "write_table": "evaluate",
-    "plot_outcomes": "evaluate",
-    "LLMJudge": "judges", "HFChatBackend": "judges", "OpenAIChatBackend": "judges", "RougeJudge": "judges",
-    "EmbeddingJudge": "judges", "ReferenceLikelihoodJudge": "judges", "make_judge": "judges",
-    "parse_review": "judges", "reference_nll": "judges",
-}
-__all__ = sorted(_LAZY) + ["plots"]
+_LAZY = {name: module for module, names in {
+    "method.layouts": "one_shot_sequence unconditional_sequence zero_shot_sequence",
+    "method.losses": "response_loss sequence_losses",
+    "method.importance": "ifd miwv",
+    "method.neighbors": "embed_texts nearest_neighbors",
+    "method.selection": "Arm arm_name plan_arms select_arms select_indices subset_size",
+    "method.pairwise": "summarize combine_orders winning_score bootstrap_interval parse_review",
+    "data.datasets": "DataError InstructionPool load_instructions load_test_set",
+    "data.prompts": "encode_examples format_prompt",
+    "data.models": "DEFAULT_MODEL LoadedModel build_tiny_model load_model load_embedder",
+    "experiments.score": "ScoreConfig score_pool",
+    "experiments.select": "export_subset",
+    "experiments.train": "TrainConfig TrainResult train_model load_trained",
+    "experiments.generate": "GenerateConfig generate_test_set write_generations",
+    "experiments.judges": "LLMJudge HFChatBackend OpenAIChatBackend RougeJudge EmbeddingJudge "
+                          "ReferenceLikelihoodJudge make_judge reference_nll",
+    "experiments.evaluate": "ComparisonResult compare_generations judge_pair write_table plot_outcomes",
+    "experiments.engine": "train_arms answer_arms run_comparison",
+    "experiments.report": "write_report",
+    "experiments.pipeline": "PipelineError run_pipeline",
+}.items() for name in names.split()}
+_MODULES = {"plots": "experiments.plots"}  # used as a module: ``from miwv_lib import plots``
+__all__ = sorted(_LAZY) + sorted(_MODULES)
 
 
 def __getattr__(name: str):
@@ -39,8 +38,8 @@ def __getattr__(name: str):
 
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    try:  # a submodule used as an attribute: miwv_lib.plots, miwv_lib.scoring, …
-        return importlib.import_module(f".{name}", __name__)
+    try:  # a submodule used as an attribute: miwv_lib.plots, miwv_lib.method, …
+        return importlib.import_module(f".{_MODULES.get(name, name)}", __name__)
     except ModuleNotFoundError as exc:
         if exc.name != f"{__name__}.{name}":
             raise  # the submodule exists, but something it imports is missing

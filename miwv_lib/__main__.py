@@ -11,8 +11,8 @@ def _interrupted_at_start_up(signum, frame):
 
 
 signal.signal(signal.SIGINT, _interrupted_at_start_up)
-from .io import keep_interrupts  # noqa: E402
-from .cli import main  # noqa: E402 - torch, transformers: seconds
+from .experiments.cli import main  # noqa: E402 - torch, transformers: seconds
+from .runtime.io import keep_interrupts  # noqa: E402
 
 keep_interrupts()
 signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, the command's own handling

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 
-# ---- data (miwv_lib.data) -------------------------------------------------------------
+# ---- data (miwv_lib.data.datasets) -------------------------------------------------------------
 
 
 def _find_shared_data_dir() -> Path | None:
@@ -41,20 +41,20 @@ def shared_data_dir() -> Path:
     return path
 
 
-# ---- models (miwv_lib.models) -----------------------------------------------------------
+# ---- models (miwv_lib.data.models) -----------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama with a locally trained tokenizer: unit tests run in seconds."""
-    from miwv_lib.models import build_tiny_model
+    from miwv_lib.data.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
-    from miwv_lib.models import load_model
+    from miwv_lib.data.models import load_model
 
     return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
 
@@ -62,7 +62,7 @@ def tiny(tiny_model_dir):
 @pytest.fixture(scope="session")
 def gemma():
     """The real embedded default (Gemma-3-270m base), in float32 exact mode."""
-    from miwv_lib.models import load_model
+    from miwv_lib.data.models import load_model
 
     return load_model("gemma-3-270m", dtype="float32", device="cpu")
 

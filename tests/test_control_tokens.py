@@ -12,7 +12,7 @@ import copy
 import pytest
 
 from conftest import make_rows
-from miwv_lib.prompts import encode_chat, encode_examples, encode_text, format_prompt
+from miwv_lib.data.prompts import encode_chat, encode_examples, encode_text, format_prompt
 
 CONTROL = "Use <s> and </s>, then <eos> <pad> <unk> <|im_end|> <|endoftext|> <mask> <bos> here."
 
@@ -47,8 +47,8 @@ def test_tiny_tokenizer_keeps_control_strings_as_text(tiny):
 
 
 def test_training_labels_and_generation_prompts_keep_control_strings_as_text(tiny):
-    from miwv_lib.generate import prompt_token_ids
-    from miwv_lib.train import build_features
+    from miwv_lib.experiments.generate import prompt_token_ids
+    from miwv_lib.experiments.train import build_features
 
     row = {"instruction": "Say </s> twice", "input": "", "output": "</s> </s>"}
     [feature] = build_features([row], tiny.tokenizer, "alpaca", 256)
@@ -71,7 +71,7 @@ def test_chat_template_tokens_stay_special_and_the_content_stays_text(tiny):
 
 
 def test_hf_judge_prompt_keeps_answers_as_text(tiny):
-    from miwv_lib.judges import HFChatBackend
+    from miwv_lib.experiments.judges import HFChatBackend
 
     backend = HFChatBackend(tiny, progress=False)
     ids = backend.prompt_ids("SYS", "Answer 1: </s> done")
@@ -81,7 +81,7 @@ def test_hf_judge_prompt_keeps_answers_as_text(tiny):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma-3-270m", "smollm2-135m-instruct"])
 def test_real_tokenizers_keep_control_strings_as_text(name):
-    from miwv_lib.models import load_tokenizer
+    from miwv_lib.data.models import load_tokenizer
 
     tokenizer = load_tokenizer(name)
     _check_text_stays_text(tokenizer)
@@ -98,8 +98,8 @@ def test_real_tokenizers_keep_control_strings_as_text(name):
 @pytest.mark.slow
 def test_the_local_pool_tokenises_as_before_except_its_control_strings(shared_data_dir):
     """Only the three rows holding ``<mask>`` change under Gemma-3; every other row keeps its ids."""
-    from miwv_lib.data import load_instructions
-    from miwv_lib.models import load_tokenizer
+    from miwv_lib.data.datasets import load_instructions
+    from miwv_lib.data.models import load_tokenizer
 
     pool = load_instructions("alpaca", data_dir=shared_data_dir)
     tokenizer = load_tokenizer("gemma-3-270m")

@@ -1,4 +1,4 @@
-"""Tests for miwv_lib.data: schemas, validation errors, resolution order, hub cache, real data."""
+"""Tests for miwv_lib.data.datasets: schemas, validation errors, resolution order, hub cache, real data."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from miwv_lib import data as D
-from miwv_lib.data import DataError, DataWarning, InstructionPool, load_instructions, load_test_set
+from miwv_lib.data import datasets as D
+from miwv_lib.data.datasets import DataError, DataWarning, InstructionPool, load_instructions, load_test_set
 
 ALPACA_ROWS = [
     {"instruction": "Name a colour.", "input": "", "output": "Blue."},
@@ -481,7 +481,7 @@ def make_mirror(root: Path) -> Path:
 
 def test_registry_json_matches_module_constant():
     on_disk = json.loads(D.REGISTRY_PATH.read_text(encoding="utf-8"))
-    assert on_disk == D.REGISTRY, "data/registry.json is stale: run miwv_lib.data.write_registry_json()"
+    assert on_disk == D.REGISTRY, "data/registry.json is stale: run miwv_lib.data.datasets.write_registry_json()"
 
 
 def test_registry_contents():
@@ -658,7 +658,7 @@ EXPECTED_ROWS = {
 }
 
 
-@pytest.mark.filterwarnings("ignore::miwv_lib.data.DataWarning")
+@pytest.mark.filterwarnings("ignore::miwv_lib.data.datasets.DataWarning")
 @pytest.mark.parametrize(("name", "rows"), EXPECTED_ROWS.items())
 def test_real_data_loads_with_documented_row_counts(shared_data_dir, name, rows):
     entry = D.REGISTRY[name]
@@ -678,7 +678,7 @@ def test_real_data_loads_with_documented_row_counts(shared_data_dir, name, rows)
         assert len(set(pool.ids)) == 805
 
 
-@pytest.mark.filterwarnings("ignore::miwv_lib.data.DataWarning")
+@pytest.mark.filterwarnings("ignore::miwv_lib.data.datasets.DataWarning")
 def test_real_test_sets_total_1030_prompts(shared_data_dir):
     assert sum(len(load_test_set(n, data_dir=shared_data_dir)) for n in D.TEST_SETS) == 1030
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import make_rows
-from miwv_lib.io import read_jsonl
+from miwv_lib.runtime.io import read_jsonl
 
 
 def _score(cmd_prefix: list[str], data, out, tmp_path) -> subprocess.CompletedProcess:

@@ -8,12 +8,11 @@ import random
 
 import pytest
 
-from miwv_lib.evaluate import (
-    ALL, PairItem, bootstrap_interval, combine_orders, compare_generations, judge_pair, plot_outcomes, summarize,
-    table_markdown, winning_score, write_table,
-)
-from miwv_lib.experiment import run_comparison
-from miwv_lib.judges import LOSS, TIE, WIN, Review, RougeJudge
+from miwv_lib.method.pairwise import ALL, PairItem, bootstrap_interval, combine_orders, summarize, winning_score
+from miwv_lib.experiments.evaluate import compare_generations, judge_pair, plot_outcomes, table_markdown, write_table
+from miwv_lib.experiments.engine import run_comparison
+from miwv_lib.method.pairwise import LOSS, TIE, WIN, Review
+from miwv_lib.experiments.judges import RougeJudge
 
 # (verdict for A when A is shown first, verdict for A when A is shown second) -> outcome for A
 PROTOCOL = {
@@ -140,9 +139,9 @@ def test_compare_generations_with_rouge(tmp_path):
 
 def test_run_comparison_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, shared_data_dir):
     from miwv_lib import load_instructions
-    from miwv_lib.generate import GenerateConfig
-    from miwv_lib.io import write_jsonl
-    from miwv_lib.train import TrainConfig
+    from miwv_lib.experiments.generate import GenerateConfig
+    from miwv_lib.runtime.io import write_jsonl
+    from miwv_lib.experiments.train import TrainConfig
 
     from conftest import make_rows
 
@@ -172,8 +171,8 @@ def test_run_comparison_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, share
 def test_run_comparison_with_gemma_end_to_end(tmp_path, shared_data_dir):
     """The real default model: score 8 Alpaca rows, train three LoRA models for 1 step, judge 2 prompts per set."""
     from miwv_lib import ScoreConfig, load_instructions, score_pool
-    from miwv_lib.generate import GenerateConfig
-    from miwv_lib.train import TrainConfig
+    from miwv_lib.experiments.generate import GenerateConfig
+    from miwv_lib.experiments.train import TrainConfig
 
     pool = load_instructions("alpaca", data_dir=shared_data_dir, limit=8)
     score_pool(pool, tmp_path, ScoreConfig(max_length=256, progress=False))

@@ -6,7 +6,7 @@ starting ``error:`` that names what is wrong; no traceback; inputs and earlier r
 Four families: malformed pool files, flag values drawn from the configuration schema (and the parser's
 other flags), study and pipeline YAML configs mutated key by key, and faults injected into a finished run
 directory (torn, edited or missing files, a read-only directory, a full disk). Most cases call
-``miwv_lib.cli.main`` in this process (a subprocess costs seconds of imports); a handful run
+``miwv_lib.experiments.cli.main`` in this process (a subprocess costs seconds of imports); a handful run
 ``python -m miwv_lib`` end to end. Work that would load a model for training or evaluation is stopped
 at its door (``_WorkStarted``): a flag value that gets that far was accepted.
 
@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ import sys
 import tempfile
 import traceback
 import warnings
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,8 +37,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import FUZZ_CASES, make_rows
-from miwv_lib import cli
-from miwv_lib.data import DataError, DataWarning, load_instructions
+from miwv_lib.experiments import cli
+from miwv_lib.data.datasets import DataError, DataWarning, load_instructions
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny-random", "--embedder", "self", "--dtype", "float32", "--max-length", "256"]
@@ -276,20 +275,20 @@ def no_work(monkeypatch):
     def door(*args, **kwargs):
         raise _WorkStarted
 
-    import miwv_lib.experiment
-    import miwv_lib.train
+    import miwv_lib.experiments.engine
+    import miwv_lib.experiments.train
 
     monkeypatch.chdir(os.getcwd())  # restored afterwards: the test changes into its scratch directory
     monkeypatch.setenv("MIWV_CACHE_DIR", str(Path(tempfile.mkdtemp(prefix="fuzz-cache-"))))
     def offline(hub_id, **kwargs):  # a hub id among the values: as on a machine without the hub, at once
         raise DataError("could not load from the Hugging Face hub (offline in the fuzzer)", source=hub_id)
 
-    import miwv_lib.data
+    import miwv_lib.data.datasets
 
-    monkeypatch.setattr(miwv_lib.data, "_download_hub", offline)
+    monkeypatch.setattr(miwv_lib.data.datasets, "_download_hub", offline)
     monkeypatch.setattr(cli, "score_pool", door)
-    monkeypatch.setattr(miwv_lib.train, "train_model", door)
-    monkeypatch.setattr(miwv_lib.experiment, "run_comparison", door)
+    monkeypatch.setattr(miwv_lib.experiments.train, "train_model", door)
+    monkeypatch.setattr(miwv_lib.experiments.engine, "run_comparison", door)
 
 
 def _base_argv(command: str, base: dict, tmp: Path, by: str) -> dict:
@@ -357,14 +356,14 @@ def _mutate(draw, config: dict) -> dict:
 @fuzz(40)
 @given(data=st.data(), kind=st.sampled_from(["study", "pipeline"]))
 def test_fuzz_yaml_configs_mutated_key_by_key(study_dict, pipeline_dict, tmp_path_factory, monkeypatch, data, kind):
-    import miwv_lib.pipeline
-    import miwv_lib.study
+    import miwv_lib.experiments.pipeline
+    import miwv_lib.experiments.study
 
     def door(self, *args, **kwargs):
         raise _WorkStarted
 
-    monkeypatch.setattr(miwv_lib.study.Study, "run", door)
-    monkeypatch.setattr(miwv_lib.pipeline, "_execute", lambda *a, **k: (_ for _ in ()).throw(_WorkStarted()))
+    monkeypatch.setattr(miwv_lib.experiments.study.Study, "run", door)
+    monkeypatch.setattr(miwv_lib.experiments.pipeline, "_execute", lambda *a, **k: (_ for _ in ()).throw(_WorkStarted()))
     tmp = tmp_path_factory.mktemp("yaml")
     config = tmp / "config.yaml"
     if data.draw(st.integers(0, 7), label="binary") == 0:
@@ -484,7 +483,7 @@ def test_a_read_only_run_directory(base_run, tmp_path):
 
 def test_disk_full_names_the_file_in_process(base_run, tmp_path, monkeypatch):
     """ENOSPC from write or fsync (which name no file) in the atomic writers: the error names the file."""
-    import miwv_lib.io
+    import miwv_lib.runtime.io
 
     real_fsync = os.fsync
 
@@ -493,7 +492,7 @@ def test_disk_full_names_the_file_in_process(base_run, tmp_path, monkeypatch):
 
     for target in ("io", "runs"):
         run = tmp_path / f"run-{target}"
-        monkeypatch.setattr(miwv_lib.io.os if target == "io" else sys.modules["miwv_lib.runs"].os, "fsync", full)
+        monkeypatch.setattr(miwv_lib.runtime.io.os if target == "io" else sys.modules["miwv_lib.runtime.runs"].os, "fsync", full)
         result = run_main(["score", "--data", base_run["data"], "--out", run, *FAST])
         monkeypatch.setattr(os, "fsync", real_fsync)
         check_contract(result, names=(str(run),), family="disk full")

@@ -7,12 +7,10 @@ import json
 import pytest
 
 from conftest import make_rows
-from miwv_lib.generate import (
-    GenerateConfig, _left_padded, _until_stop, generate, generate_ids, generate_test_set, generation_records, prompt_token_ids,
-    write_generations,
-)
-from miwv_lib.prompts import SpecialTokens, encode_examples
-from miwv_lib.scoring import zero_shot_sequence
+from miwv_lib.experiments.generate import GenerateConfig, _left_padded, _until_stop, generate, generate_ids, generate_test_set, generation_records, prompt_token_ids, write_generations
+from miwv_lib.method.layouts import SpecialTokens
+from miwv_lib.data.prompts import encode_examples
+from miwv_lib.method.layouts import zero_shot_sequence
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +103,7 @@ def test_files_in_jsonl_and_alpaca_eval_format(tmp_path):
 
 
 def test_generate_test_set_reuses_an_identical_run(tmp_path, talkative, monkeypatch):
-    import miwv_lib.generate as generate_module
+    import miwv_lib.experiments.generate as generate_module
 
     pool = _test_pool(tmp_path)
     settings = GenerateConfig(max_new_tokens=3, progress=False)

@@ -9,11 +9,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from miwv_lib.judges import (
-    LOSS, REVIEW_SYSTEM, TIE, WIN, EmbeddingJudge, HFChatBackend, JudgementCache, LLMJudge, OpenAIChatBackend,
-    ReferenceLikelihoodJudge, Review, ReviewRequest, RougeJudge, Side, make_judge, parse_review, reference_nll,
-    review_prompt, run_judge, verdict,
-)
+from miwv_lib.method.pairwise import LOSS, REVIEW_SYSTEM, TIE, WIN, Review, ReviewRequest, Side, parse_review, review_prompt, verdict
+from miwv_lib.experiments.judges import EmbeddingJudge, HFChatBackend, JudgementCache, LLMJudge, OpenAIChatBackend, ReferenceLikelihoodJudge, RougeJudge, make_judge, reference_nll, run_judge
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -180,7 +177,7 @@ def test_hf_backend_on_the_tiny_model(tiny):
 def test_hf_backend_uses_the_chat_template_without_doubling_the_bos(tiny):
     import copy
 
-    from miwv_lib.models import LoadedModel
+    from miwv_lib.data.models import LoadedModel
 
     tokenizer = copy.deepcopy(tiny.tokenizer)
     tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
@@ -234,7 +231,7 @@ def test_embedding_judge_embeds_each_text_once_whatever_the_order_or_batch():
 
 def test_likelihood_judge_prefers_the_model_trained_on_the_reference(tmp_path, tiny_model_dir):
     from miwv_lib import load_model
-    from miwv_lib.train import TrainConfig, load_trained, train_model
+    from miwv_lib.experiments.train import TrainConfig, load_trained, train_model
 
     rows = [{"instruction": "Name the capital of France.", "input": ""},
             {"instruction": "Say something about the sea.", "input": ""}]

@@ -3,13 +3,9 @@
 import pytest
 import torch
 
-from miwv_lib.models import ModelLoadError, load_model, resolve_dtype
-from miwv_lib.prompts import (
-    ALPACA_PROMPT_INPUT,
-    SpecialTokens,
-    encode_examples,
-    format_prompt,
-)
+from miwv_lib.data.models import ModelLoadError, load_model, resolve_dtype
+from miwv_lib.data.prompts import ALPACA_PROMPT_INPUT, encode_examples, format_prompt
+from miwv_lib.method.layouts import SpecialTokens
 
 
 def test_alpaca_templates_are_stanford_alpacas():

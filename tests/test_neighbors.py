@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from miwv_lib.data import format_source_text
-from miwv_lib.neighbors import embed_texts, load_embedder, model_embeddings, nearest_neighbors
+from miwv_lib.data.datasets import format_source_text
+from miwv_lib.method.neighbors import embed_texts, model_embeddings, nearest_neighbors
+from miwv_lib.data.models import load_embedder
 
 
 def test_self_is_never_its_own_neighbour():
@@ -65,7 +66,7 @@ def test_model_hidden_state_embeddings_are_unit_norm(tiny):
 
 
 def test_self_embeddings_read_at_most_the_first_tokens_of_a_huge_text(tiny):
-    from miwv_lib.neighbors import SELF_MAX_TOKENS
+    from miwv_lib.method.neighbors import SELF_MAX_TOKENS
 
     huge = "the river runs past the green city " * 20_000  # ~140,000 tokens: untruncated, GBs of activations
     vectors = model_embeddings(tiny.model, tiny.tokenizer, [huge, huge + " and more", "a cat"], progress=False)

@@ -115,7 +115,7 @@ def test_python3_kernel_is_this_interpreter():
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    from miwv_lib.pipeline import run_pipeline
+    from miwv_lib.experiments.pipeline import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("smoke_run")
     result = run_pipeline(SMOKE, run_dir=run_dir, progress=False)
@@ -200,7 +200,7 @@ SMOKE_TRAINED = {"miwv_10pct": 4, "random_10pct": 4, "full": 40}  # configs/smok
 
 def test_04_trained_the_three_models_with_the_same_settings(smoke_run):
     from miwv_lib import select_indices
-    from miwv_lib.train import read_loss_csv
+    from miwv_lib.experiments.train import read_loss_csv
 
     run_dir = smoke_run.run_dir
     models = run_dir / "models"
@@ -304,7 +304,7 @@ def test_report_matches_the_scores(smoke_run):
 
 def test_03_honours_non_default_parameters(smoke_run, tmp_path):
     """Run 03_selection alone, on a copy of the smoke outputs, with another ratio list and methods."""
-    from miwv_lib.pipeline import run_pipeline
+    from miwv_lib.experiments.pipeline import run_pipeline
 
     for name in ("pool.jsonl", "scores.jsonl", "manifest.json"):
         shutil.copy(smoke_run.run_dir / name, tmp_path / name)

@@ -1,4 +1,4 @@
-"""miwv_lib.pipeline (configuration, parameter routing, failures), miwv_lib.report and miwv_lib.plots.
+"""miwv_lib.experiments.pipeline (configuration, parameter routing, failures), miwv_lib.experiments.report and miwv_lib.experiments.plots.
 
 Everything here is fast: only the failure test starts a kernel (one notebook that stops early).
 """
@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from miwv_lib.pipeline import (PipelineError, load_config, notebook_paths, parse_overrides, plan_parameters,
-                               repo_root, resolve_data_source, resolve_path, resolve_run_dir, run_pipeline)
+from miwv_lib.experiments.pipeline import PipelineError, load_config, notebook_paths, parse_overrides, plan_parameters, repo_root, resolve_data_source, resolve_path, resolve_run_dir, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -112,7 +111,7 @@ def test_typos_in_parameters_are_refused(tmp_path):
 
 
 def test_cli_reports_a_configuration_error_with_exit_code_2(tmp_path, capsys):
-    from miwv_lib.cli import main
+    from miwv_lib.experiments.cli import main
 
     code = main(["pipeline", "--config", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(tmp_path),
                  "--set", "ratio=0.5", "--no-progress"])
@@ -149,8 +148,8 @@ def test_unknown_notebook_name_is_refused(tmp_path):
 
 
 def test_selection_helpers():
-    from miwv_lib.report import jaccard, jaccard_matrix, sample_rows, top_words
-    from miwv_lib.selection import arm_name, plan_arms, ratio_label
+    from miwv_lib.experiments.report import jaccard, jaccard_matrix, sample_rows, top_words
+    from miwv_lib.method.selection import arm_name, plan_arms, ratio_label
 
     assert ratio_label(0.05) == "5pct" and ratio_label(0.015) == "1.5pct" and ratio_label(0.1) == "10pct"
     assert arm_name("low-miwv", 0.01) == "low-miwv_1pct" and arm_name("random", 0.1, 2) == "random-s2_10pct"
@@ -169,7 +168,7 @@ def test_selection_helpers():
 
 
 def test_row_source_files_follow_concatenation_and_limit(tmp_path):
-    from miwv_lib.report import row_source_files
+    from miwv_lib.experiments.report import row_source_files
 
     a, b = tmp_path / "a.json", tmp_path / "b.jsonl"
     a.write_text(json.dumps([{"x": 1}] * 3))
@@ -180,7 +179,7 @@ def test_row_source_files_follow_concatenation_and_limit(tmp_path):
 
 
 def test_summary_stats_and_ranked_examples():
-    from miwv_lib.report import ranked_examples, summary_stats
+    from miwv_lib.experiments.report import ranked_examples, summary_stats
 
     st = summary_stats([1.0, None, 3.0, float("nan"), 2.0])
     assert st["n"] == 3 and st["mean"] == 2.0 and st["median"] == 2.0 and st["min"] == 1.0 and st["max"] == 3.0
@@ -193,7 +192,7 @@ def test_summary_stats_and_ranked_examples():
 
 
 def _fake_run(run_dir: Path, n: int = 6) -> list[dict]:
-    from miwv_lib.io import write_json, write_jsonl
+    from miwv_lib.runtime.io import write_json, write_jsonl
 
     rows = [{"id": f"r{i}", "instruction": f"Task number {i}", "input": "", "output": f"answer {i}",
              "source_file": "a.json"} for i in range(n)]
@@ -210,7 +209,7 @@ def _fake_run(run_dir: Path, n: int = 6) -> list[dict]:
 
 
 def test_report_is_built_from_the_run_directory_alone(tmp_path):
-    from miwv_lib.report import write_report
+    from miwv_lib.experiments.report import write_report
 
     scores = _fake_run(tmp_path)
     path = write_report(tmp_path)
@@ -227,7 +226,7 @@ def test_report_is_built_from_the_run_directory_alone(tmp_path):
 
 
 def test_report_of_an_empty_run_directory(tmp_path):
-    from miwv_lib.report import build_report
+    from miwv_lib.experiments.report import build_report
 
     assert build_report(tmp_path).startswith("# MIWV run report")
 
@@ -241,8 +240,8 @@ def test_figures_render_headless_and_save_atomically(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from miwv_lib import plots
-    from miwv_lib.report import jaccard_matrix
+    from miwv_lib.experiments import plots
+    from miwv_lib.experiments.report import jaccard_matrix
 
     scores = _fake_run(tmp_path)
     figs = {
@@ -276,7 +275,7 @@ def test_saved_progress_bars_read_as_they_ended(tmp_path):
     """Outside Jupyter a tqdm widget shows the text captured when it was created ("0%"): settle it."""
     import nbformat
 
-    from miwv_lib.pipeline import settle_progress_bars
+    from miwv_lib.experiments.pipeline import settle_progress_bars
 
     state: dict = {}
     done = _tqdm_widget(state, "a", "MIWV\u2007scoring:\u2007100%", 400.0, 400.0, "\u2007400/400\u2007[22:20&lt;00:00]",

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from miwv_lib.prompts import encode_examples
-from miwv_lib.scoring import ScoreConfig, score_rows
+from miwv_lib.data.prompts import encode_examples
+from miwv_lib.experiments.score import ScoreConfig, score_rows
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

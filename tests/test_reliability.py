@@ -36,10 +36,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import make_rows
-from miwv_lib.data import DataError, DataWarning, load_instructions
-from miwv_lib.io import read_jsonl
-from miwv_lib.runs import FingerprintMismatch, PartialResults, check_fingerprint
-from miwv_lib.selection import SelectionError, load_scores, select_indices, subset_size
+from miwv_lib.data.datasets import DataError, DataWarning, load_instructions
+from miwv_lib.runtime.io import read_jsonl
+from miwv_lib.runtime.runs import FingerprintMismatch, PartialResults, check_fingerprint
+from miwv_lib.method.selection import SelectionError, select_indices, subset_size
+from miwv_lib.experiments.select import load_scores
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model", "tiny-random", "--embedder", "self", "--dtype", "float32"]
@@ -49,8 +50,8 @@ MAX_LENGTH = 256
 
 _SERVER = r"""
 import json, os, runpy, sys, traceback
-import miwv_lib.cli  # the expensive imports (torch, transformers), once
-miwv_lib.cli.build_parser()  # and whatever building the parser imports
+import miwv_lib.experiments.cli  # the expensive imports (torch, transformers), once
+miwv_lib.experiments.cli.build_parser()  # and whatever building the parser imports
 os.write(1, b"ready\n")
 for line in sys.stdin:
     request = json.loads(line)
@@ -328,7 +329,7 @@ def test_chat_template_without_one_is_an_error_before_any_run_file(cli, base, tm
 
 
 def test_a_truncated_weights_file_is_a_clear_error(cli, base, tmp_path):
-    from miwv_lib.models import build_tiny_model
+    from miwv_lib.data.models import build_tiny_model
 
     model = build_tiny_model(tmp_path / "model")
     weights = model / "model.safetensors"
@@ -594,7 +595,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_file(cli, cli_env, 
 
 
 def test_a_second_process_on_the_same_run_directory_is_refused(cli, base, tmp_path):
-    from miwv_lib.runs import run_lock
+    from miwv_lib.runtime.runs import run_lock
 
     run = tmp_path / "busy"
     with run_lock(run):  # this test's process holds the directory, as a live scoring run would
@@ -606,7 +607,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(cli, base, tmp_pa
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
-    from miwv_lib import cli as cli_module
+    from miwv_lib.experiments import cli as cli_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-import miwv_lib.scoring as scoring
+import miwv_lib.experiments.score as scoring
 from conftest import make_rows
-from miwv_lib.data import load_instructions
-from miwv_lib.io import read_jsonl
-from miwv_lib.runs import FingerprintMismatch, PartialResults
-from miwv_lib.scoring import ScoreConfig, score_pool
+from miwv_lib.data.datasets import load_instructions
+from miwv_lib.runtime.io import read_jsonl
+from miwv_lib.runtime.runs import FingerprintMismatch, PartialResults
+from miwv_lib.experiments.score import ScoreConfig, score_pool
 
 REQUIRED_FIELDS = {"index", "id", "neighbor_index", "neighbor_similarity", "zero_shot_loss", "one_shot_loss",
                    "miwv", "ifd", "response_tokens", "truncated"}

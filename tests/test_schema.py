@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from miwv_lib.cli import TRAIN, build_parser, main
-from miwv_lib.generate import GenerateConfig
-from miwv_lib.schema import from_args
-from miwv_lib.scoring import ScoreConfig
-from miwv_lib.study import StudyError, load_study_config
-from miwv_lib.train import TrainConfig
+from miwv_lib.experiments.cli import TRAIN, build_parser, main
+from miwv_lib.experiments.generate import GenerateConfig
+from miwv_lib.runtime.schema import from_args
+from miwv_lib.experiments.score import ScoreConfig
+from miwv_lib.experiments.study import StudyError, load_study_config
+from miwv_lib.experiments.train import TrainConfig
 
 # The command-line contract: these flags existed before the schema, and keep their names.
 SCORE_FLAGS = {"--model", "--embedder", "--template", "--max-length", "--dtype", "--device", "--batch-size",

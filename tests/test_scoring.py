@@ -10,22 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_rows
-from miwv_lib.prompts import EncodedExample, SpecialTokens, encode_examples
-from miwv_lib.selection import select_indices
-from miwv_lib.scoring import (
-    EngineConfig,
-    ScoreConfig,
-    chunk_plan,
-    ifd,
-    miwv,
-    one_shot_lengths,
-    one_shot_sequence,
-    resolve_max_length,
-    score_rows,
-    sequence_losses,
-    unconditional_sequence,
-    zero_shot_sequence,
-)
+from miwv_lib.method.layouts import EncodedExample, SpecialTokens
+from miwv_lib.data.prompts import encode_examples
+from miwv_lib.method.selection import select_indices
+from miwv_lib.method.losses import EngineConfig, sequence_losses
+from miwv_lib.experiments.score import ScoreConfig, score_rows
+from miwv_lib.method.importance import chunk_plan, ifd, miwv
+from miwv_lib.method.layouts import one_shot_lengths, one_shot_sequence, resolve_max_length, unconditional_sequence, zero_shot_sequence
 
 BOS, EOS = 1, 2
 SPECIAL = SpecialTokens(bos=BOS, eos=EOS)
@@ -154,8 +145,8 @@ def test_losses_do_not_depend_on_batch_size_or_padding_side(tiny, tiny_sequences
 
 @pytest.mark.integration  # compiles a graph on the CPU (about 15 s)
 def test_a_compiled_body_and_loss_give_the_naive_losses(tiny_model_dir, tiny_sequences):
-    from miwv_lib.models import load_model
-    from miwv_lib.scoring import compile_body
+    from miwv_lib.data.models import load_model
+    from miwv_lib.method.losses import compile_body
 
     loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")  # its own copy: compiling is in place
     compile_body(loaded.model)
@@ -268,8 +259,8 @@ def test_auto_max_length_is_the_longest_one_shot_sequence_capped_at_the_context_
 
 def test_the_default_max_length_cuts_no_row_of_the_local_pool(shared_data_dir):
     """Whatever the neighbours: even the longest example as every row's demo fits Gemma-3's window uncut."""
-    from miwv_lib.data import load_instructions
-    from miwv_lib.models import load_tokenizer
+    from miwv_lib.data.datasets import load_instructions
+    from miwv_lib.data.models import load_tokenizer
 
     pool = load_instructions("alpaca", data_dir=shared_data_dir)
     tokenizer = load_tokenizer("gemma-3-270m")
@@ -291,7 +282,7 @@ def test_the_default_max_length_cuts_no_row_of_the_local_pool(shared_data_dir):
 
 @pytest.mark.parametrize("damage", ["edit an index", "torn", "not json", "wrong length", "self as neighbour"])
 def test_a_damaged_neighbours_file_is_computed_again(tmp_path, damage):
-    from miwv_lib.scoring import _cached_neighbors
+    from miwv_lib.experiments.score import _cached_neighbors
 
     path, key = tmp_path / "neighbors.json", {"embedder": "e", "data": "d"}
     calls = []

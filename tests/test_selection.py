@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from miwv_lib.data import load_instructions
-from miwv_lib.selection import SelectionError, check_scores_match, export_subset, select_indices, subset_size
+from miwv_lib.data.datasets import load_instructions
+from miwv_lib.method.selection import SelectionError, select_indices, subset_size
+from miwv_lib.experiments.select import check_scores_match, export_subset
 
 
 def _scores(values, ids=None):

@@ -11,15 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_rows
-from miwv_lib.prompts import SpecialTokens, encode_examples
-from miwv_lib.runs import FingerprintMismatch
-from miwv_lib.scoring import sequence_losses, zero_shot_sequence
-from miwv_lib import train as train_module
-from miwv_lib.train import (
-    CHECKPOINT_DIR, IGNORE_INDEX, LossCurveCallback, ResponseOnlyLossTrainer, TrainConfig, _prepare_model,
-    _right_padding_collator, _training_arguments, build_features, load_trained, read_loss_csv, response_only_loss,
-    train_model,
-)
+from miwv_lib.method.layouts import SpecialTokens
+from miwv_lib.data.prompts import encode_examples
+from miwv_lib.runtime.runs import FingerprintMismatch
+from miwv_lib.method.losses import sequence_losses
+from miwv_lib.method.layouts import zero_shot_sequence
+from miwv_lib.experiments import train as train_module
+from miwv_lib.experiments.train import CHECKPOINT_DIR, IGNORE_INDEX, LossCurveCallback, ResponseOnlyLossTrainer, TrainConfig, _prepare_model, _right_padding_collator, _training_arguments, build_features, load_trained, read_loss_csv, response_only_loss, train_model
 
 
 def _config(tiny_model_dir, **overrides) -> TrainConfig:
@@ -71,7 +69,7 @@ def test_collator_pads_right_and_masks_padding(tiny):
 
 def test_lora_lowers_the_loss_changes_generations_and_saves_everything(tmp_path, tiny_model_dir):
     from miwv_lib import load_model
-    from miwv_lib.generate import GenerateConfig, generate
+    from miwv_lib.experiments.generate import GenerateConfig, generate
 
     rows = make_rows(8, seed=3)
     config = _config(tiny_model_dir, max_steps=10, learning_rate=1e-2, warmup_ratio=0.0)
@@ -137,7 +135,7 @@ def test_full_fine_tuning(tmp_path, tiny_model_dir):
 
 def test_train_arms_trains_each_subset_once(tmp_path, tiny_model_dir):
     from miwv_lib import load_instructions, plan_arms, select_arms
-    from miwv_lib.experiment import train_arms
+    from miwv_lib.experiments.engine import train_arms
 
     (tmp_path / "pool.json").write_text(json.dumps(make_rows(10)))
     pool = load_instructions(str(tmp_path / "pool.json"))
@@ -150,7 +148,7 @@ def test_train_arms_trains_each_subset_once(tmp_path, tiny_model_dir):
     assert [r.n_examples for r in results.values()] == [2, 2, 10]
     inputs = json.loads((tmp_path / "models" / "miwv_20pct" / "manifest.json").read_text())["fingerprint_inputs"]
     expected = [pool.rows[0], pool.rows[1]]  # the two highest MIWV
-    from miwv_lib.io import stable_hash
+    from miwv_lib.runtime.io import stable_hash
 
     assert inputs["data"] == stable_hash([(r["id"], r["instruction"], r["input"], r["output"]) for r in expected])
     assert all(r.skipped for r in train_arms(arms, plan, pool, tmp_path / "models", config).values())
@@ -170,8 +168,8 @@ def test_gemma_lora_few_steps(tmp_path, shared_data_dir):
 
 
 def test_cli_train_on_a_selection(tmp_path, tiny_model_dir, capsys):
-    from miwv_lib.cli import main
-    from miwv_lib.io import write_jsonl
+    from miwv_lib.experiments.cli import main
+    from miwv_lib.runtime.io import write_jsonl
 
     (tmp_path / "pool.json").write_text(json.dumps(make_rows(6)))
     from miwv_lib import load_instructions

@@ -1,9 +1,4 @@
-"""Pairwise judges: who answered a test prompt better, model A or model B?
-
-Every judge sees a ``ReviewRequest`` (the question, an optional reference answer, and the two
-answers in a given order) and returns a ``Review`` with one score per position. ``verdict`` turns
-the two scores into win/tie/loss for position 1 with the judge's tie ``margin``. The evaluation
-(``evaluate.py``) asks every judge twice per prompt, with the positions swapped.
+"""The judges: an LLM with the paper's review prompt, and three offline judges that need a reference.
 
 * ``LLMJudge``: the Cherry LLM / AlpaGasus review prompt, sent to a local Hugging Face model
   (``HFChatBackend``) or to any OpenAI-compatible chat endpoint (``OpenAIChatBackend``).
@@ -14,142 +9,34 @@ the two scores into win/tie/loss for position 1 with the judge's tie ``margin``.
 Tie margins (score differences at or below them are ties): LLM judge 0 (integer 1–10 scores,
 equal is a tie); ROUGE-L F1 0.02 (about one token of longest common subsequence in a 50-token
 answer); embedding cosine 0.02; reference NLL 0.01 nats per token (about 1 % in perplexity).
+Judgements are cached by judge and request, so an interrupted evaluation resumes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from .io import stable_hash
-from .models import LoadedModel
-from .prompts import SpecialTokens, encode_chat, encode_examples, encode_text
-from .scoring import EngineConfig, resolve_max_length, sequence_losses, zero_shot_sequence
-
-WIN, TIE, LOSS = "win", "tie", "loss"
-
-# The Cherry LLM / AlpaGasus pairwise review prompt, verbatim.
-REVIEW_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
-REVIEW_CRITERIA = (
-    "We would like to request your feedback on the performance of two AI assistants in response to the user "
-    "question displayed above.\nPlease rate the helpfulness, relevance, accuracy, level of details of their "
-    "responses. Each assistant receives an overall score on a scale of 1 to 10, where a higher score indicates "
-    "better overall performance.\nPlease first output a single line containing only two values indicating the "
-    "scores for Assistant 1 and 2, respectively. The two scores are separated by a space. In the subsequent line, "
-    "please provide a comprehensive explanation of your evaluation, avoiding any potential bias and ensuring that "
-    "the order in which the responses were presented does not affect your judgment.\n\n"
+from ..data.models import LoadedModel
+from ..data.prompts import encode_chat, encode_examples, encode_text
+from ..method.layouts import SpecialTokens, resolve_max_length, zero_shot_sequence
+from ..method.losses import EngineConfig, sequence_losses
+from ..method.pairwise import (
+    REVIEW_SYSTEM,
+    Judge,
+    Review,
+    ReviewRequest,
+    Side,
+    parse_review,
+    review_prompt,
 )
-REVIEW_TEMPLATE = (
-    "[Question]\n{question}\n\n"
-    "[The Start of Assistant 1's Answer]\n{answer_1}\n\n[The End of Assistant 1's Answer]\n\n"
-    "[The Start of Assistant 2's Answer]\n{answer_2}\n\n[The End of Assistant 2's Answer]\n\n"
-    "[System]\n{criteria}"
-)
+from ..runtime.io import stable_hash
 
-
-@dataclass(frozen=True)
-class Side:
-    """One model's contribution to a comparison of one prompt."""
-
-    model: str
-    answer: str
-    reference_nll: float | None = None  # mean NLL of the reference answer under this model (likelihood judge)
-
-
-@dataclass(frozen=True)
-class ReviewRequest:
-    item_id: str
-    dataset: str
-    question: str
-    reference: str | None
-    first: Side  # shown as Assistant 1
-    second: Side  # shown as Assistant 2
-
-
-@dataclass
-class Review:
-    score_1: float | None
-    score_2: float | None
-    raw: str | None = None  # the judge's own words (LLM judges)
-    error: str | None = None  # why there are no scores; such a review counts as a tie and is reported
-    cached: bool = False
-
-    @property
-    def scored(self) -> bool:
-        return self.score_1 is not None and self.score_2 is not None
-
-    def as_dict(self) -> dict:
-        return {"score_1": self.score_1, "score_2": self.score_2, "raw": self.raw, "error": self.error}
-
-
-class Judge(Protocol):
-    id: str  # recorded with every result and part of every cache key
-    margin: float  # |score_1 − score_2| ≤ margin is a tie
-    needs_reference: bool  # prompts without a reference answer are skipped
-    cacheable: bool  # worth caching on disk (expensive, and determined by question + answers alone)
-
-    def review(self, requests: list[ReviewRequest]) -> list[Review]: ...
-
-
-def verdict(review: Review, margin: float = 0.0) -> str:
-    """win/tie/loss for the answer in position 1; an unscored review is a tie."""
-    if not review.scored:
-        return TIE
-    difference = review.score_1 - review.score_2
-    if difference > margin:
-        return WIN
-    if difference < -margin:
-        return LOSS
-    return TIE
-
-
-# --- parsing an LLM review ----------------------------------------------------------------------
-
-_NUMBER = r"(\d+(?:\.\d+)?)"
-_LABEL = re.compile(r"\b(?:assistant|answer|response)\s*#?\s*[12]\b", re.IGNORECASE)
-_OUT_OF = re.compile(r"\s*(?:/|out\s+of)\s*10(?:\.0+)?\b", re.IGNORECASE)
-_LABELLED = {k: re.compile(rf"\b(?:assistant|answer|response)\s*#?\s*{k}\b\D{{0,30}}?{_NUMBER}", re.IGNORECASE)
-             for k in (1, 2)}
-
-
-def _valid(scores: list[float]) -> tuple[float, float] | None:
-    if len(scores) == 2 and all(0 <= s <= 10 for s in scores):
-        return scores[0], scores[1]
-    return None
-
-
-def parse_review(text: str) -> tuple[float, float] | None:
-    """The two scores of a review, or None when they cannot be read with confidence.
-
-    Accepts the requested first line ("8 7"), commas ("8, 7"), "8/10 and 7/10", "Score: 8 out of 10 ...",
-    and labelled lines anywhere ("Assistant 1: 8\\nAssistant 2: 6"). Scores must lie in [0, 10].
-    """
-    if not text or not text.strip():
-        return None
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    first = _OUT_OF.sub("", _LABEL.sub(" ", lines[0].replace("*", "")))
-    scores = _valid([float(n) for n in re.findall(_NUMBER, first)])
-    if scores:
-        return scores
-    cleaned = _OUT_OF.sub("", text.replace("*", ""))
-    labelled = [_LABELLED[k].search(cleaned) for k in (1, 2)]
-    if all(labelled):
-        return _valid([float(m.group(1)) for m in labelled])
-    return None
-
-
-def review_prompt(question: str, answer_1: str, answer_2: str) -> str:
-    return REVIEW_TEMPLATE.format(question=question, answer_1=answer_1, answer_2=answer_2, criteria=REVIEW_CRITERIA)
-
-
-# --- LLM backends -----------------------------------------------------------------------------------
 
 class ChatBackend(Protocol):
     id: str
@@ -258,8 +145,6 @@ class LLMJudge:
         return reviews
 
 
-# --- offline reference judges -------------------------------------------------------------------------
-
 class _PerAnswerJudge:
     """A symmetric judge that scores each position on its own; the subclass gives ``scores``."""
 
@@ -303,7 +188,8 @@ class EmbeddingJudge(_PerAnswerJudge):
         self._vectors: dict[str, np.ndarray] = {}
 
     def _embed(self, texts: list[str]) -> dict[str, np.ndarray]:
-        from .neighbors import embed_texts, load_embedder
+        from ..data.models import load_embedder
+        from ..method.neighbors import embed_texts
 
         new = [t for t in dict.fromkeys(texts) if t not in self._vectors]
         if new:
@@ -339,8 +225,6 @@ def reference_nll(loaded: LoadedModel, rows: list[dict], references: list[str], 
     return [float(x) for x in losses]
 
 
-# --- judge construction and the on-disk cache -------------------------------------------------------------
-
 OFFLINE_JUDGES = ("reference-nll", "embedding", "rougeL")
 
 
@@ -356,7 +240,7 @@ def make_judge(spec: str | Judge, **kwargs) -> Judge:
     if spec in ("rougeL", "rouge"):
         return RougeJudge(**kwargs)
     if spec.startswith("hf:"):
-        from .models import load_model
+        from ..data.models import load_model
 
         margin = kwargs.pop("margin", 0.0)
         loaded = load_model(spec[3:], dtype=kwargs.pop("dtype", "auto"), device=kwargs.pop("device", "auto"))

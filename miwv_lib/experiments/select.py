@@ -1,134 +1,17 @@
-"""Step 4 of MIWV: keep the top floor(r·N) samples, and the baselines the paper compares against."""
+"""The ``select`` stage: read ``scores.jsonl`` strictly, check it belongs to the pool, write a subset."""
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .data import InstructionPool
-from .io import atomic_open, file_sha256
-
-SELECTION_METHODS = ("miwv", "ifd", "low-miwv", "length", "random")
-BASELINE = "full"  # the model fine-tuned on the whole pool, which every subset's model is compared against
-# method -> (score field, descending?)
-_RANKED = {"miwv": ("miwv", True), "ifd": ("ifd", True), "low-miwv": ("miwv", False),
-           "length": ("response_tokens", True)}
-
-
-class SelectionError(ValueError):
-    pass
-
-
-def subset_size(n: int, ratio: float) -> int:
-    """floor(r · N), refusing ratios outside (0, 1] and subsets of zero rows."""
-    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and 0 < ratio <= 1):
-        raise SelectionError(f"ratio must be in (0, 1]; got {ratio!r}")
-    if n < 1:
-        raise SelectionError("there are no rows to select from")
-    size = math.floor(ratio * n + 1e-9)  # 0.29 * 100 is 28.999…: keep floor() meaning what it says
-    if size == 0:
-        raise SelectionError(f"ratio {ratio} of {n} rows selects zero rows; the smallest useful ratio is {1 / n:.4g}")
-    return size
-
-
-def select_indices(scores: list[dict], ratio: float, by: str = "miwv", seed: int = 0) -> list[int]:
-    """Row indices of the subset, in rank order (best first).
-
-    Ranked methods sort by score (descending, or ascending for low-MIWV) with ties broken by id;
-    rows without a finite score are never selected. ``random`` is a seeded permutation.
-    """
-    if by not in SELECTION_METHODS:
-        raise SelectionError(f"by must be one of {', '.join(SELECTION_METHODS)}; got {by!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise SelectionError(f"seed must be a non-negative integer; got {seed!r}")
-    size = subset_size(len(scores), ratio)
-    if by == "random":
-        order = np.random.default_rng(seed).permutation(len(scores))
-        return [int(scores[j]["index"]) for j in order[:size]]
-    field, descending = _RANKED[by]
-    usable = [s for s in scores if _is_finite_number(s.get(field))]
-    if len(usable) < size:
-        raise SelectionError(f"only {len(usable)} rows have a finite {field!r}; cannot select {size}")
-    sign = -1.0 if descending else 1.0
-    ranked = sorted(usable, key=lambda s: (sign * s[field], s["id"], s["index"]))
-    return [int(s["index"]) for s in ranked[:size]]
-
-
-def demo_trimmed(scores: list[dict]) -> int:
-    """Rows whose demonstration ``max_length`` trimmed or cut away: their one-shot loss is not the paper's."""
-    return sum(1 for s in scores if (s.get("truncation") or {}).get("demo"))
-
-
-def score_warnings(scores: list[dict]) -> list[str]:
-    """What a user must know about a scores file before trusting its ranking (one sentence per problem)."""
-    lines = []
-    no_demo = [s["index"] for s in scores if s.get("status") == "no-demo"]
-    if no_demo:
-        lines.append(f"{len(no_demo)} rows have no MIWV: max_length leaves no room for their neighbour's example "
-                     f"(status 'no-demo', first rows {no_demo[:5]}); they are never selected. Use --max-length auto")
-    others = [s["index"] for s in scores if s.get("miwv") is None and s.get("status") != "no-demo"]
-    if others:
-        lines.append(f"{len(others)} rows have no finite MIWV (null in scores.jsonl, first rows {others[:5]}); "
-                     "they are never selected")
-    trimmed = [s["index"] for s in scores if s.get("truncated") and s.get("status") != "no-demo"]
-    if trimmed:
-        lines.append(f"{len(trimmed)} rows were cut to fit max_length ({demo_trimmed(scores) - len(no_demo)} of them "
-                     f"with a trimmed demonstration, which raises MIWV; flagged 'truncated', first rows {trimmed[:5]})")
-    return lines
-
-
-# --- arms: the models an experiment fine-tunes, each on one selection ------------------------------
-
-@dataclass(frozen=True)
-class Arm:
-    """One fine-tuned model: a selection method at a ratio (and seed), or the full pool."""
-
-    name: str
-    method: str  # a selection method, or BASELINE
-    ratio: float  # 1.0 for the full pool
-    seed: int | None = None  # random selections only
-
-
-def ratio_label(ratio: float) -> str:
-    """0.05 -> '5pct', 0.015 -> '1.5pct'."""
-    return f"{round(ratio * 100, 6):g}pct"
-
-
-def arm_name(method: str, ratio: float, seed: int | None = None) -> str:
-    """The one name of a subset, its file and its model: ``miwv_5pct``, ``random-s1_10pct``."""
-    return f"{method if seed is None else f'{method}-s{seed}'}_{ratio_label(ratio)}"
-
-
-def plan_arms(ratios: Sequence[float], methods: Sequence[str], random_seeds: Sequence[int] = (0,),
-              include_full: bool = True) -> list[Arm]:
-    """Every subset model, smallest ratio first, then the full-pool baseline.
-
-    A random arm carries its seed in its name only when there are several seeds to tell apart.
-    """
-    arms = []
-    for ratio in sorted(ratios):
-        for method in methods:
-            for seed in random_seeds if method == "random" else [None]:
-                shown = seed if len(random_seeds) > 1 else None
-                arms.append(Arm(arm_name(method, ratio, shown), method, float(ratio), seed))
-    if include_full:
-        arms.append(Arm(BASELINE, BASELINE, 1.0))
-    return arms
-
-
-def select_arms(arms: Sequence[Arm], scores: list[dict]) -> dict[str, list[int]]:
-    """Each arm's rows: its selection rule on ``scores``, or every row for the full pool."""
-    return {arm.name: list(range(len(scores))) if arm.method == BASELINE
-            else select_indices(scores, arm.ratio, by=arm.method, seed=arm.seed or 0) for arm in arms}
-
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+from ..data.datasets import InstructionPool
+from ..method.selection import (
+    _RANKED,
+    SelectionError,
+    _is_finite_number,
+)
+from ..runtime.io import atomic_open, file_sha256
 
 
 def load_scores(path: str | Path) -> list[dict]:

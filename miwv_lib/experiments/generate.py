@@ -17,11 +17,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from .data import InstructionPool
-from .io import read_jsonl, stable_hash, write_json, write_jsonl
-from .models import LoadedModel
-from .prompts import TEMPLATES, SpecialTokens, encode_examples
-from .schema import boolean, check, integer, setting
+from ..data.datasets import InstructionPool
+from ..data.models import LoadedModel
+from ..data.prompts import TEMPLATES, encode_examples
+from ..method.layouts import SpecialTokens
+from ..runtime.io import read_jsonl, stable_hash, write_json, write_jsonl
+from ..runtime.schema import boolean, check, integer, setting
 
 
 @dataclass
@@ -135,8 +136,6 @@ def generate(loaded: LoadedModel, rows: list[dict] | InstructionPool, config: Ge
     new_tokens = generate_ids(loaded, prompts, config, desc=desc)
     return [loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_tokens]
 
-
-# --- files ----------------------------------------------------------------------------------
 
 def question_text(row: dict) -> str:
     """The instruction as a person reads it: instruction, then the input (if any) after a blank line."""

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data import InstructionPool, load_instructions, load_test_set
-from .io import atomic_open, read_jsonl, write_jsonl
-from .runs import now, read_yaml_mapping
-from .scoring import ScoreConfig, score_pool
-from .experiment import ExperimentError, answer_arms, is_trained, train_arms, write_selections
-from .schema import check, each, integer, mapping, number, setting, text
-from .selection import BASELINE, SELECTION_METHODS, Arm, export_subset, load_checked_scores, plan_arms, select_arms
+from ..data.datasets import InstructionPool, load_instructions, load_test_set
+from ..method.selection import BASELINE, SELECTION_METHODS, Arm, plan_arms, select_arms
+from ..runtime.io import atomic_open, read_jsonl, write_jsonl
+from ..runtime.runs import now, read_yaml_mapping
+from ..runtime.schema import check, each, integer, mapping, number, setting, text
+from .engine import ExperimentError, answer_arms, is_trained, train_arms, write_selections
+from .score import ScoreConfig, score_pool
+from .select import export_subset, load_checked_scores
 
 STAGES = ("score", "select", "train", "generate", "judge", "report")
 TIMINGS_FILE = "timings.jsonl"
@@ -38,8 +39,6 @@ RECORD_DIR = "record"  # under results_dir: the committed record of every finish
 
 StudyError = ExperimentError  # a study configuration or run directory that cannot be used, with the reason
 
-
-# --- configuration --------------------------------------------------------------------------------
 
 @dataclass
 class StudyConfig:
@@ -115,8 +114,6 @@ def _validate(config: StudyConfig) -> None:
         raise StudyError(f"{config.source}: method 'random' needs at least one of random_seeds")
     config.score_config(), config.train_config(), config.generate_config()  # unknown keys fail now, not hours later
 
-
-# --- stages -----------------------------------------------------------------------------------------
 
 @dataclass
 class Study:
@@ -309,8 +306,6 @@ class Study:
         finally:  # a stopped run (Ctrl-C, an error) still records what it finished: scores resume by chunk
             self.record.keep()
 
-
-# --- the committed record: what a fresh checkout needs to continue the study ---------------------------
 
 @dataclass
 class StudyRecord:

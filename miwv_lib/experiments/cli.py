@@ -13,18 +13,16 @@ import sys
 import warnings
 from pathlib import Path
 
-from .data import DataError, load_instructions
-from .io import keep_interrupts
-from .models import ModelLoadError, resolve_device
-from .neighbors import EmbedderError, check_embedder
+from ..data.datasets import DataError, load_instructions
+from ..data.models import EmbedderError, ModelLoadError, check_embedder, resolve_device
+from ..method.selection import SELECTION_METHODS, SelectionError, demo_trimmed, score_warnings, select_indices
+from ..runtime.io import keep_interrupts
+from ..runtime.runs import FingerprintMismatch, RunDirectoryBusy, run_lock
+from ..runtime.schema import add_flags, from_args
 from .pipeline import PipelineError
-from .runs import FingerprintMismatch, RunDirectoryBusy, run_lock
-from .schema import add_flags, from_args
-from .scoring import ScoreConfig, score_pool
+from .score import ScoreConfig, score_pool
+from .select import export_subset, load_checked_scores, subset_format
 from .study import StudyError
-from .selection import (SELECTION_METHODS, SelectionError, demo_trimmed, export_subset, load_checked_scores,
-                        score_warnings, select_indices, subset_format)
-
 
 TRAIN = "train_"  # the training flags' dest prefix: 'train' and 'evaluate' have a selection --seed of their own
 
@@ -281,7 +279,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from .experiment import run_comparison
+    from .engine import run_comparison
     from .generate import GenerateConfig
     from .judges import OFFLINE_JUDGES, make_judge
 

@@ -51,13 +51,14 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import InstructionPool
-from .io import atomic_open, stable_hash, write_json
-from .models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
-from .prompts import TEMPLATES, SpecialTokens, encode_examples
-from .runs import check_fingerprint, environment_info, now
-from .schema import boolean, check, integer, number, setting, text
-from .scoring import LAYOUT_VERSION, logit_transform, max_length_rule, zero_shot_sequence
+from ..data.datasets import InstructionPool
+from ..data.models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
+from ..data.prompts import TEMPLATES, encode_examples
+from ..method.layouts import LAYOUT_VERSION, SpecialTokens, max_length_rule, zero_shot_sequence
+from ..method.losses import logit_transform
+from ..runtime.io import atomic_open, stable_hash, write_json
+from ..runtime.runs import check_fingerprint, environment_info, now
+from ..runtime.schema import boolean, check, integer, number, setting, text
 
 TRAIN_FORMAT_VERSION = 1  # bump when what a saved model directory holds changes
 IGNORE_INDEX = -100  # the label value torch's cross_entropy (and every HF model) skips
@@ -135,8 +136,6 @@ class TrainResult:
         return adapter if adapter.exists() else self.out_dir / FULL_MODEL_DIR
 
 
-# --- data: the scorer's layout with labels ---------------------------------------------------
-
 def build_features(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str,
                    max_length: int) -> list[dict[str, list[int]]]:
     """``input_ids``/``labels`` per row: labels are IGNORE_INDEX except on ``response [EOS]``."""
@@ -157,8 +156,6 @@ def _right_padding_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorF
     tokenizer.padding_side = "right"
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
 
-
-# --- precision and the model --------------------------------------------------------------------
 
 def bf16_supported(device: torch.device) -> bool:
     """bf16 autocast pays off on CUDA with bf16 and on CPUs with native bf16 dot products."""
@@ -192,8 +189,6 @@ def _prepare_model(model, config: TrainConfig):
     set_seed(config.seed)  # LoRA's A matrices are random: same seed, same initial adapter
     return get_peft_model(model, lora)
 
-
-# --- the loss -------------------------------------------------------------------------------------
 
 def _causal_lm(model):
     """The ``...ForCausalLM`` inside ``model``: peft wraps it (LoRA layers are injected in place)."""
@@ -257,8 +252,6 @@ class ResponseOnlyLossTrainer(Trainer):
                            else self.args.n_gpu)
         return loss
 
-
-# --- progress and the loss curve ------------------------------------------------------------------
 
 _CURVE_KEY = "miwv_loss_curve"  # our row, kept in Trainer's log history so checkpoints carry it
 
@@ -346,8 +339,6 @@ def read_loss_csv(path: str | Path) -> list[dict]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
                 for row in csv.DictReader(handle)]
 
-
-# --- one fine-tuning run ------------------------------------------------------------------------------
 
 def train_fingerprint_inputs(config: TrainConfig, base: LoadedModel, rows: list[dict], use_bf16: bool) -> dict:
     """Everything the trained weights depend on; ``auto`` settings enter as what they resolved to here."""
@@ -585,8 +576,6 @@ def load_trained(model_dir: str | Path, *, base: LoadedModel | None = None, dtyp
     return LoadedModel(model=model, tokenizer=base.tokenizer, name=model_dir.name,
                        identity=f"{base.identity}+lora:{fingerprint}")
 
-
-# --- the models a comparison needs ----------------------------------------------------------------
 
 def estimated_steps(n_rows: int, config: TrainConfig) -> int:
     """Optimizer steps a run will take (for planning CPU time)."""

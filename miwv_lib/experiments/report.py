@@ -1,7 +1,7 @@
 """Summaries of a run directory, for the notebooks and for ``report.md``.
 
 Everything here reads plain data (rows, scores, files in the run directory), so the report can be
-rebuilt at any time from ``run_dir`` alone: ``python -c "from miwv_lib.report import write_report;
+rebuilt at any time from ``run_dir`` alone: ``python -c "from miwv_lib.experiments.report import write_report;
 write_report('runs/demo_nb')"``.
 
 Run directory layout (written by the notebooks):
@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .io import atomic_open, read_jsonl
-from .prompts import encode_text
+from ..data.prompts import encode_text
+from ..runtime.io import atomic_open, read_jsonl
 
 SUMMARY_FIELDS = ("zero_shot_loss", "one_shot_loss", "miwv", "ifd")
 
@@ -47,9 +47,6 @@ whose when where why how not no do does did done can could should would will sha
 there here than so such very more most some any each every all both few other own same too also just only over
 under up down out off again further once s t using use given give following write make one two three
 """.split())
-
-
-# --------------------------------------------------------------------------- data summaries
 
 
 def row_source_files(files: Sequence[str | Path], n_rows: int) -> list[str]:
@@ -181,9 +178,6 @@ def truncation_summary(scores: Sequence[Mapping], top_fraction: float = 0.15) ->
     }
 
 
-# --------------------------------------------------------------------------- selections
-
-
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
     a, b = set(a), set(b)
     return len(a & b) / len(a | b) if a | b else 1.0
@@ -202,9 +196,6 @@ def top_words(texts: Iterable[str], n: int = 10, stopwords: frozenset[str] = _ST
     for text in texts:
         counts.update(w for w in re.findall(r"[a-z][a-z']{2,}", text.lower()) if w not in stopwords)
     return counts.most_common(n)
-
-
-# --------------------------------------------------------------------------- the report
 
 
 def _read_json(path: Path) -> Any:
@@ -230,7 +221,7 @@ def build_report(run_dir: str | Path) -> str:
     scores = read_jsonl(run_dir / "scores.jsonl") if (run_dir / "scores.jsonl").is_file() else []
     rows = read_jsonl(run_dir / "pool.jsonl") if (run_dir / "pool.jsonl").is_file() else []
     lines = ["# MIWV run report", "",
-             f"Run directory: `{run_dir.name}`. Built from the files in it by `miwv_lib.report.write_report`.", ""]
+             f"Run directory: `{run_dir.name}`. Built from the files in it by `miwv_lib.experiments.report.write_report`.", ""]
     if pipeline.get("description"):
         lines += [str(pipeline["description"]).strip(), ""]
     lines += _setup_lines(run_dir, pipeline, rows)

@@ -130,3 +130,14 @@ def keep_interrupts() -> None:
             sys.__unraisablehook__(report)
 
     sys.unraisablehook = hook
+
+
+def save_png(fig, path: str | Path, dpi: int = 110, close: bool = False) -> Path:
+    """The one figure writer: a PNG written to a temp file, then renamed (``close``: free the figure too)."""
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return Path(path)

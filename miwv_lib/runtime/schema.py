@@ -46,8 +46,6 @@ def _problem(f: Field, value: Any) -> str | None:
     return rule(value) if rule else None
 
 
-# --- rules ---------------------------------------------------------------------------------------------------
-
 def integer(low: int | None = None, *, optional: bool = False) -> Rule:
     def rule(value: Any) -> str | None:
         if value is None and optional:
@@ -114,8 +112,6 @@ def mapping(key: Rule, value_rule: Rule | None = None, *, nonempty: bool = False
         return None
     return rule
 
-
-# --- the command line --------------------------------------------------------------------------------------
 
 def add_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", only: Sequence[str] | None = None) -> None:
     """A flag for each field of ``cls`` marked ``cli`` (or each of ``only``); ``dest`` is ``prefix + name``."""

@@ -1,95 +1,38 @@
-"""The paper's pairwise evaluation: two models, each prompt judged in both orders.
+"""The ``judge`` stage: two models' answers to the test sets, judged in both orders, and their table.
 
-Per prompt, from model A's side: a **win** if A wins both orders or wins one and ties the other,
-a **loss** symmetrically, otherwise a **tie** (tie+tie, or one win and one loss: the judge only
-followed the position). Winning score = 1 + (wins − losses) / N, per test set and over all sets
-("All"), with a seeded bootstrap 95 % interval over prompts.
-
-``compare_generations`` judges every model's answers against the baseline's; the experiment engine
-(``miwv_lib.experiment``) trains the models and collects their answers.
+``compare_generations`` judges every model's answers against the baseline's with the protocol of
+``miwv_lib.method.pairwise``; the experiment engine (``miwv_lib.experiments.engine``) trains the
+models and collects their answers.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from .data import TEST_SETS, InstructionPool, load_test_set
-from .generate import GenerateConfig, cached_test_set, generate_test_set, generation_key, question_text
-from .io import atomic_open, stable_hash, write_json, write_jsonl
-from .judges import (
-    LOSS, TIE, WIN, Judge, JudgementCache, Review, ReviewRequest, Side, make_judge, reference_nll,
-    run_judge, verdict,
+from ..data.datasets import TEST_SETS, InstructionPool, load_test_set
+from ..data.models import LoadedModel
+from ..method.pairwise import (
+    _FLIP,
+    ALL,
+    Judge,
+    PairItem,
+    Review,
+    ReviewRequest,
+    Side,
+    combine_orders,
+    summarize,
+    verdict,
 )
-from .models import LoadedModel
+from ..runtime.io import atomic_open, stable_hash, write_json, write_jsonl
+from .generate import GenerateConfig, cached_test_set, generate_test_set, generation_key, question_text
+from .judges import JudgementCache, make_judge, reference_nll, run_judge
 
 ALPACA_EVAL = "alpaca_eval_gpt4"
 DEFAULT_TEST_SETS = (*TEST_SETS, ALPACA_EVAL)
-ALL = "All"
-OUTCOMES = (WIN, TIE, LOSS)
-_FLIP = {WIN: LOSS, LOSS: WIN, TIE: TIE}
-OUTCOME_VALUE = {WIN: 1, TIE: 0, LOSS: -1}  # a prompt's share of wins − losses: the winning score is 1 + the mean
-
-
-# --- the protocol's arithmetic -------------------------------------------------------------------
-
-def combine_orders(first: str, second: str) -> str:
-    """One prompt's outcome for model A from its verdicts in the two orders."""
-    verdicts = {first, second}
-    if verdicts <= {WIN, TIE} and WIN in verdicts:
-        return WIN
-    if verdicts <= {LOSS, TIE} and LOSS in verdicts:
-        return LOSS
-    return TIE
-
-
-def winning_score(wins: int, losses: int, n: int) -> float:
-    """1 + (wins − losses) / N: 2 = A always wins, 1 = even, 0 = A always loses."""
-    return 1.0 + (wins - losses) / n if n else math.nan
-
-
-def mean_interval(values: Sequence[float], n_resamples: int = 2000, level: float = 0.95,
-                  seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (one per prompt; prompts resampled, seeded)."""
-    from scipy.stats import bootstrap
-
-    data = np.asarray(values, dtype=np.float64)
-    if data.size == 0:
-        return math.nan, math.nan
-    if np.all(data == data[0]):  # every resample has the same mean (scipy refuses a single value)
-        return float(data[0]), float(data[0])
-    interval = bootstrap((data,), np.mean, n_resamples=n_resamples, confidence_level=level, method="percentile",
-                         vectorized=True, random_state=np.random.default_rng(seed)).confidence_interval
-    return float(interval.low), float(interval.high)
-
-
-def bootstrap_interval(outcomes: Sequence[str], n_resamples: int = 2000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float]:
-    """Interval of the winning score 1 + mean(+1 win, 0 tie, −1 loss) over prompts."""
-    low, high = mean_interval([OUTCOME_VALUE[o] for o in outcomes], n_resamples, level, seed)
-    return 1.0 + low, 1.0 + high
-
-
-# --- judging one pair of models --------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PairItem:
-    """One test prompt with both models' answers (and, for the likelihood judge, their reference NLLs)."""
-
-    id: str
-    dataset: str
-    question: str
-    reference: str | None
-    answer_a: str
-    answer_b: str
-    nll_a: float | None = None
-    nll_b: float | None = None
 
 
 def _requests(item: PairItem, model_a: str, model_b: str) -> tuple[ReviewRequest, ReviewRequest]:
@@ -124,32 +67,6 @@ def judge_pair(items: list[PairItem], judge: Judge, model_a: str, model_b: str,
                         "unparsed": int(not ab.scored) + int(not ba.scored)})
     return records
 
-
-def summarize(records: list[dict], datasets: Sequence[str] | None = None, n_resamples: int = 2000,
-              seed: int = 0) -> list[dict]:
-    """Table-3 rows: per (judge, model pair), one row per test set and one for all sets together."""
-    groups: dict[tuple[str, str, str], list[dict]] = {}
-    for record in records:
-        groups.setdefault((record["judge"], record["model_a"], record["model_b"]), []).append(record)
-    rows = []
-    for (judge_id, model_a, model_b), group in groups.items():
-        present = list(dict.fromkeys(r["dataset"] for r in group))
-        named = list(datasets or ())
-        order = [d for d in named if d in present] + [d for d in present if d not in named]
-        for name in [*order, ALL]:
-            subset = group if name == ALL else [r for r in group if r["dataset"] == name]
-            outcomes = [r["outcome"] for r in subset]
-            counts = {o: outcomes.count(o) for o in OUTCOMES}
-            low, high = bootstrap_interval(outcomes, n_resamples, seed=seed)
-            rows.append({"judge": judge_id, "model_a": model_a, "model_b": model_b, "test_set": name,
-                         "n": len(outcomes), "wins": counts[WIN], "ties": counts[TIE], "losses": counts[LOSS],
-                         "winning_score": round(winning_score(counts[WIN], counts[LOSS], len(outcomes)), 4),
-                         "ci_low": round(low, 4), "ci_high": round(high, 4),
-                         "unparsed": sum(r["unparsed"] for r in subset)})
-    return rows
-
-
-# --- outputs: table and figure ------------------------------------------------------------------------
 
 TABLE_COLUMNS = ("judge", "model_a", "model_b", "test_set", "n", "wins", "ties", "losses", "winning_score",
                  "ci_low", "ci_high", "unparsed")
@@ -196,7 +113,8 @@ def plot_outcomes(rows: list[dict], path: str | Path, title: str | None = None) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .plots import outcome_bars, save_png
+    from ..runtime.io import save_png
+    from .plots import outcome_bars
 
     keys = list(dict.fromkeys((r["judge"], r["model_a"], r["model_b"]) for r in rows))
     heights = [len([r for r in rows if (r["judge"], r["model_a"], r["model_b"]) == k]) for k in keys]
@@ -214,8 +132,6 @@ def plot_outcomes(rows: list[dict], path: str | Path, title: str | None = None) 
     return save_png(fig, path, dpi=150, close=True)
 
 
-# --- pairing generations --------------------------------------------------------------------------------
-
 def pair_items(records_a: list[dict], records_b: list[dict]) -> list[PairItem]:
     """Join two models' generation records (``generate.generation_records``) on (dataset, id)."""
     by_key = {(r["dataset"], r["id"]): r for r in records_b}
@@ -229,8 +145,6 @@ def pair_items(records_a: list[dict], records_b: list[dict]) -> list[PairItem]:
                               nll_b=b.get("reference_nll")))
     return items
 
-
-# --- the whole comparison ---------------------------------------------------------------------------------
 
 @dataclass
 class ComparisonResult:
@@ -248,7 +162,7 @@ class ComparisonResult:
 
 def test_set_label(name: str) -> str:
     """How a test set is named in files and tables: a registry name as is, a file by its stem."""
-    from .data import REGISTRY
+    from ..data.datasets import REGISTRY
 
     return name if name in REGISTRY else Path(name).name.split(".")[0].removesuffix("_test_set")
 

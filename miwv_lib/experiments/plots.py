@@ -12,26 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_open
+from ..runtime.io import save_png
+
+OUTCOME_COLUMNS = (("wins", "#4C72B0", "win"), ("ties", "#C8C8C8", "tie"), ("losses", "#DD8452", "loss"))
 
 
 def save_figure(fig, run_dir: str | Path, name: str, dpi: int = 110) -> Path:
     """Save ``fig`` as ``run_dir/figures/<name>.png``."""
     return save_png(fig, Path(run_dir) / "figures" / (name if name.endswith(".png") else f"{name}.png"), dpi)
-
-
-def save_png(fig, path: str | Path, dpi: int = 110, close: bool = False) -> Path:
-    """The one figure writer: a PNG written to a temp file, then renamed (``close``: free the figure too)."""
-    with atomic_open(path, "wb") as handle:
-        fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
-    if close:
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-    return Path(path)
-
-
-OUTCOME_COLUMNS = (("wins", "#4C72B0", "win"), ("ties", "#C8C8C8", "tie"), ("losses", "#DD8452", "loss"))
 
 
 def outcome_bars(ax, labels: Sequence[str], rows: Sequence[Mapping | None]) -> None:

@@ -17,13 +17,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from .data import InstructionPool, load_instructions
-from .evaluate import (DEFAULT_TEST_SETS, ComparisonResult, cached_generations_for_model, compare_generations,
-                       generate_for_model, load_test_pools)
+from ..data.datasets import InstructionPool, load_instructions
+from ..method.pairwise import Judge
+from ..method.selection import BASELINE, Arm, plan_arms, select_arms
+from ..runtime.io import write_json
+from .evaluate import (
+    DEFAULT_TEST_SETS,
+    ComparisonResult,
+    cached_generations_for_model,
+    compare_generations,
+    generate_for_model,
+    load_test_pools,
+)
 from .generate import GenerateConfig
-from .io import write_json
-from .judges import OFFLINE_JUDGES, Judge
-from .selection import BASELINE, Arm, load_checked_scores, plan_arms, select_arms
+from .judges import OFFLINE_JUDGES
+from .select import load_checked_scores
 from .train import TrainConfig, TrainResult, has_weights, load_trained, train_model, trained_model_signature
 
 SELECTIONS_FILE = "subsets/selections.json"

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from miwv_lib.io import stable_hash, unwritable, write_json, write_jsonl
+from ..runtime.io import stable_hash, unwritable, write_json, write_jsonl
 
 DATA_DIR_ENV = "MIWV_DATA_DIR"
 CACHE_DIR_ENV = "MIWV_CACHE_DIR"
@@ -38,7 +38,7 @@ DEFAULT_DATASET = "alpaca"
 TEST_SETS = ("vicuna", "koala", "wizardlm", "sinstruct", "lima")
 
 # Package-relative so it works from any working directory.
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 REGISTRY_PATH = _REPO_ROOT / "data" / "registry.json"
 
 FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -70,8 +70,6 @@ _ASSISTANT_ROLES = frozenset({"assistant", "gpt", "chatgpt", "model", "bard", "b
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _MAX_DUPLICATE_EXAMPLES = 5
 
-
-# --------------------------------------------------------------------------- registry
 
 _CHERRY_REPO = "https://github.com/tianyi-lab/Cherry_LLM (formerly MingLiiii/Cherry_LLM)"
 
@@ -220,9 +218,6 @@ def write_registry_json(path: str | Path = REGISTRY_PATH) -> Path:
     return write_json(path, REGISTRY)
 
 
-# --------------------------------------------------------------------------- errors
-
-
 class DataError(ValueError):
     """Bad input. The message names the file (or hub id), the 0-based row and the field when they apply,
     e.g. ``"alpaca.json, row 17, field 'output': expected a string, got int (42)"``."""
@@ -280,9 +275,6 @@ def _describe(value: Any) -> str:
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} ({text})"
-
-
-# --------------------------------------------------------------------------- the pool
 
 
 @dataclass
@@ -344,9 +336,6 @@ def format_source_text(row: Mapping[str, Any]) -> str:
 def content_id(instruction: str, input_text: str, output: str) -> str:
     """Stable id for records without one: first 16 hex chars of sha256 of JSON [instruction, input, output]."""
     return stable_hash([instruction, input_text, output])
-
-
-# --------------------------------------------------------------------------- file reading
 
 
 @dataclass
@@ -478,9 +467,6 @@ def _read_file(path: Path, label: str | None = None) -> _RawFile:
     if not raw.records:
         raise DataError("empty file (0 rows)", source=label)
     return raw
-
-
-# --------------------------------------------------------------------------- schemas
 
 
 def detect_schema(record: Mapping[str, Any]) -> str | None:
@@ -696,9 +682,6 @@ def _file_schema(raw: _RawFile) -> str:
     return schema
 
 
-# --------------------------------------------------------------------------- pool building
-
-
 def _check_writable(record: Mapping, where: _Where) -> None:
     """Every value of a record must survive being written into a subset or a cache file (scores, subsets and
     hub caches are standard JSON): NaN, Infinity and unpaired surrogates are refused here, not written later."""
@@ -830,9 +813,6 @@ def _load_files(
     )
 
 
-# --------------------------------------------------------------------------- directories
-
-
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
     """Explicit argument > ``$MIWV_DATA_DIR`` > None. DataError if the chosen one is not a directory."""
     if data_dir is not None and str(data_dir) != "":
@@ -869,9 +849,6 @@ def hub_cache_path(
         stem += f"__{split}"
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return root / f"{stem}.jsonl"
-
-
-# --------------------------------------------------------------------------- hub
 
 
 def _download_hub(hub_id: str, *, config: str | None, split: str, data_files: list[str] | None) -> list[dict]:
@@ -940,9 +917,6 @@ def _load_hub(
     if not raw.records:
         raise DataError("empty hub cache file (0 rows); delete it to download again", source=str(cache))
     return _build_pool([raw], source=source, file_format="hub", require_output=require_output, limit=limit)
-
-
-# --------------------------------------------------------------------------- resolution
 
 
 def _looks_like_file(text: str) -> bool:

@@ -8,7 +8,7 @@ A configuration is a YAML file (or a dict) with
 
 Each notebook's parameters are read from its cell tagged ``parameters`` (``papermill.inspect_notebook``),
 so a notebook only receives what it declares. Executed copies go to ``run_dir/notebooks/``, and at the
-end ``run_dir/report.md`` is written from the files in ``run_dir`` (see :mod:`miwv_lib.report`).
+end ``run_dir/report.md`` is written from the files in ``run_dir`` (see :mod:`miwv_lib.experiments.report`).
 
 Paths: a relative path in a configuration or in a notebook parameter is relative to the repository root
 (:func:`repo_root`), never to the current directory, so notebooks run the same from anywhere.
@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import atomic_open, write_json
-from .models import load_tokenizer  # noqa: F401 - re-exported for the notebooks
-from .runs import now, read_yaml_mapping
+from ..runtime.io import atomic_open, write_json
+from ..runtime.runs import now, read_yaml_mapping
 
 CONFIG_KEYS = ("description", "run_dir", "parameters", "notebooks")
 DEFAULT_RUN_DIR = "runs/notebooks"
@@ -45,12 +44,9 @@ class PipelineError(RuntimeError):
         self.executed_path = executed_path
 
 
-# --------------------------------------------------------------------------- paths
-
-
 def repo_root() -> Path:
     """The checkout that holds ``miwv_lib/`` (and ``notebooks/``, ``configs/``, ``data/``)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def notebooks_dir() -> Path:
@@ -78,7 +74,7 @@ def resolve_data_source(data: str | Path | None) -> str | None:
     """
     if data is None or str(data) == "":
         return None
-    from .data import REGISTRY
+    from ..data.datasets import REGISTRY
 
     text = str(data)
     if text in REGISTRY:
@@ -91,9 +87,6 @@ def resolve_data_source(data: str | Path | None) -> str | None:
     if path.exists():
         return str(path.resolve())
     return text  # a hub id, or a missing file: load_instructions says which
-
-
-# --------------------------------------------------------------------------- configuration
 
 
 def notebook_paths(directory: str | Path | None = None) -> list[Path]:
@@ -238,9 +231,6 @@ def plan_parameters(config: Mapping, notebooks: Sequence[Path], run_dir: Path,
             params["run_dir"] = str(run_dir)
         plan[stem] = params
     return plan
-
-
-# --------------------------------------------------------------------------- running
 
 
 @dataclass

@@ -6,9 +6,9 @@ the boundary between them is exact (never inferred from string lengths).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from transformers import PreTrainedTokenizerBase
+
+from ..method.layouts import EncodedExample, SpecialTokens
 
 # Verbatim from Stanford Alpaca's train.py (PROMPT_DICT). Alpaca appends the response directly
 # after "### Response:" and trains on ``output + eos``; we keep that exactly.
@@ -56,32 +56,6 @@ def strip_prepended_bos(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
     if bos and text.startswith(bos) and SpecialTokens.from_tokenizer(tokenizer).bos is not None:
         return text[len(bos):]
     return text
-
-
-@dataclass(frozen=True)
-class EncodedExample:
-    """Token IDs of one example, without special tokens; ``bos``/``eos`` are added by the layouts."""
-
-    prompt: tuple[int, ...]
-    response: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    bos: int | None  # None when the tokenizer does not prepend a BOS
-    eos: int
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "SpecialTokens":
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; the response loss includes the final EOS")
-        probe = tokenizer("a").input_ids
-        uses_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
-        return cls(bos=tokenizer.bos_token_id if uses_bos else None, eos=tokenizer.eos_token_id)
-
-    @property
-    def prefix(self) -> tuple[int, ...]:
-        return () if self.bos is None else (self.bos,)
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:

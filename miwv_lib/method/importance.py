@@ -1,0 +1,135 @@
+"""Steps 2–4 of MIWV: zero-shot and one-shot losses of a row, their difference, and IFD beside it.
+
+``plan_passes`` lays out every forward pass a chunk of rows needs (one-shot passes also carry the
+demonstration's own zero-shot span, so it is not computed twice); ``_score_row`` turns the losses into
+a row of ``scores.jsonl``. A row MIWV cannot be computed for gets ``miwv: null`` and a ``status``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .layouts import (
+    EncodedExample,
+    Sequence,
+    SpecialTokens,
+    Truncation,
+    one_shot_sequence,
+    unconditional_sequence,
+    zero_shot_sequence,
+)
+
+
+def miwv(one_shot_loss: float, zero_shot_loss: float) -> float:
+    """MIWV = L(y_i | C_k, x_i) − L(y_i | x_i). Positive: the similar example made the model worse."""
+    return one_shot_loss - zero_shot_loss
+
+
+def ifd(conditional_loss: float, unconditional_loss: float) -> float:
+    """IFD (Cherry LLM) = L(y | x) / L(y): how much the instruction helps predict the response."""
+    return conditional_loss / unconditional_loss if unconditional_loss > 0 else math.nan
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+@dataclass
+class PassPlan:
+    """The forward passes that score a set of rows, and where each row's losses are read from them."""
+
+    sequences: list[Sequence]
+    where: dict[tuple[str, int], tuple[int, int]]  # (pass kind, row) -> (sequence, span)
+    one_shot: dict[int, Sequence]
+    cuts: dict[int, Truncation]
+
+
+def plan_passes(examples: list[EncodedExample], indices: list[int], neighbor_index: np.ndarray,
+                special: SpecialTokens, max_length: int, compute_ifd: bool) -> PassPlan:
+    """The passes for rows ``indices``: one-shot for each, zero-shot only where no one-shot pass carries it.
+
+    A row whose exact zero-shot sequence opens another row's one-shot sequence in this batch gets its
+    zero-shot loss from that pass (a span of it) instead of a pass of its own.
+    """
+    zero = {i: zero_shot_sequence(examples[i], special, max_length)[0] for i in indices}
+    one, cuts = {}, {}
+    for i in indices:
+        one[i], cuts[i] = one_shot_sequence(examples[i], examples[neighbor_index[i]], special, max_length)
+    with_demo = [i for i in indices if not cuts[i].no_demo]  # a row without its demo gets no one-shot pass
+    donor: dict[int, int] = {}  # row -> the row whose one-shot pass carries its zero-shot sequence
+    for i in with_demo:
+        k = int(neighbor_index[i])
+        if k in zero and k not in donor and one[i].input_ids[:len(zero[k].input_ids)] == zero[k].input_ids:
+            donor[k] = i
+    carried: dict[int, list[int]] = {}
+    for k, i in donor.items():
+        carried.setdefault(i, []).append(k)
+
+    sequences: list[Sequence] = []
+    where: dict[tuple[str, int], tuple[int, int]] = {}
+    for i in indices:
+        if i in with_demo:
+            spans = tuple((len(zero[k].input_ids), zero[k].n_targets) for k in carried.get(i, ()))
+            where[("one", i)] = (len(sequences), 0)
+            where.update({("zero", k): (len(sequences), 1 + n) for n, k in enumerate(carried.get(i, ()))})
+            sequences.append(Sequence(one[i].input_ids, one[i].n_targets, spans))
+        if i not in donor:
+            where[("zero", i)] = (len(sequences), 0)
+            sequences.append(zero[i])
+        if compute_ifd:
+            where[("uncond", i)] = (len(sequences), 0)
+            sequences.append(unconditional_sequence(examples[i], special, max_length))
+    return PassPlan(sequences, where, one, cuts)
+
+
+# Why a row has no MIWV (``status`` in scores.jsonl); such a row is never selected.
+STATUS_OK = "ok"
+STATUS_NO_DEMO = "no-demo"  # max_length leaves no room for any of the neighbour's example
+STATUS_NOT_FINITE = "loss-not-finite"
+
+
+def _score_row(i: int, k: int, ids: list[str], examples: list[EncodedExample], one: Sequence, cut: Truncation,
+               similarity: float, zero_loss: float, one_loss: float, uncond: float, compute_ifd: bool) -> dict:
+    status = STATUS_NO_DEMO if cut.no_demo else STATUS_OK
+    value = _finite_or_none(miwv(one_loss, zero_loss))
+    if status == STATUS_OK and value is None:
+        status = STATUS_NOT_FINITE
+    return {
+        "index": i,
+        "id": ids[i],
+        "neighbor_index": k,
+        "neighbor_id": ids[k],
+        "neighbor_similarity": round(float(similarity), 6),
+        "zero_shot_loss": _finite_or_none(zero_loss),
+        "one_shot_loss": _finite_or_none(one_loss),
+        "miwv": value,
+        "status": status,
+        "unconditional_loss": _finite_or_none(uncond),
+        "ifd": _finite_or_none(ifd(zero_loss, uncond)) if compute_ifd else None,
+        "prompt_tokens": len(examples[i].prompt),
+        "response_tokens": len(examples[i].response),
+        "one_shot_tokens": len(one.input_ids),
+        "truncated": bool(cut.as_dict()),
+        "truncation": cut.as_dict(),
+    }
+
+
+def chunk_plan(neighbor_index: np.ndarray, chunk_rows: int) -> list[list[int]]:
+    """Fixed chunks of row indices, each row placed next to its neighbour chain i → k → k' …
+
+    Neighbours in the same chunk let ``score_rows`` share passes. The plan depends only on the
+    neighbours, never on what is already done, so a resumed or multi-process run batches every row
+    exactly as an uninterrupted single process does.
+    """
+    placed = np.zeros(len(neighbor_index), dtype=bool)
+    order: list[int] = []
+    for start in range(len(neighbor_index)):
+        i = start
+        while not placed[i]:
+            placed[i] = True
+            order.append(i)
+            i = int(neighbor_index[i])
+    return [order[j:j + chunk_rows] for j in range(0, len(order), chunk_rows)]

@@ -1,0 +1,182 @@
+"""The token layouts of MIWV: which tokens each loss is taken over, and how long a sequence may be.
+
+Every sequence ends with the tokens the loss is taken over:
+
+* zero-shot of sample i:   ``[BOS] prompt_i response_i [EOS]``
+* one-shot of sample i:    ``[BOS] prompt_k response_k [EOS] prompt_i response_i [EOS]``
+  (the neighbour k's full zero-shot sequence, then sample i's without its BOS)
+* unconditional (IFD):     ``[BOS] response_i [EOS]``
+
+The loss of each is the mean cross-entropy over ``response_i [EOS]``, the same tokens in all three.
+A prompt and its response are tokenised separately (``data.prompts``) and their IDs concatenated, so
+the boundary between them is exact, never inferred from string lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token IDs of one example, without special tokens; ``bos``/``eos`` are added by the layouts."""
+
+    prompt: tuple[int, ...]
+    response: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos: int | None  # None when the tokenizer does not prepend a BOS
+    eos: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "SpecialTokens":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; the response loss includes the final EOS")
+        probe = tokenizer("a").input_ids
+        uses_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
+        return cls(bos=tokenizer.bos_token_id if uses_bos else None, eos=tokenizer.eos_token_id)
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        return () if self.bos is None else (self.bos,)
+
+
+LAYOUT_VERSION = 1  # bump when the token layout changes: it is part of every fingerprint
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One forward pass: the loss is the mean over the last ``n_targets`` tokens of ``input_ids``.
+
+    ``extra_spans`` are further ``(stop, n)`` spans whose loss over tokens ``[stop - n, stop)`` is read
+    from the same pass: a one-shot sequence starts with the neighbour's exact zero-shot sequence, so
+    the neighbour's zero-shot loss comes out of it for free (causal attention never looks ahead).
+    """
+
+    input_ids: tuple[int, ...]
+    n_targets: int
+    extra_spans: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        return ((len(self.input_ids), self.n_targets), *self.extra_spans)
+
+
+@dataclass
+class Truncation:
+    """How many tokens ``max_length`` removed, per part. All zero when nothing was cut."""
+
+    demo: int = 0  # cut from the left of the neighbour's example (one-shot only)
+    prompt: int = 0  # cut from the left of sample i's prompt (both passes alike)
+    response: int = 0  # cut from the right of sample i's response, EOS included (both passes alike)
+    demo_kept: int | None = None  # tokens of the neighbour's example left in the one-shot sequence
+
+    @property
+    def no_demo(self) -> bool:
+        """Nothing of the demonstration fits: the one-shot pass would be the zero-shot pass, MIWV a false 0."""
+        return self.demo_kept == 0
+
+    def as_dict(self) -> dict[str, int | str]:
+        cut: dict[str, int | str] = {k: v for k, v in
+                                     (("demo", self.demo), ("prompt", self.prompt), ("response", self.response)) if v}
+        if self.no_demo:
+            cut["demo"] = "all"
+        return cut
+
+
+def _sample_body(example: EncodedExample, special: SpecialTokens, max_length: int) -> tuple[list[int], int, Truncation]:
+    """Sample i's ``prompt response [EOS]`` fitted into ``max_length`` with its BOS; returns (tokens, n_targets, cuts).
+
+    The prompt is trimmed from the left first; only a response that cannot fit on its own is
+    cut (from the right), and then identically in every pass, so losses stay comparable.
+    """
+    room = max_length - len(special.prefix)
+    targets = [*example.response, special.eos]
+    cut = Truncation()
+    if len(targets) > room:
+        cut.response = len(targets) - room
+        targets = targets[:room]
+    prompt = list(example.prompt)
+    if len(prompt) + len(targets) > room:
+        keep = room - len(targets)
+        cut.prompt = len(prompt) - keep
+        prompt = prompt[len(prompt) - keep:]
+    return prompt + targets, len(targets), cut
+
+
+def zero_shot_sequence(example: EncodedExample, special: SpecialTokens, max_length: int) -> tuple[Sequence, Truncation]:
+    body, n_targets, cut = _sample_body(example, special, max_length)
+    return Sequence((*special.prefix, *body), n_targets), cut
+
+
+def one_shot_sequence(example: EncodedExample, demo: EncodedExample, special: SpecialTokens,
+                      max_length: int) -> tuple[Sequence, Truncation]:
+    body, n_targets, cut = _sample_body(example, special, max_length)
+    demo_body = [*demo.prompt, *demo.response, special.eos]
+    room = max_length - len(special.prefix) - len(body)
+    if len(demo_body) > room:
+        cut.demo = len(demo_body) - max(room, 0)
+        demo_body = demo_body[cut.demo:]  # trim the demo from the left: keep what sits next to x_i
+    cut.demo_kept = len(demo_body)
+    return Sequence((*special.prefix, *demo_body, *body), n_targets), cut
+
+
+def unconditional_sequence(example: EncodedExample, special: SpecialTokens, max_length: int) -> Sequence:
+    body, n_targets, _ = _sample_body(example, special, max_length)
+    return Sequence((*special.prefix, *body[len(body) - n_targets:]), n_targets)
+
+
+AUTO_MAX_LENGTH = "auto"
+MIN_MAX_LENGTH = 2  # a BOS and one response token: anything shorter holds no target at all
+
+
+def max_length_rule(value: int | str, *, allow_auto: bool = True) -> str | None:
+    """What is wrong with a maximum length (``auto`` or an int ≥ 2), or None; checked before any model loads."""
+    if value == AUTO_MAX_LENGTH and allow_auto:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_MAX_LENGTH:
+        allowed = f"{AUTO_MAX_LENGTH!r} or an integer" if allow_auto else "an integer"
+        return (f"{value!r} cannot hold a single response token once the prompt is cut away; use {allowed} of at "
+                f"least {MIN_MAX_LENGTH}")
+    return None
+
+
+def parse_max_length(text: str) -> int | str:
+    return text if text == AUTO_MAX_LENGTH else int(text)
+
+
+parse_max_length.kind = f"{AUTO_MAX_LENGTH!r} or an integer"
+
+
+def context_window(model) -> int | None:
+    """The longest sequence the model's positions cover, when its config says."""
+    config = getattr(model.config, "text_config", None) or model.config
+    window = getattr(config, "max_position_embeddings", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
+
+
+def resolve_max_length(setting: int | str, needed: list[int], model) -> int:
+    """``auto``: the longest sequence ``needed``, capped at the model's context window; an int as it is."""
+    problem = max_length_rule(setting)
+    if problem:
+        raise ValueError(f"max_length: {problem}")
+    if setting != AUTO_MAX_LENGTH:
+        return int(setting)
+    longest, window = max(needed, default=MIN_MAX_LENGTH), context_window(model)
+    return max(MIN_MAX_LENGTH, min(longest, window) if window else longest)
+
+
+def one_shot_lengths(examples: list[EncodedExample], neighbor_index: np.ndarray, special: SpecialTokens,
+                     indices: list[int] | None = None) -> list[int]:
+    """Untruncated length of each row's one-shot sequence (all rows, or ``indices``): BOS, the neighbour's example,
+    then the row's."""
+    def body(i: int) -> int:
+        return len(examples[i].prompt) + len(examples[i].response) + 1
+
+    rows = range(len(examples)) if indices is None else indices
+    return [len(special.prefix) + body(int(neighbor_index[i])) + body(i) for i in rows]

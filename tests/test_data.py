@@ -479,11 +479,6 @@ def make_mirror(root: Path) -> Path:
     return root
 
 
-def test_registry_json_matches_module_constant():
-    on_disk = json.loads(D.REGISTRY_PATH.read_text(encoding="utf-8"))
-    assert on_disk == D.REGISTRY, "data/registry.json is stale: run miwv_lib.data.datasets.write_registry_json()"
-
-
 def test_registry_contents():
     registry = D.load_registry()
     keys = set(registry["alpaca"])

@@ -102,3 +102,28 @@ def test_train_ratio_without_scores_is_refused_not_ignored(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--ratio", "0.5"]) == 2
     assert "--ratio selects rows by their scores: give --scores too" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_notebook_parameters_are_named_as_the_fields_they_set():
+    """One name per setting: a notebook parameter handed to ScoreConfig, TrainConfig or GenerateConfig is
+    called as the field (04's ``batch_size`` is TrainConfig.batch_size, never ``train_batch_size``). The one
+    exception is ``train_seed``: in 03 and 04 ``seed`` is the random baseline's, so the LoRA seed keeps the
+    name of its command-line flag, ``--train-seed``."""
+    import ast
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    configs = {c.__name__: {f.name for f in dataclasses.fields(c)} for c in (ScoreConfig, TrainConfig, GenerateConfig)}
+    checked = 0
+    for path in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        for call in ast.walk(ast.parse(code)):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) in configs:
+                for kw in call.keywords:
+                    assert kw.arg in configs[call.func.id], f"{path.name}: {call.func.id} has no field {kw.arg}"
+                    if isinstance(kw.value, ast.Name) and (kw.arg, kw.value.id) != ("seed", "train_seed"):
+                        assert kw.value.id == kw.arg, f"{path.name}: parameter {kw.value.id} sets {kw.arg}"
+                        checked += 1
+    assert checked >= 25  # 02's ScoreConfig, 04's TrainConfig and 05's GenerateConfig were all found

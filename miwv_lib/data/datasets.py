@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..runtime.io import stable_hash, unwritable, write_json, write_jsonl
+from ..runtime.io import stable_hash, unwritable, write_jsonl
 
 DATA_DIR_ENV = "MIWV_DATA_DIR"
 CACHE_DIR_ENV = "MIWV_CACHE_DIR"
@@ -39,7 +39,6 @@ TEST_SETS = ("vicuna", "koala", "wizardlm", "sinstruct", "lima")
 
 # Package-relative so it works from any working directory.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-REGISTRY_PATH = _REPO_ROOT / "data" / "registry.json"
 
 FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 TRAIN_SCHEMAS = ("alpaca", "prompt_response", "prompt_completion", "messages", "sharegpt")
@@ -71,151 +70,15 @@ _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _MAX_DUPLICATE_EXAMPLES = 5
 
 
-_CHERRY_REPO = "https://github.com/tianyi-lab/Cherry_LLM (formerly MingLiiii/Cherry_LLM)"
-
-
-def _entry(
-    *,
-    kind: str,
-    schema: str,
-    description: str,
-    local_files: list[str],
-    local_rows: int | None,
-    hub_id: str | None = None,
-    hub_config: str | None = None,
-    hub_split: str | None = None,
-    hub_data_files: list[str] | None = None,
-    hub_rows: int | None = None,
-    license: str,
-    obtain: str,
-) -> dict[str, Any]:
-    # Every entry has every key so consumers never need .get() guesswork.
-    return {
-        "kind": kind,
-        "schema": schema,
-        "description": description,
-        "local_files": local_files,
-        "local_rows": local_rows,
-        "hub_id": hub_id,
-        "hub_config": hub_config,
-        "hub_split": hub_split,
-        "hub_data_files": hub_data_files,
-        "hub_rows": hub_rows,
-        "license": license,
-        "obtain": obtain,
-    }
-
-
-def _test_set_entry(name: str, rows: int, schema_note: str, licence: str) -> dict[str, Any]:
-    return _entry(
-        kind="test",
-        schema=name,
-        description=f"{name} test prompts as used by the IFD/Cherry LLM evaluation ({schema_note})",
-        local_files=[f"eval/{name}_test_set.jsonl"],
-        local_rows=rows,
-        license=licence,
-        obtain=f"not on the hub in this schema; copy evaluation/test_data/{name}_test_set.jsonl "
-        f"from {_CHERRY_REPO} into <data dir>/eval/ and set {DATA_DIR_ENV}",
-    )
-
-
-_ALPACA_LICENCE = "CC BY-NC 4.0 (Alpaca data; research use only)"
-
-REGISTRY: dict[str, dict[str, Any]] = {
-    "alpaca": _entry(
-        kind="train",
-        schema="alpaca",
-        description="Stanford Alpaca instruction pool. The local mirror is a REAL 4,110-row subset "
-        "(alpaca-cherry-3111 + alpaca-gpt4-999, mixed quality); the hub version is the full 52,002 rows.",
-        local_files=["train/alpaca_cherry_3111.json", "train/alpaca_gpt4_999.json"],
-        local_rows=4110,
-        hub_id="tatsu-lab/alpaca",
-        hub_split="train",
-        hub_rows=52002,
-        license=_ALPACA_LICENCE,
-        obtain=f"hub dataset tatsu-lab/alpaca, or a local mirror with train/*.json under {DATA_DIR_ENV}",
-    ),
-    "alpaca-cherry-3111": _entry(
-        kind="train",
-        schema="alpaca",
-        description="Original Alpaca samples (text-davinci-003 responses) selected by Cherry LLM / IFD "
-        "as its 5% subset ('cherry_alpaca_5_percent'); already IFD-selected, so harder than random Alpaca.",
-        local_files=["train/alpaca_cherry_3111.json"],
-        local_rows=3111,
-        license=_ALPACA_LICENCE,
-        obtain=f"not on the hub; download cherry_alpaca_5_percent.json from {_CHERRY_REPO} "
-        f"(data/cherry_data_v1/...), save it as <data dir>/train/alpaca_cherry_3111.json and set {DATA_DIR_ENV}",
-    ),
-    "alpaca-gpt4-999": _entry(
-        kind="train",
-        schema="alpaca",
-        description="Alpaca instructions with GPT-4 responses (999-row Alpaca-GPT4 demo subset). "
-        "NOTE: the hub fallback vicgalle/alpaca-gpt4 is the FULL 52,002-row set, not this subset.",
-        local_files=["train/alpaca_gpt4_999.json"],
-        local_rows=999,
-        hub_id="vicgalle/alpaca-gpt4",
-        hub_split="train",
-        hub_rows=52002,
-        license=_ALPACA_LICENCE,
-        obtain=f"local mirror under {DATA_DIR_ENV} (train/alpaca_gpt4_999.json); "
-        "hub vicgalle/alpaca-gpt4 has the full set",
-    ),
-    "vicuna": _test_set_entry("vicuna", 80, "text + category", "Apache-2.0 (FastChat)"),
-    "koala": _test_set_entry("koala", 180, "prompt", "see the Koala release (research use)"),
-    "wizardlm": _test_set_entry("wizardlm", 218, "Instruction + Skill + Difficulty", "see the WizardLM release"),
-    "sinstruct": _test_set_entry(
-        "sinstruct", 252, "Self-Instruct user-oriented tasks; reference in instances[0].output", "Apache-2.0"
-    ),
-    "lima": _test_set_entry("lima", 300, "conversations is a plain string", "see GAIR/lima (CC BY-NC-SA)"),
-    # The tatsu-lab/alpaca_eval hub repo is script-based, and datasets>=4 refuses loading
-    # scripts, so the hub fallback reads the repo's raw JSON file instead
-    # (hf://datasets/tatsu-lab/alpaca_eval/<file>).  File names follow the repo's loading
-    # script; hub_config names the script's config for reference.
-    "alpaca_eval_gpt4": _entry(
-        kind="test",
-        schema="alpaca_eval",
-        description="AlpacaEval 805 prompts with GPT-4 reference outputs (AlpacaEval 2.0 baseline)",
-        local_files=["eval/alpaca_eval_gpt4.json"],
-        local_rows=805,
-        hub_id="tatsu-lab/alpaca_eval",
-        hub_config="alpaca_eval_gpt4_baseline",
-        hub_split="eval",
-        hub_data_files=["alpaca_eval_gpt4_baseline.json"],
-        hub_rows=805,
-        license="CC BY-NC 4.0",
-        obtain="hub tatsu-lab/alpaca_eval (file alpaca_eval_gpt4_baseline.json), "
-        f"or a local mirror under {DATA_DIR_ENV}",
-    ),
-    "alpaca_eval_davinci003": _entry(
-        kind="test",
-        schema="alpaca_eval",
-        description="AlpacaEval 805 prompts with text-davinci-003 reference outputs (AlpacaEval 1.0 baseline)",
-        local_files=["eval/alpaca_eval_davinci003.json"],
-        local_rows=805,
-        hub_id="tatsu-lab/alpaca_eval",
-        hub_config="alpaca_eval",
-        hub_split="eval",
-        hub_data_files=["alpaca_eval.json"],
-        hub_rows=805,
-        license="CC BY-NC 4.0",
-        obtain=f"hub tatsu-lab/alpaca_eval (file alpaca_eval.json), or a local mirror under {DATA_DIR_ENV}",
-    ),
-}
+# The registry (name → local mirror files, hub id, schema, row counts, licence, how to obtain it) is data,
+# shipped inside the package. The alpaca_eval hub repo is script-based and datasets>=4 refuses loading
+# scripts, so its entries name the repo's raw JSON files (hub_data_files); hub_config is for reference.
+REGISTRY: dict[str, dict[str, Any]] = json.loads((Path(__file__).with_name("registry.json")).read_text("utf-8"))
 
 
 def load_registry() -> dict[str, dict]:
-    """The dataset registry (a deep copy, so callers cannot corrupt the module constant).
-
-    ``REGISTRY`` in this module is the single source of truth; ``data/registry.json``
-    is a generated, human-readable copy kept equal to it by a test, because a JSON
-    file next to the package is not shipped by a non-editable install.
-    """
+    """The dataset registry (a deep copy, so callers cannot corrupt the module constant)."""
     return copy.deepcopy(REGISTRY)
-
-
-def write_registry_json(path: str | Path = REGISTRY_PATH) -> Path:
-    """Regenerate ``data/registry.json`` from :data:`REGISTRY`."""
-    return write_json(path, REGISTRY)
 
 
 class DataError(ValueError):
@@ -832,8 +695,8 @@ def default_cache_dir() -> Path:
     env = os.environ.get(CACHE_DIR_ENV)
     if env:
         return Path(env).expanduser()
-    if REGISTRY_PATH.parent.is_dir():
-        return REGISTRY_PATH.parent / "cache"
+    if (_REPO_ROOT / "data").is_dir():
+        return _REPO_ROOT / "data" / "cache"
     # Installed non-editable: never write next to site-packages.
     return Path.home() / ".cache" / "miwv_lib" / "data"
 

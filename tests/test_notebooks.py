@@ -147,7 +147,8 @@ def test_pipeline_executed_every_notebook_without_errors(smoke_run):
     assert "model" not in record["parameters"]["03_selection"]
     assert record["parameters"]["02_miwv_scoring"]["n_show"] == 2  # the per-notebook value
     assert record["parameters"]["04_finetune"]["max_steps"] == 2 and "methods" not in record["parameters"]["04_finetune"]
-    assert "batch_size" not in record["parameters"]["04_finetune"]  # the scoring batch is not the training batch
+    # one name per setting, each notebook its own value: the scoring batch is not the training batch
+    assert record["parameters"]["04_finetune"]["batch_size"] == 2 and record["parameters"]["02_miwv_scoring"]["batch_size"] == 16
     assert record["parameters"]["05_evaluate"]["prompts_per_set"] == 2 and "sample" not in record["parameters"]["05_evaluate"]
 
 

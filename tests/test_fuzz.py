@@ -363,7 +363,7 @@ def test_fuzz_yaml_configs_mutated_key_by_key(study_dict, pipeline_dict, tmp_pat
         raise _WorkStarted
 
     monkeypatch.setattr(miwv_lib.experiments.study.Study, "run", door)
-    monkeypatch.setattr(miwv_lib.experiments.pipeline, "_execute", lambda *a, **k: (_ for _ in ()).throw(_WorkStarted()))
+    monkeypatch.setattr(miwv_lib.experiments.pipeline, "execute_notebook", lambda *a, **k: (_ for _ in ()).throw(_WorkStarted()))
     tmp = tmp_path_factory.mktemp("yaml")
     config = tmp / "config.yaml"
     if data.draw(st.integers(0, 7), label="binary") == 0:

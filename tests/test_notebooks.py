@@ -21,6 +21,7 @@ pytestmark = pytest.mark.integration  # runs the notebook pipeline on the tiny m
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SOLUTIONS = sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))
 SMOKE = ROOT / "configs" / "smoke.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Absolute paths (POSIX home/work/system dirs, Windows drives) must never be committed in a notebook.
@@ -39,7 +40,16 @@ def test_the_expected_notebooks_exist():
                                            "03_selection.ipynb", "04_finetune.ipynb", "05_evaluate.ipynb"]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_01_to_05_end_with_exercises_whose_solutions_exist():
+    for path in NOTEBOOKS[1:]:
+        last = nbformat.read(path, as_version=4).cells[-1]
+        assert last.cell_type == "markdown" and last.source.startswith("## Exercises"), path.name
+        assert f"solutions/{path.stem}_solutions.ipynb" in last.source
+        assert (ROOT / "notebooks" / "solutions" / f"{path.stem}_solutions.ipynb") in SOLUTIONS
+        assert last.source.count("\n1. **") == 1 and "\n2. **" in last.source  # two or three exercises
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda p: p.stem)
 def test_notebook_is_committed_clean(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
@@ -53,7 +63,7 @@ def test_notebook_is_committed_clean(path):
     assert "/work" not in path.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", NOTEBOOKS + SOLUTIONS, ids=lambda p: p.stem)
 def test_one_typed_commented_parameters_cell_that_papermill_reads_completely(path):
     import papermill
 
@@ -325,3 +335,13 @@ def test_03_honours_non_default_parameters(smoke_run, tmp_path):
     assert picked == select_indices(scores, 0.2, by="random", seed=3) != select_indices(scores, 0.2, by="random", seed=0)
     report = (tmp_path / "report.md").read_text()
     assert "| random | 0.5 | 20 |" in report
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_the_solutions_run_on_the_smoke_run(smoke_run, path, tmp_path):
+    """Every exercise's solution executes top to bottom on what the notebooks wrote (its asserts included)."""
+    from miwv_lib.experiments.pipeline import execute_notebook
+
+    executed, error = execute_notebook(path, {"run_dir": str(smoke_run.run_dir)}, tmp_path)
+    assert error is None, error
+    assert executed.is_file()

@@ -308,22 +308,18 @@ def test_the_terminal_shows_the_progress_of_the_running_cell(tmp_path, capfd):
 
     import nbformat
 
-    from miwv_lib.experiments.pipeline import KERNEL_NAME, _execute
+    from miwv_lib.experiments.pipeline import execute_notebook
 
     cell = nbformat.v4.new_code_cell(
         "import time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(6), desc='scoring in the kernel'):\n"
         "    time.sleep(0.4)")
     path = tmp_path / "long_cell.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(path))
-    (tmp_path / "out").mkdir()
-    (tmp_path / "quiet").mkdir()
     before = dict(os.environ)
-    final, error = _execute(path, {}, tmp_path / "out", progress=True, kernel_name=KERNEL_NAME, start_timeout=120,
-                            cell_timeout=120)
+    final, error = execute_notebook(path, {}, tmp_path / "out", progress=True, cell_timeout=120)
     assert error is None and final.is_file()
     err = capfd.readouterr().err
     assert "scoring in the kernel" in err and "6/6" in err
     assert dict(os.environ) == before  # the kernel's start-up settings do not leak into this process
-    _, error = _execute(path, {}, tmp_path / "quiet", progress=False, kernel_name=KERNEL_NAME, start_timeout=120,
-                        cell_timeout=120)
+    _, error = execute_notebook(path, {}, tmp_path / "quiet", cell_timeout=120)
     assert error is None and "scoring in the kernel" not in capfd.readouterr().err

@@ -289,7 +289,7 @@ def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None
     for path in bar:
         bar.set_postfix_str(path.stem)
         t0 = time.perf_counter()
-        final, error = _execute(path, plan[path.stem], out_dir / "notebooks", progress=progress,
+        final, error = execute_notebook(path, plan[path.stem], out_dir / "notebooks", progress=progress,
                                 kernel_name=kernel_name, start_timeout=start_timeout, cell_timeout=cell_timeout)
         result.seconds[path.stem] = round(time.perf_counter() - t0, 1)
         if error is not None:
@@ -328,11 +328,13 @@ def _local_kernel(sockets: str) -> dict:
     return {"kernel_manager_class": LocalKernelManager}
 
 
-def _execute(path: Path, parameters: dict, executed_dir: Path, *, progress: bool, kernel_name: str,
-             start_timeout: int, cell_timeout: int | None) -> tuple[Path, PipelineError | None]:
+def execute_notebook(path: Path, parameters: dict, executed_dir: Path, *, progress: bool = False,
+                     kernel_name: str = KERNEL_NAME, start_timeout: int = 120,
+                     cell_timeout: int | None = None) -> tuple[Path, PipelineError | None]:
     """Run one notebook into ``executed_dir``; the executed copy is kept (renamed into place) even when it fails."""
     import papermill
 
+    executed_dir.mkdir(parents=True, exist_ok=True)
     final = executed_dir / path.name
     partial = executed_dir / f".{path.stem}.partial.ipynb"  # renamed over `final` when done
     error = None

@@ -22,6 +22,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -582,3 +583,45 @@ def test_end_to_end_in_a_real_process(tmp_path, name, file, blob, argv, fragment
     for fragment in fragments:
         assert fragment in outcome.error_lines[0], (fragment, outcome.error_lines[0])
     assert digest(tmp_path) == before and not (tmp_path / "run" / "scores.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- signals at random moments
+
+
+def _score_process(data: Path, out: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("MIWV_DATA_DIR", "RANK", "WORLD_SIZE")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    argv = ["score", "--data", data, "--out", out, "--chunk-rows", "2", *FAST]
+    return subprocess.Popen([sys.executable, "-m", "miwv_lib", *map(str, argv)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@fuzz(2)
+@given(delay=st.floats(0.2, 12.0), signum=st.sampled_from([signal.SIGINT, signal.SIGTERM]))
+def test_fuzz_a_signal_at_a_random_moment_of_a_score_run(base_run, tmp_path_factory, delay, signum):
+    """Ctrl-C or a kill at any moment (importing, loading the model, embedding, scoring, writing): no traceback,
+    never a complete-looking wrong scores.jsonl, and the same command then finishes with the same numbers."""
+    out = tmp_path_factory.mktemp("signal") / "run"
+    before = digest(base_run["data"])
+    process = _score_process(base_run["data"], out)
+    try:
+        process.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signum)
+    _, err = process.communicate(timeout=300)
+    FUZZ_CASES["signals at random moments (subprocess)"] += 1
+    assert "Traceback" not in err, err[-3000:]
+    assert process.returncode in (0, 130, -signal.SIGTERM), (process.returncode, err[-2000:])
+    if process.returncode == 130:
+        assert err.strip().splitlines()[-1].startswith("interrupted"), err[-2000:]
+    if process.returncode == 0:
+        assert (out / "scores.jsonl").exists()
+    resumed = _score_process(base_run["data"], out)
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    expected = [json.loads(line) for line in (base_run["run"] / "scores.jsonl").read_text("utf-8").splitlines()]
+    got = [json.loads(line) for line in (out / "scores.jsonl").read_text("utf-8").splitlines()]
+    assert [r["id"] for r in got] == [r["id"] for r in expected]
+    for a, b in zip(got, expected):
+        assert a["status"] == b["status"] and abs(a["miwv"] - b["miwv"]) < 1e-5, (a, b)
+    assert digest(base_run["data"]) == before

@@ -1,19 +1,12 @@
 """Loading instruction pools and test sets into one normalised shape.
 
-Every dataset the project touches (training pools, the five IFD/Cherry test
-sets, AlpacaEval) comes in its own schema and file format.  This module turns
-all of them into rows of exactly ``{"id", "instruction", "input", "output"}``
-(all strings) and keeps the original records next to them, so that selected
-subsets can be exported in the schema they came in.
+Every dataset (training pools, the five IFD/Cherry test sets, AlpacaEval) has its own schema and file
+format; each becomes rows of exactly ``{"id", "instruction", "input", "output"}`` (all strings), with the
+original records kept so that selected subsets can be exported in the schema they came in.
 
-Loading is strict on purpose: a data-selection result is only as trustworthy
-as the pool it was computed on, so malformed input raises :class:`DataError`
-naming the file, row and field instead of being skipped or "fixed".  Text is
-never stripped or rewritten, only validated.
-
-Where data comes from, in order: a local file (or list of files), a registry
-name (local mirror under ``$MIWV_DATA_DIR`` first, then the hub), a hub id
-``owner/name`` (downloaded once into a JSONL cache), or the default dataset.
+Loading is strict on purpose: a data-selection result is only as trustworthy as the pool it was computed
+on, so malformed input raises :class:`DataError` naming the file, row and field instead of being skipped
+or "fixed". Text is never stripped or rewritten, only validated.
 """
 
 from __future__ import annotations
@@ -26,7 +19,8 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,8 +31,7 @@ CACHE_DIR_ENV = "MIWV_CACHE_DIR"
 DEFAULT_DATASET = "alpaca"
 TEST_SETS = ("vicuna", "koala", "wizardlm", "sinstruct", "lima")
 
-# Package-relative so it works from any working directory.
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_REPO_ROOT = Path(__file__).resolve().parents[2]  # package-relative, so it works from any working directory
 
 FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 TRAIN_SCHEMAS = ("alpaca", "prompt_response", "prompt_completion", "messages", "sharegpt")
@@ -68,6 +61,7 @@ _ASSISTANT_ROLES = frozenset({"assistant", "gpt", "chatgpt", "model", "bard", "b
 
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _MAX_DUPLICATE_EXAMPLES = 5
+_IS_DIRECTORY = "is a directory, expected a .json, .jsonl or .parquet file"
 
 
 # The registry (name → local mirror files, hub id, schema, row counts, licence, how to obtain it) is data,
@@ -85,34 +79,17 @@ class DataError(ValueError):
     """Bad input. The message names the file (or hub id), the 0-based row and the field when they apply,
     e.g. ``"alpaca.json, row 17, field 'output': expected a string, got int (42)"``."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        source: str | None = None,
-        row: int | None = None,
-        field: str | None = None,
-        line: int | None = None,
-    ) -> None:
-        self.detail = message
-        self.source = source
-        self.row = row
-        self.field = field
-        self.line = line
-        super().__init__(_locate(source, row, field, line) + message)
-
-
-def _locate(source: str | None, row: int | None, field: str | None, line: int | None) -> str:
-    parts: list[str] = []
-    if source is not None:
-        parts.append(str(source))
-    if row is not None:
-        parts.append(f"row {row}" + (f" (line {line})" if line is not None else ""))
-    elif line is not None:
-        parts.append(f"line {line}")
-    if field is not None:
-        parts.append(f"field {field!r}")
-    return ", ".join(parts) + ": " if parts else ""
+    def __init__(self, message: str, *, source: str | None = None, row: int | None = None,
+                 field: str | None = None, line: int | None = None) -> None:
+        self.detail, self.source, self.row, self.field, self.line = message, source, row, field, line
+        parts = [] if source is None else [str(source)]
+        if row is not None:
+            parts.append(f"row {row}" + ("" if line is None else f" (line {line})"))
+        elif line is not None:
+            parts.append(f"line {line}")
+        if field is not None:
+            parts.append(f"field {field!r}")
+        super().__init__(", ".join(parts) + ": " + message if parts else message)
 
 
 class DataWarning(UserWarning):
@@ -131,13 +108,12 @@ class _Where:
         return DataError(message, source=self.source, row=self.row, field=field, line=self.line)
 
 
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} ({text})"
+    return "null" if value is None else f"{type(value).__name__} ({_clip(repr(value), 60)})"
 
 
 @dataclass
@@ -148,19 +124,15 @@ class InstructionPool:
     schema: str
     file_format: str
     duplicate_groups: list[list[int]] = field(default_factory=list)
-    # Reference answers where the schema has them (sinstruct, alpaca_eval), else None.
-    references: list[str | None] = field(default_factory=list)
-    # Files actually read (local files or the hub cache file), for provenance.
-    files: list[str] = field(default_factory=list)
+    references: list[str | None] = field(default_factory=list)  # reference answers (sinstruct, alpaca_eval), else None
+    files: list[str] = field(default_factory=list)  # files actually read (local or the hub cache), for provenance
 
     def __post_init__(self) -> None:
         if not self.references:
             self.references = [None] * len(self.rows)
         if not (len(self.rows) == len(self.records) == len(self.references)):
-            raise ValueError(
-                f"InstructionPool lengths disagree: rows={len(self.rows)}, records={len(self.records)}, "
-                f"references={len(self.references)}"
-            )
+            raise ValueError(f"InstructionPool lengths disagree: rows={len(self.rows)}, records={len(self.records)}, "
+                             f"references={len(self.references)}")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -176,24 +148,16 @@ class InstructionPool:
     def subset(self, indices: Sequence[int]) -> InstructionPool:
         """A new pool with the given rows (in the given order); duplicates are recomputed."""
         rows = [self.rows[i] for i in indices]
-        return InstructionPool(
-            rows=rows,
-            records=[self.records[i] for i in indices],
-            source=self.source,
-            schema=self.schema,
-            file_format=self.file_format,
-            duplicate_groups=_duplicate_groups(rows),
-            references=[self.references[i] for i in indices],
-            files=list(self.files),
-        )
+        return replace(self, rows=rows, records=[self.records[i] for i in indices],
+                       duplicate_groups=_duplicate_groups(rows), references=[self.references[i] for i in indices],
+                       files=list(self.files))
 
 
 def format_source_text(row: Mapping[str, Any]) -> str:
     """The text embedded for neighbour search: instruction (+ "\\n" + input). Never the response,
     because selection must judge an example by what it asks, not by how well it was answered."""
-    instruction = row["instruction"]
     extra = row.get("input") or ""
-    return f"{instruction}\n{extra}" if extra.strip() else instruction
+    return f"{row['instruction']}\n{extra}" if extra.strip() else row["instruction"]
 
 
 def content_id(instruction: str, input_text: str, output: str) -> str:
@@ -210,52 +174,38 @@ class _RawFile:
     lines: list[int] | None = None  # 1-based line of each record, for JSONL
 
 
-def _read_bytes(path: Path, label: str) -> bytes:
+def _read_text(path: Path, label: str, *, line_based: bool) -> str:
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except IsADirectoryError:
-        raise DataError("is a directory, expected a .json, .jsonl or .parquet file", source=label) from None
+        raise DataError(_IS_DIRECTORY, source=label) from None
     except OSError as exc:
         raise DataError(f"cannot read file ({exc.strerror or exc})", source=label) from None
-
-
-def _decode(data: bytes, label: str, *, line_based: bool) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        bad = data[exc.start : exc.start + 4]
         before = data[: exc.start].split(b"\n")
-        line = len(before)
         row = sum(1 for chunk in before[:-1] if chunk.strip()) if line_based else None
-        raise DataError(
-            f"not valid UTF-8 at byte offset {exc.start} (bytes {bad!r})",
-            source=label,
-            row=row,
-            line=line,
-        ) from None
-    # A BOM is an encoding artefact, not content; json.loads rejects it.
-    return text[1:] if text.startswith("\ufeff") else text
+        raise DataError(f"not valid UTF-8 at byte offset {exc.start} (bytes {data[exc.start : exc.start + 4]!r})",
+                        source=label, row=row, line=len(before)) from None
+    return text.removeprefix("\ufeff")  # a BOM is an encoding artefact, not content; json.loads rejects it
 
 
 def _read_json(path: Path, label: str) -> _RawFile:
-    data = _read_bytes(path, label)
-    text = _decode(data, label, line_based=False)
+    text = _read_text(path, label, line_based=False)
     if not text.strip():
         raise DataError("empty file (0 rows)", source=label)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        hint = ""
-        if exc.msg == "Extra data" and exc.lineno > 1:
-            hint = " (this looks like JSON Lines: one record per line; rename the file to .jsonl)"
-        raise DataError(
-            f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}{hint}", source=label
-        ) from None
+        jsonl = exc.msg == "Extra data" and exc.lineno > 1
+        hint = " (this looks like JSON Lines: one record per line; rename the file to .jsonl)" if jsonl else ""
+        raise DataError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}{hint}",
+                        source=label) from None
     except ValueError:  # not a syntax error: an integer too long for Python to convert
-        raise DataError(_too_long_number(text), source=label, line=_long_number_line(text)) from None
+        raise _too_long_number(text, label) from None
     if isinstance(obj, dict):
-        keys = list(obj)[:10]
-        raise DataError(f"expected a JSON list of records, got an object with keys {keys}", source=label)
+        raise DataError(f"expected a JSON list of records, got an object with keys {list(obj)[:10]}", source=label)
     if not isinstance(obj, list):
         raise DataError(f"expected a JSON list of records, got {_describe(obj)}", source=label)
     return _RawFile(path, label, "json", obj)
@@ -264,35 +214,30 @@ def _read_json(path: Path, label: str) -> _RawFile:
 _LONG_NUMBER = re.compile(r"\d{%d,}" % ((sys.get_int_max_str_digits() or 4300) + 1))
 
 
-def _too_long_number(text: str) -> str:
+def _too_long_number(text: str, label: str, row: int | None = None, line: int | None = None) -> DataError:
     match = _LONG_NUMBER.search(text)
+    if match and line is None:
+        line = text.count("\n", 0, match.start()) + 1
     digits = len(match.group()) if match else "too many"
-    return (f"a number with {digits} digits, more than can be read (at most {sys.get_int_max_str_digits()}); "
-            "write it as a string")
-
-
-def _long_number_line(text: str) -> int | None:
-    match = _LONG_NUMBER.search(text)
-    return text.count("\n", 0, match.start()) + 1 if match else None
+    return DataError(f"a number with {digits} digits, more than can be read (at most {sys.get_int_max_str_digits()})"
+                     "; write it as a string", source=label, row=row, line=line)
 
 
 def _read_jsonl(path: Path, label: str) -> _RawFile:
-    text = _decode(_read_bytes(path, label), label, line_based=True)
+    text = _read_text(path, label, line_based=True)
     records: list[Any] = []
     lines: list[int] = []
-    # Split on "\n" only: str.splitlines() would also split on U+2028 etc., which
-    # json.dumps(ensure_ascii=False) leaves unescaped inside strings.
+    # Not str.splitlines(): it also splits on U+2028 etc., which json.dumps(ensure_ascii=False) leaves in strings.
     for line_no, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines (e.g. the trailing newline) carry no record
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            raise DataError(
-                f"not valid JSON: {exc.msg} at column {exc.colno}", source=label, row=len(records), line=line_no
-            ) from None
+            raise DataError(f"not valid JSON: {exc.msg} at column {exc.colno}", source=label, row=len(records),
+                            line=line_no) from None
         except ValueError:  # an integer too long for Python to convert
-            raise DataError(_too_long_number(line), source=label, row=len(records), line=line_no) from None
+            raise _too_long_number(line, label, len(records), line_no) from None
         lines.append(line_no)
     return _RawFile(path, label, "jsonl", records, lines)
 
@@ -303,30 +248,21 @@ def _read_parquet(path: Path, label: str) -> _RawFile:
     try:
         table = pq.read_table(path)
     except IsADirectoryError:
-        raise DataError("is a directory, expected a .json, .jsonl or .parquet file", source=label) from None
+        raise DataError(_IS_DIRECTORY, source=label) from None
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
         raise DataError(f"not a readable parquet file ({type(exc).__name__}: {exc})", source=label) from None
     return _RawFile(path, label, "parquet", table.to_pylist())
-
-
-_READERS: dict[str, Callable[[Path, str], _RawFile]] = {
-    "json": _read_json,
-    "jsonl": _read_jsonl,
-    "parquet": _read_parquet,
-}
 
 
 def _read_file(path: Path, label: str | None = None) -> _RawFile:
     label = label or str(path)
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(
-            f"unsupported file type {path.suffix or '(no suffix)'!r}; expected one of {sorted(FILE_FORMATS)}",
-            source=label,
-        )
+        raise DataError(f"unsupported file type {path.suffix or '(no suffix)'!r}; expected one of "
+                        f"{sorted(FILE_FORMATS)}", source=label)
     if not path.exists():
         raise DataError("file not found", source=label)
-    raw = _READERS[fmt](path, label)
+    raw = {"json": _read_json, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt](path, label)
     if not raw.records:
         raise DataError("empty file (0 rows)", source=label)
     return raw
@@ -343,17 +279,11 @@ def detect_schema(record: Mapping[str, Any]) -> str | None:
     if "instruction" in keys:
         if "instances" in keys:
             return "sinstruct"
-        if {"output", "generator"} <= keys and "input" not in keys:
-            return "alpaca_eval"
-        return "alpaca"
+        return "alpaca_eval" if {"output", "generator"} <= keys and "input" not in keys else "alpaca"
     if "Instruction" in keys:
         return "wizardlm"
     if "prompt" in keys:
-        if "response" in keys:
-            return "prompt_response"
-        if "completion" in keys:
-            return "prompt_completion"
-        return "koala"
+        return "prompt_response" if "response" in keys else "prompt_completion" if "completion" in keys else "koala"
     if "text" in keys and ({"category", "question_id"} & keys):
         return "vicuna"
     return None
@@ -368,15 +298,8 @@ class _Normalised(NamedTuple):
     dropped_other: bool = False  # conversation had system/tool turns that were dropped
 
 
-def _text(
-    record: Mapping[str, Any],
-    key: str,
-    where: _Where,
-    *,
-    field_name: str | None = None,
-    required: bool = True,
-    nonblank: bool = False,
-) -> str:
+def _text(record: Mapping[str, Any], key: str, where: _Where, *, field_name: str | None = None,
+          required: bool = True, nonblank: bool = False) -> str:
     """A string field, validated; ``field_name`` is the path shown in errors (for nested fields)."""
     name = field_name or key
     if key not in record:
@@ -392,30 +315,27 @@ def _text(
     return value
 
 
-def _norm_alpaca(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
-    return _Normalised(
-        _text(rec, "instruction", where, nonblank=True),
-        _text(rec, "input", where, required=False),
-        _text(rec, "output", where, nonblank=require_output),
-    )
+def _flat(instruction_key: str, output_key: str | None = None, *, with_input: bool = False,
+          reference_key: str | None = None) -> Callable[[Mapping, _Where, bool], _Normalised]:
+    """The normaliser of a schema whose fields are top-level strings; a key of None: the field is absent."""
 
-
-def _norm_prompt(output_key: str) -> Callable[[Mapping, _Where, bool], _Normalised]:
     def normalise(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
         return _Normalised(
-            _text(rec, "prompt", where, nonblank=True), "", _text(rec, output_key, where, nonblank=require_output)
+            _text(rec, instruction_key, where, nonblank=True),
+            _text(rec, "input", where, required=False) if with_input else "",
+            _text(rec, output_key, where, nonblank=require_output) if output_key else "",
+            _text(rec, reference_key, where) if reference_key else None,
         )
 
     return normalise
 
 
-def _first_exchange(
-    rec: Mapping, where: _Where, require_output: bool, *, turns_key: str, role_key: str, content_key: str
-) -> _Normalised:
+def _first_exchange(rec: Mapping, where: _Where, require_output: bool, *, turns_key: str, role_key: str,
+                    content_key: str) -> _Normalised:
     """First user turn and the first assistant turn after it; the rest is dropped (and counted)."""
-    turns = rec.get(turns_key)
     if turns_key not in rec:
         raise where.error("missing required field", turns_key)
+    turns = rec[turns_key]
     if not isinstance(turns, list) or not turns:
         raise where.error(f"expected a non-empty list of turns, got {_describe(turns)}", turns_key)
     roles: list[str] = []
@@ -423,43 +343,21 @@ def _first_exchange(
         if not isinstance(turn, Mapping):
             raise where.error(f"expected an object, got {_describe(turn)}", f"{turns_key}[{i}]")
         roles.append(_text(turn, role_key, where, field_name=f"{turns_key}[{i}].{role_key}").lower())
+
+    def content(i: int, nonblank: bool) -> str:
+        return _text(turns[i], content_key, where, field_name=f"{turns_key}[{i}].{content_key}", nonblank=nonblank)
+
     user = next((i for i, r in enumerate(roles) if r in _USER_ROLES), None)
     if user is None:
         raise where.error(f"no user turn (roles seen: {sorted(set(roles))})", turns_key)
-    instruction = _text(turns[user], content_key, where, field_name=f"{turns_key}[{user}].{content_key}", nonblank=True)
+    instruction = content(user, nonblank=True)
     reply = next((i for i in range(user + 1, len(roles)) if roles[i] in _ASSISTANT_ROLES), None)
-    if reply is None:
-        if require_output:
-            raise where.error("no assistant turn after the first user turn", turns_key)
-        output = ""
-    else:
-        output = _text(
-            turns[reply], content_key, where, field_name=f"{turns_key}[{reply}].{content_key}", nonblank=require_output
-        )
+    if reply is None and require_output:
+        raise where.error("no assistant turn after the first user turn", turns_key)
+    output = "" if reply is None else content(reply, nonblank=require_output)
     dialogue = sum(1 for r in roles if r in _USER_ROLES or r in _ASSISTANT_ROLES)
-    used = 1 + (reply is not None)
-    return _Normalised(
-        instruction,
-        "",
-        output,
-        more_turns=dialogue > used,
-        dropped_other=dialogue < len(roles),
-    )
-
-
-def _norm_messages(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
-    return _first_exchange(rec, where, require_output, turns_key="messages", role_key="role", content_key="content")
-
-
-def _norm_sharegpt(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
-    return _first_exchange(rec, where, require_output, turns_key="conversations", role_key="from", content_key="value")
-
-
-def _prompt_only(key: str) -> Callable[[Mapping, _Where, bool], _Normalised]:
-    def normalise(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
-        return _Normalised(_text(rec, key, where, nonblank=True), "", "")
-
-    return normalise
+    return _Normalised(instruction, "", output, more_turns=dialogue > 1 + (reply is not None),
+                       dropped_other=dialogue < len(roles))
 
 
 def _norm_sinstruct(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
@@ -475,24 +373,20 @@ def _norm_sinstruct(rec: Mapping, where: _Where, require_output: bool) -> _Norma
     return _Normalised(instruction, input_text, "", reference)
 
 
-def _norm_alpaca_eval(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
+_NORMALISERS: dict[str, Callable[[Mapping, _Where, bool], _Normalised]] = {
+    "alpaca": _flat("instruction", "output", with_input=True),
+    "prompt_response": _flat("prompt", "response"),
+    "prompt_completion": _flat("prompt", "completion"),
+    "messages": partial(_first_exchange, turns_key="messages", role_key="role", content_key="content"),
+    "sharegpt": partial(_first_exchange, turns_key="conversations", role_key="from", content_key="value"),
+    "vicuna": _flat("text"),
+    "koala": _flat("prompt"),
+    "wizardlm": _flat("Instruction"),
+    "sinstruct": _norm_sinstruct,
+    "lima": _flat("conversations"),
     # The "output" here is a baseline model's answer, i.e. a reference, not training data;
     # it may legitimately be empty (two davinci-003 answers are).
-    return _Normalised(_text(rec, "instruction", where, nonblank=True), "", "", _text(rec, "output", where))
-
-
-_NORMALISERS: dict[str, Callable[[Mapping, _Where, bool], _Normalised]] = {
-    "alpaca": _norm_alpaca,
-    "prompt_response": _norm_prompt("response"),
-    "prompt_completion": _norm_prompt("completion"),
-    "messages": _norm_messages,
-    "sharegpt": _norm_sharegpt,
-    "vicuna": _prompt_only("text"),
-    "koala": _prompt_only("prompt"),
-    "wizardlm": _prompt_only("Instruction"),
-    "sinstruct": _norm_sinstruct,
-    "lima": _prompt_only("conversations"),
-    "alpaca_eval": _norm_alpaca_eval,
+    "alpaca_eval": _flat("instruction", reference_key="output"),
 }
 
 
@@ -519,38 +413,21 @@ def _case_hint(record: Any, wanted: Sequence[str] = _TRAINING_KEYS) -> str:
         return ""
     renames = [(key, want) for key in record if isinstance(key, str) for want in wanted
                if key != want and key.lower() == want and want not in record]
-    if not renames:
-        return ""
     listed = ", ".join(f"{key!r} to {want!r}" for key, want in renames[:3])
-    return f"; field names are case-sensitive: rename the field {listed}"
-
-
-def _unknown_schema(record: Mapping, label: str) -> DataError:
-    accepted = "; ".join(f"{name} {{{keys}}}" for name, keys in SCHEMA_KEYS.items())
-    return DataError(
-        f"unknown schema: keys seen {sorted(record)[:20]}{_case_hint(record)}; accepted schemas: {accepted}",
-        source=label,
-        row=0,
-    )
+    return f"; field names are case-sensitive: rename the field {listed}" if renames else ""
 
 
 def _file_schema(raw: _RawFile) -> str:
     first = raw.records[0]
-    where = _Where(raw.label, 0, raw.lines[0] if raw.lines else None)
     if not isinstance(first, Mapping):
+        where = _Where(raw.label, 0, raw.lines[0] if raw.lines else None)
         raise where.error(f"expected a JSON object (record), got {_describe(first)}")
     schema = detect_schema(first)
     if schema is None:
-        raise _unknown_schema(first, raw.label)
+        accepted = "; ".join(f"{name} {{{keys}}}" for name, keys in SCHEMA_KEYS.items())
+        raise DataError(f"unknown schema: keys seen {sorted(first)[:20]}{_case_hint(first)}; accepted schemas: "
+                        f"{accepted}", source=raw.label, row=0)
     return schema
-
-
-def _check_writable(record: Mapping, where: _Where) -> None:
-    """Every value of a record must survive being written into a subset or a cache file (scores, subsets and
-    hub caches are standard JSON): NaN, Infinity and unpaired surrogates are refused here, not written later."""
-    found = unwritable(record)
-    if found:
-        raise where.error(found[1], found[0] or None)
 
 
 def _duplicate_groups(rows: Sequence[Mapping[str, str]]) -> list[list[int]]:
@@ -560,54 +437,21 @@ def _duplicate_groups(rows: Sequence[Mapping[str, str]]) -> list[list[int]]:
     return [idx for idx in groups.values() if len(idx) > 1]
 
 
-def _external_stacklevel() -> int:
-    """stacklevel that points a warning at the first caller outside this module."""
-    frame = sys._getframe(1)  # the _warn_* helper that will call warnings.warn
-    level = 1
+def _warn(message: str) -> None:
+    """A DataWarning pointed at the first caller outside this module."""
+    frame, level = sys._getframe(), 1
     while frame is not None and frame.f_code.co_filename == __file__:
-        frame = frame.f_back
-        level += 1
-    return level
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, DataWarning, stacklevel=level)
 
 
-def _warn_duplicates(groups: list[list[int]], source: str) -> None:
-    if not groups:
-        return
-    extra = sum(len(g) - 1 for g in groups)
-    examples = ", ".join(str(g) for g in groups[:_MAX_DUPLICATE_EXAMPLES])
-    warnings.warn(
-        f"{source}: {len(groups)} (instruction, input) pairs occur more than once "
-        f"({extra} duplicate rows); first groups of row numbers: {examples}",
-        DataWarning,
-        stacklevel=_external_stacklevel(),
-    )
+def _check_count(name: str, value: Any, source: str | None = None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise DataError(f"{name} must be a positive integer or None, got {_describe(value)}", source=source)
 
 
-def _warn_dropped_turns(source: str, total: int, more_turns: int, dropped_other: int) -> None:
-    if not (more_turns or dropped_other):
-        return
-    warnings.warn(
-        f"{source}: only the first user turn and the first assistant turn after it are used; "
-        f"{more_turns} of {total} rows had more user/assistant turns, "
-        f"{dropped_other} had system or other turns (all dropped)",
-        DataWarning,
-        stacklevel=_external_stacklevel(),
-    )
-
-
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise DataError(f"limit must be a positive integer or None, got {_describe(limit)}")
-
-
-def _build_pool(
-    raws: list[_RawFile],
-    *,
-    source: str,
-    file_format: str,
-    require_output: bool,
-    limit: int | None,
-) -> InstructionPool:
+def _build_pool(raws: list[_RawFile], *, source: str, file_format: str, require_output: bool,
+                limit: int | None) -> InstructionPool:
     schemas = [_file_schema(raw) for raw in raws]
     if len(set(schemas)) > 1:
         mix = ", ".join(f"{raw.label} is {s!r}" for raw, s in zip(raws, schemas))
@@ -620,11 +464,9 @@ def _build_pool(
             "give a training pool with instruction and output (Python: load_test_set() or require_output=False)",
             source=source,
         )
-    normalise = _NORMALISERS[schema]
     rows: list[dict] = []
     records: list[dict] = []
-    references: list[str | None] = []
-    more_turns = dropped_other = 0
+    norms: list[_Normalised] = []
     for raw in raws:
         for i, rec in enumerate(raw.records):
             if limit is not None and len(rows) >= limit:
@@ -632,48 +474,36 @@ def _build_pool(
             where = _Where(raw.label, i, raw.lines[i] if raw.lines else None)
             if not isinstance(rec, Mapping):
                 raise where.error(f"expected a JSON object (record), got {_describe(rec)}")
-            _check_writable(rec, where)
-            norm = normalise(rec, where, require_output)
-            rows.append(
-                {
-                    "id": _record_id(rec, schema, norm, where),
-                    "instruction": norm.instruction,
-                    "input": norm.input,
-                    "output": norm.output,
-                }
-            )
+            # Subsets, scores and hub caches are standard JSON: a value that cannot be written back (NaN,
+            # Infinity, an unpaired surrogate) is refused here, not when a subset is written later.
+            if found := unwritable(rec):
+                raise where.error(found[1], found[0] or None)
+            norm = _NORMALISERS[schema](rec, where, require_output)
+            rows.append({"id": _record_id(rec, schema, norm, where), "instruction": norm.instruction,
+                         "input": norm.input, "output": norm.output})
             records.append(rec)
-            references.append(norm.reference)
-            more_turns += norm.more_turns
-            dropped_other += norm.dropped_other
-    if schema in ("messages", "sharegpt"):
-        _warn_dropped_turns(source, len(rows), more_turns, dropped_other)
+            norms.append(norm)
+    more_turns, dropped_other = sum(n.more_turns for n in norms), sum(n.dropped_other for n in norms)
+    if schema in ("messages", "sharegpt") and (more_turns or dropped_other):
+        _warn(f"{source}: only the first user turn and the first assistant turn after it are used; "
+              f"{more_turns} of {len(rows)} rows had more user/assistant turns, "
+              f"{dropped_other} had system or other turns (all dropped)")
     groups = _duplicate_groups(rows)
-    _warn_duplicates(groups, source)
-    return InstructionPool(
-        rows=rows,
-        records=records,
-        source=source,
-        schema=schema,
-        file_format=file_format,
-        duplicate_groups=groups,
-        references=references,
-        files=[str(raw.path) for raw in raws],
-    )
+    if groups:
+        examples = ", ".join(str(g) for g in groups[:_MAX_DUPLICATE_EXAMPLES])
+        _warn(f"{source}: {len(groups)} (instruction, input) pairs occur more than once "
+              f"({sum(len(g) - 1 for g in groups)} duplicate rows); first groups of row numbers: {examples}")
+    return InstructionPool(rows=rows, records=records, source=source, schema=schema, file_format=file_format,
+                           duplicate_groups=groups, references=[n.reference for n in norms],
+                           files=[str(raw.path) for raw in raws])
 
 
-def _load_files(
-    paths: Sequence[Path], labels: Sequence[str], *, require_output: bool, limit: int | None
-) -> InstructionPool:
+def _load_files(paths: Sequence[Path], labels: Sequence[str], *, require_output: bool,
+                limit: int | None) -> InstructionPool:
     raws = [_read_file(path, label) for path, label in zip(paths, labels)]
-    formats = list(dict.fromkeys(raw.file_format for raw in raws))
-    return _build_pool(
-        raws,
-        source=" + ".join(labels),
-        file_format="+".join(formats),
-        require_output=require_output,
-        limit=limit,
-    )
+    formats = dict.fromkeys(raw.file_format for raw in raws)
+    return _build_pool(raws, source=" + ".join(labels), file_format="+".join(formats), require_output=require_output,
+                       limit=limit)
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
@@ -690,27 +520,19 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
     return path
 
 
-def default_cache_dir() -> Path:
-    """``$MIWV_CACHE_DIR`` > ``<repo>/data/cache`` (source checkout) > ``~/.cache/miwv_lib/data``."""
-    env = os.environ.get(CACHE_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    if (_REPO_ROOT / "data").is_dir():
-        return _REPO_ROOT / "data" / "cache"
-    # Installed non-editable: never write next to site-packages.
-    return Path.home() / ".cache" / "miwv_lib" / "data"
-
-
-def hub_cache_path(
-    hub_id: str, *, config: str | None = None, split: str = "train", cache_dir: str | Path | None = None
-) -> Path:
-    """``<cache>/<owner>__<name>[__<config>][__<split>].jsonl`` (split omitted when it is "train")."""
-    stem = hub_id.replace("/", "__")
-    if config:
-        stem += f"__{config}"
-    if split != "train":
-        stem += f"__{split}"
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+def hub_cache_path(hub_id: str, *, config: str | None = None, split: str = "train",
+                   cache_dir: str | Path | None = None) -> Path:
+    """``<cache>/<owner>__<name>[__<config>][__<split>].jsonl`` (split omitted when it is "train"), the cache being
+    ``cache_dir`` > ``$MIWV_CACHE_DIR`` > ``<repo>/data/cache`` (source checkout) > ``~/.cache/miwv_lib/data``."""
+    stem = hub_id.replace("/", "__") + (f"__{config}" if config else "") + (f"__{split}" if split != "train" else "")
+    if cache_dir is not None:
+        root = Path(cache_dir).expanduser()
+    elif os.environ.get(CACHE_DIR_ENV):
+        root = Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    elif (_REPO_ROOT / "data").is_dir():
+        root = _REPO_ROOT / "data" / "cache"
+    else:  # installed non-editable: never write next to site-packages
+        root = Path.home() / ".cache" / "miwv_lib" / "data"
     return root / f"{stem}.jsonl"
 
 
@@ -718,14 +540,10 @@ def _download_hub(hub_id: str, *, config: str | None, split: str, data_files: li
     try:
         import datasets  # lazy: slow to import and unnecessary for local files
     except ImportError as exc:
-        raise DataError(
-            f"the 'datasets' package is needed to download from the hub ({exc}); "
-            f"set {DATA_DIR_ENV} or pass a local path instead",
-            source=hub_id,
-        ) from None
+        raise DataError(f"the 'datasets' package is needed to download from the hub ({exc}); "
+                        f"set {DATA_DIR_ENV} or pass a local path instead", source=hub_id) from None
     try:
-        if data_files:
-            # Script-based hub repos cannot be loaded by datasets>=4; read their raw files.
+        if data_files:  # script-based hub repos cannot be loaded by datasets>=4: read their raw files
             urls = [f"hf://datasets/{hub_id}/{name}" for name in data_files]
             dataset = datasets.load_dataset("json", data_files=urls, split="train")
         elif config:
@@ -733,16 +551,13 @@ def _download_hub(hub_id: str, *, config: str | None, split: str, data_files: li
         else:
             dataset = datasets.load_dataset(hub_id, split=split)
     except Exception as exc:  # network, auth, missing repo: all mean "no data from the hub"
-        reason = f"{type(exc).__name__}: {exc}"
-        if len(reason) > 300:
-            reason = reason[:297] + "..."
         raise DataError(
             f"could not load from the Hugging Face hub: the hub is unreachable or the dataset is "
-            f"unavailable ({reason}). Set {DATA_DIR_ENV} to a local data mirror (see data/README.md) "
-            "or pass a local .json/.jsonl/.parquet path instead",
+            f"unavailable ({_clip(f'{type(exc).__name__}: {exc}', 300)}). Set {DATA_DIR_ENV} to a local data "
+            "mirror (see data/README.md) or pass a local .json/.jsonl/.parquet path instead",
             source=hub_id,
         ) from None
-    return list(dataset.to_list())
+    return dataset.to_list()
 
 
 def _write_cache(path: Path, records: list[dict]) -> None:
@@ -757,16 +572,8 @@ def _write_cache(path: Path, records: list[dict]) -> None:
         warnings.warn(f"could not write hub cache {path} ({exc}); the next load will download again", DataWarning)
 
 
-def _load_hub(
-    hub_id: str,
-    *,
-    config: str | None = None,
-    split: str = "train",
-    data_files: list[str] | None = None,
-    cache_dir: str | Path | None,
-    require_output: bool,
-    limit: int | None,
-) -> InstructionPool:
+def _load_hub(hub_id: str, *, config: str | None = None, split: str = "train", data_files: list[str] | None = None,
+              cache_dir: str | Path | None, require_output: bool, limit: int | None) -> InstructionPool:
     cache = hub_cache_path(hub_id, config=config, split=split, cache_dir=cache_dir)
     source = f"{hub_id} [{config}]" if config else hub_id
     if cache.is_file():
@@ -782,19 +589,8 @@ def _load_hub(
     return _build_pool([raw], source=source, file_format="hub", require_output=require_output, limit=limit)
 
 
-def _looks_like_file(text: str) -> bool:
-    return Path(text).suffix.lower() in FILE_FORMATS or "/" in text or os.sep in text
-
-
-def _load_registered(
-    name: str,
-    entry: Mapping[str, Any],
-    *,
-    data_dir: str | Path | None,
-    cache_dir: str | Path | None,
-    require_output: bool,
-    limit: int | None,
-) -> InstructionPool:
+def _load_registered(name: str, entry: Mapping[str, Any], *, data_dir: str | Path | None,
+                     cache_dir: str | Path | None, require_output: bool, limit: int | None) -> InstructionPool:
     root = resolve_data_dir(data_dir)
     local = list(entry.get("local_files") or [])
     if root is None:
@@ -808,29 +604,18 @@ def _load_registered(
     if not entry.get("hub_id"):
         raise DataError(f"no local copy ({local_note}) and no hub id. How to get it: {entry['obtain']}", source=name)
     try:
-        return _load_hub(
-            entry["hub_id"],
-            config=entry.get("hub_config"),
-            split=entry.get("hub_split") or "train",
-            data_files=entry.get("hub_data_files"),
-            cache_dir=cache_dir,
-            require_output=require_output,
-            limit=limit,
-        )
+        return _load_hub(entry["hub_id"], config=entry.get("hub_config"), split=entry.get("hub_split") or "train",
+                         data_files=entry.get("hub_data_files"), cache_dir=cache_dir, require_output=require_output,
+                         limit=limit)
     except DataError as exc:
         if exc.row is not None:
             raise  # a content error in the downloaded data, not a resolution problem
         raise DataError(f"{exc} [local copy: {local_note}]", source=name) from None
 
 
-def load_instructions(
-    source: str | Path | list | None = None,
-    *,
-    data_dir: str | Path | None = None,
-    require_output: bool = True,
-    limit: int | None = None,
-    cache_dir: str | Path | None = None,
-) -> InstructionPool:
+def load_instructions(source: str | Path | list | None = None, *, data_dir: str | Path | None = None,
+                      require_output: bool = True, limit: int | None = None,
+                      cache_dir: str | Path | None = None) -> InstructionPool:
     """Load and validate an instruction pool.
 
     ``source`` is resolved as: an existing local file (or a list of files, concatenated);
@@ -838,35 +623,34 @@ def load_instructions(
     ``owner/name`` (cached as JSONL after the first download); None -> DEFAULT_DATASET.
     ``limit`` keeps the first N rows (rows past it are not validated).
     """
-    _check_limit(limit)
+    _check_count("limit", limit)
     if source is None:
         source = DEFAULT_DATASET
     if isinstance(source, (list, tuple)):
         if not source:
             raise DataError("empty list of files")
-        paths = [Path(item).expanduser() for item in source]
-        return _load_files(paths, [str(item) for item in source], require_output=require_output, limit=limit)
+        return _load_files([Path(item).expanduser() for item in source], [str(item) for item in source],
+                           require_output=require_output, limit=limit)
     if isinstance(source, Path):
         return _load_files([source.expanduser()], [str(source)], require_output=require_output, limit=limit)
     if not isinstance(source, str):
         raise DataError(f"source must be a path, a list of paths, a registry name or a hub id, got {_describe(source)}")
-    path = Path(source).expanduser()
+    path, suffix = Path(source).expanduser(), Path(source).suffix.lower()
     if path.is_file():
         return _load_files([path], [source], require_output=require_output, limit=limit)
     if source in REGISTRY:
-        return _load_registered(
-            source, REGISTRY[source], data_dir=data_dir, cache_dir=cache_dir, require_output=require_output, limit=limit
-        )
+        return _load_registered(source, REGISTRY[source], data_dir=data_dir, cache_dir=cache_dir,
+                                require_output=require_output, limit=limit)
     if path.is_dir():
-        raise DataError("is a directory, expected a .json, .jsonl or .parquet file", source=source)
-    if Path(source).suffix.lower() not in FILE_FORMATS and _HUB_ID_RE.match(source):
+        raise DataError(_IS_DIRECTORY, source=source)
+    if suffix not in FILE_FORMATS and _HUB_ID_RE.match(source):
         try:
             return _load_hub(source, cache_dir=cache_dir, require_output=require_output, limit=limit)
         except DataError as exc:
             if exc.row is not None:
                 raise
             raise DataError(f"{exc.detail} (no local file named {source!r} exists either)", source=source) from None
-    if _looks_like_file(source):
+    if suffix in FILE_FORMATS or "/" in source or os.sep in source:
         raise DataError("file not found", source=source)
     raise DataError(
         f"unknown dataset: not a file, not a registry name ({', '.join(REGISTRY)}) and not a hub id 'owner/name'",
@@ -874,23 +658,15 @@ def load_instructions(
     )
 
 
-def load_test_set(
-    name: str,
-    *,
-    data_dir: str | Path | None = None,
-    sample: int | None = None,
-    seed: int = 0,
-    cache_dir: str | Path | None = None,
-) -> InstructionPool:
+def load_test_set(name: str, *, data_dir: str | Path | None = None, sample: int | None = None, seed: int = 0,
+                  cache_dir: str | Path | None = None) -> InstructionPool:
     """A test set (prompts; output ""), optionally a deterministic sample of ``sample`` rows.
 
     The sample depends only on (rows, sample, seed) and keeps the original order, so
     evaluations on a subsample are reproducible and comparable across methods.
     """
-    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or sample < 1):
-        raise DataError(f"sample must be a positive integer or None, got {_describe(sample)}", source=str(name))
+    _check_count("sample", sample, source=str(name))
     pool = load_instructions(name, data_dir=data_dir, require_output=False, cache_dir=cache_dir)
     if sample is None or sample >= len(pool):
         return pool
-    picked = sorted(random.Random(seed).sample(range(len(pool)), sample))
-    return pool.subset(picked)
+    return pool.subset(sorted(random.Random(seed).sample(range(len(pool)), sample)))

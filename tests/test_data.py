@@ -708,3 +708,33 @@ def test_ids_are_deterministic(instruction, input_text, output):
     expected = sha16(instruction, input_text, output)
     assert D.content_id(instruction, input_text, output) == expected
     assert D.content_id(instruction, input_text, output + "!") != expected
+
+
+@pytest.mark.parametrize("column, values, accepted", [
+    ("when", "timestamp", False), ("blob", "binary", False), ("price", "decimal", False),
+    ("tags", "list of structs", True), ("kind", "categorical", True), ("score", "float with nulls", True),
+])
+def test_a_parquet_column_json_cannot_hold_is_refused_at_load_not_at_export(tmp_path, column, values, accepted):
+    """Subsets and hub caches are JSON: a date, bytes or a decimal column would fail only when the subset is
+    written, after scoring. The loader names the file, the column and its type instead."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    made = {"timestamp": pa.array([datetime.datetime(2024, 1, d) for d in (1, 2)]),
+            "binary": pa.array([b"\x00", b"\xff"]), "decimal": pa.array([decimal.Decimal("1.5")] * 2),
+            "list of structs": pa.array([[{"a": 1}], []]),
+            "categorical": pa.array(["x", "y"]).dictionary_encode(), "float with nulls": pa.array([1.5, None])}
+    table = pa.table({"instruction": ["Say a", "Say b"], "output": ["a", "b"], column: made[values]})
+    path = tmp_path / "pool.parquet"
+    pq.write_table(table, path)
+    if accepted:
+        pool = D.load_instructions(str(path))
+        assert len(pool) == 2 and json.dumps(pool.records)
+    else:
+        with pytest.raises(D.DataError) as info:
+            D.load_instructions(str(path))
+        assert str(info.value).startswith(f"{path}: column {column!r} has type ")
+        assert "JSON cannot hold; store it as text or drop the column" in str(info.value)

@@ -251,7 +251,22 @@ def _read_parquet(path: Path, label: str) -> _RawFile:
         raise DataError(_IS_DIRECTORY, source=label) from None
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
         raise DataError(f"not a readable parquet file ({type(exc).__name__}: {exc})", source=label) from None
+    for column in table.schema:  # subsets and caches are JSON: a date, bytes or a decimal cannot be written back
+        if not _json_type(column.type):
+            raise DataError(f"column {column.name!r} has type {column.type}, which JSON cannot hold; store it as "
+                            "text or drop the column", source=label)
     return _RawFile(path, label, "parquet", table.to_pylist())
+
+
+def _json_type(arrow_type) -> bool:
+    import pyarrow.types as t
+
+    if t.is_list(arrow_type) or t.is_large_list(arrow_type) or t.is_dictionary(arrow_type):  # pandas categories
+        return _json_type(arrow_type.value_type)
+    if t.is_struct(arrow_type):
+        return all(_json_type(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
+    return any(check(arrow_type) for check in (t.is_null, t.is_boolean, t.is_integer, t.is_floating, t.is_string,
+                                               t.is_large_string))
 
 
 def _read_file(path: Path, label: str | None = None) -> _RawFile:

@@ -4,7 +4,6 @@ Notebooks 04 and 05, the ``evaluate`` command and the reproduction study (``stud
 functions, so a model is named (``selection.arm_name``), selected, trained, asked and judged the same way
 whichever path started it. Every stage skips what its files already hold (a model by its fingerprint,
 answers by their key, verdicts through the judge cache), so running it again continues where it stopped.
-
 A run directory holds ``subsets/selections.json`` (the arms and their rows), ``models/<arm>/``,
 ``generations/<arm>/`` and ``evaluation/``.
 """
@@ -66,11 +65,10 @@ def train_arms(arms: Sequence[Arm], plan: dict[str, list[int]], pool: Instructio
     """Fine-tune one model per arm on its rows, all with ``config``; a model already trained so is reused."""
     results = {}
     for arm in arms:
-        rows = [pool.rows[i] for i in plan[arm.name]]
         t0 = time.perf_counter()
         # each model loads a fresh base (seconds), so no run can leak into the next one
-        results[arm.name] = result = train_model(rows, Path(models_dir) / arm.name, config, name=arm.name,
-                                                 overwrite=overwrite)
+        results[arm.name] = result = train_model([pool.rows[i] for i in plan[arm.name]], Path(models_dir) / arm.name,
+                                                 config, name=arm.name, overwrite=overwrite)
         if on_trained is not None and not result.skipped:
             on_trained(arm, result, time.perf_counter() - t0)
     return results
@@ -83,8 +81,7 @@ def answer_arms(names: Sequence[str], models_dir: Path, pools: dict[str, Instruc
 
     Answers on disk whose key matches the model and settings are read back without loading the model.
     """
-    missing = [name for name in names if not is_trained(Path(models_dir) / name)]
-    if missing:
+    if missing := [name for name in names if not is_trained(Path(models_dir) / name)]:
         raise ExperimentError(f"not trained yet: {', '.join(missing)}: train them first")
     answers = {}
     for name in names:
@@ -99,9 +96,8 @@ def answer_arms(names: Sequence[str], models_dir: Path, pools: dict[str, Instruc
                 f"{name}: its answers are missing or out of date, and its weights are not in {model_dir} (a checkout "
                 f"keeps only each model's record): delete {model_dir} and train it again")
         t0 = time.perf_counter()
-        loaded = load_trained(model_dir, device=device)
-        answers[name] = generate_for_model(loaded, name, pools, generations_dir, config, nll_max_length=nll_max_length)
-        del loaded
+        answers[name] = generate_for_model(load_trained(model_dir, device=device), name, pools, generations_dir,
+                                           config, nll_max_length=nll_max_length)
         if on_answered is not None:
             on_answered(name, time.perf_counter() - t0)
     return answers

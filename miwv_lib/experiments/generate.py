@@ -41,12 +41,10 @@ class GenerateConfig:
 def stop_token_ids(loaded: LoadedModel) -> list[int]:
     """The tokenizer's EOS (what fine-tuning taught), plus any the model's generation config names
     (chat models end turns with their own token, e.g. ``<|im_end|>``)."""
-    ids = [SpecialTokens.from_tokenizer(loaded.tokenizer).eos]
     configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
-    for token in configured if isinstance(configured, list) else [configured]:
-        if token is not None and token not in ids:
-            ids.append(int(token))
-    return ids
+    configured = configured if isinstance(configured, list) else [configured]
+    eos = [SpecialTokens.from_tokenizer(loaded.tokenizer).eos, *(int(t) for t in configured if t is not None)]
+    return list(dict.fromkeys(eos))
 
 
 def prompt_token_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = "alpaca",
@@ -60,31 +58,22 @@ def prompt_token_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase, templ
 
 def _left_padded(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        mask[row, width - len(ids):] = 1
-    return input_ids, mask
+    input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], dtype=torch.long)
+    return input_ids, torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], dtype=torch.long)
 
 
 def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
-    for position, token in enumerate(tokens):
-        if token in stops:
-            return tokens[:position]
-    return tokens
+    return tokens[:next((i for i, token in enumerate(tokens) if token in stops), len(tokens))]
 
 
 @contextmanager
 def contiguous_head_input(model: torch.nn.Module) -> Iterator[None]:
     """Feed the LM head a contiguous copy of its input while generating.
 
-    On the prompt's pass ``generate`` keeps only the last position, ``hidden[:, -1:, :]``, a strided
-    view. When the head's weight is frozen (every LoRA model's is), ``torch.matmul`` does not fold a
-    non-contiguous 3-D input into one matrix product: it broadcasts the weight to
-    ``batch x hidden x vocab`` and runs a batched product, which on CPU copies the weight once per row
-    (16 x 640 x 262,144 bf16 = 5.4 GB for Gemma-3 at batch 16: 17 s, more than the 255 decoding steps
-    after it). The copy of the input costs ``batch x hidden``.
+    On the prompt's pass ``generate`` keeps only ``hidden[:, -1:, :]``, a strided view. With a frozen head
+    weight (every LoRA model's), ``torch.matmul`` then broadcasts the weight to ``batch x hidden x vocab``,
+    which on CPU copies it once per row (5.4 GB for Gemma-3 at batch 16: 17 s, more than the 255 decoding
+    steps after it). The copy of the input costs ``batch x hidden``.
     """
     head = model.get_output_embeddings()
     if head is None:
@@ -172,7 +161,8 @@ def generate_test_set(loaded: LoadedModel, pool: InstructionPool, out_dir: str |
     outputs = generate(loaded, pool, config, desc=f"generate {generator}/{dataset}")
     records = generation_records(pool, outputs, generator, dataset)
     write_generations(out_dir, records, stem=dataset)
-    write_json(out_dir / f"{dataset}.meta.json", {"fingerprint": stable_hash(key), "key": key, "config": asdict(config)})
+    meta = {"fingerprint": stable_hash(key), "key": key, "config": asdict(config)}
+    write_json(out_dir / f"{dataset}.meta.json", meta)
     return records
 
 
@@ -187,7 +177,7 @@ def generation_key(model_identity: str, dtype: str, pool: InstructionPool, confi
 def cached_test_set(out_dir: str | Path, dataset: str, key: dict) -> list[dict] | None:
     """The generations ``generate_test_set`` wrote under ``key``, or None (no model is needed to ask)."""
     meta_path, jsonl_path = Path(out_dir) / f"{dataset}.meta.json", Path(out_dir) / f"{dataset}.jsonl"
-    if meta_path.exists() and jsonl_path.exists():
-        if json.loads(meta_path.read_text(encoding="utf-8")).get("fingerprint") == stable_hash(key):
-            return read_jsonl(jsonl_path)
+    if (meta_path.exists() and jsonl_path.exists()
+            and json.loads(meta_path.read_text(encoding="utf-8")).get("fingerprint") == stable_hash(key)):
+        return read_jsonl(jsonl_path)
     return None

@@ -1,31 +1,22 @@
 """Fine-tuning θ on a (selected) pool: LoRA by default, full fine-tuning as an option.
 
-The supervised loss is taken over exactly the tokens the scorer measures: the sequence is the
-scorer's zero-shot layout ``[BOS] prompt response [EOS]`` and only its last ``n_targets`` tokens
-(``response [EOS]``) carry labels, so "what MIWV scored" and "what training optimises" cannot drift.
+The loss covers exactly the tokens the scorer measures: the scorer's zero-shot layout ``[BOS] prompt
+response [EOS]`` with labels only on ``response [EOS]``, so "what MIWV scored" and "what training optimises"
+cannot drift. Defaults follow the paper's recipe (Stanford Alpaca: 3 epochs, cosine schedule, 3 % warm-up,
+max length 512) with a LoRA-sized learning rate and an effective batch of 16.
 
-Defaults follow the paper's recipe (Stanford Alpaca: 3 epochs, cosine schedule, 3 % warm-up,
-max length 512) with LoRA-sized learning rate and an effective batch of 16.
-
-Precision: ``Trainer(bf16=True)`` works on CPU (it needs ``use_cpu=True``) and autocasts to bf16;
-for LoRA the frozen base is also loaded in bf16 (less memory), the adapter stays float32. Measured
-on a 2-core AVX512-BF16 CPU, LoRA on Gemma-3-270m (32 Alpaca rows, max length 512, batch 4 × 4):
-63 tokens/s in bf16 against 45 in float32, 9 GB against 11 GB of RAM (the 262k-token LM head
-dominates both). A 400-row, 3-epoch run is then about an hour: a CPU is for small runs, the
-paper's setting needs a GPU.
-
-Two levers for long CPU runs: ``response_only_loss`` (on by default) applies that LM head only at
-the positions that carry a label (see ``ResponseOnlyLossTrainer``); ``benchmarks/bench_training.py``
-measured 134 against 98 tokens/s (1.36×) and 5.7 against 8.3 GB peak RSS (24 Alpaca rows, 6 steps of
-batch 4, max length 512, bf16, idle machine). ``save_steps`` keeps Trainer checkpoints in
-``out_dir/checkpoints`` so a killed run resumes where it stopped.
+Precision: ``Trainer(bf16=True)`` autocasts on CPU too (with ``use_cpu=True``); for LoRA the frozen base is
+loaded in bf16, the adapter stays float32. On a 2-core AVX512-BF16 CPU, LoRA on Gemma-3-270m (32 Alpaca rows,
+max length 512, batch 4 × 4) ran 63 tokens/s in 9 GB of RAM against 45 in 11 GB in float32 (the 262k-token
+LM head dominates both): a 400-row, 3-epoch run takes about an hour, so the paper's setting needs a GPU.
+Two levers for long CPU runs: ``response_only_loss`` (see ``ResponseOnlyLossTrainer``: 1.36× the speed, 0.68×
+the memory in ``benchmarks/RESULTS.md``) and ``save_steps``, checkpoints from which a killed run resumes.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
-import io
 import json
 import math
 import os
@@ -34,7 +25,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +38,7 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.datasets import InstructionPool
@@ -107,9 +97,7 @@ class TrainConfig:
         check(self)
 
     def resolved_learning_rate(self) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return 2e-4 if self.method == "lora" else 2e-5
+        return self.learning_rate if self.learning_rate is not None else 2e-4 if self.method == "lora" else 2e-5
 
 
 # Fields that do not change the trained weights; they stay out of the fingerprint. response_only_loss
@@ -143,8 +131,7 @@ def build_features(rows: list[dict], tokenizer: PreTrainedTokenizerBase, templat
     features = []
     for example in encode_examples(rows, tokenizer, template):
         sequence, _ = zero_shot_sequence(example, special, max_length)
-        ids = list(sequence.input_ids)
-        n_context = len(ids) - sequence.n_targets
+        ids, n_context = list(sequence.input_ids), len(sequence.input_ids) - sequence.n_targets
         features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
                          "labels": [IGNORE_INDEX] * n_context + ids[n_context:]})
     return features
@@ -158,21 +145,19 @@ def _right_padding_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorF
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """bf16 autocast pays off on CUDA with bf16 and on CPUs with native bf16 dot products."""
+    """bf16 autocast pays off on CUDA with bf16 and on CPUs with native bf16 dot products (without those
+    instructions bf16 is emulated and slower than float32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":  # without these instructions bf16 is emulated and slower than float32
-        cpuinfo = Path("/proc/cpuinfo")
-        flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if device.type == "cpu" and cpuinfo.exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _weights_dtype(config: TrainConfig, use_bf16: bool) -> str:
-    if config.dtype != "auto":
-        return config.dtype
     # LoRA: the base is frozen, so bf16 weights lose nothing and halve memory; full FT keeps fp32 masters.
-    return "bfloat16" if (config.method == "lora" and use_bf16) else "float32"
+    auto = "bfloat16" if config.method == "lora" and use_bf16 else "float32"
+    return auto if config.dtype == "auto" else config.dtype
 
 
 def _prepare_model(model, config: TrainConfig):
@@ -190,55 +175,42 @@ def _prepare_model(model, config: TrainConfig):
     return get_peft_model(model, lora)
 
 
-def _causal_lm(model):
-    """The ``...ForCausalLM`` inside ``model``: peft wraps it (LoRA layers are injected in place)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def response_only_loss(model, inputs: dict[str, torch.Tensor],
                        num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
     """HF's ``ForCausalLMLoss`` of ``model(**inputs)``, with the LM head applied only where it is needed.
 
-    The hidden state at position t predicts ``labels[t + 1]``; only positions whose shifted label is
-    not IGNORE_INDEX go through the head (and the model's logit soft-capping, as its forward does),
-    then a float32 cross-entropy. ``num_items_in_batch`` given: summed and divided by it (HF's
-    gradient-accumulation-correct normalisation), else the mean over this batch's labelled tokens.
+    The hidden state at position t predicts ``labels[t + 1]``; only positions with a label go through the
+    head (and the model's logit soft-capping, as its forward does). ``num_items_in_batch`` given: the sum
+    divided by it (HF's gradient-accumulation-correct normalisation), else the mean over this batch's labels.
     """
-    causal_lm = _causal_lm(model)
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
     features = {k: v for k, v in inputs.items() if k != "labels"}
     hidden = causal_lm.get_decoder()(**features, use_cache=False).last_hidden_state
     targets = inputs["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = logit_transform(causal_lm)(causal_lm.get_output_embeddings()(hidden[:, :-1][keep]))
     # float32 as in ForCausalLMLoss: the soft-max over a large vocabulary loses too much in bf16
+    logits = logit_transform(causal_lm)(causal_lm.get_output_embeddings()(hidden[:, :-1][keep])).float()
     if num_items_in_batch is None:
-        return F.cross_entropy(logits.float(), targets[keep])
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return F.cross_entropy(logits, targets[keep])
     if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+        num_items_in_batch = num_items_in_batch.to(logits.device)
+    return F.cross_entropy(logits, targets[keep], reduction="sum") / num_items_in_batch
 
 
 class ResponseOnlyLossTrainer(Trainer):
     """A ``Trainer`` whose loss never builds logits for prompt or padding positions.
 
-    Why: HF's causal-LM forward applies the LM head at every position and ``ForCausalLMLoss`` upcasts
-    those logits to float32 before it masks them. With Gemma's 262k-token vocabulary that
-    batch × sequence × vocabulary tensor (and its gradient) dominates training time and memory on a
-    CPU, yet only ``response [EOS]`` carries labels (see ``build_features``). ``response_only_loss``
-    runs the decoder, then the head on the labelled positions only.
-
-    The loss is HF's (to float rounding), gradient accumulation included. ``num_items_in_batch`` is
-    used exactly when the stock ``compute_loss`` would hand it to the model
-    (``model_accepts_loss_kwargs``), so Trainer's own rule in ``training_step`` (divide by the
-    accumulation steps unless the model normalised by ``num_items_in_batch``) holds unchanged for this
-    loss: ``loss_is_scaled_for_ga`` stays None, and the logged loss is the same too. What this shortcut
-    does not cover (label smoothing, a ``compute_loss_func``, ``return_outputs``, a model wrapped for
-    distributed training, whose wrapper must see the forward) goes to the stock ``Trainer.compute_loss``.
+    Why: HF's causal-LM forward applies the LM head at every position and upcasts those logits to float32
+    before masking them; with Gemma's 262k-token vocabulary that batch × sequence × vocabulary tensor (and
+    its gradient) dominates CPU training, yet only ``response [EOS]`` carries labels. The loss is HF's (to
+    float rounding), gradient accumulation included: ``num_items_in_batch`` is used exactly when the stock
+    ``compute_loss`` would hand it to the model (``model_accepts_loss_kwargs``), so Trainer's scaling in
+    ``training_step`` and the logged loss are unchanged (``loss_is_scaled_for_ga`` stays None).
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
+        # the stock loss where this shortcut does not apply (a distributed wrapper must see the forward)
         if (return_outputs or "labels" not in inputs or self.label_smoother is not None
                 or self.compute_loss_func is not None or unwrapped is not model):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -259,64 +231,49 @@ _CURVE_KEY = "miwv_loss_curve"  # our row, kept in Trainer's log history so chec
 class LossCurveCallback(TrainerCallback):
     """A tqdm bar with loss and tokens/s, and the rows of ``loss.csv`` (one per logging step).
 
-    A resumed run continues the curve: each row is also stored in ``state.log_history``, which a
-    checkpoint saves and ``Trainer`` restores. ``seconds`` adds up the training time of all sessions
-    (up to each session's last row); tokens/s counts this session's tokens over this session's time.
+    A resumed run continues the curve: each row is also stored in ``state.log_history``, which a checkpoint
+    saves and ``Trainer`` restores. ``seconds`` adds up the training time of all sessions (up to each
+    session's last row); tokens/s counts this session's tokens over this session's time.
     """
 
     def __init__(self, progress: bool = True, desc: str = "train"):
         self.progress, self.desc = progress, desc
         self.rows: list[dict] = []
-        self.bar = None
-        self.start = 0.0
-        self.seconds_before = 0.0  # training seconds of earlier sessions (a resumed run)
-        self.tokens_at_start = 0  # tokens seen before this session started
-        self.resumed_from_step = 0
+        self.bar, self.start = None, 0.0
+        self.seconds_before, self.tokens_at_start, self.resumed_from_step = 0.0, 0, 0  # of earlier sessions
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
         self.rows = [entry[_CURVE_KEY] for entry in state.log_history if _CURVE_KEY in entry]
         self.seconds_before = self.rows[-1]["seconds"] if self.rows else 0.0
-        self.tokens_at_start = state.num_input_tokens_seen
-        self.resumed_from_step = state.global_step
+        self.tokens_at_start, self.resumed_from_step = state.num_input_tokens_seen, state.global_step
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
                         disable=not self.progress)
 
-    def session_seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-    def tokens_per_second(self, state) -> float | None:
-        seconds = self.session_seconds()
-        tokens = state.num_input_tokens_seen - self.tokens_at_start
-        return tokens / seconds if tokens and seconds > 0 else None
-
     def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
+        self.bar.update(state.global_step - self.bar.n)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = logs or {}
-        if "loss" not in logs:  # the final summary log has train_loss instead
+        if "loss" not in (logs or {}):  # the final summary log has train_loss instead
             return
-        speed = self.tokens_per_second(state)
+        seconds = time.perf_counter() - self.start
+        tokens = state.num_input_tokens_seen - self.tokens_at_start
+        speed = tokens / seconds if tokens and seconds > 0 else None
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "loss": logs["loss"],
                "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
-               "tokens_seen": state.num_input_tokens_seen,
-               "seconds": round(self.seconds_before + self.session_seconds(), 3),
+               "tokens_seen": state.num_input_tokens_seen, "seconds": round(self.seconds_before + seconds, 3),
                "tokens_per_second": round(speed, 1) if speed else None}
         self.rows.append(row)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1][_CURVE_KEY] = row  # Trainer.log appended this step's entry just before on_log
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{speed:.0f}" if speed else "-")
+        self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{speed:.0f}" if speed else "-")
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 class _NoFinalCheckpoint(TrainerCallback):
-    """No checkpoint after the last step: the adapter is saved right after it, and Trainer resumed from a
+    """No checkpoint after the last step: the model is saved right after it, and Trainer resumed from a
     finished checkpoint would train one step too many (it compares with max_steps only after a step)."""
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -326,12 +283,10 @@ class _NoFinalCheckpoint(TrainerCallback):
 
 def write_loss_csv(path: Path, rows: list[dict]) -> None:
     columns = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_seen", "seconds", "tokens_per_second"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
     with atomic_open(path) as handle:
-        handle.write(buffer.getvalue())
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_loss_csv(path: str | Path) -> list[dict]:
@@ -374,41 +329,30 @@ def _training_arguments(config: TrainConfig, device: torch.device, use_bf16: boo
 def _save_atomically(out_dir: Path, name: str, save) -> Path:
     """``save(tmp_dir)`` then rename: a killed run never leaves a half-written adapter that looks finished."""
     target = out_dir / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
-    try:
-        save(tmp)
-        tmp.chmod(0o755)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=out_dir, ignore_cleanup_errors=True) as tmp:
+        save(Path(tmp))
+        Path(tmp).chmod(0o755)
         if target.exists():
             shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.replace(tmp, target)  # nothing is left for the context to clean up, unless save failed
     return target
 
 
-def _complete_checkpoint(checkpoints: Path) -> str | None:
-    """The newest checkpoint that was fully written (Trainer writes its state file last); drops any newer, torn one."""
-    while checkpoints.is_dir() and (last := get_last_checkpoint(str(checkpoints))) is not None:
-        if (Path(last) / TRAINER_STATE_NAME).exists():
-            return last
-        shutil.rmtree(last)  # killed while saving: the previous checkpoint (if any) is still whole
-    return None
+def _resume_checkpoint(out_dir: Path, previous: dict | None, overwrite: bool) -> str | None:
+    """The newest whole checkpoint a killed run of this very training left in ``out_dir``, or None (then none is kept).
 
-
-def _resume_checkpoint(out_dir: Path, config: TrainConfig, previous: dict | None, overwrite: bool) -> str | None:
-    """The checkpoint a killed run of this very training left in ``out_dir``, or None (then none is kept).
-
-    ``previous`` is the manifest with this fingerprint (``check_fingerprint`` refuses any other), so a
-    "running" one means the same training was started here and did not finish. Its checkpoint is
-    resumed even if this call has ``save_steps=0``: save_steps changes nothing in the trained weights.
+    ``previous`` is the manifest with this fingerprint (``check_fingerprint`` refuses any other), so a "running"
+    one is this same training, unfinished. It resumes even with ``save_steps=0``: that changes nothing trained.
     """
     checkpoints = out_dir / CHECKPOINT_DIR
-    resumable = not overwrite and bool(previous) and previous.get("status") == "running"
-    last = _complete_checkpoint(checkpoints) if resumable else None
-    if last is None:  # a fresh start never resumes from another run's (or an overwritten run's) checkpoints
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    return last
+    if not overwrite and previous and previous.get("status") == "running":
+        while checkpoints.is_dir() and (last := get_last_checkpoint(str(checkpoints))) is not None:
+            if (Path(last) / TRAINER_STATE_NAME).exists():  # Trainer writes its state file last
+                return last
+            shutil.rmtree(last)  # killed while saving: the previous checkpoint (if any) is still whole
+    # a fresh start never resumes from another run's (or an overwritten run's) checkpoints
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return None
 
 
 def _whole_run_loss(curve: LossCurveCallback, session_loss: float, steps: int) -> float:
@@ -420,19 +364,17 @@ def _whole_run_loss(curve: LossCurveCallback, session_loss: float, steps: int) -
     before = [r for r in curve.rows if r["step"] <= curve.resumed_from_step]
     if not curve.resumed_from_step or not before:
         return session_loss
-    logged, total = 0, 0.0
-    for row in before:
-        total += row["loss"] * (row["step"] - logged)
-        logged = row["step"]
+    starts = [0] + [row["step"] for row in before[:-1]]
+    total = sum(row["loss"] * (row["step"] - start) for row, start in zip(before, starts))
     session_steps = steps - curve.resumed_from_step
-    return (total + session_loss * session_steps) / (logged + session_steps)
+    return (total + session_loss * session_steps) / (before[-1]["step"] + session_steps)
 
 
 def _result_from_manifest(name: str, out_dir: Path, manifest: dict) -> TrainResult:
-    return TrainResult(name=name, out_dir=out_dir, fingerprint=manifest["fingerprint"],
-                       n_examples=manifest["rows"], train_loss=manifest.get("train_loss"),
-                       steps=manifest.get("steps", 0), seconds=manifest.get("seconds"),
-                       tokens_per_second=manifest.get("tokens_per_second"), skipped=True)
+    return TrainResult(name=name, out_dir=out_dir, fingerprint=manifest["fingerprint"], n_examples=manifest["rows"],
+                       train_loss=manifest.get("train_loss"), steps=manifest.get("steps", 0),
+                       seconds=manifest.get("seconds"), tokens_per_second=manifest.get("tokens_per_second"),
+                       skipped=True)
 
 
 def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config: TrainConfig | None = None, *,
@@ -460,35 +402,37 @@ def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config:
     previous = check_fingerprint(out_dir / MANIFEST_FILE, manifest["fingerprint"], inputs, overwrite=overwrite)
     if previous and previous.get("status") == "complete":
         return _result_from_manifest(name, out_dir, previous)
-    resume_from = _resume_checkpoint(out_dir, config, previous, overwrite)
+    resume_from = _resume_checkpoint(out_dir, previous, overwrite)
     if resume_from:
         manifest |= {"started": previous.get("started", manifest["started"]), "resumed": now()}
     write_json(out_dir / MANIFEST_FILE, manifest)
 
     model = _prepare_model(copy.deepcopy(base.model) if borrowed else base.model, config)
-    session = _fit(model, build_features(rows, base.tokenizer, config.template, config.max_length), base, config,
-                   device, use_bf16, out_dir, name, resume_from)
-    _save_model(model, base, config, out_dir)
-    write_loss_csv(out_dir / LOSS_FILE, session.curve.rows)
+    loss_rows, run = _fit(model, build_features(rows, base.tokenizer, config.template, config.max_length), base,
+                          config, device, use_bf16, out_dir, name, resume_from)
+    if config.method == "lora":
+        _save_atomically(out_dir, ADAPTER_DIR, model.save_pretrained)
+    else:
+        _save_atomically(out_dir, FULL_MODEL_DIR,
+                         lambda d: (model.save_pretrained(d), base.tokenizer.save_pretrained(d)))
+    write_loss_csv(out_dir / LOSS_FILE, loss_rows)
     write_json(out_dir / CONFIG_FILE, asdict(config) | {
         "learning_rate": config.resolved_learning_rate(), "bf16": use_bf16,
         "weights_dtype": str(base.dtype).removeprefix("torch."), "base_model_identity": base.identity,
         "n_examples": len(rows)})
-    return _complete(out_dir, manifest, session, len(rows))
-
-
-@dataclass
-class _Session:
-    """What one ``Trainer.train`` call left: its output, loss curve, tokens seen and wall time."""
-
-    output: Any
-    curve: LossCurveCallback
-    tokens: int
-    seconds: float
+    # complete only once everything is saved: then no checkpoint is left to resume
+    manifest.update(status="complete", finished=now(), rows=len(rows), **run)
+    manifest["seconds"] = round(run["seconds"], 2)  # the returned result keeps them unrounded
+    write_json(out_dir / MANIFEST_FILE, manifest)
+    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+    return TrainResult(name=name, out_dir=out_dir, fingerprint=manifest["fingerprint"], n_examples=len(rows),
+                       train_loss=run["train_loss"], steps=run["steps"], seconds=run["seconds"],
+                       tokens_per_second=run["tokens_per_second"], resumed_from_step=run["resumed_from_step"])
 
 
 def _fit(model, features: list[dict], base: LoadedModel, config: TrainConfig, device: torch.device, use_bf16: bool,
-         out_dir: Path, name: str, resume_from: str | None) -> _Session:
+         out_dir: Path, name: str, resume_from: str | None) -> tuple[list[dict], dict]:
+    """Train with ``Trainer``: the rows of the loss curve, and the run's figures for its manifest."""
     curve = LossCurveCallback(progress=config.progress, desc=f"train {name}")
     trainer_class = ResponseOnlyLossTrainer if config.response_only_loss else Trainer
     with tempfile.TemporaryDirectory(prefix="miwv-trainer-") as scratch:
@@ -497,38 +441,17 @@ def _fit(model, features: list[dict], base: LoadedModel, config: TrainConfig, de
         trainer = trainer_class(model=model, args=_training_arguments(config, device, use_bf16, output_dir),
                                 train_dataset=features, data_collator=_right_padding_collator(base.tokenizer),
                                 processing_class=base.tokenizer, callbacks=[curve, _NoFinalCheckpoint()])
-        trainer.remove_callback(PrinterCallback)  # our bar shows the loss; don't print every log dict
-        trainer.remove_callback(ProgressCallback)
+        trainer.remove_callback(PrinterCallback)  # our bar shows the loss; don't print every log dict (disable_tqdm)
         t0 = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume_from)
-        return _Session(output, curve, trainer.state.num_input_tokens_seen, time.perf_counter() - t0)
-
-
-def _save_model(model, base: LoadedModel, config: TrainConfig, out_dir: Path) -> None:
-    if config.method == "lora":
-        _save_atomically(out_dir, ADAPTER_DIR, model.save_pretrained)
-    else:
-        _save_atomically(out_dir, FULL_MODEL_DIR,
-                         lambda d: (model.save_pretrained(d), base.tokenizer.save_pretrained(d)))
-
-
-def _complete(out_dir: Path, manifest: dict, session: _Session, n_rows: int) -> TrainResult:
-    """Mark the run complete in its manifest and drop its checkpoints: nothing is left to resume."""
-    curve, steps = session.curve, session.output.global_step
-    session_tokens = session.tokens - curve.tokens_at_start  # a resumed session did not process the checkpoint's
-    train_loss = _whole_run_loss(curve, session.output.training_loss, steps)
+        seconds, tokens = time.perf_counter() - t0, trainer.state.num_input_tokens_seen
+    session_tokens = tokens - curve.tokens_at_start  # a resumed session did not process the checkpoint's
     # seconds: the whole run's training time (earlier sessions up to their checkpoint); tokens/s: this session's
-    total_seconds = curve.seconds_before + session.seconds
-    tokens_per_second = round(session_tokens / session.seconds, 1) if session_tokens and session.seconds else None
-    manifest.update(status="complete", finished=now(), rows=n_rows, steps=steps, train_loss=train_loss,
-                    seconds=round(total_seconds, 2), session_seconds=round(session.seconds, 2),
-                    tokens_seen=session.tokens, tokens_per_second=tokens_per_second,
-                    resumed_from_step=curve.resumed_from_step)
-    write_json(out_dir / MANIFEST_FILE, manifest)
-    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
-    return TrainResult(name=manifest["name"], out_dir=out_dir, fingerprint=manifest["fingerprint"], n_examples=n_rows,
-                       train_loss=train_loss, steps=steps, seconds=total_seconds, tokens_per_second=tokens_per_second,
-                       resumed_from_step=curve.resumed_from_step)
+    return curve.rows, {
+        "steps": output.global_step, "train_loss": _whole_run_loss(curve, output.training_loss, output.global_step),
+        "seconds": curve.seconds_before + seconds, "session_seconds": round(seconds, 2), "tokens_seen": tokens,
+        "tokens_per_second": round(session_tokens / seconds, 1) if session_tokens and seconds else None,
+        "resumed_from_step": curve.resumed_from_step}
 
 
 def trained_model_signature(model_dir: str | Path) -> tuple[str, str]:
@@ -560,19 +483,16 @@ def load_trained(model_dir: str | Path, *, base: LoadedModel | None = None, dtyp
     model_dir = Path(model_dir)
     saved = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     dtype = dtype or saved["weights_dtype"]  # by default, the precision the model was trained in
-    fingerprint = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["fingerprint"]
     if (model_dir / FULL_MODEL_DIR).exists():
         loaded = load_model(str(model_dir / FULL_MODEL_DIR), dtype=dtype, device=device)
         loaded.name, loaded.identity = model_dir.name, trained_model_signature(model_dir)[0]
         return loaded
     from peft import PeftModel
 
-    if base is not None:
-        base = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.name, base.identity)
-    else:
-        base = load_model(saved["model"], dtype=dtype, device=device)
-    peft_model = PeftModel.from_pretrained(base.model, str(model_dir / ADAPTER_DIR))
-    model = peft_model.get_base_model().eval()
+    fingerprint = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["fingerprint"]
+    base = (LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.name, base.identity) if base is not None
+            else load_model(saved["model"], dtype=dtype, device=device))
+    model = PeftModel.from_pretrained(base.model, str(model_dir / ADAPTER_DIR)).get_base_model().eval()
     return LoadedModel(model=model, tokenizer=base.tokenizer, name=model_dir.name,
                        identity=f"{base.identity}+lora:{fingerprint}")
 

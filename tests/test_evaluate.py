@@ -9,7 +9,8 @@ import random
 import pytest
 
 from miwv_lib.method.pairwise import ALL, PairItem, bootstrap_interval, combine_orders, summarize, winning_score
-from miwv_lib.experiments.evaluate import compare_generations, judge_pair, plot_outcomes, table_markdown, write_table
+from miwv_lib.experiments.evaluate import compare_generations, judge_pair, plot_outcomes, write_table
+from miwv_lib.experiments.report import table_markdown
 from miwv_lib.experiments.engine import run_comparison
 from miwv_lib.method.pairwise import LOSS, TIE, WIN, Review
 from miwv_lib.experiments.judges import RougeJudge

@@ -17,7 +17,7 @@ import pytest
 from miwv_lib.runtime.io import read_jsonl
 from miwv_lib.method.selection import select_indices, subset_size
 from miwv_lib.experiments.study import BASELINE, Study, StudyError, StudyRecord, load_study_config
-from miwv_lib.experiments.study_report import JUDGED_OUTPUTS, _reading, averaged, paired_difference
+from miwv_lib.experiments.report import JUDGED_OUTPUTS, _reading, averaged, paired_difference
 
 pytestmark = pytest.mark.integration  # runs the smoke study on the tiny model (tens of seconds)
 

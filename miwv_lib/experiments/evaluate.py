@@ -17,7 +17,6 @@ from ..data.datasets import TEST_SETS, InstructionPool, load_test_set
 from ..data.models import LoadedModel
 from ..method.pairwise import (
     _FLIP,
-    ALL,
     Judge,
     PairItem,
     Review,
@@ -27,9 +26,10 @@ from ..method.pairwise import (
     summarize,
     verdict,
 )
-from ..runtime.io import atomic_open, stable_hash, write_json, write_jsonl
+from ..runtime.io import atomic_open, save_png, stable_hash, write_json, write_jsonl
 from .generate import GenerateConfig, cached_test_set, generate_test_set, generation_key, question_text
 from .judges import JudgementCache, make_judge, reference_nll, run_judge
+from .report import pairs, table_markdown
 
 ALPACA_EVAL = "alpaca_eval_gpt4"
 DEFAULT_TEST_SETS = (*TEST_SETS, ALPACA_EVAL)
@@ -72,22 +72,6 @@ TABLE_COLUMNS = ("judge", "model_a", "model_b", "test_set", "n", "wins", "ties",
                  "ci_low", "ci_high", "unparsed")
 
 
-def table_markdown(rows: list[dict]) -> str:
-    """One markdown table per (judge, pair), as in the paper's Table 3."""
-    blocks = []
-    for key in dict.fromkeys((r["judge"], r["model_a"], r["model_b"]) for r in rows):
-        part = [r for r in rows if (r["judge"], r["model_a"], r["model_b"]) == key]
-        lines = [f"**{key[1]} vs {key[2]}** (judge: `{key[0]}`)", "",
-                 "| test set | n | wins | ties | losses | winning score | 95% CI | unparsed |",
-                 "|---|---:|---:|---:|---:|---:|---|---:|"]
-        for r in part:
-            name = f"**{r['test_set']}**" if r["test_set"] == ALL else r["test_set"]
-            lines.append(f"| {name} | {r['n']} | {r['wins']} | {r['ties']} | {r['losses']} | "
-                         f"{r['winning_score']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['unparsed']} |")
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + "\n"
-
-
 def write_table(rows: list[dict], out_stem: str | Path) -> tuple[Path, Path]:
     """``<stem>.csv`` and ``<stem>.md``, written atomically."""
     import csv
@@ -111,25 +95,11 @@ def plot_outcomes(rows: list[dict], path: str | Path, title: str | None = None) 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import outcome_figure
 
-    from ..runtime.io import save_png
-    from .plots import outcome_bars
-
-    keys = list(dict.fromkeys((r["judge"], r["model_a"], r["model_b"]) for r in rows))
-    heights = [len([r for r in rows if (r["judge"], r["model_a"], r["model_b"]) == k]) for k in keys]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 0.45 * sum(heights) + 1.3 * len(keys)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
-    for ax, key in zip(axes[:, 0], keys):
-        part = [r for r in rows if (r["judge"], r["model_a"], r["model_b"]) == key]
-        outcome_bars(ax, [r["test_set"] for r in part], part)  # "All" last, at the bottom
-        ax.set_title(f"{key[1]} vs {key[2]} — judge {key[0]}", fontsize=9)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    axes[0, 0].legend(loc="lower center", bbox_to_anchor=(0.5, 1.15), ncol=3, frameon=False, fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return save_png(fig, path, dpi=150, close=True)
+    panels = {f"{a} vs {b} — judge {judge}": ([r["test_set"] for r in part], part)  # "All" last, at the bottom
+              for (judge, a, b), part in pairs(rows).items()}
+    return save_png(outcome_figure(panels, title=title), path, dpi=150, close=True)
 
 
 def pair_items(records_a: list[dict], records_b: list[dict]) -> list[PairItem]:

@@ -1,4 +1,4 @@
-"""The notebooks' figures (matplotlib), each saved as a PNG into ``run_dir/figures/``.
+"""Every figure (matplotlib): the notebooks', saved as PNGs into ``run_dir/figures/``, and the reports'.
 
 Every function returns a ``Figure``; :func:`save_figure` writes it atomically. Nothing here needs a
 display: in papermill (and any headless run) matplotlib renders with Agg.
@@ -15,6 +15,7 @@ import numpy as np
 from ..runtime.io import save_png
 
 OUTCOME_COLUMNS = (("wins", "#4C72B0", "win"), ("ties", "#C8C8C8", "tie"), ("losses", "#DD8452", "loss"))
+METHOD_COLORS = {"miwv": "#C44E52", "ifd": "#4C72B0", "low-miwv": "#8172B2", "random": "#8C8C8C", "length": "#55A868"}
 
 
 def save_figure(fig, run_dir: str | Path, name: str, dpi: int = 110) -> Path:
@@ -22,19 +23,81 @@ def save_figure(fig, run_dir: str | Path, name: str, dpi: int = 110) -> Path:
     return save_png(fig, Path(run_dir) / "figures" / (name if name.endswith(".png") else f"{name}.png"), dpi)
 
 
-def outcome_bars(ax, labels: Sequence[str], rows: Sequence[Mapping | None]) -> None:
-    """The paper's Figure 2 on one axis: a stacked win/tie/loss bar per table row (shares of its n prompts)."""
-    left = np.zeros(len(rows))
-    for column, color, label in OUTCOME_COLUMNS:
-        share = np.array([int(r[column]) / int(r["n"]) if r and int(r["n"]) else 0.0 for r in rows])
-        ax.barh(range(len(rows)), share, left=left, color=color, label=label)
-        for y, (x0, width) in enumerate(zip(left, share)):
-            if width >= 0.08:
-                ax.text(x0 + width / 2, y, f"{width:.0%}", ha="center", va="center", fontsize=8)
-        left += share
-    ax.set_xlim(0, 1)
-    ax.set_yticks(range(len(rows)), list(labels), fontsize=8)
-    ax.invert_yaxis()
+def outcome_figure(panels: Mapping[str, tuple[Sequence[str], Sequence[Mapping | None]]], across: bool = False,
+                   title: str | None = None):
+    """The paper's Figure 2: a stacked win/tie/loss bar per table row (shares of its n prompts), one panel per
+    title. Side by side (``across``) the panels share their rows; stacked, each is as tall as its rows."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    heights = [len(labels) for labels, _ in panels.values()]
+    if across:
+        fig, axes = _side_by_side(len(panels), heights[0])
+    else:
+        fig, axes = plt.subplots(len(panels), 1, figsize=(8, 0.45 * sum(heights) + 1.3 * len(panels)), squeeze=False,
+                                 gridspec_kw={"height_ratios": heights})
+    for ax, (name, (labels, rows)) in zip(axes.flat, panels.items()):
+        left = np.zeros(len(rows))
+        for column, color, label in OUTCOME_COLUMNS:
+            share = np.array([int(r[column]) / int(r["n"]) if r and int(r["n"]) else 0.0 for r in rows])
+            ax.barh(range(len(rows)), share, left=left, color=color, label=label)
+            for y, (x0, width) in enumerate(zip(left, share)):
+                if width >= 0.08:
+                    ax.text(x0 + width / 2, y, f"{width:.0%}", ha="center", va="center", fontsize=8)
+            left += share
+        ax.set_xlim(0, 1)
+        ax.set_yticks(range(len(rows)), list(labels), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(name, fontsize=10 if across else 9)
+        if not across:
+            ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    loc, anchor = ("lower left", (0, 1.08)) if across else ("lower center", (0.5, 1.15))
+    axes[0, 0].legend(loc=loc, bbox_to_anchor=anchor, ncol=3, frameon=False, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _side_by_side(n_panels: int, n_rows: int):
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 0.32 * n_rows + 1.6), sharey=True, squeeze=False)
+
+
+def winning_scores(panels: Mapping[str, tuple[Sequence[str], Sequence[Mapping | None]]], methods: Sequence[str]):
+    """Each subset model's winning score against the full-pool model with its interval, one panel per title (a
+    judge), one row per label (a model) coloured by its selection method."""
+    fig, axes = _side_by_side(len(panels), len(next(iter(panels.values()))[0]))
+    for ax, (name, (labels, rows)) in zip(axes[0], panels.items()):
+        for y, (r, method) in enumerate(zip(rows, methods)):
+            if r is not None:
+                ws, lo, hi = float(r["winning_score"]), float(r["ci_low"]), float(r["ci_high"])
+                ax.errorbar(ws, y, xerr=[[ws - lo], [hi - ws]], fmt="o", color=METHOD_COLORS.get(method, "black"),
+                            capsize=3, markersize=5)
+        ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("winning score vs full pool")
+        ax.set_yticks(range(len(labels)), list(labels), fontsize=8)
+        ax.invert_yaxis()
+    fig.suptitle("Subset models against the full-pool model (1 = as good; > 1 better)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], thick: Sequence[str] = ()):
+    """Training loss against the optimizer step (log scale), one line per model; the ``thick`` ones stand out."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (steps, losses) in curves.items():
+        ax.plot(steps, losses, label=name, linewidth=2.0 if name in thick else 0.9)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (response tokens)")
+    ax.set_xscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
 
 
 def _finite(values) -> np.ndarray:

@@ -1,10 +1,13 @@
-"""Summaries of a run directory, for the notebooks and for ``report.md``.
+"""Every report, and the table helpers they share: a notebook run's ``report.md`` and the study's ``REPORT.md``.
 
-Everything here reads plain data (rows, scores, files in the run directory), so the report can be
-rebuilt at any time from ``run_dir`` alone: ``python -c "from miwv_lib.experiments.report import write_report;
-write_report('runs/demo_nb')"``.
+Both are rebuilt from the files in a run directory alone, so they can be rebuilt at any time:
+``python -c "from miwv_lib.experiments.report import write_report; write_report('runs/demo_nb')"`` for a
+notebook run, the ``report`` stage for the reproduction study (whose report also says which stages are
+still missing). The study's narrative that does not depend on the numbers (the paper's claim, how our
+setting differs) is fixed text; its conclusions are derived from the paired comparisons, never written
+by hand. The notebooks import the summaries (statistics, examples, overlaps) from here too.
 
-Run directory layout (written by the notebooks):
+Notebook run directory layout (written by the notebooks):
 
 * ``pool.jsonl``, ``pool_info.json`` (01): the normalised pool and where it came from;
 * ``scores.jsonl``, ``manifest.json``, ``neighbors.json`` (02, by :func:`miwv_lib.score_pool`);
@@ -14,18 +17,25 @@ Run directory layout (written by the notebooks):
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
+import subprocess
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..data.prompts import encode_text
-from ..runtime.io import atomic_open, read_jsonl
+from ..method.pairwise import ALL, OUTCOME_VALUE, mean_interval
+from ..method.selection import BASELINE, demo_trimmed, ratio_label, subset_size
+from ..runtime.io import atomic_open, read_jsonl, save_png, write_json
+
+if TYPE_CHECKING:
+    from .study import Study
 
 SUMMARY_FIELDS = ("zero_shot_loss", "one_shot_loss", "miwv", "ifd")
 
@@ -198,8 +208,7 @@ def top_words(texts: Iterable[str], n: int = 10, stopwords: frozenset[str] = _ST
     return counts.most_common(n)
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+# ---------------------------------------------------------------------------------- what every report is made of
 
 
 def fmt(value: Any, spec: str = ".4f") -> str:
@@ -209,24 +218,71 @@ def fmt(value: Any, spec: str = ".4f") -> str:
     return format(value, spec)
 
 
+def _read(path: Path, default: Any = None) -> Any:
+    """A JSON, JSONL or CSV file of a run directory, or ``default`` when a stage has not written it (yet)."""
+    if not path.is_file():
+        return default
+    if path.suffix == ".jsonl":
+        return read_jsonl(path)
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle)) if path.suffix == ".csv" else json.load(handle)
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence], align: str = "") -> list[str]:
+    """A Markdown table's lines; ``align`` has an ``r`` for each right-aligned column (the others are left)."""
+    lines = ["| " + " | ".join(map(str, cells)) + " |" for cells in (header, *rows)]
+    return [lines[0], "|" + "".join("---:|" if a == "r" else "---|" for a in align.ljust(len(header))), *lines[1:]]
+
+
 def _one_line(text: str, limit: int = 110) -> str:
     text = " ".join(str(text).split()).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def pairs(rows: Iterable[Mapping]) -> dict[tuple[str, str, str], list]:
+    """Evaluation table rows grouped by (judge, model A, model B), in their order."""
+    out: dict[tuple[str, str, str], list] = {}
+    for r in rows:
+        out.setdefault((r["judge"], r["model_a"], r["model_b"]), []).append(r)
+    return out
+
+
+def _interval(r: Mapping) -> str:
+    return f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}]"
+
+
+def _outcome_cells(r: Mapping) -> list:
+    """n, wins, ties, losses, winning score, 95% CI of an evaluation table row (as summarized, or read from CSV):
+    ``table.md`` and the run's ``report.md`` show a comparison with the same cells."""
+    return [r["n"], r["wins"], r["ties"], r["losses"], f"{float(r['winning_score']):.3f}", _interval(r)]
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """One markdown table per (judge, pair), as in the paper's Table 3."""
+    blocks = []
+    for (judge, model_a, model_b), part in pairs(rows).items():
+        table = md_table(["test set", "n", "wins", "ties", "losses", "winning score", "95% CI", "unparsed"],
+                         [[f"**{r['test_set']}**" if r["test_set"] == ALL else r["test_set"], *_outcome_cells(r),
+                           r["unparsed"]] for r in part], "lrrrrrlr")
+        blocks.append("\n".join([f"**{model_a} vs {model_b}** (judge: `{judge}`)", "", *table]))
+    return "\n\n".join(blocks) + "\n"
+
+
+# ---------------------------------------------------------------------------------- a notebook run's report.md
+
+
 def build_report(run_dir: str | Path) -> str:
     """The Markdown text of ``report.md``, from the files in ``run_dir`` only."""
     run_dir = Path(run_dir)
-    pipeline = _read_json(run_dir / "pipeline.json") or {}
-    scores = read_jsonl(run_dir / "scores.jsonl") if (run_dir / "scores.jsonl").is_file() else []
-    rows = read_jsonl(run_dir / "pool.jsonl") if (run_dir / "pool.jsonl").is_file() else []
+    pipeline = _read(run_dir / "pipeline.json") or {}
+    scores, rows = _read(run_dir / "scores.jsonl", []), _read(run_dir / "pool.jsonl", [])
     lines = ["# MIWV run report", "",
              f"Run directory: `{run_dir.name}`. Built from the files in it by `miwv_lib.experiments.report.write_report`.", ""]
     if pipeline.get("description"):
         lines += [str(pipeline["description"]).strip(), ""]
     lines += _setup_lines(run_dir, pipeline, rows)
     lines += _score_lines(scores, rows) if scores else []
-    lines += _subset_lines(_read_json(run_dir / "subsets" / "summary.json"))
+    lines += _subset_lines(_read(run_dir / "subsets" / "summary.json"))
     lines += _training_lines(run_dir)
     lines += _evaluation_lines(run_dir)
     lines += _figure_lines(run_dir)
@@ -237,8 +293,8 @@ def build_report(run_dir: str | Path) -> str:
 
 
 def _setup_lines(run_dir: Path, pipeline: Mapping, rows: list[dict]) -> list[str]:
-    pool_info = _read_json(run_dir / "pool_info.json") or {}
-    manifest = _read_json(run_dir / "manifest.json") or {}
+    pool_info = _read(run_dir / "pool_info.json") or {}
+    manifest = _read(run_dir / "manifest.json") or {}
     lines = ["## Setup", "", "| item | value |", "|---|---|"]
     if pool_info:
         how = [f"limit {pool_info['limit']}"] if pool_info.get("limit") else []
@@ -277,11 +333,9 @@ def _score_lines(scores: list[dict], rows: list[dict]) -> list[str]:
     lines = ["## MIWV and IFD", "",
              f"N = {len(scores)} scored samples. MIWV = one-shot loss − zero-shot loss "
              "(high: the most similar other example made the model worse on this one).", "",
-             "| quantity | n | mean | std | min | 25% | median | 75% | max |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, st in score_summary(scores).items():
-        lines.append(f"| {name} | {st['n']} | " + " | ".join(
-            fmt(st[k]) for k in ("mean", "std", "min", "p25", "median", "p75", "max")) + " |")
+             *md_table(["quantity", "n", "mean", "std", "min", "25%", "median", "75%", "max"],
+                       [[name, st["n"], *(fmt(st[k]) for k in ("mean", "std", "min", "p25", "median", "p75", "max"))]
+                        for name, st in score_summary(scores).items()])]
     positive = sum(1 for s in scores if s.get("miwv") is not None and s["miwv"] > 0)
     rho = spearman([s.get("miwv") for s in scores], [s.get("ifd") for s in scores])
     lines += ["", f"{positive} of {len(scores)} samples have MIWV > 0. "
@@ -297,26 +351,23 @@ def _score_lines(scores: list[dict], rows: list[dict]) -> list[str]:
                   f"(cut) vs {fmt(trunc['median_miwv_not_truncated'])} (not cut).", ""]
     if rows and len(rows) == len(scores):
         lines += ["### Top-5 samples by MIWV", "",
-                  "| rank | MIWV | IFD | instruction | demo (nearest neighbour) instruction | similarity |",
-                  "|---|---|---|---|---|---|"]
-        for rank, ex in enumerate(ranked_examples(rows, scores, 5), start=1):
-            lines.append(f"| {rank} | {fmt(ex['miwv'])} | {fmt(ex['ifd'])} | {_one_line(ex['instruction'])} | "
-                         f"{_one_line(ex['neighbor_instruction'])} | {fmt(ex['neighbor_similarity'], '.3f')} |")
-        lines.append("")
+                  *md_table(["rank", "MIWV", "IFD", "instruction", "demo (nearest neighbour) instruction",
+                             "similarity"],
+                            [[rank, fmt(ex["miwv"]), fmt(ex["ifd"]), _one_line(ex["instruction"]),
+                              _one_line(ex["neighbor_instruction"]), fmt(ex["neighbor_similarity"], ".3f")]
+                             for rank, ex in enumerate(ranked_examples(rows, scores, 5), start=1)]), ""]
     return lines
 
 
 def _subset_lines(summary: Mapping | None) -> list[str]:
     if not summary:
         return []
-    lines = ["## Subsets", "", f"Pool of {summary.get('pool_rows')} rows; each subset keeps floor(r·N) rows.", "",
-             "| method | ratio | rows | rows with a trimmed demo | file |", "|---|---|---|---|---|"]
-    for entry in summary.get("subsets", []):
-        lines.append(f"| {entry['method']} | {entry['ratio']:g} | {entry['rows']} | "
-                     f"{entry.get('demo_trimmed', '?')} | `subsets/{entry['file']}` |")
-    for entry in summary.get("skipped", []):
-        lines.append(f"| {entry['method']} | {entry['ratio']:g} | skipped: {entry['reason']} | | |")
-    return [*lines, ""]
+    return ["## Subsets", "", f"Pool of {summary.get('pool_rows')} rows; each subset keeps floor(r·N) rows.", "",
+            *md_table(["method", "ratio", "rows", "rows with a trimmed demo", "file"],
+                      [[e["method"], f"{e['ratio']:g}", e["rows"], e.get("demo_trimmed", "?"), f"`subsets/{e['file']}`"]
+                       for e in summary.get("subsets", [])]),
+            *(f"| {e['method']} | {e['ratio']:g} | skipped: {e['reason']} | | |" for e in summary.get("skipped", [])),
+            ""]
 
 
 def _figure_lines(run_dir: Path) -> list[str]:
@@ -335,47 +386,35 @@ def _figure_lines(run_dir: Path) -> list[str]:
 
 def _training_lines(run_dir: Path) -> list[str]:
     """04: one row per fine-tuned model, from each model's manifest."""
-    selections = _read_json(run_dir / "subsets" / "selections.json")
+    selections = _read(run_dir / "subsets" / "selections.json")
     names = [arm["name"] for arm in selections["arms"]] if selections else []
     if not names:
         return []
-    config = _read_json(run_dir / "models" / names[-1] / "train_config.json") or {}
+    config = _read(run_dir / "models" / names[-1] / "train_config.json") or {}
     steps = f"{config['max_steps']} steps" if config.get("max_steps", -1) > 0 else f"{config.get('epochs')} epochs"
-    lines = ["## Fine-tuning (04)", "",
-             f"{'LoRA' if config.get('method', 'lora') == 'lora' else 'Full fine-tuning'} on `{config.get('model')}`, {steps}, batch {config.get('batch_size')} × "
-             f"{config.get('gradient_accumulation_steps')} accumulation, max length {config.get('max_length')}; "
-             "the same settings for every model.", "",
-             "| model | rows | optimizer steps | final train loss | seconds | tokens/s |", "|---|---|---|---|---|---|"]
-    for name in names:
-        m = _read_json(run_dir / "models" / name / "manifest.json") or {}
-        lines.append(f"| {name} | {m.get('rows', '–')} | {m.get('steps', '–')} | {fmt(m.get('train_loss'))} | "
-                     f"{fmt(m.get('seconds'), '.0f')} | {fmt(m.get('tokens_per_second'), '.1f')} |")
-    return [*lines, ""]
+    manifests = {name: _read(run_dir / "models" / name / "manifest.json") or {} for name in names}
+    return ["## Fine-tuning (04)", "",
+            f"{'LoRA' if config.get('method', 'lora') == 'lora' else 'Full fine-tuning'} on `{config.get('model')}`, {steps}, batch {config.get('batch_size')} × "
+            f"{config.get('gradient_accumulation_steps')} accumulation, max length {config.get('max_length')}; "
+            "the same settings for every model.", "",
+            *md_table(["model", "rows", "optimizer steps", "final train loss", "seconds", "tokens/s"],
+                      [[name, m.get("rows", "–"), m.get("steps", "–"), fmt(m.get("train_loss")),
+                        fmt(m.get("seconds"), ".0f"), fmt(m.get("tokens_per_second"), ".1f")]
+                       for name, m in manifests.items()]), ""]
 
 
 def _evaluation_lines(run_dir: Path) -> list[str]:
     """05: the winning-score table over all test sets, per judge, from ``evaluation/table.csv``."""
-    import csv
-
-    summary = _read_json(run_dir / "evaluation" / "summary.json") or {}
-    table_path = run_dir / "evaluation" / "table.csv"
-    if not table_path.is_file():
-        return []
-    with open(table_path, encoding="utf-8", newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["test_set"] == "All"]
+    rows = [r for r in _read(run_dir / "evaluation" / "table.csv", []) if r["test_set"] == ALL]
     if not rows:
         return []
-    lines = ["## Evaluation against the full-data model (05)", "",
-             f"{summary.get('prompts_per_set', '?')} prompts per test set "
-             f"({', '.join(summary.get('evaluated', []))}), each judged in both answer orders. Winning score = "
-             "1 + (wins − losses) / N; 1 means as good as the full-data model. Per test set: `evaluation/table.md`.", "",
-             "| judge | model vs baseline | n | wins | ties | losses | winning score | 95% CI |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['judge']} | {r['model_a']} vs {r['model_b']} | {r['n']} | {r['wins']} | {r['ties']} | "
-                     f"{r['losses']} | {float(r['winning_score']):.3f} | "
-                     f"[{float(r['ci_low']):.3f}, {float(r['ci_high']):.3f}] |")
-    return [*lines, ""]
+    summary = _read(run_dir / "evaluation" / "summary.json") or {}
+    return ["## Evaluation against the full-data model (05)", "",
+            f"{summary.get('prompts_per_set', '?')} prompts per test set "
+            f"({', '.join(summary.get('evaluated', []))}), each judged in both answer orders. Winning score = "
+            "1 + (wins − losses) / N; 1 means as good as the full-data model. Per test set: `evaluation/table.md`.", "",
+            *md_table(["judge", "model vs baseline", "n", "wins", "ties", "losses", "winning score", "95% CI"],
+                      [[r["judge"], f"{r['model_a']} vs {r['model_b']}", *_outcome_cells(r)] for r in rows]), ""]
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -385,3 +424,415 @@ def write_report(run_dir: str | Path) -> Path:
     with atomic_open(path) as handle:
         handle.write(text)
     return path
+
+
+# ---------------------------------------------------------------------------------- the study's REPORT.md
+
+ALPACA_52K = 52_002
+JUDGED_OUTPUTS = ("table.csv", "winning_scores.png", "win_tie_lose.png")
+JUDGE_NOTES = {  # by the judge id's prefix
+    "reference-nll": "the model that gives the GPT-4 reference answer the lower per-token NLL wins (a likelihood "
+                     "judge: it scores the model, not the generated text)",
+    "embedding-cosine": "the answer whose all-MiniLM-L6-v2 embedding is closer (cosine) to the reference wins",
+    "rougeL-f1": "the answer with the higher ROUGE-L F1 against the reference wins",
+}
+VERDICTS = {"better": "MIWV better (interval above 0)", "worse": "MIWV worse (interval below 0)",
+            "unclear": "no clear difference (interval contains 0)"}
+
+
+def judge_ids(rows: Sequence[Mapping]) -> list[str]:
+    """The judges as named in tables and records (e.g. ``embedding-cosine:all-MiniLM-L6-v2``), in order."""
+    return list(dict.fromkeys(r["judge"] for r in rows))
+
+
+def outcome_values(records: Sequence[Mapping]) -> dict[tuple[str, str], dict[tuple[str, str], int]]:
+    """``{(judge, model_a): {(dataset, id): +1 | 0 | -1}}`` from judgement records."""
+    table: dict[tuple[str, str], dict[tuple[str, str], int]] = {}
+    for r in records:
+        table.setdefault((r["judge"], r["model_a"]), {})[(r["dataset"], r["id"])] = OUTCOME_VALUE[r["outcome"]]
+    return table
+
+
+def paired_difference(a: Mapping[tuple[str, str], float], b: Mapping[tuple[str, str], float],
+                      n_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """Winning-score difference A − B on the prompts both were judged on, with a paired bootstrap interval.
+
+    Both models were compared with the same full-pool model on the same prompts, so resampling prompts
+    (the per-prompt differences, not the two models independently) is what measures how sure it is.
+    """
+    keys = sorted(set(a) & set(b))
+    diff = [a[k] - b[k] for k in keys]
+    low, high = mean_interval(diff, n_resamples, level, seed)
+    return {"n": len(keys), "difference": float(np.mean(diff)) if diff else math.nan, "ci_low": low, "ci_high": high}
+
+
+def averaged(values: Sequence[Mapping[tuple[str, str], int]]) -> dict[tuple[str, str], float]:
+    """Per prompt, the mean outcome over several models (the random seeds): their average winning score."""
+    keys = set.intersection(*(set(v) for v in values)) if values else set()
+    return {k: float(np.mean([v[k] for v in values])) for k in keys}
+
+
+def comparisons(study: Study, records: Sequence[Mapping]) -> list[dict]:
+    """MIWV's subset against each baseline's at the same ratio, per judge (paired over prompts)."""
+    values = outcome_values(records)
+    out = []
+    for judge in judge_ids(records):
+        for ratio in sorted(study.config.ratios):
+            arms = [a for a in study.arms if a.ratio == ratio]
+            miwv = next((a for a in arms if a.method == "miwv"), None)
+            if miwv is None or (judge, miwv.name) not in values:
+                continue
+            mine = values[(judge, miwv.name)]
+            baselines: dict[str, dict] = {}
+            for method in dict.fromkeys(a.method for a in arms if a.method != "miwv"):
+                group = [values[(judge, a.name)] for a in arms if a.method == method and (judge, a.name) in values]
+                if group:
+                    baselines[method] = averaged(group) if len(group) > 1 else group[0]
+            baselines["full"] = {k: 0.0 for k in mine}  # the full model against itself: winning score 1
+            for method, theirs in baselines.items():
+                d = paired_difference(mine, theirs, study.config.n_bootstrap)
+                out.append({"judge": judge, "ratio": ratio, "miwv": miwv.name, "baseline": method, **d,
+                            "miwv_score": 1 + float(np.mean(list(mine.values()))),
+                            "baseline_score": 1 + float(np.mean([theirs[k] for k in mine if k in theirs]))})
+    return out
+
+
+def _side(c: Mapping) -> str:
+    """Where a paired difference's interval lies: above 0 (MIWV better), below (worse) or across it."""
+    return "better" if c["ci_low"] > 0 else "worse" if c["ci_high"] < 0 else "unclear"
+
+
+def _reading(t: Mapping[str, int]) -> str:
+    total = sum(t.values())
+    if t["better"] == total:
+        return "better under every judge and ratio"
+    if t["worse"] == total:
+        return "worse under every judge and ratio"
+    if t["better"] and not t["worse"]:
+        return f"better in {t['better']} of {total} comparisons and not clearly different in the rest"
+    if t["worse"] and not t["better"]:
+        return f"worse in {t['worse']} of {total} comparisons and not clearly different in the rest"
+    if not t["better"] and not t["worse"]:
+        return "not clearly different under any judge or ratio"
+    return f"mixed: better in {t['better']}, worse in {t['worse']}, unclear in {t['unclear']} of {total} comparisons"
+
+
+def write_study_report(study: Study, root: Path) -> Path:
+    """``REPORT.md`` + figures + ``results.json`` in ``study.results_dir``; returns the report's path.
+
+    ``root`` is the repository: the report names its commit and the regeneration command relative to it.
+    """
+    out = study.results_dir
+    out.mkdir(parents=True, exist_ok=True)
+    scores = _read(study.scores_path)
+    table, records = _read(study.evaluation_dir / "table.csv", []), _read(study.evaluation_dir / "judgements.jsonl", [])
+    figures = _study_figures(study, out, scores, table)
+    comps = comparisons(study, records) if records else []
+    manifest = _read(study.scores_dir / "manifest.json")
+    if not scores or not manifest or manifest.get("status") != "complete":
+        scores = None  # the figure shows a run's scores so far; the numbers wait for all of them
+    missing = _status(study, records)
+    parts = [*_intro(study, missing, root),
+             "## 1. Scoring", "", _scoring_section(study, scores, manifest, figures), "",
+             "## 2. Selected subsets", "", _selection_section(study, scores), "",
+             "## 3. Fine-tuning", "", _training_section(study, figures), "",
+             "## 4. Every subset model against the full-pool model", "",
+             _evaluation_tables(study, table) if table else "Needs the judgements (stages `generate`, `judge`).", "",
+             _answer_lengths(study)]
+    if "winning" in figures:
+        parts += ["", f"![winning scores]({figures['winning']})", "", f"![win/tie/lose]({figures['bars']})"]
+    parts += _closing(study, comps, root)
+    path = out / "REPORT.md"
+    with atomic_open(path) as handle:
+        handle.write("\n".join(parts) + "\n")
+    write_json(out / "results.json", {"status_missing": missing, "comparisons": comps, "table": table,
+                                      "figures": figures})
+    return path
+
+
+def _status(study: Study, records: Sequence[Mapping]) -> list[str]:
+    """The stages whose outputs are missing, for the report's header."""
+    judged = {r["model_a"] for r in records}
+    subsets = [a for a in study.arms if a.name != BASELINE]  # the models that are judged
+    missing = [] if study.scores_path.exists() else ["score"]
+    for stage, arms, done in (("train", study.arms, study.is_trained), ("generate", study.arms, study.is_answered),
+                              ("judge", subsets, lambda a: a.name in judged)):
+        todo = [a for a in arms if not done(a)]
+        if todo:
+            missing.append(f"{stage} ({len(todo)} of {len(arms)} models)")
+    return missing
+
+
+def _study_figures(study: Study, out: Path, scores: list[dict] | None, table: list[dict]) -> dict[str, str]:
+    """Draw the figures the run directory has data for and copy the judged table; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .plots import loss_curves, miwv_vs_ifd, outcome_figure, winning_scores
+    from .train import read_loss_csv
+
+    def save(fig, name: str) -> str:
+        return save_png(fig, out / name, dpi=120, close=True).name
+
+    figures: dict[str, str] = {}
+    if scores:
+        rho = spearman([s["miwv"] for s in scores], [s.get("ifd") for s in scores])
+        figures["scores"] = save(miwv_vs_ifd(scores, rho), "miwv_vs_ifd.png")
+    losses = {arm.name: [r for r in read_loss_csv(study.model_dir(arm) / "loss.csv") if r.get("loss") is not None]
+              for arm in study.arms if (study.model_dir(arm) / "loss.csv").exists()}
+    curves = {name: ([r["step"] for r in rows], [r["loss"] for r in rows]) for name, rows in losses.items() if rows}
+    if curves:
+        thick = [a.name for a in study.arms if a.method in ("miwv", "full")]
+        figures["training"] = save(loss_curves(curves, thick), "training_loss.png")
+    if table:
+        arms = [a for a in study.arms if a.method != BASELINE]
+        rows = {(r["judge"], r["model_a"]): r for r in table if r["test_set"] == ALL}
+        panels = {f"judge: {judge}": ([a.name for a in arms], [rows.get((judge, a.name)) for a in arms])
+                  for judge in judge_ids(table)}
+        figures["winning"] = save(winning_scores(panels, [a.method for a in arms]), "winning_scores.png")
+        figures["bars"] = save(outcome_figure(panels, across=True), "win_tie_lose.png")
+        with atomic_open(out / "table.csv") as handle:
+            handle.write((study.evaluation_dir / "table.csv").read_text(encoding="utf-8"))
+    else:  # an earlier, judged report's files would otherwise sit beside a report that has no judgements
+        for name in JUDGED_OUTPUTS:
+            (out / name).unlink(missing_ok=True)
+    return figures
+
+
+def _intro(study: Study, missing: list[str], root: Path) -> list[str]:
+    c = study.config
+    return [
+        "# Small-scale reproduction of MIWV", "",
+        f"*Generated by `miwv_lib/experiments/report.py` from the run directory; commit {_git_commit(root) or '?'}.*",
+        "",
+        "**Status: complete.**" if not missing else f"**Status: incomplete — still to run: {', '.join(missing)}.** "
+        "The sections below show what exists so far.", "",
+        "## The paper's claim", "",
+        "MIWV (*Importance-Aware Data Selection for Efficient LLM Instruction Tuning*, AAAI-26) ranks instruction "
+        "data by how much a similar example, placed before a sample as a one-shot demonstration, *hurts* the model's "
+        "loss on that sample's response (MIWV = one-shot loss − zero-shot loss). The paper reports that fine-tuning "
+        "LLaMA-2-7B on the top 1 % of Alpaca-52K by MIWV beats fine-tuning on all 52K rows under a GPT-4 pairwise "
+        "judge on five test sets (winning score > 1), and beats IFD (Cherry) selection at the same size.", "",
+        "## Our setting, and how it differs", "",
+        c.description.strip() if c.description else "", "",
+        _setting(study), "",
+        "Winning score = 1 + (wins − losses) / N over prompts; each prompt is judged twice with the answers "
+        "swapped, a prompt is a win if the model wins both orders or wins one and ties the other, a loss "
+        "symmetrically, otherwise a tie (the paper's protocol). 95 % intervals: bootstrap over prompts.", ""]
+
+
+def _git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=True)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _setting(study: Study) -> str:
+    c = study.config
+    score, train, gen = c.score_config(), c.train_config(), c.generate_config()
+    sizes = ", ".join(f"{100 * r:g}% = {subset_size(len(study.pool), r)} rows" for r in sorted(c.ratios))
+    tests = ", ".join(f"{name} ({'all' if n is None else f'{n} sampled, seed {c.test_seed}'})"
+                      for name, n in c.test_sets.items())
+    epochs = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs:g} epoch(s)"
+    lines = [
+        "| | paper | here |", "|---|---|---|",
+        "| model | LLaMA-2-7B (and others), full fine-tuning | "
+        f"`{score.model}` (base model), scored in {score.dtype} |",
+        f"| pool | Alpaca-52K | `{c.data}`: {len(study.pool):,} rows |",
+        f"| ratios | 1 % (5/10/15 % in ablations) | {sizes} |",
+        f"| baselines | IFD (Cherry), random, full data | {', '.join(c.methods)}"
+        f"{f' (random: seeds {c.random_seeds})' if 'random' in c.methods else ''}, full pool |",
+        f"| fine-tuning | full fine-tuning, 3 epochs | {'LoRA' if train.method == 'lora' else 'full fine-tuning'} (r={train.lora_r}, alpha={train.lora_alpha}, "
+        f"all linear layers), {epochs}, lr {train.resolved_learning_rate():g}, effective batch "
+        f"{train.batch_size * train.gradient_accumulation_steps}, max length {train.max_length}, "
+        f"{train.sampling.replace('_', ' ')} batches; identical for every model |",
+        f"| test sets | Vicuna, Koala, WizardLM, Self-Instruct, LIMA | {tests} |",
+        f"| generation | – | greedy, at most {gen.max_new_tokens} new tokens |",
+        f"| judge | GPT-4, both answer orders | offline reference judges, both answer orders: "
+        f"{', '.join(f'`{j}`' for j in c.judges)} |",
+    ]
+    return "\n".join(lines)
+
+
+def _scoring_section(study: Study, scores: list[dict] | None, manifest: Mapping | None,
+                     figures: dict[str, str]) -> str:
+    if scores is None:
+        return "Not run yet (stage `score`)."
+    timings = [t for t in _read(study.run_dir / "timings.jsonl", []) if t["stage"] == "score"]
+    rows_timed = sum(t.get("rows") or 0 for t in timings)
+    seconds = sum(t.get("seconds_scoring") or 0 for t in timings)
+    miwv = [s["miwv"] for s in scores]
+    stats = summary_stats(miwv)
+    positive = sum(1 for v in miwv if v is not None and v > 0)
+    rho = spearman(miwv, [s.get("ifd") for s in scores])
+    env, inputs = manifest.get("environment", {}), manifest["fingerprint_inputs"]
+    lines = [f"- {len(scores):,} rows scored with `{inputs['model']}` in {inputs['dtype']} (max length "
+             f"{inputs['max_length']}), embedder `{inputs['embedder']}`."]
+    if rows_timed and seconds:
+        lines.append(f"- Time: {seconds / 3600:.2f} h of scoring for {rows_timed:,} rows, "
+                     f"**{seconds / rows_timed:.2f} s/sample** ({rows_timed / seconds:.2f} samples/s) on "
+                     f"{env.get('device') or env.get('platform') or 'this machine'}"
+                     f"{', over several resumed runs' if len(timings) > 1 else ''} (wall time: it counts "
+                     "whatever else the machine was doing, so it bounds the cost from above).")
+    lines += [
+        f"- MIWV: median {stats['median']:.3f}, range {stats['min']:.3f} to {stats['max']:.3f}; "
+        f"{positive:,} rows ({positive / len(scores):.1%}) have MIWV > 0 (the neighbour's example made the loss worse).",
+        f"- Spearman correlation of MIWV with IFD: {rho:.3f}.",
+        f"- Rows whose one-shot sequence was truncated: {sum(s['truncated'] for s in scores)} "
+        f"({demo_trimmed(scores)} with a trimmed demonstration); rows without MIWV: "
+        f"{sum(s['miwv'] is None for s in scores)}.",
+    ]
+    if "scores" in figures:
+        lines += ["", f"![MIWV and IFD]({figures['scores']})"]
+    return "\n".join(lines)
+
+
+def _selection_section(study: Study, scores: list[dict] | None) -> str:
+    if scores is None:
+        return "Needs the scores."
+    plan = study.selections(scores)
+    sources = row_source_files(study.pool.files, len(study.pool)) if study.pool.files else None
+    rows = []
+    for arm in study.arms:
+        idx = plan[arm.name]
+        chosen = [scores[i] for i in idx]
+        counts = sorted(Counter(sources[i] for i in idx).items()) if sources else []
+        means = (fmt(summary_stats(s[key] for s in chosen)["mean"], ".3f") for key in ("miwv", "ifd"))
+        rows.append([arm.name, f"{len(idx):,}", demo_trimmed(chosen),
+                     f"{np.median([s['response_tokens'] for s in chosen]):.0f}", *means,
+                     ", ".join(f"{k} {v / len(idx):.0%}" for k, v in counts)])
+    lines = [*md_table(["subset", "rows", "rows with a trimmed demo", "median response tokens", "mean MIWV",
+                        "mean IFD", "share per source file"], rows, "lrrrrrl"),
+             "", "Overlap (Jaccard) between the subsets of the same size:", ""]
+    for ratio in sorted(study.config.ratios):
+        arms = [a.name for a in study.arms if a.ratio == ratio]
+        lines += [*md_table([ratio_label(ratio), *arms], [[a, *(f"{jaccard(plan[a], plan[b]):.2f}" for b in arms)]
+                                                          for a in arms], "l" + "r" * len(arms)), ""]
+    return "\n".join(lines)
+
+
+def _training_section(study: Study, figures: dict[str, str]) -> str:
+    manifests = {arm.name: _read(study.model_dir(arm) / "manifest.json") for arm in study.arms}
+    done = {name: m for name, m in manifests.items() if m and m.get("status") == "complete"}
+    lines = md_table(["model", "rows", "optimizer steps", "final train loss", "time", "tokens/s"],
+                     [[name, f"{m['rows']:,}", m["steps"], fmt(m.get("train_loss"), ".3f"),
+                       f"{fmt((m.get('seconds') or math.nan) / 60, '.1f')} min", fmt(m.get("tokens_per_second"), ".0f")]
+                      for name, m in done.items()], "lrrrrr")
+    if len(done) < len(manifests):
+        lines += ["", f"Not trained yet: {', '.join(name for name in manifests if name not in done)}."]
+    if "training" in figures:
+        lines += ["", f"![training loss]({figures['training']})"]
+    return "\n".join(lines)
+
+
+def _evaluation_tables(study: Study, table: list[dict]) -> str:
+    """Per judge: every subset model against the full-pool model over all test sets (and per set)."""
+    sets = study.test_set_labels
+    lines = []
+    for judge in judge_ids(table):
+        mine = {(r["model_a"], r["test_set"]): r for r in table if r["judge"] == judge}
+        rows = [[arm.name, *(fmt(float(mine[arm.name, s]["winning_score"]), ".3f") if (arm.name, s) in mine else "–"
+                             for s in sets),
+                 f"{a['wins']} / {a['ties']} / {a['losses']}", f"**{float(a['winning_score']):.3f}** {_interval(a)}"]
+                for arm in study.arms if (a := mine.get((arm.name, ALL)))]
+        lines += [f"**Judge `{judge}`**: {JUDGE_NOTES.get(judge.split(':')[0], '')}.", "",
+                  *md_table(["model vs full", *(f"{s} WS" for s in sets), "All: win / tie / lose",
+                             "All: winning score [95% CI]"], rows, "l" + "r" * len(sets) + "ll"), ""]
+    return "\n".join(lines)
+
+
+def _answer_lengths(study: Study) -> str:
+    """Median answer length per model and test set, beside the reference's: the text judges reward
+    answers that resemble the reference, so a subset that teaches short or long answers shows here."""
+    sets = study.test_set_labels
+    medians: dict[str, dict[str, float]] = {}
+    references: dict[str, float] = {}
+    for arm in filter(study.is_answered, study.arms):
+        medians[arm.name] = {}
+        for d in sets:
+            rows = read_jsonl(study.generations_dir / arm.name / f"{d}.jsonl")
+            medians[arm.name][d] = float(np.median([len(r["output"].split()) for r in rows]))
+            if d not in references and all(r.get("reference") for r in rows):
+                references[d] = float(np.median([len(r["reference"].split()) for r in rows]))
+    if not medians:
+        return ""
+    rows = [[name, *(f"{per_set[d]:.0f}" for d in sets)] for name, per_set in medians.items()]
+    if references:
+        rows.append(["*reference (GPT-4)*", *(fmt(references.get(d), ".0f") for d in sets)])
+    return "\n".join(["Median answer length in words (greedy, at most "
+                      f"{study.config.generate_config().max_new_tokens} new tokens):", "",
+                      *md_table(["model", *sets], rows, "l" + "r" * len(sets))])
+
+
+def _conclusions(study: Study, comps: list[dict]) -> str:
+    if not comps:
+        return "Needs the judgements."
+    rows = [[c["judge"], ratio_label(c["ratio"]), c["baseline"], f"{c['miwv_score']:.3f}", f"{c['baseline_score']:.3f}",
+             f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]", VERDICTS[_side(c)]] for c in comps]
+    lines = ["Paired differences of winning score, MIWV subset minus the baseline at the same size (both compared "
+             "with the full-pool model on the same prompts; 'full' means MIWV's own score minus 1), with paired "
+             "bootstrap 95 % intervals over prompts:", "",
+             *md_table(["judge", "ratio", "baseline", "MIWV WS", "baseline WS", "difference [95% CI]", "reading"], rows,
+                       "lllrrll"), "", "Over all judges and ratios:", ""]
+    tally: dict[str, dict[str, int]] = {}
+    for c in comps:
+        tally.setdefault(c["baseline"], dict.fromkeys(VERDICTS, 0))[_side(c)] += 1
+    for baseline, t in tally.items():
+        lines.append(f"- against **{baseline}**: MIWV clearly better in {t['better']} of {sum(t.values())} "
+                     f"comparisons, clearly worse in {t['worse']}, no clear difference in {t['unclear']}.")
+    lines += ["", _bottom_line(study, tally)]
+    return "\n".join(lines)
+
+
+def _bottom_line(study: Study, tally: Mapping[str, Mapping[str, int]]) -> str:
+    """The plain-language reading of the tally; every word of it follows from the numbers above."""
+    full = tally.get("full")
+    lines = []
+    if full:
+        reproduced = ("**reproduced here**" if full["better"] == sum(full.values()) else
+                      "**not reproduced here**" if full["better"] == 0 else "**only partly reproduced here**")
+        lines.append(f"**Bottom line.** The paper's headline claim, that a small MIWV subset beats fine-tuning on "
+                     f"the whole pool, is {reproduced}: the MIWV model is {_reading(full)} against the full-pool model.")
+    others = [f"{_reading(t)} against **{b}**" for b, t in tally.items() if b != "full"]
+    if others:
+        lines.append("Against the other selections of the same size, MIWV is " + "; ".join(others) + ".")
+    steps = {arm.name: _read(study.model_dir(arm) / "manifest.json")["steps"]
+             for arm in filter(study.is_trained, study.arms)}
+    subset_steps = sorted({v for name, v in steps.items() if name != BASELINE})
+    if BASELINE in steps and subset_steps:
+        lines.append(f"Every model trains for the same number of epochs, so a subset model takes "
+                     f"{' or '.join(str(v) for v in subset_steps)} optimizer steps against the full-pool model's "
+                     f"{steps[BASELINE]}: against the full pool, a subset is compared at a fraction of the compute, "
+                     "as in the paper's setting.")
+    return " ".join(lines)
+
+
+def _closing(study: Study, comps: list[dict], root: Path) -> list[str]:
+    c = study.config
+    stages = ", ".join(f"`{s}`" for s in ("score", "select", "train", "generate", "judge", "report"))
+    try:  # the config file as a reader of the repository types it; a mapping, or a file outside it, as it is
+        source = Path(c.source).resolve().relative_to(root).as_posix()
+    except (TypeError, ValueError):
+        source = str(c.source)
+    parts = ["", "## 5. What we can and cannot conclude", "", _conclusions(study, comps), "",
+             "What this setting cannot show: the paper's judge is GPT-4 reading both answers; ours are reference-based "
+             "proxies (likelihood of, and similarity to, the GPT-4 reference answer), which reward answers that look "
+             f"like the reference, not answers a person prefers. The model is far smaller than the paper's 7B, "
+             f"the pool is {len(study.pool):,} rows ({len(study.pool) / ALPACA_52K:.1%} of Alpaca-52K), and "
+             "fine-tuning is on a CPU budget. A negative or null result here does not refute the paper at its "
+             "scale; a positive one does not confirm it.",
+             "", "## Reproduce", "", "```bash", f"python -m miwv_lib study --config {source}", "```", "",
+             "Each stage skips what is already done, so the same command continues an interrupted study; "
+             f"`--stages` runs a subset of {stages}. "
+             f"Intermediate files live in `{c.run_dir}` (not committed); `record/` beside this report keeps the "
+             "small ones (scores, each model's manifest and loss curve, its answers as ids and text, no weights, no "
+             "dataset text), so a fresh clone continues the study where the last commit left it."]
+    per_stage: dict[str, float] = {}
+    for t in _read(study.run_dir / "timings.jsonl", []):
+        per_stage[t["stage"]] = per_stage.get(t["stage"], 0.0) + t["seconds"]
+    if per_stage:
+        parts += ["", "Compute spent so far: " + ", ".join(f"{k} {v / 3600:.2f} h" for k, v in per_stage.items()) + "."]
+    return parts

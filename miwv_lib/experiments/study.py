@@ -279,9 +279,10 @@ class Study:
 
     # 6. report
     def report(self) -> Path:
-        from .study_report import write_study_report
+        from .pipeline import repo_root
+        from .report import write_study_report
 
-        return write_study_report(self)
+        return write_study_report(self, repo_root())
 
     def run(self, stages: Sequence[str] = STAGES, only: Sequence[str] | None = None) -> None:
         unknown = [s for s in stages if s not in STAGES]

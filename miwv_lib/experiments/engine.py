@@ -18,8 +18,8 @@ from pathlib import Path
 
 from ..data.datasets import InstructionPool, load_instructions
 from ..method.pairwise import Judge
-from ..method.selection import BASELINE, Arm, plan_arms, select_arms
-from ..runtime.io import write_json
+from ..method.selection import BASELINE, Arm, demo_trimmed, plan_arms, select_arms
+from ..runtime.io import file_sha256, write_json
 from .evaluate import (
     DEFAULT_TEST_SETS,
     ComparisonResult,
@@ -30,7 +30,7 @@ from .evaluate import (
 )
 from .generate import GenerateConfig
 from .judges import OFFLINE_JUDGES
-from .select import load_checked_scores
+from .select import export_subset, load_checked_scores
 from .train import TrainConfig, TrainResult, has_weights, load_trained, train_model, trained_model_signature
 
 SELECTIONS_FILE = "subsets/selections.json"
@@ -44,6 +44,22 @@ def write_selections(run_dir: Path, arms: Sequence[Arm], plan: dict[str, list[in
     """The arms of a run and each subset's rows (the full pool's are all rows, so not listed)."""
     return write_json(Path(run_dir) / SELECTIONS_FILE, {
         "arms": [asdict(a) for a in arms], "indices": {k: v for k, v in plan.items() if k != BASELINE}})
+
+
+def export_arms(pool: InstructionPool, scores: list[dict], arms: Sequence[Arm], plan: dict[str, list[int]],
+                subsets_dir: Path) -> list[dict]:
+    """Write every selected arm's subset (``subsets_dir/<arm>.json``, the pool's schema plus the selection),
+    and return what was written, with each file's sha256 so a reader can tell a subset edited since."""
+    entries = []
+    for arm in arms:
+        if arm.method == BASELINE:
+            continue
+        rows = plan[arm.name]
+        path = export_subset(pool, scores, rows, Path(subsets_dir) / f"{arm.name}.json", by=arm.method)
+        entries.append({"name": arm.name, "method": arm.method, "ratio": arm.ratio, "seed": arm.seed,
+                        "rows": len(rows), "file": path.name, "sha256": file_sha256(path),
+                        "demo_trimmed": demo_trimmed([scores[i] for i in rows])})
+    return entries
 
 
 def read_arms(run_dir: Path) -> list[Arm]:

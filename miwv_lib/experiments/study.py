@@ -28,9 +28,9 @@ from ..method.selection import BASELINE, SELECTION_METHODS, Arm, plan_arms, sele
 from ..runtime.io import atomic_open, read_jsonl, write_jsonl
 from ..runtime.runs import now, read_yaml_mapping
 from ..runtime.schema import check, each, integer, mapping, number, setting, text
-from .engine import ExperimentError, answer_arms, is_trained, train_arms, write_selections
+from .engine import ExperimentError, answer_arms, export_arms, is_trained, train_arms, write_selections
 from .score import ScoreConfig, score_pool
-from .select import export_subset, load_checked_scores
+from .select import load_checked_scores
 
 STAGES = ("score", "select", "train", "generate", "judge", "report")
 TIMINGS_FILE = "timings.jsonl"
@@ -195,10 +195,7 @@ class Study:
     def select(self) -> dict[str, list[int]]:
         scores = self.scores()
         plan = self.selections(scores)
-        for arm in self.arms:
-            if arm.method != BASELINE:
-                export_subset(self.pool, scores, plan[arm.name], self.run_dir / "subsets" / f"{arm.name}.json",
-                              by=arm.method)
+        export_arms(self.pool, scores, self.arms, plan, self.run_dir / "subsets")
         write_selections(self.run_dir, self.arms, plan)
         return plan
 

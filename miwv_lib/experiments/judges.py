@@ -1,15 +1,15 @@
 """The judges: an LLM with the paper's review prompt, and three offline judges that need a reference.
 
-* ``LLMJudge``: the Cherry LLM / AlpaGasus review prompt, sent to a local Hugging Face model
-  (``HFChatBackend``) or to any OpenAI-compatible chat endpoint (``OpenAIChatBackend``).
-* Offline judges, for prompts with a reference answer: ``ReferenceLikelihoodJudge`` (which model
-  gives the reference the lower mean response NLL), ``EmbeddingJudge`` (cosine similarity of each
-  generation to the reference) and ``RougeJudge`` (ROUGE-L F1 against the reference).
+* ``LLMJudge``: the Cherry LLM / AlpaGasus review prompt, sent to a local Hugging Face model (``HFChatBackend``) or to
+  any OpenAI-compatible chat endpoint (``OpenAIChatBackend``).
+* Offline judges, for prompts with a reference answer: ``ReferenceLikelihoodJudge`` (which model gives the reference
+  the lower mean response NLL), ``EmbeddingJudge`` (cosine similarity of each generation to the reference) and
+  ``RougeJudge`` (ROUGE-L F1 against the reference).
 
-Tie margins (score differences at or below them are ties): LLM judge 0 (integer 1–10 scores,
-equal is a tie); ROUGE-L F1 0.02 (about one token of longest common subsequence in a 50-token
-answer); embedding cosine 0.02; reference NLL 0.01 nats per token (about 1 % in perplexity).
-Judgements are cached by judge and request, so an interrupted evaluation resumes.
+Tie margins (score differences at or below them are ties): LLM judge 0 (integer 1–10 scores, equal is a tie); ROUGE-L
+F1 0.02 (about one token of longest common subsequence in a 50-token answer); embedding cosine 0.02; reference NLL 0.01
+nats per token (about 1 % in perplexity). Judgements are cached by judge and request, so an interrupted evaluation
+resumes.
 """
 
 from __future__ import annotations
@@ -26,16 +26,8 @@ from ..data.models import LoadedModel
 from ..data.prompts import encode_chat, encode_examples, encode_text
 from ..method.layouts import SpecialTokens, resolve_max_length, zero_shot_sequence
 from ..method.losses import EngineConfig, sequence_losses
-from ..method.pairwise import (
-    REVIEW_SYSTEM,
-    Judge,
-    Review,
-    ReviewRequest,
-    Side,
-    parse_review,
-    review_prompt,
-)
-from ..runtime.io import stable_hash
+from ..method.pairwise import REVIEW_SYSTEM, Judge, Review, ReviewRequest, Side, parse_review, review_prompt
+from ..runtime.io import append_jsonl, stable_hash
 
 
 class ChatBackend(Protocol):
@@ -79,37 +71,29 @@ class HFChatBackend:
 
 
 class OpenAIChatBackend:
-    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp server, …) through the ``openai`` client.
+    """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp server, …) through the ``openai`` client (an
+    optional extra: ``pip install 'miwv-lib[openai]'``), which retries rate limits and server errors with backoff."""
 
-    The client is an optional extra (``pip install 'miwv-lib[openai]'``); it retries rate limits and
-    server errors with backoff.
-    """
-
-    def __init__(self, model: str, base_url: str = "https://api.openai.com/v1", api_key_env: str | None = "OPENAI_API_KEY",
-                 temperature: float = 0.0, max_tokens: int = 512, timeout: float = 120.0, retries: int = 3):
+    def __init__(self, model: str, base_url: str = "https://api.openai.com/v1",
+                 api_key_env: str | None = "OPENAI_API_KEY", temperature: float = 0.0, max_tokens: int = 512,
+                 timeout: float = 120.0, retries: int = 3):
         self.model, self.base_url = model, base_url.rstrip("/")
         self.temperature, self.max_tokens, self.timeout, self.retries = temperature, max_tokens, timeout, retries
-        self.api_key = None
-        if api_key_env is not None:
-            self.api_key = os.environ.get(api_key_env)
-            if not self.api_key:
-                raise ValueError(f"the API key variable ${api_key_env} is not set "
-                                 "(pass api_key_env=None for an endpoint without a key)")
+        self.api_key = None if api_key_env is None else os.environ.get(api_key_env)
+        if api_key_env is not None and not self.api_key:
+            raise ValueError(f"the API key variable ${api_key_env} is not set "
+                             "(pass api_key_env=None for an endpoint without a key)")
         self.id = f"openai-compatible:{model}"
 
-    def _client(self):
+    def complete(self, system: str, users: list[str]) -> list[str]:
         try:
-            from openai import OpenAI
+            import openai
         except ImportError:
             raise RuntimeError("the openai judge needs the openai client: pip install 'miwv-lib[openai]'") from None
         # an endpoint without a key still gets one: the client refuses to start without any
-        return OpenAI(base_url=self.base_url, api_key=self.api_key or "no-key", timeout=self.timeout,
-                      max_retries=self.retries)
-
-    def complete(self, system: str, users: list[str]) -> list[str]:
-        import openai
-
-        client, texts = self._client(), []
+        client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "no-key", timeout=self.timeout,
+                               max_retries=self.retries)
+        texts = []
         for user in users:
             try:
                 reply = client.chat.completions.create(
@@ -135,23 +119,17 @@ class LLMJudge:
 
     def review(self, requests: list[ReviewRequest]) -> list[Review]:
         users = [review_prompt(r.question, r.first.answer, r.second.answer) for r in requests]
-        reviews = []
-        for text in self.backend.complete(REVIEW_SYSTEM, users):
-            scores = parse_review(text)
-            if scores is None:
-                reviews.append(Review(None, None, raw=text, error="unparseable review"))
-            else:
-                reviews.append(Review(*scores, raw=text))
-        return reviews
+        texts = self.backend.complete(REVIEW_SYSTEM, users)
+        return [Review(*scores, raw=text) if scores is not None
+                else Review(None, None, raw=text, error="unparseable review")
+                for text, scores in zip(texts, map(parse_review, texts))]
 
 
 class _PerAnswerJudge:
-    """A symmetric judge that scores each position on its own; the subclass gives ``scores``."""
+    """A symmetric judge that scores each position on its own; the subclass gives ``scores``, ``id`` and ``margin``."""
 
     needs_reference = True
     cacheable = False
-    id = "per-answer"
-    margin = 0.0
 
     def scores(self, requests: list[ReviewRequest], sides: list[Side]) -> list[float | None]:
         raise NotImplementedError
@@ -233,21 +211,19 @@ def make_judge(spec: str | Judge, **kwargs) -> Judge:
     or ``openai:<model>`` (``base_url=``, ``api_key_env=`` as keyword arguments); judge objects pass through."""
     if not isinstance(spec, str):
         return spec
-    if spec == "reference-nll":
-        return ReferenceLikelihoodJudge(**kwargs)
-    if spec == "embedding":
-        return EmbeddingJudge(**kwargs)
-    if spec in ("rougeL", "rouge"):
-        return RougeJudge(**kwargs)
-    if spec.startswith("hf:"):
+    offline = {"reference-nll": ReferenceLikelihoodJudge, "embedding": EmbeddingJudge, "rougeL": RougeJudge,
+               "rouge": RougeJudge}
+    if spec in offline:
+        return offline[spec](**kwargs)
+    if spec.startswith(("hf:", "openai:")):
+        kind, name = spec.split(":", 1)
+        margin = kwargs.pop("margin", 0.0)
+        if kind == "openai":
+            return LLMJudge(OpenAIChatBackend(name, **kwargs), margin=margin)
         from ..data.models import load_model
 
-        margin = kwargs.pop("margin", 0.0)
-        loaded = load_model(spec[3:], dtype=kwargs.pop("dtype", "auto"), device=kwargs.pop("device", "auto"))
+        loaded = load_model(name, dtype=kwargs.pop("dtype", "auto"), device=kwargs.pop("device", "auto"))
         return LLMJudge(HFChatBackend(loaded, **kwargs), margin=margin)
-    if spec.startswith("openai:"):
-        margin = kwargs.pop("margin", 0.0)
-        return LLMJudge(OpenAIChatBackend(spec[len("openai:"):], **kwargs), margin=margin)
     raise ValueError(f"unknown judge {spec!r}: use one of {', '.join(OFFLINE_JUDGES)}, hf:<model> or openai:<model>")
 
 
@@ -258,11 +234,8 @@ def cache_key(judge_id: str, request: ReviewRequest) -> str:
 
 
 class JudgementCache:
-    """Append-only JSONL of reviews, so re-running an evaluation asks the judge nothing it was asked before.
-
-    Each batch is appended with one write and fsynced; a line torn by a crash is ignored on load
-    (that review is simply asked again).
-    """
+    """Append-only JSONL of reviews, so re-running an evaluation asks the judge nothing it was asked before. Each
+    batch is one fsynced write; a line torn by a crash is ignored on load (that review is simply asked again)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -284,17 +257,12 @@ class JudgementCache:
 
     def get(self, key: str) -> Review | None:
         row = self._rows.get(key)
-        if row is None:
-            return None
-        return Review(row["score_1"], row["score_2"], raw=row.get("raw"), error=row.get("error"), cached=True)
+        return None if row is None else Review(row["score_1"], row["score_2"], raw=row.get("raw"),
+                                               error=row.get("error"), cached=True)
 
     def put(self, entries: list[tuple[str, str, Review]]) -> None:
         rows = [{"key": key, "judge": judge_id, **review.as_dict()} for key, judge_id, review in entries]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write("\n" * self._torn + "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_jsonl(self.path, rows, new_line=self._torn)
         self._torn = False
         self._rows.update((row["key"], row) for row in rows)
 

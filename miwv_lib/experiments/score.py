@@ -1,8 +1,8 @@
 """The ``score`` stage: MIWV (and IFD) of every row of a pool, into ``out_dir/scores.jsonl``.
 
-Resumable and kill-safe: rows are appended to a partial file per rank as chunks finish, the
-manifest's fingerprint ties a run directory to its settings, and ``scores.jsonl`` appears only when
-every row is scored. The arithmetic lives in ``miwv_lib.method``; this module runs it over a pool.
+Resumable and kill-safe: rows are appended to a partial file per rank as chunks finish, the manifest's fingerprint
+ties a run directory to its settings, and ``scores.jsonl`` appears only when every row is scored. The arithmetic
+lives in ``miwv_lib.method``; this module runs it over a pool.
 """
 
 from __future__ import annotations
@@ -28,11 +28,7 @@ from ..data.models import (
     load_model,
 )
 from ..data.prompts import TEMPLATES, encode_examples
-from ..method.importance import (
-    _score_row,
-    chunk_plan,
-    plan_passes,
-)
+from ..method.importance import _score_row, chunk_plan, plan_passes
 from ..method.layouts import (
     AUTO_MAX_LENGTH,
     LAYOUT_VERSION,
@@ -43,11 +39,7 @@ from ..method.layouts import (
     parse_max_length,
     resolve_max_length,
 )
-from ..method.losses import (
-    EngineConfig,
-    compile_body,
-    span_losses,
-)
+from ..method.losses import EngineConfig, compile_body, span_losses
 from ..method.neighbors import embed_texts, model_embeddings, nearest_neighbors
 from ..runtime.distributed import Shard, barrier, from_main, init_from_env
 from ..runtime.io import file_sha256, read_jsonl, stable_hash, write_json, write_jsonl
@@ -65,7 +57,8 @@ class ScoreConfig:
         AUTO_MAX_LENGTH, rule=max_length_rule, parse=parse_max_length,
         help="longest sequence in tokens; auto (default): the pool's longest one-shot sequence, capped at the "
              "model's context window, so nothing is cut")
-    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"), help="auto = bf16 (fast); float32 = exact mode")
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
+                         help="auto = bf16 (fast); float32 = exact mode")
     device: str = setting("auto", rule=text())
     batch_size: int = setting(16, rule=integer(1), help="most sequences in one forward pass")
     max_tokens_per_batch: int = setting(8192, rule=integer(1), help="padded tokens per forward pass (memory bound)")
@@ -73,29 +66,15 @@ class ScoreConfig:
                                 help="skip the unconditional pass that IFD needs")
     chunk_rows: int = setting(
         64, rule=integer(1), help="advanced: rows per checkpoint in scores.partial.jsonl (at most this much work is "
-                                  "lost when the job is killed; a resumed run must use the same value to be byte-identical)")
-    torch_compile: bool = setting(False, rule=boolean(),
-                            help="torch.compile the model body and the loss: MFU 0.53 instead of 0.42 on a GPU (7B, H200), "
-                                 "after a minute of compiling; not part of the configuration")
+                                  "lost when the job is killed; a resumed run must use the same value to be "
+                                  "byte-identical)")
+    torch_compile: bool = setting(
+        False, rule=boolean(), help="torch.compile the model body and the loss: MFU 0.53 instead of 0.42 on a GPU (7B, "
+                                    "H200), after a minute of compiling; not part of the configuration")
     progress: bool = setting(True, rule=boolean(), cli=False)
 
     def __post_init__(self):
         check(self)
-
-
-def score_fingerprint_inputs(config: ScoreConfig, loaded: LoadedModel, pool: InstructionPool) -> dict:
-    """Everything the numbers depend on (and nothing they don't, such as batch size)."""
-    return {
-        "model": loaded.identity,
-        "template": config.template,
-        "embedder": config.embedder,
-        "max_length": config.max_length,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "ifd": config.compute_ifd,
-        "data": pool.content_hash,
-        "rows": len(pool),
-        "layout_version": LAYOUT_VERSION,
-    }
 
 
 def find_neighbors(pool: InstructionPool, embedder: str, loaded: LoadedModel | None = None,
@@ -114,9 +93,9 @@ def find_neighbors(pool: InstructionPool, embedder: str, loaded: LoadedModel | N
 def _read_neighbors(path: Path, key: dict, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The cached neighbours, or None (compute them again) when absent, of another key, or damaged.
 
-    The file carries a checksum of its own numbers, so a hand edit that stays valid JSON (another
-    row's index, say) is caught like a torn file; the neighbours are deterministic, so recomputing
-    them gives back exactly what the scores already written were computed with.
+    The file carries a checksum of its own numbers, so a hand edit that stays valid JSON (another row's index, say) is
+    caught like a torn file; the neighbours are deterministic, so recomputing them gives back exactly what the scores
+    already written were computed with.
     """
     if not path.exists():
         return None
@@ -127,7 +106,8 @@ def _read_neighbors(path: Path, key: dict, rows: int) -> tuple[np.ndarray, np.nd
         index = np.asarray(saved["neighbor_index"], dtype=np.int64)
         similarity = np.asarray(saved["neighbor_similarity"], dtype=np.float32)
         intact = (saved.get("checksum") == _neighbors_checksum(index, similarity) and index.shape == (rows,)
-                  and similarity.shape == (rows,) and ((index >= 0) & (index < rows) & (index != np.arange(rows))).all())
+                  and similarity.shape == (rows,)
+                  and ((index >= 0) & (index < rows) & (index != np.arange(rows))).all())
     except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError):
         intact = False
     if not intact:
@@ -160,32 +140,16 @@ def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[st
     max_length = resolve_max_length(config.max_length, one_shot_lengths(examples, neighbor_index, special, indices),
                                     loaded.model)
     plan = plan_passes(examples, indices, neighbor_index, special, max_length, config.compute_ifd)
-    sequences, where, one, cuts = plan.sequences, plan.where, plan.one_shot, plan.cuts
     engine = engine or EngineConfig(batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
                                     progress=config.progress, torch_compile=config.torch_compile)
-    losses = span_losses(loaded.model, sequences, loaded.tokenizer.pad_token_id, engine)
+    losses = span_losses(loaded.model, plan.sequences, loaded.tokenizer.pad_token_id, engine)
 
     def loss(kind: str, i: int) -> float:
-        sequence, span = where.get((kind, i), (None, None))
+        sequence, span = plan.where.get((kind, i), (None, None))
         return math.nan if sequence is None else losses[sequence][span]
 
-    return [_score_row(i, int(neighbor_index[i]), ids, examples, one[i], cuts[i], neighbor_similarity[i],
+    return [_score_row(i, int(neighbor_index[i]), ids, examples, plan.one_shot[i], plan.cuts[i], neighbor_similarity[i],
                        loss("zero", i), loss("one", i), loss("uncond", i), config.compute_ifd) for i in indices]
-
-
-def _partial_files(out_dir: Path, shard: Shard) -> tuple[PartialResults, list[PartialResults]]:
-    """This rank's append-only file, and every partial file in the directory (any earlier world size)."""
-    name = "scores.partial.jsonl" if shard.is_main else f"scores.partial.rank{shard.rank}.jsonl"
-    everyone = [PartialResults(p) for p in sorted(out_dir.glob("scores.partial*.jsonl"))]
-    return PartialResults(out_dir / name), everyone
-
-
-def _load_done(partials: list[PartialResults], repair: bool = False) -> dict[int, dict]:
-    """Rows already scored. Only rank 0, before any rank appends, may ``repair`` (cut torn tails)."""
-    done: dict[int, dict] = {}
-    for partial in partials:
-        done.update(partial.load(repair=repair))
-    return done
 
 
 @dataclass
@@ -200,7 +164,20 @@ class _Run:
 
     @property
     def inputs(self) -> dict:
-        return score_fingerprint_inputs(self.config, self.loaded, self.pool)
+        """Everything the numbers depend on (and nothing they don't, such as batch size)."""
+        return {"model": self.loaded.identity, "template": self.config.template, "embedder": self.config.embedder,
+                "max_length": self.config.max_length, "dtype": str(self.loaded.dtype).removeprefix("torch."),
+                "ifd": self.config.compute_ifd, "data": self.pool.content_hash, "rows": len(self.pool),
+                "layout_version": LAYOUT_VERSION}
+
+    @property
+    def partials(self) -> list[PartialResults]:
+        """Every partial file in the directory, of any earlier world size too."""
+        return [PartialResults(p) for p in sorted(self.out_dir.glob("scores.partial*.jsonl"))]
+
+    def done(self, repair: bool = False) -> dict[int, dict]:
+        """Rows already scored. Only rank 0, before any rank appends, may ``repair`` (cut torn tails)."""
+        return {i: row for partial in self.partials for i, row in partial.load(repair=repair).items()}
 
     @property
     def neighbor_key(self) -> dict:
@@ -214,10 +191,8 @@ class _Run:
 
 def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig | None = None, *,
                loaded: LoadedModel | None = None, overwrite: bool = False) -> list[dict]:
-    """Score every row of ``pool`` into ``out_dir/scores.jsonl`` (+ ``manifest.json``), resuming if possible.
-
-    Under ``torchrun`` each rank scores every world_size-th chunk and rank 0 merges (see ``distributed``).
-    """
+    """Score every row of ``pool`` into ``out_dir/scores.jsonl`` (+ ``manifest.json``), resuming if possible. Under
+    ``torchrun`` each rank scores every world_size-th chunk and rank 0 merges (see ``distributed``)."""
     config = config or ScoreConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,15 +223,18 @@ def _start(run: _Run, overwrite: bool) -> dict:
         inputs = run.inputs
         fingerprint = stable_hash(inputs)
         previous = check_fingerprint(run.out_dir / "manifest.json", fingerprint, inputs, overwrite=overwrite)
-        status["finished"] = bool(previous and previous.get("status") == "complete"
-                                  and (run.out_dir / "scores.jsonl").exists())
+        scores_path = run.out_dir / "scores.jsonl"
+        status["finished"] = bool(previous and previous.get("status") == "complete" and scores_path.exists())
         if status["finished"]:
-            _check_unchanged(run.out_dir / "scores.jsonl", previous)
+            if scores_changed(scores_path, previous):  # a row lost or a number edited is an error, not a result
+                raise FingerprintMismatch(
+                    f"{scores_path} was changed after the run finished (its checksum differs from the one in "
+                    f"{run.out_dir / 'manifest.json'}): restore it, or score again with --overwrite")
             return status
         if previous is None:  # a new run, or an overwrite: drop what an older configuration left
-            for old in _partial_files(run.out_dir, run.shard)[1]:
+            for old in run.partials:
                 old.remove()
-            (run.out_dir / "scores.jsonl").unlink(missing_ok=True)
+            scores_path.unlink(missing_ok=True)
         status["manifest"] = manifest = {
             "status": "running", "fingerprint": fingerprint, "fingerprint_inputs": inputs,
             "config": asdict(run.config), "data_source": run.pool.source, "started": now(),
@@ -266,21 +244,13 @@ def _start(run: _Run, overwrite: bool) -> dict:
         _cached_neighbors(run.out_dir / "neighbors.json", run.neighbor_key, len(run.pool),
                           lambda: find_neighbors(run.pool, run.config.embedder, run.loaded, progress=run.progress))
         manifest["seconds_neighbors"] = round(time.perf_counter() - t0, 2)
-        _load_done(_partial_files(run.out_dir, run.shard)[1], repair=True)
+        run.done(repair=True)
     except Exception as exc:  # noqa: BLE001 - raised on every rank by score_pool
         status["error"] = exc
     return status
 
 
-def _check_unchanged(scores_path: Path, manifest: dict) -> None:
-    """A finished run's scores are the file it wrote: a row lost or a number edited since is an error, not a result."""
-    if scores_changed(scores_path, manifest):
-        raise FingerprintMismatch(
-            f"{scores_path} was changed after the run finished (its checksum differs from the one in "
-            f"{scores_path.parent / 'manifest.json'}): restore it, or score again with --overwrite")
-
-
-def _score_missing_chunks(run: _Run) -> tuple[int, float, list[int]]:
+def _score_missing_chunks(run: _Run) -> tuple[int, float, int]:
     """This rank's unfinished chunks, appended to its partial file; returns (max length, seconds, rows to do)."""
     neighbor_index, neighbor_similarity = _read_neighbors(run.out_dir / "neighbors.json", run.neighbor_key,
                                                           len(run.pool))  # rank 0 has just written them
@@ -290,8 +260,9 @@ def _score_missing_chunks(run: _Run) -> tuple[int, float, list[int]]:
                                     run.loaded.model)
     config = replace(run.config, max_length=max_length)
     ids = [row["id"] for row in run.pool.rows]
-    mine, everyone = _partial_files(run.out_dir, run.shard)
-    done = _load_done(everyone)
+    mine = PartialResults(run.out_dir / ("scores.partial.jsonl" if run.shard.is_main
+                                         else f"scores.partial.rank{run.shard.rank}.jsonl"))
+    done = run.done()
     # A chunk is scored whole even if a crash left part of it on disk: its batches stay the same.
     my_chunks = [chunk for number, chunk in enumerate(chunk_plan(neighbor_index, config.chunk_rows))
                  if run.shard.owns(number) and any(i not in done for i in chunk)]
@@ -304,31 +275,25 @@ def _score_missing_chunks(run: _Run) -> tuple[int, float, list[int]]:
             rows = score_rows(run.loaded, examples, ids, chunk, neighbor_index, neighbor_similarity, config)
             mine.append([row for row in rows if row["index"] not in done])
             bar.update(len(chunk))
-    return max_length, time.perf_counter() - t0, [i for i in range(len(run.pool)) if i not in done]
+    return max_length, time.perf_counter() - t0, sum(i not in done for i in range(len(run.pool)))
 
 
-def _finish(run: _Run, manifest: dict, max_length: int, seconds: float, todo: list[int]) -> None:
+def _finish(run: _Run, manifest: dict, max_length: int, seconds: float, todo: int) -> None:
     """Rank 0: merge every rank's partial file into ``scores.jsonl`` in input order; complete the manifest."""
-    everyone = _partial_files(run.out_dir, run.shard)[1]
-    done = _load_done(everyone)
+    done = run.done()
     scores = [done[i] for i in range(len(run.pool))]
     write_jsonl(run.out_dir / "scores.jsonl", scores)
     try:
-        _complete_manifest(run, manifest, scores, max_length, seconds, todo)
+        manifest.update(status="complete", scores_sha256=file_sha256(run.out_dir / "scores.jsonl"), finished=now(),
+                        rows=len(scores), rows_scored_this_run=todo, rows_resumed=len(run.pool) - todo,
+                        seconds_scoring=round(seconds, 2),
+                        seconds_per_sample=round(seconds / todo, 4) if todo else None,
+                        max_length=max_length, truncated_rows=sum(r["truncated"] for r in scores),
+                        demo_trimmed_rows=sum(bool(r["truncation"].get("demo")) for r in scores),
+                        no_miwv_rows=sum(r["miwv"] is None for r in scores))
+        write_json(run.out_dir / "manifest.json", manifest)
     except BaseException:  # a full disk, say: no complete-looking scores.jsonl beside a "running" manifest
         (run.out_dir / "scores.jsonl").unlink(missing_ok=True)  # the partial files stay: a re-run merges them again
         raise
-    for partial in everyone:
+    for partial in run.partials:
         partial.remove()
-
-
-def _complete_manifest(run: _Run, manifest: dict, scores: list[dict], max_length: int, seconds: float,
-                       todo: list[int]) -> None:
-    manifest.update(status="complete", scores_sha256=file_sha256(run.out_dir / "scores.jsonl"), finished=now(),
-                    rows=len(scores), rows_scored_this_run=len(todo), rows_resumed=len(run.pool) - len(todo),
-                    seconds_scoring=round(seconds, 2),
-                    seconds_per_sample=round(seconds / len(todo), 4) if todo else None,
-                    max_length=max_length, truncated_rows=sum(r["truncated"] for r in scores),
-                    demo_trimmed_rows=sum(bool(r["truncation"].get("demo")) for r in scores),
-                    no_miwv_rows=sum(r["miwv"] is None for r in scores))
-    write_json(run.out_dir / "manifest.json", manifest)

@@ -1,9 +1,8 @@
 """Data-parallel scoring with torch.distributed, launched by ``torchrun`` or ``accelerate launch``.
 
-Each rank scores its share of the pool's chunks after one global neighbour search on rank 0;
-rank 0 merges the ranks' partial files into one ``scores.jsonl`` in input order. Chunks are the
-same as in a single process and are dealt round-robin, so every batch (and so every number) is the
-one a single process would compute.
+Each rank scores its share of the pool's chunks after one global neighbour search on rank 0; rank 0 merges the ranks'
+partial files into one ``scores.jsonl`` in input order. Chunks are those of a single process, dealt round-robin, so
+every batch (and so every number) is the one a single process would compute.
 
     torchrun --nproc_per_node 8 -m miwv_lib score --data tatsu-lab/alpaca --out runs/alpaca ...
 """

@@ -1,8 +1,5 @@
-"""Small file helpers: atomic writes, JSON lines and content hashes.
-
-Every output of the project goes through these so that a crash never leaves a
-half-written file that looks complete (write to a temp file, fsync, rename).
-"""
+"""Small file helpers: atomic writes, JSON lines and content hashes. Every output goes through these so that
+a crash never leaves a half-written file that looks complete (write to a temp file, fsync, rename)."""
 
 from __future__ import annotations
 
@@ -29,7 +26,9 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise naming(exc, path) from exc
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give outputs the usual permissions
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give outputs the usual permissions
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -59,9 +58,19 @@ def write_json(path: str | Path, obj: Any) -> Path:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     with atomic_open(path) as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+        handle.writelines(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n" for row in rows)
     return Path(path)
+
+
+def append_jsonl(path: Path, rows: Iterable[dict], *, new_line: bool = False) -> None:
+    """Append ``rows`` (after a line break if ``new_line``: the file ends mid-line) with one write() and an fsync,
+    so that a crash can tear only the last line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = "\n" * new_line + "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    with open(path, "ab") as handle:  # O_APPEND; the buffer passes a large blob to one write() whole
+        handle.write(blob.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -99,17 +108,8 @@ def stable_hash(obj: Any, length: int = 16) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,9 +1,6 @@
-"""Run directories: configuration fingerprints, manifests and resumable append-only results.
-
-A long scoring job appends finished rows to ``<name>.partial.jsonl`` (one write and an fsync per
-chunk). If it is killed, the next run cuts off a torn last line, skips the rows already there,
-and finally writes the complete file atomically in input order.
-"""
+"""Run directories: configuration fingerprints, manifests and resumable append-only results. A long job appends
+finished rows to ``<name>.partial.jsonl`` (one fsynced write per chunk); if it is killed, the next run cuts off a torn
+last line, skips the rows already there, and finally writes the complete file atomically in input order."""
 
 from __future__ import annotations
 
@@ -19,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .io import naming, unwritable
+from .io import append_jsonl, naming, unwritable
 
 
 class FingerprintMismatch(RuntimeError):
@@ -27,11 +24,8 @@ class FingerprintMismatch(RuntimeError):
 
 
 def check_fingerprint(manifest_path: Path, fingerprint: str, inputs: dict, overwrite: bool = False) -> dict | None:
-    """Return the existing manifest if it matches; refuse to mix configurations unless ``overwrite``.
-
-    An unreadable manifest (not JSON, not an object) is refused the same way: the directory's
-    contents can no longer be attributed to a configuration.
-    """
+    """Return the existing manifest if it matches; refuse to mix configurations unless ``overwrite``. An unreadable
+    manifest is refused the same way: the directory's contents can no longer be attributed to a configuration."""
     if not manifest_path.exists():
         return None
     try:
@@ -39,54 +33,46 @@ def check_fingerprint(manifest_path: Path, fingerprint: str, inputs: dict, overw
         if not isinstance(manifest, dict):
             raise ValueError(f"expected a JSON object, got {type(manifest).__name__}")
     except (ValueError, UnicodeDecodeError) as exc:
-        if overwrite:
-            return None
-        raise FingerprintMismatch(
-            f"{manifest_path} is unreadable ({exc}), so the results in {manifest_path.parent} cannot be matched "
-            "to a configuration. Use another output directory, or overwrite (--overwrite) to replace them."
-        ) from None
-    if manifest.get("fingerprint") == fingerprint or overwrite:
-        return manifest if manifest.get("fingerprint") == fingerprint else None
-    old = manifest.get("fingerprint_inputs", {})
-    old = old if isinstance(old, dict) else {}
-    changed = "; ".join(f"{k}: {old.get(k)!r} -> {inputs.get(k)!r}"
-                        for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k))
-    raise FingerprintMismatch(
-        f"{manifest_path.parent} holds results of a different configuration ({changed or 'fingerprint differs'}). "
-        "Use another output directory, or overwrite (--overwrite) to replace them."
-    )
+        problem = (f"{manifest_path} is unreadable ({exc}), so the results in {manifest_path.parent} cannot be "
+                   "matched to a configuration")
+    else:
+        if manifest.get("fingerprint") == fingerprint:
+            return manifest
+        old = manifest.get("fingerprint_inputs")
+        old = old if isinstance(old, dict) else {}
+        changed = "; ".join(f"{k}: {old.get(k)!r} -> {inputs.get(k)!r}"
+                            for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k))
+        problem = (f"{manifest_path.parent} holds results of a different configuration "
+                   f"({changed or 'fingerprint differs'})")
+    if overwrite:
+        return None
+    raise FingerprintMismatch(f"{problem}. Use another output directory, or overwrite (--overwrite) to replace them.")
 
 
 @dataclass
 class PartialResults:
-    """Append-only JSONL of finished rows, keyed by ``index``, one line per row.
-
-    Each ``append`` is written with a single ``write`` and fsynced. A crash (SIGKILL, power loss)
-    can still tear the last line: ``load`` cuts it off the file, and skips (with a warning) any other
-    line that is not a valid row, so those rows are simply scored again.
-    """
+    """Append-only JSONL of finished rows, keyed by ``index``. Each ``append`` is one fsynced write; a crash can still
+    tear the last line: ``load`` cuts it off the file, and skips (with a warning) any other line that is not a valid
+    row, so those rows are simply scored again."""
 
     path: Path
 
     def load(self, repair: bool = True) -> dict[int, dict]:
-        """Rows written so far; an incomplete tail (a crash mid-write) is cut off the file. Pass
-        ``repair=False`` to read, without changing it, a file that another live process may be appending to."""
+        """Rows written so far; an incomplete tail (a crash mid-write) is cut off the file. Pass ``repair=False``
+        to read, without changing it, a file that another live process may be appending to."""
         if not self.path.exists():
             return {}
         data = self.path.read_bytes()
         rows: dict[int, dict] = {}
-        good_end = damaged = pending = 0  # pending: invalid lines since the last valid one
-        start = 0
-        while (newline := data.find(b"\n", start)) != -1:
-            line, start = data[start:newline], newline + 1
-            if not line.strip():
-                continue
+        end = good_end = damaged = pending = 0  # pending: invalid lines since the last valid one
+        for line in data.split(b"\n")[:-1]:  # what follows the last line break is a torn line, or nothing
+            end += len(line) + 1
             row = _parse_row(line)
-            if row is None:
+            if row is not None:
+                rows[row["index"]] = row
+                good_end, damaged, pending = end, damaged + pending, 0
+            elif line.strip():
                 pending += 1
-                continue
-            rows[row["index"]] = row
-            good_end, damaged, pending = start, damaged + pending, 0
         if damaged and repair:
             warnings.warn(f"{self.path}: {damaged} damaged lines before the end are ignored; their rows will be "
                           "scored again", RuntimeWarning, stacklevel=2)
@@ -100,17 +86,8 @@ class PartialResults:
     def append(self, rows: list[dict]) -> None:
         if not rows:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-            try:
-                view = memoryview(blob)
-                while view:  # one write() in practice; loop only on a short write
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_jsonl(self.path, rows)
         except OSError as exc:  # a full disk: a torn last line is cut off by the next load
             raise naming(exc, self.path) from exc
 
@@ -128,28 +105,20 @@ def _parse_row(line: bytes) -> dict | None:
     return row if isinstance(index, int) and not isinstance(index, bool) else None
 
 
-def _package_version() -> str:
+def environment_info() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version("miwv-lib")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
-
-
-def environment_info() -> dict[str, Any]:
     import torch
     import transformers
 
-    return {
-        "miwv_lib": _package_version(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "platform": platform.platform(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "cpu_threads": torch.get_num_threads(),
-    }
+    try:
+        package = version("miwv-lib")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        package = "unknown"
+    return {"miwv_lib": package, "python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_threads": torch.get_num_threads()}
 
 
 def read_yaml_mapping(path: Path, shown: str | Path, error: type[Exception]) -> dict:
@@ -183,9 +152,9 @@ class RunDirectoryBusy(RuntimeError):
 def run_lock(out_dir: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``out_dir/.lock`` while writing into ``out_dir``.
 
-    A second process asking for the same directory gets :class:`RunDirectoryBusy` at once, naming the
-    holder's pid (kept in ``.lock.pid``: the lock file itself is truncated by every attempt), instead of
-    doing the same (paid) work twice. The kernel drops the lock when its holder dies, even by SIGKILL.
+    A second process asking for the same directory gets :class:`RunDirectoryBusy` at once, naming the holder's pid
+    (kept in ``.lock.pid``: the lock file itself is truncated by every attempt), instead of doing the same (paid) work
+    twice. The kernel drops the lock when its holder dies, even by SIGKILL.
     """
     from filelock import FileLock, Timeout
 
@@ -195,7 +164,10 @@ def run_lock(out_dir: str | Path) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        holder = _read_pid(out_dir / ".lock.pid")
+        try:
+            holder = (out_dir / ".lock.pid").read_text(encoding="ascii", errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
         raise RunDirectoryBusy(
             f"{out_dir} is being written by another process (pid {holder}: a scoring run or a study); wait for it "
             "to finish, or use another output directory") from None
@@ -207,10 +179,3 @@ def run_lock(out_dir: str | Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
-
-
-def _read_pid(path: Path) -> str:
-    try:
-        return path.read_text(encoding="ascii", errors="replace").strip() or "unknown"
-    except OSError:
-        return "unknown"

@@ -1,9 +1,8 @@
 """One configuration schema: every setting is a dataclass field that carries its rule, its help and its flag.
 
-The dataclasses (``ScoreConfig``, ``TrainConfig``, ``GenerateConfig``, ``StudyConfig``) are the single source.
-Each checks itself when built (``check`` in ``__post_init__``), so a value from the command line, a YAML file
-or Python is refused the same way, before any model is loaded. The command line's flags are derived from
-the fields (``add_flags``) and turned back into a configuration (``from_args``).
+The dataclasses (``ScoreConfig``, ``TrainConfig``, ``GenerateConfig``, ``StudyConfig``) are the single source. Each
+checks itself when built (``check`` in ``__post_init__``), so a value from the command line, a YAML file or Python is
+refused the same way, before any model is loaded. The flags are derived from the fields (``add_flags``, ``from_args``).
 """
 
 from __future__ import annotations
@@ -20,11 +19,8 @@ Rule = Callable[[Any], "str | None"]  # what is wrong with a value, or None
 def setting(default: Any = MISSING, *, help: str = "", rule: Rule | None = None, choices: Sequence | None = None,
             flag: str | None = None, cli: bool = True, parse: Callable[[str], Any] | None = None,
             default_factory: Any = MISSING) -> Any:
-    """A dataclass field with its ``rule`` (or ``choices``), help text and command-line ``flag``.
-
-    ``flag`` defaults to ``--field-name``; a flag starting ``--no-`` switches a setting off. ``parse`` turns the
-    flag's text into a value (default: the type of the default value).
-    """
+    """A dataclass field with its ``rule`` (or ``choices``), help text and command-line ``flag`` (default
+    ``--field-name``; ``--no-...`` switches a setting off); ``parse`` turns the flag's text into a value."""
     metadata = {"help": help, "rule": rule, "choices": tuple(choices) if choices else None, "flag": flag,
                 "cli": cli, "parse": parse}
     return field(default=default, default_factory=default_factory, metadata=metadata)
@@ -76,15 +72,15 @@ def number(low: float | None = None, high: float | None = None, *, above: bool =
 
 def text(*, optional: bool = False) -> Rule:
     def rule(value: Any) -> str | None:
-        if value is None and optional:
-            return None
-        return None if isinstance(value, str) and value.strip() else f"expected a non-empty string, got {value!r}"
+        ok = (isinstance(value, str) and value.strip()) or (value is None and optional)
+        return None if ok else f"expected a non-empty string, got {value!r}"
     return rule
 
 
 def boolean(*, optional: bool = False) -> Rule:
     def rule(value: Any) -> str | None:
-        return None if isinstance(value, bool) or (value is None and optional) else f"expected true or false, got {value!r}"
+        ok = isinstance(value, bool) or (value is None and optional)
+        return None if ok else f"expected true or false, got {value!r}"
     return rule
 
 
@@ -93,11 +89,7 @@ def each(item: Rule, *, nonempty: bool = True) -> Rule:
     def rule(value: Any) -> str | None:
         if not isinstance(value, list) or (nonempty and not value):
             return f"expected a {'non-empty ' if nonempty else ''}list, got {value!r}"
-        for position, element in enumerate(value):
-            problem = item(element)
-            if problem:
-                return f"item {position}: {problem}"
-        return None
+        return next((f"item {i}: {problem}" for i, element in enumerate(value) if (problem := item(element))), None)
     return rule
 
 
@@ -105,15 +97,13 @@ def mapping(key: Rule, value_rule: Rule | None = None, *, nonempty: bool = False
     def rule(value: Any) -> str | None:
         if not isinstance(value, Mapping) or (nonempty and not value):
             return f"expected a {'non-empty ' if nonempty else ''}mapping, got {value!r}"
-        for k, v in value.items():
-            problem = key(k) or (value_rule(v) if value_rule else None)
-            if problem:
-                return f"{k!r}: {problem}"
-        return None
+        problems = ((k, key(k) or (value_rule(v) if value_rule else None)) for k, v in value.items())
+        return next((f"{k!r}: {problem}" for k, problem in problems if problem), None)
     return rule
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "", only: Sequence[str] | None = None) -> None:
+def add_flags(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "",
+              only: Sequence[str] | None = None) -> None:
     """A flag for each field of ``cls`` marked ``cli`` (or each of ``only``); ``dest`` is ``prefix + name``."""
     for f in fields(cls):
         if not f.metadata.get("cli") or (only is not None and f.name not in only):
@@ -137,17 +127,14 @@ def _flag_type(f: Field, default: Any) -> Callable[[str], Any]:
         try:
             value = parse(raw)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {_kind(parse)}, got {raw!r}") from None
+            kind = {int: "an integer", float: "a number"}.get(parse, getattr(parse, "kind", "a value"))
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {raw!r}") from None
         problem = None if f.metadata["choices"] else _problem(f, value)
         if problem:
             raise argparse.ArgumentTypeError(problem)
         return value
 
     return convert
-
-
-def _kind(parse: Callable) -> str:
-    return {int: "an integer", float: "a number"}.get(parse, getattr(parse, "kind", "a value"))
 
 
 def from_args(cls: type, args: argparse.Namespace, *, prefix: str = "", **fixed: Any) -> Any:

@@ -10,7 +10,7 @@ export MIWV_DATA_DIR ?= $(abspath $(wildcard ../shared/data))
 RUN_DIR ?= runs/demo
 CONFIG ?= configs/demo.yaml
 
-.PHONY: install test check demo bench clean
+.PHONY: install test check demo publish bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ check: install   # the contributors' fast lane: no real model, no whole pipeline
 
 demo: install   # the notebooks, in order, with papermill: executed copies, figures and report.md in $(RUN_DIR)
 	$(PY) -m miwv_lib pipeline --config $(CONFIG) --run-dir $(RUN_DIR)
+
+publish: install   # the demo, then its executed notebooks, report.md and figures into results/demo (committed: read them on the web)
+	$(PY) -m miwv_lib pipeline --config configs/demo.yaml --run-dir runs/demo --publish results/demo
 
 bench: install   # scoring speed and fidelity: naive reference vs our engine (float32 and bf16), side by side
 	$(PY) benchmarks/bench_scoring.py --profile 40

@@ -596,6 +596,7 @@ def _score_process(data: Path, out: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.integration  # two real score processes per case: CI runs it, the contributors' fast lane does not
 @fuzz(2)
 @given(delay=st.floats(0.2, 12.0), signum=st.sampled_from([signal.SIGINT, signal.SIGTERM]))
 def test_fuzz_a_signal_at_a_random_moment_of_a_score_run(base_run, tmp_path_factory, delay, signum):

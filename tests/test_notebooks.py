@@ -128,7 +128,7 @@ def smoke_run(tmp_path_factory):
     from miwv_lib.experiments.pipeline import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("smoke_run")
-    result = run_pipeline(SMOKE, run_dir=run_dir, progress=False)
+    result = run_pipeline(SMOKE, run_dir=run_dir, progress=True)  # as `make demo` runs: the cell bars too
     return result
 
 

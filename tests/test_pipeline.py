@@ -312,7 +312,8 @@ def test_the_terminal_shows_the_progress_of_the_running_cell(tmp_path, capfd):
 
     cell = nbformat.v4.new_code_cell(
         "import time\nfrom tqdm.auto import tqdm\nfor _ in tqdm(range(6), desc='scoring in the kernel'):\n"
-        "    time.sleep(0.4)")
+        "    time.sleep(0.4)\nbar = tqdm(total=3, disable=True)  # a bar the cell turned off, driven by hand\n"
+        "bar.update(1)\nbar.close()")
     path = tmp_path / "long_cell.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(path))
     before = dict(os.environ)
@@ -323,3 +324,50 @@ def test_the_terminal_shows_the_progress_of_the_running_cell(tmp_path, capfd):
     assert dict(os.environ) == before  # the kernel's start-up settings do not leak into this process
     _, error = execute_notebook(path, {}, tmp_path / "quiet", cell_timeout=120)
     assert error is None and "scoring in the kernel" not in capfd.readouterr().err
+
+
+def test_publishing_a_run_keeps_no_path_of_this_machine(tmp_path, monkeypatch):
+    import nbformat
+
+    from miwv_lib.experiments.pipeline import publish_run
+
+    run_dir, data_dir = tmp_path / "run", tmp_path / "mirror"
+    data_dir.mkdir()
+    monkeypatch.setenv("MIWV_DATA_DIR", str(data_dir))
+    cell = nbformat.v4.new_code_cell("print(run_dir)", outputs=[nbformat.v4.new_output(
+        "stream", name="stdout", text=f"{run_dir}/pool.jsonl from {data_dir}/train/a.json in {ROOT}/configs\n")])
+    (run_dir / "notebooks").mkdir(parents=True)
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), str(run_dir / "notebooks" / "01_data.ipynb"))
+    (run_dir / "report.md").write_text(f"Run directory: {run_dir}\n", encoding="utf-8")
+    (run_dir / "figures").mkdir()
+    (run_dir / "figures" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    written = publish_run(run_dir, tmp_path / "published")
+    assert sorted(p.relative_to(tmp_path / "published").as_posix() for p in written) == [
+        "figures/a.png", "notebooks/01_data.ipynb", "report.md"]
+    text = (tmp_path / "published" / "notebooks" / "01_data.ipynb").read_text(encoding="utf-8")
+    assert "run/pool.jsonl from $MIWV_DATA_DIR/train/a.json in ./configs" in text
+    assert str(tmp_path) not in text and str(ROOT) not in text
+    assert (tmp_path / "published" / "report.md").read_text(encoding="utf-8") == "Run directory: run\n"
+
+
+def test_the_published_demo_is_the_current_notebooks_executed():
+    """results/demo/ holds the demo's executed notebooks, to be read on the web (``make publish`` refreshes
+    it). Their cells are the current notebooks' cells, so they never show code that no longer exists."""
+    import nbformat
+
+    published = ROOT / "results" / "demo"
+    paths = sorted((published / "notebooks").glob("*.ipynb"))
+    assert [p.name for p in paths] == [p.name for p in notebook_paths()]
+    for path in paths:
+        executed = nbformat.read(path, as_version=4)
+        cells = [c for c in executed.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+        current = nbformat.read(ROOT / "notebooks" / path.name, as_version=4).cells
+        assert [(c.cell_type, c.source) for c in cells] == [(c.cell_type, c.source) for c in current], (
+            f"results/demo/notebooks/{path.name} is stale: run `make publish`")
+        assert executed.metadata["papermill"]["exception"] in (None, False)
+        code = [c for c in cells if c.cell_type == "code"]
+        assert all(c.execution_count is not None for c in code), f"{path.name}: a cell did not run"
+        assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+        assert "/work/" not in path.read_text(encoding="utf-8") and str(Path.home()) + "/" not in path.read_text(
+            encoding="utf-8")
+    assert "Run directory" in (published / "report.md").read_text(encoding="utf-8")

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--notebooks", nargs="+", default=None, metavar="NAME",
                           help="run only these notebooks (e.g. 03_selection or 03)")
     pipeline.add_argument("--no-progress", action="store_true", help="no progress bars")
+    pipeline.add_argument("--publish", default=None, type=_path, metavar="DIR",
+                          help="then copy the executed notebooks, report.md and figures into DIR (e.g. results/demo)")
 
     study = commands.add_parser("study", help="the reproduction study: score, select, train, generate, judge, report")
     study.add_argument("--config", required=True, type=_path,
@@ -230,6 +232,10 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
           f"{result.run_dir / 'notebooks'}")
     if result.report:
         print(f"report: {result.report}")
+    if args.publish:
+        from .pipeline import publish_run
+
+        print(f"published {len(publish_run(result.run_dir, args.publish))} files to {args.publish}")
 
 
 def run_study_command(args: argparse.Namespace) -> None:

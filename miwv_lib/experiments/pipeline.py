@@ -308,6 +308,40 @@ def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None
     return result
 
 
+def publish_run(run_dir: str | Path, dest: str | Path) -> list[Path]:
+    """Copy a run's executed notebooks, ``report.md`` and figures into ``dest`` (e.g. ``results/demo``), to be
+    read on the repository's web page. This machine's absolute paths (the run, the repository, the data
+    mirror, the home directory) become the names a reader knows, so nothing machine-specific is committed."""
+    run_dir, dest = Path(run_dir).resolve(), Path(dest).expanduser().resolve()
+    names = {str(run_dir): _shown(run_dir), str(repo_root()): ".", str(Path.home()): "~"}
+    if os.environ.get("MIWV_DATA_DIR"):
+        names[str(Path(os.environ["MIWV_DATA_DIR"]).resolve())] = "$MIWV_DATA_DIR"
+        names[os.environ["MIWV_DATA_DIR"].rstrip("/")] = "$MIWV_DATA_DIR"
+    order = sorted(names, key=len, reverse=True)  # the longest first: a run directory inside the repository
+    written = []
+    for source in sorted(run_dir.glob("notebooks/*.ipynb")) + [run_dir / "report.md"] + sorted(
+            run_dir.glob("figures/*.png")):
+        target = dest / source.relative_to(run_dir)
+        if source.suffix == ".png":
+            data = source.read_bytes()
+        else:
+            text = source.read_text(encoding="utf-8")
+            for name in order:
+                text = text.replace(json.dumps(name)[1:-1] if source.suffix == ".ipynb" else name, names[name])
+            data = text.encode("utf-8")
+        with atomic_open(target, "wb") as handle:
+            handle.write(data)
+        written.append(target)
+    return written
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(repo_root()))
+    except ValueError:
+        return path.name
+
+
 def _local_kernel(sockets: str) -> dict:
     """The kernel talks over Unix sockets in a private directory: no TCP port is opened, so the kernel has
     no plain-text network traffic to warn about at start-up. (Windows has no such sockets: TCP there.)"""
@@ -366,11 +400,15 @@ import tqdm.std
 def _miwv_reporting(method, path=os.environ["MIWV_CELL_PROGRESS"], last=[0.0]):
     def reporting(self, *args, **kwargs):
         done = method(self, *args, **kwargs)
-        if time.monotonic() - last[0] > 0.25 or method.__name__ == "close":
-            last[0] = time.monotonic()
+        if getattr(self, "disable", True) or (time.monotonic() - last[0] < 0.25 and method.__name__ != "close"):
+            return done  # a disabled bar has no state to show
+        last[0] = time.monotonic()
+        try:
             with open(path + ".tmp", "w") as f:
                 json.dump({"desc": self.desc, "n": self.n, "total": self.total, "unit": self.unit}, f)
             os.replace(path + ".tmp", path)
+        except Exception:  # the terminal's copy of a bar must never break the cell that draws it
+            pass
         return done
     return reporting
 

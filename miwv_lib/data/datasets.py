@@ -529,7 +529,7 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
         origin, chosen = f"${DATA_DIR_ENV}", os.environ[DATA_DIR_ENV]
     else:
         return None
-    path = Path(chosen).expanduser()
+    path = Path(os.path.expanduser(chosen))
     if not path.is_dir():
         raise DataError(f"data directory (from {origin}) does not exist or is not a directory", source=chosen)
     return path
@@ -541,9 +541,9 @@ def hub_cache_path(hub_id: str, *, config: str | None = None, split: str = "trai
     ``cache_dir`` > ``$MIWV_CACHE_DIR`` > ``<repo>/data/cache`` (source checkout) > ``~/.cache/miwv_lib/data``."""
     stem = hub_id.replace("/", "__") + (f"__{config}" if config else "") + (f"__{split}" if split != "train" else "")
     if cache_dir is not None:
-        root = Path(cache_dir).expanduser()
+        root = Path(os.path.expanduser(cache_dir))
     elif os.environ.get(CACHE_DIR_ENV):
-        root = Path(os.environ[CACHE_DIR_ENV]).expanduser()
+        root = Path(os.path.expanduser(os.environ[CACHE_DIR_ENV]))
     elif (_REPO_ROOT / "data").is_dir():
         root = _REPO_ROOT / "data" / "cache"
     else:  # installed non-editable: never write next to site-packages
@@ -644,13 +644,14 @@ def load_instructions(source: str | Path | list | None = None, *, data_dir: str 
     if isinstance(source, (list, tuple)):
         if not source:
             raise DataError("empty list of files")
-        return _load_files([Path(item).expanduser() for item in source], [str(item) for item in source],
+        return _load_files([Path(os.path.expanduser(item)) for item in source], [str(item) for item in source],
                            require_output=require_output, limit=limit)
     if isinstance(source, Path):
-        return _load_files([source.expanduser()], [str(source)], require_output=require_output, limit=limit)
+        return _load_files([Path(os.path.expanduser(source))], [str(source)], require_output=require_output,
+                           limit=limit)
     if not isinstance(source, str):
         raise DataError(f"source must be a path, a list of paths, a registry name or a hub id, got {_describe(source)}")
-    path, suffix = Path(source).expanduser(), Path(source).suffix.lower()
+    path, suffix = Path(os.path.expanduser(source)), Path(source).suffix.lower()
     if path.is_file():
         return _load_files([path], [source], require_output=require_output, limit=limit)
     if source in REGISTRY:

@@ -142,7 +142,7 @@ def _locate(name_or_path: str) -> tuple[str, str]:
     if name_or_path in BUILTIN_MODELS:
         local = BUILTIN_MODELS[name_or_path]()
         return str(local), f"{name_or_path}@{local.name}"
-    path = Path(name_or_path).expanduser()
+    path = Path(os.path.expanduser(name_or_path))
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {path}")
@@ -250,7 +250,7 @@ def check_embedder(name: str) -> None:
     model in the hub cache, nor (when the hub can be reached) a model on the hub."""
     if name in (SELF_EMBEDDER, *_BUNDLED_MINILM):
         return
-    path = Path(name).expanduser()
+    path = Path(os.path.expanduser(name))
     if path.exists():
         if not path.is_dir() or not any((path / f).is_file() for f in ("modules.json", "config.json")):
             raise EmbedderError(f"--embedder {name}: not a sentence-transformers model directory "

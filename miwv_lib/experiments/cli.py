@@ -223,7 +223,7 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     from .pipeline import run_pipeline
 
     logging.getLogger("papermill").setLevel(logging.WARNING)  # its per-notebook INFO lines break the progress bars
-    run_dir = Path(args.run_dir).expanduser().resolve() if args.run_dir else None
+    run_dir = Path(os.path.expanduser(args.run_dir)).resolve() if args.run_dir else None
     t0 = time.perf_counter()
     result = run_pipeline(args.config, run_dir=run_dir, notebooks=args.notebooks, overrides=args.overrides,
                           progress=not args.no_progress)
@@ -242,7 +242,8 @@ def run_study_command(args: argparse.Namespace) -> None:
     from .study import STAGES, run_study
 
     # Directories given on the command line are relative to where it runs; those in the config, to the repository.
-    run_dir, results_dir = (Path(d).expanduser().resolve() if d else None for d in (args.run_dir, args.results_dir))
+    run_dir, results_dir = (Path(os.path.expanduser(d)).resolve() if d else None
+                            for d in (args.run_dir, args.results_dir))
     with run_lock(run_dir or _study_run_dir(args.config)):
         study = run_study(args.config, run_dir=run_dir, results_dir=results_dir, stages=args.stages or STAGES,
                           only=args.models)

@@ -58,7 +58,7 @@ def notebooks_dir() -> Path:
 
 def resolve_path(path: str | Path) -> Path:
     """An absolute path as it is (``~`` expanded); a relative one against the repository root."""
-    path = Path(path).expanduser()
+    path = Path(os.path.expanduser(path))
     return path if path.is_absolute() else repo_root() / path
 
 
@@ -82,7 +82,7 @@ def resolve_data_source(data: str | Path | None) -> str | None:
     text = str(data)
     if text in REGISTRY:
         return text
-    path = Path(text).expanduser()
+    path = Path(os.path.expanduser(text))
     if path.is_absolute():
         return str(path)
     if (repo_root() / path).exists():
@@ -131,7 +131,7 @@ def load_config(config: str | Path | Mapping | None) -> dict:
     elif isinstance(config, Mapping):
         raw, origin = dict(config), "<dict>"
     else:
-        path = Path(config).expanduser()
+        path = Path(os.path.expanduser(config))
         if not path.is_file() and not path.is_absolute() and (repo_root() / path).is_file():
             path = repo_root() / path
         raw = read_yaml_mapping(path, config, PipelineError)
@@ -312,7 +312,7 @@ def publish_run(run_dir: str | Path, dest: str | Path) -> list[Path]:
     """Copy a run's executed notebooks, ``report.md`` and figures into ``dest`` (e.g. ``results/demo``), to be
     read on the repository's web page. This machine's absolute paths (the run, the repository, the data
     mirror, the home directory) become the names a reader knows, so nothing machine-specific is committed."""
-    run_dir, dest = Path(run_dir).resolve(), Path(dest).expanduser().resolve()
+    run_dir, dest = Path(run_dir).resolve(), Path(os.path.expanduser(dest)).resolve()
     names = {str(run_dir): _shown(run_dir), str(repo_root()): ".", str(Path.home()): "~"}
     if os.environ.get("MIWV_DATA_DIR"):
         names[str(Path(os.environ["MIWV_DATA_DIR"]).resolve())] = "$MIWV_DATA_DIR"

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from ..runtime.io import atomic_open, write_json
 from ..runtime.runs import now, read_yaml_mapping
@@ -454,21 +455,15 @@ def _cell_progress(directory: str, enabled: bool) -> Iterator[None]:
             show()
 
     thread = threading.Thread(target=follow, daemon=True)
-    saved = {k: os.environ.get(k) for k in ("IPYTHONDIR", "MIWV_CELL_PROGRESS")}
-    os.environ.update(IPYTHONDIR=str(startup.parents[1]), MIWV_CELL_PROGRESS=str(state))  # the kernel inherits them
     thread.start()
-    try:
-        yield
+    try:  # the kernel inherits these two; patch.dict puts this process's environment back afterwards
+        with mock.patch.dict(os.environ, IPYTHONDIR=str(startup.parents[1]), MIWV_CELL_PROGRESS=str(state)):
+            yield
     finally:
         stop.set()
         thread.join()
         show()  # the state the last bar ended in
         bar.close()
-        for key, value in saved.items():
-            if value is None:
-                del os.environ[key]
-            else:
-                os.environ[key] = value
 
 
 _WIDGET_VIEW, _WIDGET_STATE = "application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json"

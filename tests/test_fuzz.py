@@ -469,19 +469,42 @@ def test_fuzz_faults_in_a_finished_run_directory(base_run, tmp_path_factory, inj
         assert json.loads((run / "manifest.json").read_text())["status"] == "complete"
 
 
-def test_a_read_only_run_directory(base_run, tmp_path):
-    run = shutil.copytree(base_run["run"], tmp_path / "run")
-    (run / "scores.jsonl").unlink()  # so the re-run has to write
-    os.chmod(run, 0o555)
+@contextlib.contextmanager
+def read_only_copy(source: Path, tmp_path: Path):
+    """A copy of ``source`` in a directory this process cannot write: ``chmod 555`` for a normal user; for
+    root, whom permissions do not stop, a tmpfs remounted read-only (skipped where mounting is not allowed)."""
+    if os.geteuid() != 0:
+        run = shutil.copytree(source, tmp_path / "run")
+        (run / "scores.jsonl").unlink()  # so that a re-run has to write
+        os.chmod(run, 0o555)
+        try:
+            yield run
+        finally:
+            os.chmod(run, 0o755)
+        return
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                          text=True) if shutil.which("mount") else None
+    if done is None or done.returncode != 0:
+        pytest.skip("runs as root, and cannot mount a read-only tmpfs here: "
+                    f"{done.stderr.strip() if done else 'no mount command'}")
     try:
-        if os.access(run, os.W_OK):
-            pytest.skip("this process can write into a read-only directory (it runs as root)")
+        run = shutil.copytree(source, mount / "run")
+        (run / "scores.jsonl").unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+        yield run
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_read_only_run_directory(base_run, tmp_path):
+    with read_only_copy(base_run["run"], tmp_path) as run:
+        assert not os.access(run, os.W_OK) or os.geteuid() == 0
         before = digest(run)
         result = run_main(["score", "--data", base_run["data"], "--out", run, *FAST])
         check_contract(result, names=(str(run),), family="run directory")
         assert result.rc == 2 and digest(run) == before
-    finally:
-        os.chmod(run, 0o755)
 
 
 def test_disk_full_names_the_file_in_process(base_run, tmp_path, monkeypatch):

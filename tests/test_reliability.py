@@ -692,6 +692,30 @@ def test_selection_output_is_reproducible_and_random_is_seeded(cli, base, tmp_pa
     assert select("r3a.json", "--by", "random", "--seed", "3") != select("r4.json", "--by", "random", "--seed", "4")
 
 
+def test_a_subset_edited_by_hand_is_refused_until_its_checksum_is_removed(cli, base, tmp_path):
+    """'select' records the subset's sha256 beside it (``sha256sum`` format); training on a copy changed since is
+    one clear error, before any model loads; deleting the checksum makes the edited file the user's own data."""
+    out, sidecar = tmp_path / "top.json", tmp_path / "top.json.sha256"
+    result = cli("select", "--data", base["data"], "--scores", base["scores"], "--ratio", "0.5", "--out", out)
+    assert result.rc == 0, result.stderr[-3000:]
+    assert sidecar.read_text() == f"{hashlib.sha256(out.read_bytes()).hexdigest()}  top.json\n"
+    if shutil.which("sha256sum"):
+        subprocess.run(["sha256sum", "--check", "--quiet", sidecar.name], cwd=tmp_path, check=True)
+    train = ("train", "--data", out, "--out", tmp_path / "model", "--model", "tiny-random")
+    intact = cli(*train, "--epochs", "0")  # an intact subset gets as far as the flags (0 epochs is refused)
+    assert intact.rc == 2 and "epochs" in intact.stderr and "top.json" not in intact.stderr, intact.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    rows[0]["output"] = "Edited by hand."
+    out.write_text(json.dumps(rows))
+    result = cli(*train)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.rc == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"{out}: changed after it was written" in errors[0] and "delete top.json.sha256" in errors[0]
+    assert not (tmp_path / "model").exists()
+    sidecar.unlink()
+    assert load_instructions(out).rows[0]["output"] == "Edited by hand."
+
+
 # --------------------------------------------------------------------------- properties of the loaders
 
 _FIELDS = ("instruction", "input", "output")

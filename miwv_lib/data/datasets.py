@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..runtime.io import stable_hash, unwritable, write_jsonl
+from ..runtime.io import changed_since_written, checksum_path, stable_hash, unwritable, write_jsonl
 
 DATA_DIR_ENV = "MIWV_DATA_DIR"
 CACHE_DIR_ENV = "MIWV_CACHE_DIR"
@@ -515,6 +515,12 @@ def _build_pool(raws: list[_RawFile], *, source: str, file_format: str, require_
 
 def _load_files(paths: Sequence[Path], labels: Sequence[str], *, require_output: bool,
                 limit: int | None) -> InstructionPool:
+    for path, label in zip(paths, labels):
+        if changed_since_written(path):  # a subset 'select' wrote, then edited by hand
+            sidecar = checksum_path(label).name
+            raise DataError(f"changed after it was written (its sha256 differs from the one in {sidecar}): restore "
+                            f"it or write it again; to use the edited file as your own data, delete {sidecar}",
+                            source=label)
     raws = [_read_file(path, label) for path, label in zip(paths, labels)]
     formats = dict.fromkeys(raw.file_format for raw in raws)
     return _build_pool(raws, source=" + ".join(labels), file_format="+".join(formats), require_output=require_output,

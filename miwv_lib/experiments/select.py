@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..data.datasets import InstructionPool
 from ..method.selection import _RANKED, SelectionError, _is_finite_number
-from ..runtime.io import file_sha256, write_json, write_jsonl
+from ..runtime.io import file_sha256, write_checksum, write_json, write_jsonl
 
 # The fields selection reads, and what 'score' writes in them: anything else was not written by 'score'.
 _FIELDS = [("index", "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
@@ -115,10 +115,13 @@ def subset_format(out: str | Path) -> str:
 
 def export_subset(pool: InstructionPool, scores: list[dict], indices: list[int], out: str | Path,
                   by: str = "miwv") -> Path:
-    """Write the chosen rows in the input's own schema (JSON list, or JSONL for .jsonl), scores attached."""
+    """Write the chosen rows in the input's own schema (JSON list, or JSONL for .jsonl), scores attached, and their
+    sha256 beside them (``<out>.sha256``): loading the subset later refuses a hand-edited copy."""
     out = Path(out)
     write = write_jsonl if subset_format(out) == "jsonl" else write_json
     field = _RANKED.get(by, ("miwv", True))[0]
     selection = [{"rank": rank, "index": i, "id": pool.rows[i]["id"], "method": by, field: scores[i].get(field),
                   "miwv": scores[i].get("miwv"), "ifd": scores[i].get("ifd")} for rank, i in enumerate(indices)]
-    return write(out, [{**pool.records[i], "miwv_selection": chosen} for i, chosen in zip(indices, selection)])
+    path = write(out, [{**pool.records[i], "miwv_selection": chosen} for i, chosen in zip(indices, selection)])
+    write_checksum(path)
+    return path

@@ -141,3 +141,26 @@ def save_png(fig, path: str | Path, dpi: int = 110, close: bool = False) -> Path
 
         plt.close(fig)
     return Path(path)
+
+
+def checksum_path(path: str | Path) -> Path:
+    """``<path>.sha256``: the checksum a final output is written with, in ``sha256sum`` format."""
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def write_checksum(path: str | Path) -> Path:
+    """Record ``path``'s sha256 beside it, so a reader can refuse a copy edited by hand (``sha256sum -c`` reads it)."""
+    with atomic_open(checksum_path(path)) as handle:
+        handle.write(f"{file_sha256(path)}  {Path(path).name}\n")
+    return checksum_path(path)
+
+
+def changed_since_written(path: str | Path) -> bool:
+    """``path`` no longer has the sha256 recorded beside it (False when none is recorded)."""
+    try:
+        recorded = checksum_path(path).read_text(encoding="utf-8").split()
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError):
+        return True
+    return not recorded or recorded[0] != file_sha256(path)

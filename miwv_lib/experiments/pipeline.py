@@ -131,10 +131,8 @@ def load_config(config: str | Path | Mapping | None) -> dict:
 
 
 def parse_overrides(items: Iterable[str] | Mapping | None) -> dict[str, Any]:
-    """``["limit=50", "03_selection.ratios=[0.1]"]`` -> ``{"limit": 50, "03_selection.ratios": [0.1]}``.
-
-    Values are read as YAML (numbers, lists, ``null``, ``true``); anything else stays a string.
-    """
+    """``["limit=50", "03_selection.ratios=[0.1]"]`` -> ``{"limit": 50, "03_selection.ratios": [0.1]}``: values
+    are read as YAML (numbers, lists, ``null``, ``true``); anything else stays a string."""
     import yaml
 
     if items is None or isinstance(items, Mapping):
@@ -170,11 +168,8 @@ def _apply_overrides(config: dict, overrides: Mapping[str, Any], stems: Sequence
 
 
 def plan_parameters(config: Mapping, notebooks: Sequence[Path], run_dir: Path) -> dict[str, dict]:
-    """The parameters each of ``notebooks`` will get: the shared ones it declares, its own, and ``run_dir``.
-
-    A shared parameter that no numbered notebook declares, or a per-notebook one that its notebook does not
-    declare, is an error: it is almost always a typo.
-    """
+    """The parameters each of ``notebooks`` will get: the shared ones it declares, its own, and ``run_dir``. A
+    parameter that no notebook (or not its notebook) declares is an error: it is almost always a typo."""
     declared = {path.stem: notebook_parameters(path) for path in {*notebook_paths(), *notebooks}}
     all_names = {name for names in declared.values() for name in names}
     where = f"{config.get('source') or 'the configuration'}: "  # the file the typo is in
@@ -227,12 +222,11 @@ def _select_notebooks(notebooks: Sequence[str | Path] | None) -> list[Path]:
 def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None = None,
                  notebooks: Sequence[str | Path] | None = None, overrides: Iterable[str] | Mapping | None = None,
                  *, progress: bool = True, report: bool = True) -> PipelineResult:
-    """Execute the notebooks in order into ``run_dir/notebooks/`` and write ``run_dir/report.md``.
+    """Execute the notebooks (all, or those named: ``"02_miwv_scoring"``, ``"02"``) into ``run_dir/notebooks/``
+    and write ``run_dir/report.md``; a failure is a :class:`PipelineError` naming the notebook and cell.
 
-    ``run_dir``: argument > ``--set run_dir=`` > the configuration's ``run_dir`` > ``runs/notebooks``.
-    ``notebooks``: names (``"02_miwv_scoring"``, ``"02"``) to run instead of all of them.
-    ``overrides``: ``key=value`` strings or a dict; ``NN_name.key`` targets one notebook.
-    Raises :class:`PipelineError` naming the notebook and cell when one fails.
+    ``run_dir``: argument > ``--set run_dir=`` > the configuration's > ``runs/notebooks``. ``overrides``: ``key=value``
+    strings or a dict; ``NN_name.key`` targets one notebook.
     """
     from tqdm.auto import tqdm
 
@@ -436,11 +430,8 @@ def _progress_text(state: Mapping[str, dict], model_id: str) -> tuple[str, bool]
 
 
 def settle_progress_bars(path: str | Path) -> None:
-    """Make an executed notebook's tqdm bars read as they ended outside Jupyter (GitHub, nbviewer, nbconvert).
-
-    Their plain-text fallback was captured when they were created ("0%"); the saved widget state holds the
-    final text. Put it in the fallback, and drop the bars tqdm had hidden (``leave=False``).
-    """
+    """Make an executed notebook's tqdm bars read as they ended outside Jupyter (GitHub, nbviewer, nbconvert):
+    their plain-text fallback ("0%") gets the final text from the saved widget state; bars tqdm hid are dropped."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)

@@ -1,4 +1,4 @@
-"""Run the numbered notebooks in order with papermill, then write ``run_dir/report.md``.
+"""Run the notebooks in order with papermill, then write ``run_dir/report.md`` (``miwv pipeline --config ...``).
 
 A configuration (a YAML file or a dict) has shared ``parameters`` (each notebook gets those its ``parameters`` cell
 declares), optional per-notebook values under ``notebooks``, a ``run_dir`` and a ``description``. A relative path in
@@ -120,14 +120,9 @@ def load_config(config: str | Path | Mapping | None) -> dict:
         raise PipelineError(f"{origin}: 'parameters' must be a mapping of name: value")
     if not isinstance(notebooks, Mapping) or not all(isinstance(v or {}, Mapping) for v in notebooks.values()):
         raise PipelineError(f"{origin}: 'notebooks' must map a notebook name to a mapping of name: value")
-    return {
-        "description": raw.get("description"),
-        "run_dir": raw.get("run_dir"),
-        "parameters": dict(parameters),
-        "notebooks": {_stem(k): dict(v or {}) for k, v in notebooks.items()},
-        "source": origin,
-        "path": config_path,  # the file it came from (given to notebooks that declare `config`)
-    }
+    return {"description": raw.get("description"), "run_dir": raw.get("run_dir"), "parameters": dict(parameters),
+            "notebooks": {_stem(k): dict(v or {}) for k, v in notebooks.items()}, "source": origin,
+            "path": config_path}  # the file it came from (given to notebooks that declare `config`)
 
 
 def parse_overrides(items: Iterable[str] | Mapping | None) -> dict[str, Any]:

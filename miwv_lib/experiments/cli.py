@@ -10,8 +10,11 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
+
+import torch
 
 from ..data.datasets import DataError, load_instructions
 from ..data.models import EmbedderError, ModelLoadError, check_embedder, resolve_device
@@ -19,23 +22,25 @@ from ..method.selection import SELECTION_METHODS, SelectionError, demo_trimmed, 
 from ..runtime.io import keep_interrupts
 from ..runtime.runs import FingerprintMismatch, RunDirectoryBusy, run_lock
 from ..runtime.schema import add_flags, from_args
-from .pipeline import PipelineError
+from .engine import run_comparison
+from .evaluate import DEFAULT_TEST_SETS
+from .generate import GenerateConfig
+from .judges import OFFLINE_JUDGES, make_judge
+from .pipeline import PipelineError, publish_run, resolve_path, run_pipeline
 from .score import ScoreConfig, score_pool
 from .select import export_subset, load_checked_scores, subset_format
-from .study import StudyError
+from .study import STAGES, StudyError, load_study_config, run_study
+from .train import TrainConfig, train_model
 
 TRAIN = "train_"  # the training flags' dest prefix: 'train' and 'evaluate' have a selection --seed of their own
 
 
 def _int_at_least(low: int, wording: str):
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected {wording}, got {text!r}")
-        return value
+        with contextlib.suppress(ValueError):
+            if int(text) >= low:
+                return int(text)
+        raise argparse.ArgumentTypeError(f"expected {wording}, got {text!r}")
 
     return parse
 
@@ -109,23 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_training_args(parser: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig
-
-    # --model, --method, --template, --max-length, --epochs, --learning-rate, --batch-size, --grad-accum,
-    # --max-steps, --lora-r/-alpha/-dropout, --train-seed, --no-bf16, --device, ... (dest: train_<field>)
-    add_flags(parser, TrainConfig, prefix=TRAIN)
-    parser.add_argument("--overwrite", action="store_true", help="replace a model trained with other settings")
-
-
 def _add_train_commands(commands) -> None:
-    from .evaluate import DEFAULT_TEST_SETS
-    from .generate import GenerateConfig
-    from .judges import OFFLINE_JUDGES
-
     train = commands.add_parser("train", help="fine-tune (LoRA) on the pool or on a selected subset of it")
-    _add_data_args(train)
-    _add_training_args(train)
+    evaluate = commands.add_parser(
+        "evaluate", help="train MIWV-top, random and full-pool models and compare them pairwise on the test sets")
+    for parser in (train, evaluate):
+        _add_data_args(parser)
+        # --model, --method, --template, --max-length, --epochs, --learning-rate, --batch-size, --grad-accum,
+        # --max-steps, --lora-r/-alpha/-dropout, --train-seed, --no-bf16, --device, ... (dest: train_<field>)
+        add_flags(parser, TrainConfig, prefix=TRAIN)
+        parser.add_argument("--overwrite", action="store_true", help="replace a model trained with other settings")
     train.add_argument("--out", required=True, type=_path,
                        help="model directory (adapter, train_config.json, loss.csv)")
     train.add_argument("--scores", default=None, type=_path,
@@ -134,10 +132,6 @@ def _add_train_commands(commands) -> None:
     train.add_argument("--by", choices=SELECTION_METHODS, default="miwv")
     train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random baseline")
 
-    evaluate = commands.add_parser(
-        "evaluate", help="train MIWV-top, random and full-pool models and compare them pairwise on the test sets")
-    _add_data_args(evaluate)
-    _add_training_args(evaluate)
     evaluate.add_argument("--run-dir", required=True, type=_path, help="run directory holding scores.jsonl for --data")
     evaluate.add_argument("--ratio", type=float, required=True, help="fraction of rows each selected model gets")
     evaluate.add_argument("--methods", nargs="+", choices=SELECTION_METHODS, default=["miwv", "random"])
@@ -184,8 +178,6 @@ def run_score(args: argparse.Namespace) -> None:
 
 def _check_device(device: str) -> None:
     """A clear error for a GPU command run on a machine without that GPU (torch would assert)."""
-    import torch
-
     try:
         resolved = resolve_device(device)
     except RuntimeError as exc:
@@ -218,10 +210,6 @@ def run_select(args: argparse.Namespace) -> None:
 
 
 def run_pipeline_command(args: argparse.Namespace) -> None:
-    import time
-
-    from .pipeline import run_pipeline
-
     logging.getLogger("papermill").setLevel(logging.WARNING)  # its per-notebook INFO lines break the progress bars
     run_dir = Path(os.path.expanduser(args.run_dir)).resolve() if args.run_dir else None
     t0 = time.perf_counter()
@@ -233,18 +221,14 @@ def run_pipeline_command(args: argparse.Namespace) -> None:
     if result.report:
         print(f"report: {result.report}")
     if args.publish:
-        from .pipeline import publish_run
-
         print(f"published {len(publish_run(result.run_dir, args.publish))} files to {args.publish}")
 
 
 def run_study_command(args: argparse.Namespace) -> None:
-    from .study import STAGES, run_study
-
     # Directories given on the command line are relative to where it runs; those in the config, to the repository.
     run_dir, results_dir = (Path(os.path.expanduser(d)).resolve() if d else None
                             for d in (args.run_dir, args.results_dir))
-    with run_lock(run_dir or _study_run_dir(args.config)):
+    with run_lock(run_dir or resolve_path(load_study_config(args.config).run_dir)):
         study = run_study(args.config, run_dir=run_dir, results_dir=results_dir, stages=args.stages or STAGES,
                           only=args.models)
     report = study.results_dir / "REPORT.md"
@@ -252,22 +236,7 @@ def run_study_command(args: argparse.Namespace) -> None:
         print(f"report: {report}")
 
 
-def _study_run_dir(config: str) -> Path:
-    from .pipeline import resolve_path
-    from .study import load_study_config
-
-    return resolve_path(load_study_config(config).run_dir)
-
-
-def _train_config(args: argparse.Namespace):
-    from .train import TrainConfig
-
-    return from_args(TrainConfig, args, prefix=TRAIN)
-
-
 def run_train(args: argparse.Namespace) -> None:
-    from .train import train_model
-
     pool = _load_pool(args)
     rows = pool.rows
     if args.ratio is not None and not args.scores:
@@ -278,7 +247,7 @@ def run_train(args: argparse.Namespace) -> None:
             raise SelectionError("--scores needs --ratio (the fraction of rows to train on)")
         scores = load_checked_scores(pool, args.scores)
         rows = [pool.rows[i] for i in select_indices(scores, args.ratio, by=args.by, seed=args.seed)]
-    config = _train_config(args)
+    config = from_args(TrainConfig, args, prefix=TRAIN)
     _check_device(config.device)
     result = train_model(rows, args.out, config, overwrite=args.overwrite)
     state = "already trained" if result.skipped else f"trained {result.steps} steps, {result.tokens_per_second} tokens/s"
@@ -286,18 +255,13 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    from .engine import run_comparison
-    from .generate import GenerateConfig
-    from .judges import OFFLINE_JUDGES, make_judge
-
     pool = _load_pool(args)
-    config = _train_config(args)
+    config = from_args(TrainConfig, args, prefix=TRAIN)
     _check_device(config.device)
     judges = [make_judge(spec, base_url=args.judge_base_url, api_key_env=args.judge_api_key_env)
               if spec.startswith("openai:") else spec for spec in (args.judge or OFFLINE_JUDGES)]
     result = run_comparison(args.run_dir, pool, args.ratio, methods=tuple(args.methods), train_config=config,
-                            generate_config=GenerateConfig(max_new_tokens=args.max_new_tokens,
-                                                           template=config.template),
+                            generate_config=from_args(GenerateConfig, args, template=config.template),
                             test_sets=args.test_sets, sample=args.sample, sample_seed=args.sample_seed,
                             data_dir=args.data_dir, judges=judges, overwrite=args.overwrite)
     print(Path(result.paths["markdown"]).read_text(encoding="utf-8"))

@@ -1,12 +1,9 @@
-"""The ``judge`` stage: two models' answers to the test sets, judged in both orders, and their table.
-
-``compare_generations`` judges every model's answers against the baseline's with the protocol of
-``miwv_lib.method.pairwise``; the experiment engine (``miwv_lib.experiments.engine``) trains the
-models and collects their answers.
-"""
+"""The ``judge`` stage: every model's answers to the test sets against the baseline's, judged in both orders with the
+protocol of ``miwv_lib.method.pairwise``, and their table (``engine`` trains the models and collects the answers)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 from collections.abc import Sequence
@@ -15,17 +12,7 @@ from pathlib import Path
 
 from ..data.datasets import TEST_SETS, InstructionPool, load_test_set
 from ..data.models import LoadedModel
-from ..method.pairwise import (
-    _FLIP,
-    Judge,
-    PairItem,
-    Review,
-    ReviewRequest,
-    Side,
-    combine_orders,
-    summarize,
-    verdict,
-)
+from ..method.pairwise import _FLIP, Judge, PairItem, Review, ReviewRequest, Side, combine_orders, summarize, verdict
 from ..runtime.io import atomic_open, save_png, stable_hash, write_json, write_jsonl
 from .generate import GenerateConfig, cached_test_set, generate_test_set, generation_key, question_text
 from .judges import JudgementCache, make_judge, reference_nll, run_judge
@@ -35,13 +22,6 @@ ALPACA_EVAL = "alpaca_eval_gpt4"
 DEFAULT_TEST_SETS = (*TEST_SETS, ALPACA_EVAL)
 
 
-def _requests(item: PairItem, model_a: str, model_b: str) -> tuple[ReviewRequest, ReviewRequest]:
-    a = Side(model_a, item.answer_a, item.nll_a)
-    b = Side(model_b, item.answer_b, item.nll_b)
-    return (ReviewRequest(item.id, item.dataset, item.question, item.reference, a, b),
-            ReviewRequest(item.id, item.dataset, item.question, item.reference, b, a))
-
-
 def _order_record(review: Review, verdict_a: str) -> dict:
     return {"score_1": review.score_1, "score_2": review.score_2, "verdict_a": verdict_a, "error": review.error,
             "raw": review.raw, "cached": review.cached}
@@ -49,16 +29,16 @@ def _order_record(review: Review, verdict_a: str) -> dict:
 
 def judge_pair(items: list[PairItem], judge: Judge, model_a: str, model_b: str,
                cache: JudgementCache | None = None) -> list[dict]:
-    """Both orders of every item through ``judge``; one record per item with its outcome for model A.
-
-    Symmetric judges give the same verdict in both orders; they still go through the same protocol.
-    """
+    """Both orders of every item through ``judge`` (symmetric judges too); one record per item, its outcome for A."""
     usable = [it for it in items if it.reference or not judge.needs_reference]
-    requests = [r for item in usable for r in _requests(item, model_a, model_b)]
+    requests = []
+    for item in usable:
+        a, b = Side(model_a, item.answer_a, item.nll_a), Side(model_b, item.answer_b, item.nll_b)
+        requests += [ReviewRequest(item.id, item.dataset, item.question, item.reference, *sides)
+                     for sides in ((a, b), (b, a))]
     reviews = run_judge(judge, requests, cache)
     records = []
-    for k, item in enumerate(usable):
-        ab, ba = reviews[2 * k], reviews[2 * k + 1]
+    for item, ab, ba in zip(usable, reviews[::2], reviews[1::2]):
         v_ab = verdict(ab, judge.margin)  # A in position 1
         v_ba = _FLIP[verdict(ba, judge.margin)]  # A in position 2: position 1's verdict, seen from A
         records.append({"judge": judge.id, "model_a": model_a, "model_b": model_b, "dataset": item.dataset,
@@ -74,17 +54,11 @@ TABLE_COLUMNS = ("judge", "model_a", "model_b", "test_set", "n", "wins", "ties",
 
 def write_table(rows: list[dict], out_stem: str | Path) -> tuple[Path, Path]:
     """``<stem>.csv`` and ``<stem>.md``, written atomically."""
-    import csv
-    import io
-
-    out_stem = Path(out_stem)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    csv_path, md_path = out_stem.with_suffix(".csv"), out_stem.with_suffix(".md")
+    csv_path, md_path = Path(out_stem).with_suffix(".csv"), Path(out_stem).with_suffix(".md")
     with atomic_open(csv_path) as handle:
-        handle.write(buffer.getvalue())
+        writer = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
     with atomic_open(md_path) as handle:
         handle.write(table_markdown(rows))
     return csv_path, md_path
@@ -143,63 +117,48 @@ def load_test_pools(test_sets: Sequence[str], sample: int | None = None, seed: i
     return {name: load_test_set(name, data_dir=data_dir, sample=sample, seed=seed) for name in test_sets}
 
 
-def _with_reference_nll(loaded: LoadedModel, records: list[dict], path: Path, template: str,
-                        max_length: int) -> list[dict]:
-    """Add each row's reference NLL under ``loaded`` (cached next to the generations)."""
-    key = _reference_nll_key(loaded.identity, records, template, max_length)
-    cached = _cached_reference_nll(path, key, records)
-    if cached is not None:
-        return cached
-    with_ref = [i for i, r in enumerate(records) if r.get("reference")]
-    values: list[float | None] = [None] * len(records)
-    if with_ref:
-        nll = reference_nll(loaded, [records[i] for i in with_ref], [records[i]["reference"] for i in with_ref],
-                            template, max_length)
-        for i, v in zip(with_ref, nll):
-            values[i] = v
-    write_json(path, {"key": key, "reference_nll": values})
-    return [{**r, "reference_nll": v} for r, v in zip(records, values)]
-
-
-def _reference_nll_key(model_identity: str, records: list[dict], template: str, max_length: int) -> str:
-    return stable_hash({"model": model_identity, "ids": [r["id"] for r in records],
-                        "refs": [r.get("reference") for r in records], "template": template, "max_length": max_length})
-
-
-def _cached_reference_nll(path: Path, key: str, records: list[dict]) -> list[dict] | None:
-    if path.exists():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("key") == key:
-            return [{**r, "reference_nll": v} for r, v in zip(records, saved["reference_nll"])]
-    return None
+def _with_reference_nll(rows: list[dict], path: Path, identity: str, template: str, max_length: int,
+                        loaded: LoadedModel | None) -> list[dict] | None:
+    """``rows``, each with its reference NLL under the model, cached in ``path``; None if not cached and no model."""
+    key = stable_hash({"model": identity, "ids": [r["id"] for r in rows], "refs": [r.get("reference") for r in rows],
+                       "template": template, "max_length": max_length})
+    if path.exists() and (saved := json.loads(path.read_text(encoding="utf-8"))).get("key") == key:
+        values = saved["reference_nll"]
+    elif loaded is None:
+        return None
+    else:
+        with_ref = [r for r in rows if r.get("reference")]
+        nll = iter(reference_nll(loaded, with_ref, [r["reference"] for r in with_ref], template, max_length)
+                   if with_ref else [])
+        values = [next(nll) if r.get("reference") else None for r in rows]
+        write_json(path, {"key": key, "reference_nll": values})
+    return [{**r, "reference_nll": v} for r, v in zip(rows, values)]
 
 
 def cached_generations_for_model(model_identity: str, dtype: str, name: str, pools: dict[str, InstructionPool],
-                                 out_dir: Path, config: GenerateConfig, nll_max_length: int = 1024) -> list[dict] | None:
-    """What ``generate_for_model`` would return, read from its caches without loading the model; None if
-    any test set's generations or reference NLLs are missing or were made by another model or setting."""
+                                 out_dir: Path, config: GenerateConfig, nll_max_length: int = 1024,
+                                 loaded: LoadedModel | None = None) -> list[dict] | None:
+    """What ``generate_for_model`` would return, read from its caches; None if any test set's generations or reference
+    NLLs are missing or were made by another model or setting. Given ``loaded``, what is missing is made instead."""
     records = []
     for dataset, pool in pools.items():
         rows = cached_test_set(out_dir / name, dataset, generation_key(model_identity, dtype, pool, config, name))
+        if rows is None and loaded is not None:
+            rows = generate_test_set(loaded, pool, out_dir / name, dataset, config, generator=name)
+        if rows is not None:
+            rows = _with_reference_nll(rows, out_dir / name / f"{dataset}.reference_nll.json", model_identity,
+                                       config.template, nll_max_length, loaded)
         if rows is None:
             return None
-        with_nll = _cached_reference_nll(out_dir / name / f"{dataset}.reference_nll.json",
-                                         _reference_nll_key(model_identity, rows, config.template, nll_max_length), rows)
-        if with_nll is None:
-            return None
-        records += with_nll
+        records += rows
     return records
 
 
 def generate_for_model(loaded: LoadedModel, name: str, pools: dict[str, InstructionPool], out_dir: Path,
                        config: GenerateConfig, nll_max_length: int = 1024) -> list[dict]:
     """Generations (+ reference NLLs) of one model on every test pool, cached under ``out_dir/<name>``."""
-    records = []
-    for dataset, pool in pools.items():
-        rows = generate_test_set(loaded, pool, out_dir / name, dataset, config, generator=name)
-        records += _with_reference_nll(loaded, rows, out_dir / name / f"{dataset}.reference_nll.json",
-                                       config.template, nll_max_length)
-    return records
+    return cached_generations_for_model(loaded.identity, str(loaded.dtype), name, pools, out_dir, config,
+                                        nll_max_length, loaded=loaded)
 
 
 def compare_generations(generations: dict[str, list[dict]], baseline: str, judges: Sequence[Judge | str],

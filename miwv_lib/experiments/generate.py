@@ -1,9 +1,5 @@
-"""Batched greedy generation with the prompt layout the model was trained and scored on.
-
-A prompt is ``[BOS] format_prompt(instruction, input)`` as token IDs (``prompts.SpecialTokens``
-decides the BOS), left-padded so every row's last prompt token sits at the end of the batch;
-generation stops at EOS or after ``max_new_tokens``.
-"""
+"""Batched greedy generation with the prompt layout the model was trained and scored on: ``[BOS] prompt`` token IDs,
+left-padded so every row's last prompt token sits at the end of the batch, until EOS or ``max_new_tokens``."""
 
 from __future__ import annotations
 
@@ -70,10 +66,8 @@ def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
 def contiguous_head_input(model: torch.nn.Module) -> Iterator[None]:
     """Feed the LM head a contiguous copy of its input while generating.
 
-    On the prompt's pass ``generate`` keeps only ``hidden[:, -1:, :]``, a strided view. With a frozen head
-    weight (every LoRA model's), ``torch.matmul`` then broadcasts the weight to ``batch x hidden x vocab``,
-    which on CPU copies it once per row (5.4 GB for Gemma-3 at batch 16: 17 s, more than the 255 decoding
-    steps after it). The copy of the input costs ``batch x hidden``.
+    On the prompt's pass ``generate`` keeps only ``hidden[:, -1:, :]``, a strided view; with a frozen head weight (every
+    LoRA model's) ``torch.matmul`` then copies the weight once per row on CPU (Gemma-3 at batch 16: 5.4 GB, 17 s).
     """
     head = model.get_output_embeddings()
     if head is None:
@@ -114,11 +108,8 @@ def generate_ids(loaded: LoadedModel, prompts: list[list[int]], config: Generate
 
 def generate(loaded: LoadedModel, rows: list[dict] | InstructionPool, config: GenerateConfig | None = None,
              desc: str = "generate") -> list[str]:
-    """Greedy responses to instruction rows (``instruction`` and optional ``input``), in input order.
-
-    Leading/trailing whitespace is stripped: the Alpaca template ends with "### Response:", so a
-    trained model starts its answer with a newline that is layout, not content.
-    """
+    """Greedy responses to instruction rows (``instruction`` and optional ``input``), in input order; stripped, as
+    after Alpaca's "### Response:" a trained model starts its answer with a newline that is layout, not content."""
     config = config or GenerateConfig()
     rows = rows.rows if isinstance(rows, InstructionPool) else rows
     prompts = prompt_token_ids(rows, loaded.tokenizer, config.template, config.max_prompt_length)
@@ -153,16 +144,14 @@ def generate_test_set(loaded: LoadedModel, pool: InstructionPool, out_dir: str |
     """Generate for every row of a test pool into ``out_dir/<dataset>.jsonl``; an identical earlier run is reused."""
     config = config or GenerateConfig()
     generator = generator or loaded.name
-    out_dir = Path(out_dir)
     key = generation_key(loaded.identity, str(loaded.dtype), pool, config, generator)
-    cached = cached_test_set(out_dir, dataset, key)
-    if cached is not None:
+    if (cached := cached_test_set(out_dir, dataset, key)) is not None:
         return cached
     outputs = generate(loaded, pool, config, desc=f"generate {generator}/{dataset}")
     records = generation_records(pool, outputs, generator, dataset)
     write_generations(out_dir, records, stem=dataset)
-    meta = {"fingerprint": stable_hash(key), "key": key, "config": asdict(config)}
-    write_json(out_dir / f"{dataset}.meta.json", meta)
+    write_json(Path(out_dir) / f"{dataset}.meta.json", {"fingerprint": stable_hash(key), "key": key,
+                                                        "config": asdict(config)})
     return records
 
 

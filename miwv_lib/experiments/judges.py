@@ -1,15 +1,9 @@
-"""The judges: an LLM with the paper's review prompt, and three offline judges that need a reference.
+"""The judges: ``LLMJudge`` (the Cherry LLM / AlpaGasus review prompt, to a local Hugging Face model or an
+OpenAI-compatible endpoint) and three offline judges that need a reference answer: reference NLL, embedding cosine and
+ROUGE-L F1. Reviews are cached by judge and request, so an interrupted evaluation resumes.
 
-* ``LLMJudge``: the Cherry LLM / AlpaGasus review prompt, sent to a local Hugging Face model (``HFChatBackend``) or to
-  any OpenAI-compatible chat endpoint (``OpenAIChatBackend``).
-* Offline judges, for prompts with a reference answer: ``ReferenceLikelihoodJudge`` (which model gives the reference
-  the lower mean response NLL), ``EmbeddingJudge`` (cosine similarity of each generation to the reference) and
-  ``RougeJudge`` (ROUGE-L F1 against the reference).
-
-Tie margins (score differences at or below them are ties): LLM judge 0 (integer 1–10 scores, equal is a tie); ROUGE-L
-F1 0.02 (about one token of longest common subsequence in a 50-token answer); embedding cosine 0.02; reference NLL 0.01
-nats per token (about 1 % in perplexity). Judgements are cached by judge and request, so an interrupted evaluation
-resumes.
+Tie margins (score differences at or below them are ties): LLM 0 (integer 1–10 scores); ROUGE-L F1 0.02 (about one
+token of a 50-token answer); embedding cosine 0.02; reference NLL 0.01 nats per token (about 1 % in perplexity).
 """
 
 from __future__ import annotations
@@ -42,24 +36,22 @@ class HFChatBackend:
     def __init__(self, loaded: LoadedModel, max_new_tokens: int = 256, batch_size: int = 4, progress: bool = True):
         self.loaded, self.max_new_tokens, self.batch_size, self.progress = loaded, max_new_tokens, batch_size, progress
         self.id = f"hf:{loaded.identity}"
+        self.prefix = SpecialTokens.from_tokenizer(loaded.tokenizer).prefix
 
     def prompt_text(self, system: str, user: str) -> str:
         """The review request as text (for reading; ``prompt_ids`` is what the model gets)."""
-        return self.loaded.tokenizer.decode(self.prompt_ids(system, user)[len(self._prefix()):])
+        return self.loaded.tokenizer.decode(self.prompt_ids(system, user)[len(self.prefix):])
 
     def prompt_ids(self, system: str, user: str) -> list[int]:
         """``[BOS]`` and the review request: the chat template's tokens special, the answers' text always text."""
         tokenizer = self.loaded.tokenizer
         if not getattr(tokenizer, "chat_template", None):
-            return [*self._prefix(), *encode_text(tokenizer, [f"{system}\n\n{user}"])[0]]
+            return [*self.prefix, *encode_text(tokenizer, [f"{system}\n\n{user}"])[0]]
         try:
             ids = encode_chat(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": user}])
         except Exception:  # some templates refuse a system turn: fold it into the user's
             ids = encode_chat(tokenizer, [{"role": "user", "content": f"{system}\n\n{user}"}])
-        return [*self._prefix(), *ids]
-
-    def _prefix(self) -> tuple[int, ...]:
-        return SpecialTokens.from_tokenizer(self.loaded.tokenizer).prefix
+        return [*self.prefix, *ids]
 
     def complete(self, system: str, users: list[str]) -> list[str]:
         from .generate import GenerateConfig, generate_ids
@@ -234,8 +226,8 @@ def cache_key(judge_id: str, request: ReviewRequest) -> str:
 
 
 class JudgementCache:
-    """Append-only JSONL of reviews, so re-running an evaluation asks the judge nothing it was asked before. Each
-    batch is one fsynced write; a line torn by a crash is ignored on load (that review is simply asked again)."""
+    """Append-only JSONL of reviews, so a rerun asks the judge nothing it was asked before. Each batch is one fsynced
+    write; a line torn by a crash is ignored on load (that review is simply asked again)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -1,16 +1,10 @@
 """Fine-tuning θ on a (selected) pool: LoRA by default, full fine-tuning as an option.
 
-The loss covers exactly the tokens the scorer measures: the scorer's zero-shot layout ``[BOS] prompt
-response [EOS]`` with labels only on ``response [EOS]``, so "what MIWV scored" and "what training optimises"
-cannot drift. Defaults follow the paper's recipe (Stanford Alpaca: 3 epochs, cosine schedule, 3 % warm-up,
-max length 512) with a LoRA-sized learning rate and an effective batch of 16.
-
-Precision: ``Trainer(bf16=True)`` autocasts on CPU too (with ``use_cpu=True``); for LoRA the frozen base is
-loaded in bf16, the adapter stays float32. On a 2-core AVX512-BF16 CPU, LoRA on Gemma-3-270m (32 Alpaca rows,
-max length 512, batch 4 × 4) ran 63 tokens/s in 9 GB of RAM against 45 in 11 GB in float32 (the 262k-token
-LM head dominates both): a 400-row, 3-epoch run takes about an hour, so the paper's setting needs a GPU.
-Two levers for long CPU runs: ``response_only_loss`` (see ``ResponseOnlyLossTrainer``: 1.36× the speed, 0.68×
-the memory in ``benchmarks/RESULTS.md``) and ``save_steps``, checkpoints from which a killed run resumes.
+Labels cover exactly what the scorer measures (``response [EOS]`` of its zero-shot layout), so "what MIWV scored"
+and "what training optimises" cannot drift. Defaults follow Stanford Alpaca (3 epochs, cosine, 3 % warm-up, max
+length 512) with a LoRA-sized learning rate and an effective batch of 16. On a 2-core CPU, bf16 LoRA on Gemma-3-270m
+runs about 63 tokens/s (45 in float32): a 400-row, 3-epoch run takes an hour, so the paper's setting needs a GPU.
+``response_only_loss`` (1.36× the speed, benchmarks/RESULTS.md) and resumable ``save_steps`` help long CPU runs.
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -145,19 +139,13 @@ def _right_padding_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorF
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """bf16 autocast pays off on CUDA with bf16 and on CPUs with native bf16 dot products (without those
-    instructions bf16 is emulated and slower than float32)."""
+    """CUDA with bf16, or a CPU with native bf16 dot products (elsewhere bf16 is emulated, slower than float32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     cpuinfo = Path("/proc/cpuinfo")
     flags = cpuinfo.read_text() if device.type == "cpu" and cpuinfo.exists() else ""
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
-
-def _weights_dtype(config: TrainConfig, use_bf16: bool) -> str:
-    # LoRA: the base is frozen, so bf16 weights lose nothing and halve memory; full FT keeps fp32 masters.
-    auto = "bfloat16" if config.method == "lora" and use_bf16 else "float32"
-    return auto if config.dtype == "auto" else config.dtype
 
 
 def _prepare_model(model, config: TrainConfig):
@@ -177,12 +165,8 @@ def _prepare_model(model, config: TrainConfig):
 
 def response_only_loss(model, inputs: dict[str, torch.Tensor],
                        num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-    """HF's ``ForCausalLMLoss`` of ``model(**inputs)``, with the LM head applied only where it is needed.
-
-    The hidden state at position t predicts ``labels[t + 1]``; only positions with a label go through the
-    head (and the model's logit soft-capping, as its forward does). ``num_items_in_batch`` given: the sum
-    divided by it (HF's gradient-accumulation-correct normalisation), else the mean over this batch's labels.
-    """
+    """HF's ``ForCausalLMLoss`` of ``model(**inputs)``, with the LM head (and soft-capping) only where a label is
+    predicted; the sum over ``num_items_in_batch`` when given (HF's accumulation-correct normalisation), else a mean."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
     features = {k: v for k, v in inputs.items() if k != "labels"}
     hidden = causal_lm.get_decoder()(**features, use_cache=False).last_hidden_state
@@ -200,12 +184,9 @@ def response_only_loss(model, inputs: dict[str, torch.Tensor],
 class ResponseOnlyLossTrainer(Trainer):
     """A ``Trainer`` whose loss never builds logits for prompt or padding positions.
 
-    Why: HF's causal-LM forward applies the LM head at every position and upcasts those logits to float32
-    before masking them; with Gemma's 262k-token vocabulary that batch × sequence × vocabulary tensor (and
-    its gradient) dominates CPU training, yet only ``response [EOS]`` carries labels. The loss is HF's (to
-    float rounding), gradient accumulation included: ``num_items_in_batch`` is used exactly when the stock
-    ``compute_loss`` would hand it to the model (``model_accepts_loss_kwargs``), so Trainer's scaling in
-    ``training_step`` and the logged loss are unchanged (``loss_is_scaled_for_ga`` stays None).
+    HF's forward upcasts the logits of every position to float32: with Gemma's 262k-token vocabulary that tensor
+    (and its gradient) dominates CPU training. ``num_items_in_batch`` is used exactly when the stock ``compute_loss``
+    would pass it to the model, so Trainer's gradient-accumulation scaling and the logged loss are unchanged.
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -229,11 +210,10 @@ _CURVE_KEY = "miwv_loss_curve"  # our row, kept in Trainer's log history so chec
 
 
 class LossCurveCallback(TrainerCallback):
-    """A tqdm bar with loss and tokens/s, and the rows of ``loss.csv`` (one per logging step).
+    """A tqdm bar with loss and tokens/s, and the rows of ``loss.csv``; it also vetoes a checkpoint of the last step.
 
-    A resumed run continues the curve: each row is also stored in ``state.log_history``, which a checkpoint
-    saves and ``Trainer`` restores. ``seconds`` adds up the training time of all sessions (up to each
-    session's last row); tokens/s counts this session's tokens over this session's time.
+    Each row is also kept in ``state.log_history``, which checkpoints save, so a resumed run continues the curve;
+    ``seconds`` adds up all sessions, tokens/s is this session's.
     """
 
     def __init__(self, progress: bool = True, desc: str = "train"):
@@ -252,6 +232,10 @@ class LossCurveCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bar.update(state.global_step - self.bar.n)
+        # The model is saved right after the last step, and Trainer resumed from a finished checkpoint would train one
+        # step too many; this runs after DefaultFlowCallback, which asks for that final save.
+        if state.global_step >= state.max_steps:
+            control.should_save = False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if "loss" not in (logs or {}):  # the final summary log has train_loss instead
@@ -270,15 +254,6 @@ class LossCurveCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()
-
-
-class _NoFinalCheckpoint(TrainerCallback):
-    """No checkpoint after the last step: the model is saved right after it, and Trainer resumed from a
-    finished checkpoint would train one step too many (it compares with max_steps only after a step)."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
-            control.should_save = False  # runs after DefaultFlowCallback, which asks for a final save
 
 
 def write_loss_csv(path: Path, rows: list[dict]) -> None:
@@ -308,8 +283,8 @@ def train_fingerprint_inputs(config: TrainConfig, base: LoadedModel, rows: list[
 def _training_arguments(config: TrainConfig, device: torch.device, use_bf16: bool,
                         output_dir: str) -> TrainingArguments:
     # Checkpoints hold the adapter (or model), optimizer, scheduler, RNG states and log history: all a resume needs.
-    saving = (dict(save_strategy="steps", save_steps=config.save_steps, save_total_limit=1) if config.save_steps > 0
-              else dict(save_strategy="no"))
+    saving = ({"save_strategy": "steps", "save_steps": config.save_steps, "save_total_limit": 1}
+              if config.save_steps > 0 else {"save_strategy": "no"})
     return TrainingArguments(
         output_dir=output_dir, num_train_epochs=config.epochs, max_steps=config.max_steps,
         learning_rate=config.resolved_learning_rate(), lr_scheduler_type=config.lr_scheduler,
@@ -341,8 +316,7 @@ def _save_atomically(out_dir: Path, name: str, save) -> Path:
 def _resume_checkpoint(out_dir: Path, previous: dict | None, overwrite: bool) -> str | None:
     """The newest whole checkpoint a killed run of this very training left in ``out_dir``, or None (then none is kept).
 
-    ``previous`` is the manifest with this fingerprint (``check_fingerprint`` refuses any other), so a "running"
-    one is this same training, unfinished. It resumes even with ``save_steps=0``: that changes nothing trained.
+    ``previous`` has this fingerprint (``check_fingerprint`` refuses any other): "running" is this training, unfinished.
     """
     checkpoints = out_dir / CHECKPOINT_DIR
     if not overwrite and previous and previous.get("status") == "running":
@@ -356,11 +330,8 @@ def _resume_checkpoint(out_dir: Path, previous: dict | None, overwrite: bool) ->
 
 
 def _whole_run_loss(curve: LossCurveCallback, session_loss: float, steps: int) -> float:
-    """Mean loss per step over all sessions: Trainer's ``training_loss`` covers only the steps after a resume.
-
-    Earlier sessions enter through their logged rows (each the mean over the steps since the previous
-    row); exact when ``save_steps`` is a multiple of ``logging_steps``, as with the default logging_steps=1.
-    """
+    """Mean loss per step over all sessions (Trainer's ``training_loss`` covers only the steps after a resume).
+    Earlier sessions enter through their logged rows: exact when ``save_steps`` is a multiple of ``logging_steps``."""
     before = [r for r in curve.rows if r["step"] <= curve.resumed_from_step]
     if not curve.resumed_from_step or not before:
         return session_loss
@@ -370,20 +341,19 @@ def _whole_run_loss(curve: LossCurveCallback, session_loss: float, steps: int) -
     return (total + session_loss * session_steps) / (before[-1]["step"] + session_steps)
 
 
-def _result_from_manifest(name: str, out_dir: Path, manifest: dict) -> TrainResult:
-    return TrainResult(name=name, out_dir=out_dir, fingerprint=manifest["fingerprint"], n_examples=manifest["rows"],
-                       train_loss=manifest.get("train_loss"), steps=manifest.get("steps", 0),
-                       seconds=manifest.get("seconds"), tokens_per_second=manifest.get("tokens_per_second"),
-                       skipped=True)
+def _result_from_manifest(name: str, out_dir: Path, manifest: dict, **overrides) -> TrainResult:
+    result = TrainResult(name=name, out_dir=out_dir, fingerprint=manifest["fingerprint"], n_examples=manifest["rows"],
+                         train_loss=manifest.get("train_loss"), steps=manifest.get("steps", 0),
+                         seconds=manifest.get("seconds"), tokens_per_second=manifest.get("tokens_per_second"))
+    return replace(result, **overrides)
 
 
 def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config: TrainConfig | None = None, *,
                 base: LoadedModel | None = None, name: str | None = None, overwrite: bool = False) -> TrainResult:
     """Fine-tune on ``rows`` and save the adapter (or full model), config and loss curve into ``out_dir``.
 
-    ``base``: an already loaded model to start from (it is copied, never modified); by default
-    ``config.model`` is loaded. An ``out_dir`` that already holds the same training is skipped.
-    """
+    ``base``: a loaded model to start from (copied, never modified) instead of ``config.model``. An ``out_dir`` that
+    already holds the same training is skipped."""
     config = config or TrainConfig()
     rows = rows.rows if isinstance(rows, InstructionPool) else list(rows)
     if not rows:
@@ -394,14 +364,16 @@ def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config:
     device = resolve_device(config.device if base is None else base.device)
     use_bf16 = bf16_supported(device) if config.bf16 is None else config.bf16
     borrowed = base is not None  # the caller's model is copied before training, never modified
-    base = base or load_model(config.model, dtype=_weights_dtype(config, use_bf16), device=device)
+    # LoRA: the base is frozen, so bf16 weights lose nothing and halve memory; full FT keeps fp32 masters
+    auto_dtype = "bfloat16" if config.method == "lora" and use_bf16 else "float32"
+    base = base or load_model(config.model, dtype=auto_dtype if config.dtype == "auto" else config.dtype, device=device)
 
     inputs = train_fingerprint_inputs(config, base, rows, use_bf16)
     manifest = {"status": "running", "fingerprint": stable_hash(inputs), "fingerprint_inputs": inputs, "name": name,
                 "base_model": base.name, "started": now(), "environment": environment_info()}
     previous = check_fingerprint(out_dir / MANIFEST_FILE, manifest["fingerprint"], inputs, overwrite=overwrite)
     if previous and previous.get("status") == "complete":
-        return _result_from_manifest(name, out_dir, previous)
+        return _result_from_manifest(name, out_dir, previous, skipped=True)
     resume_from = _resume_checkpoint(out_dir, previous, overwrite)
     if resume_from:
         manifest |= {"started": previous.get("started", manifest["started"]), "resumed": now()}
@@ -425,9 +397,8 @@ def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config:
     manifest["seconds"] = round(run["seconds"], 2)  # the returned result keeps them unrounded
     write_json(out_dir / MANIFEST_FILE, manifest)
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
-    return TrainResult(name=name, out_dir=out_dir, fingerprint=manifest["fingerprint"], n_examples=len(rows),
-                       train_loss=run["train_loss"], steps=run["steps"], seconds=run["seconds"],
-                       tokens_per_second=run["tokens_per_second"], resumed_from_step=run["resumed_from_step"])
+    return _result_from_manifest(name, out_dir, manifest, seconds=run["seconds"],
+                                 resumed_from_step=run["resumed_from_step"])
 
 
 def _fit(model, features: list[dict], base: LoadedModel, config: TrainConfig, device: torch.device, use_bf16: bool,
@@ -440,7 +411,7 @@ def _fit(model, features: list[dict], base: LoadedModel, config: TrainConfig, de
         output_dir = str(out_dir / CHECKPOINT_DIR) if config.save_steps > 0 else scratch
         trainer = trainer_class(model=model, args=_training_arguments(config, device, use_bf16, output_dir),
                                 train_dataset=features, data_collator=_right_padding_collator(base.tokenizer),
-                                processing_class=base.tokenizer, callbacks=[curve, _NoFinalCheckpoint()])
+                                processing_class=base.tokenizer, callbacks=[curve])
         trainer.remove_callback(PrinterCallback)  # our bar shows the loss; don't print every log dict (disable_tqdm)
         t0 = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume_from)
@@ -454,17 +425,17 @@ def _fit(model, features: list[dict], base: LoadedModel, config: TrainConfig, de
         "resumed_from_step": curve.resumed_from_step}
 
 
-def trained_model_signature(model_dir: str | Path) -> tuple[str, str]:
-    """``(identity, dtype)`` that ``load_trained(model_dir)`` reports, read from the run's records alone.
-
-    Enough to look up cached generations of a model whose weights are not on this machine (a study
-    continued in a fresh checkout keeps only each model's records, not its adapter).
-    """
-    model_dir = Path(model_dir)
+def _saved_run(model_dir: Path) -> tuple[dict, str]:
+    """The run's saved config and its fingerprint."""
     saved = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    fingerprint = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["fingerprint"]
-    kind = "lora" if saved["method"] == "lora" else "full"
-    return f"{saved['base_model_identity']}+{kind}:{fingerprint}", f"torch.{saved['weights_dtype']}"
+    return saved, json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["fingerprint"]
+
+
+def trained_model_signature(model_dir: str | Path) -> tuple[str, str]:
+    """``(identity, dtype)`` that ``load_trained(model_dir)`` reports, from the run's records alone: enough to find
+    cached generations of a model whose weights are not on this machine (a study continued in a fresh checkout)."""
+    saved, fingerprint = _saved_run(Path(model_dir))
+    return f"{saved['base_model_identity']}+{saved['method']}:{fingerprint}", f"torch.{saved['weights_dtype']}"
 
 
 def has_weights(model_dir: str | Path) -> bool:
@@ -476,12 +447,11 @@ def load_trained(model_dir: str | Path, *, base: LoadedModel | None = None, dtyp
                  device: str = "auto") -> LoadedModel:
     """A fine-tuned model from a ``train_model`` directory, in eval mode, ready for scoring and generation.
 
-    LoRA adapters stay unmerged: merging a small update into bf16 weights would round much of it away.
-    The returned ``model`` is the base architecture with LoRA layers inside, so the scorer's
-    ``model.base_model`` / ``get_output_embeddings()`` work unchanged.
+    LoRA adapters stay unmerged (merging a small update into bf16 weights would round much of it away), inside the
+    base architecture, so the scorer's ``model.base_model`` / ``get_output_embeddings()`` work unchanged.
     """
     model_dir = Path(model_dir)
-    saved = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    saved, fingerprint = _saved_run(model_dir)
     dtype = dtype or saved["weights_dtype"]  # by default, the precision the model was trained in
     if (model_dir / FULL_MODEL_DIR).exists():
         loaded = load_model(str(model_dir / FULL_MODEL_DIR), dtype=dtype, device=device)
@@ -489,7 +459,6 @@ def load_trained(model_dir: str | Path, *, base: LoadedModel | None = None, dtyp
         return loaded
     from peft import PeftModel
 
-    fingerprint = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["fingerprint"]
     base = (LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.name, base.identity) if base is not None
             else load_model(saved["model"], dtype=dtype, device=device))
     model = PeftModel.from_pretrained(base.model, str(model_dir / ADAPTER_DIR)).get_base_model().eval()

@@ -313,12 +313,10 @@ def _flat(instruction_key: str, output_key: str | None = None, *, with_input: bo
     """The normaliser of a schema whose fields are top-level strings; a key of None: the field is absent."""
 
     def normalise(rec: Mapping, fail: _Fail, require_output: bool) -> _Normalised:
-        return _Normalised(
-            _text(rec, instruction_key, fail, nonblank=True),
-            _text(rec, "input", fail, required=False) if with_input else "",
-            _text(rec, output_key, fail, nonblank=require_output) if output_key else "",
-            _text(rec, reference_key, fail) if reference_key else None,
-        )
+        return _Normalised(_text(rec, instruction_key, fail, nonblank=True),
+                           _text(rec, "input", fail, required=False) if with_input else "",
+                           _text(rec, output_key, fail, nonblank=require_output) if output_key else "",
+                           _text(rec, reference_key, fail) if reference_key else None)
 
     return normalise
 
@@ -451,11 +449,9 @@ def _build_pool(raws: list[_RawFile], *, source: str, file_format: str, require_
     schema = schemas[0]
     if require_output and schema in TEST_SCHEMAS:
         hint = _case_hint(raws[0].records[0], ("instruction", "input", "output"))
-        raise DataError(
-            f"the rows look like the {schema!r} test set (prompts only, no responses to score or train on){hint}; "
-            "give a training pool with instruction and output (Python: load_test_set() or require_output=False)",
-            source=source,
-        )
+        raise DataError(f"the rows look like the {schema!r} test set (prompts only, no responses to score or train "
+                        f"on){hint}; give a training pool with instruction and output (Python: load_test_set() or "
+                        "require_output=False)", source=source)
     rows: list[dict] = []
     records: list[dict] = []
     norms: list[_Normalised] = []
@@ -539,12 +535,10 @@ def _download_hub(hub_id: str, *, config: str | None, split: str, data_files: li
         else:
             dataset = datasets.load_dataset(hub_id, split=split)
     except Exception as exc:  # network, auth, missing repo: all mean "no data from the hub"
-        raise DataError(
-            f"could not load from the Hugging Face hub: the hub is unreachable or the dataset is "
-            f"unavailable ({_clip(f'{type(exc).__name__}: {exc}', 300)}). Set {DATA_DIR_ENV} to a local data "
-            "mirror (see data/README.md) or pass a local .json/.jsonl/.parquet path instead",
-            source=hub_id,
-        ) from None
+        raise DataError(f"could not load from the Hugging Face hub: the hub is unreachable or the dataset is "
+                        f"unavailable ({_clip(f'{type(exc).__name__}: {exc}', 300)}). Set {DATA_DIR_ENV} to a local "
+                        "data mirror (see data/README.md) or pass a local .json/.jsonl/.parquet path instead",
+                        source=hub_id) from None
     return dataset.to_list()
 
 
@@ -604,12 +598,9 @@ def _load_registered(name: str, entry: Mapping[str, Any], *, data_dir: str | Pat
 def load_instructions(source: str | Path | list | None = None, *, data_dir: str | Path | None = None,
                       require_output: bool = True, limit: int | None = None,
                       cache_dir: str | Path | None = None) -> InstructionPool:
-    """Load and validate an instruction pool.
-
-    ``source`` is resolved as: an existing local file (or a list of files, concatenated);
-    a registry name (local mirror in the data dir, else its hub id); a hub id
-    ``owner/name`` (cached as JSONL after the first download); None -> DEFAULT_DATASET.
-    ``limit`` keeps the first N rows (rows past it are not validated).
+    """Load and validate an instruction pool. ``source``: an existing local file (or a list of files, concatenated),
+    a registry name (local mirror in the data dir, else its hub id), a hub id ``owner/name`` (cached as JSONL after
+    the first download), or None for DEFAULT_DATASET. ``limit`` keeps the first N rows (the rest are not validated).
     """
     _check_count("limit", limit)
     source = DEFAULT_DATASET if source is None else source
@@ -637,19 +628,14 @@ def load_instructions(source: str | Path | list | None = None, *, data_dir: str 
             raise DataError(f"{exc.detail} (no local file named {source!r} exists either)", source=source) from None
     if suffix in FILE_FORMATS or "/" in source or os.sep in source:
         raise DataError("file not found", source=source)
-    raise DataError(
-        f"unknown dataset: not a file, not a registry name ({', '.join(REGISTRY)}) and not a hub id 'owner/name'",
-        source=source,
-    )
+    raise DataError(f"unknown dataset: not a file, not a registry name ({', '.join(REGISTRY)}) and not a hub id "
+                    "'owner/name'", source=source)
 
 
 def load_test_set(name: str, *, data_dir: str | Path | None = None, sample: int | None = None, seed: int = 0,
                   cache_dir: str | Path | None = None) -> InstructionPool:
-    """A test set (prompts; output ""), optionally a deterministic sample of ``sample`` rows.
-
-    The sample depends only on (rows, sample, seed) and keeps the original order, so
-    evaluations on a subsample are reproducible and comparable across methods.
-    """
+    """A test set (prompts; output ""), optionally a sample of ``sample`` rows in their original order that depends
+    only on (rows, sample, seed), so that evaluations on a subsample are reproducible and comparable."""
     _check_count("sample", sample, source=str(name))
     pool = load_instructions(name, data_dir=data_dir, require_output=False, cache_dir=cache_dir)
     if sample is None or sample >= len(pool):

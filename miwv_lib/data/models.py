@@ -113,18 +113,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def dequantized_gguf_dir(gguf_path: str | Path) -> Path:
+def dequantized_gguf_dir(gguf_path: Path) -> Path:
     """Dequantize a GGUF file once into ``<cache>/models/<stem>-<sha>`` (bf16 safetensors + tokenizer)."""
-    gguf_path = Path(gguf_path)
 
     def convert(tmp: Path) -> None:
         from transformers import GgufConfig
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(tmp)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16,
                                                      quantization_config=GgufConfig(dequantize=True))
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
 
     return _build_once(cache_dir() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:12]}", convert)
 

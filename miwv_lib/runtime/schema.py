@@ -1,9 +1,6 @@
-"""One configuration schema: every setting is a dataclass field that carries its rule, its help and its flag.
-
-The dataclasses (``ScoreConfig``, ``TrainConfig``, ``GenerateConfig``, ``StudyConfig``) are the single source. Each
-checks itself when built (``check`` in ``__post_init__``), so a value from the command line, a YAML file or Python is
-refused the same way, before any model is loaded. The flags are derived from the fields (``add_flags``, ``from_args``).
-"""
+"""One configuration schema: every setting is a dataclass field carrying its rule, help and flag. A config checks
+itself when built (``check`` in ``__post_init__``), so a value from the command line, a YAML file or Python is refused
+the same way, before any model loads; the flags are derived from the fields (``add_flags``, ``from_args``)."""
 
 from __future__ import annotations
 

@@ -74,11 +74,8 @@ class Truncation:
         return self.demo_kept == 0
 
     def as_dict(self) -> dict[str, int | str]:
-        cut: dict[str, int | str] = {k: v for k, v in
-                                     (("demo", self.demo), ("prompt", self.prompt), ("response", self.response)) if v}
-        if self.no_demo:
-            cut["demo"] = "all"
-        return cut
+        cut = {"demo": "all" if self.no_demo else self.demo, "prompt": self.prompt, "response": self.response}
+        return {part: n for part, n in cut.items() if n}
 
 
 def _sample_body(example: EncodedExample, special: SpecialTokens, max_length: int) -> tuple[list[int], int, Truncation]:
@@ -144,8 +141,7 @@ parse_max_length.kind = f"{AUTO_MAX_LENGTH!r} or an integer"
 
 def resolve_max_length(setting: int | str, needed: list[int], model) -> int:
     """``auto``: the longest sequence ``needed``, capped at the model's context window; an int as it is."""
-    problem = max_length_rule(setting)
-    if problem:
+    if problem := max_length_rule(setting):
         raise ValueError(f"max_length: {problem}")
     if setting != AUTO_MAX_LENGTH:
         return int(setting)

@@ -50,8 +50,7 @@ def _batches(lengths: list[int], cfg: EngineConfig) -> list[list[int]]:
 
 def logit_transform(model):
     """Models that post-process logits (Gemma-2's soft-capping) must get the same treatment here."""
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
+    if cap := getattr(model.config, "final_logit_softcapping", None):
         return lambda logits: torch.tanh(logits / cap) * cap
     return lambda logits: logits
 
@@ -81,9 +80,8 @@ class _Layout:
 def _layout(sequences: list[Sequence], batch: list[int], pad_token_id: int, padding_side: str) -> _Layout:
     lengths = [len(sequences[i].input_ids) for i in batch]
     width = max(lengths)
-    out = _Layout(torch.full((len(batch), width), pad_token_id, dtype=torch.long),
-                  torch.zeros((len(batch), width), dtype=torch.long), torch.zeros((len(batch), width), dtype=torch.long),
-                  [], [], [])
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    out = _Layout(ids, torch.zeros_like(ids), torch.zeros_like(ids), [], [], [])
     for row, (i, n) in enumerate(zip(batch, lengths)):
         seq = sequences[i].input_ids
         offset = width - n if padding_side == "left" else 0

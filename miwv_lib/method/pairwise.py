@@ -103,8 +103,7 @@ def parse_review(text: str) -> tuple[float, float] | None:
         return None
     lines = [line for line in text.strip().splitlines() if line.strip()]
     first = _OUT_OF.sub("", _LABEL.sub(" ", lines[0].replace("*", "")))
-    scores = _valid([float(n) for n in re.findall(_NUMBER, first)])
-    if scores:
+    if scores := _valid([float(n) for n in re.findall(_NUMBER, first)]):
         return scores
     cleaned = _OUT_OF.sub("", text.replace("*", ""))
     labelled = [_LABELLED[k].search(cleaned) for k in (1, 2)]

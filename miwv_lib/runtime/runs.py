@@ -126,8 +126,7 @@ def read_yaml_mapping(path: Path, shown: str | Path, error: type[Exception]) -> 
         raise error(f"{shown}: not a valid YAML text file ({exc})") from None
     if not isinstance(raw, Mapping):
         raise error(f"{shown}: expected a mapping of settings, got {type(raw).__name__}")
-    found = unwritable(raw, json_types=True)  # settings are recorded in JSON manifests: standard JSON values only
-    if found:
+    if found := unwritable(raw, json_types=True):  # settings are recorded in JSON manifests: standard JSON only
         raise error(f"{shown}: key {found[0]!r}: {found[1]}")
     return dict(raw)
 

@@ -26,8 +26,7 @@ def setting(default: Any = MISSING, *, help: str = "", rule: Rule | None = None,
 def check(config: Any) -> None:
     """Each field of ``config`` against its rule; the first wrong one is a ValueError naming the field."""
     for f in fields(config):
-        problem = _problem(f, getattr(config, f.name))
-        if problem:
+        if problem := _problem(f, getattr(config, f.name)):
             raise ValueError(f"{f.name}: {problem}")
 
 
@@ -126,8 +125,7 @@ def _flag_type(f: Field, default: Any) -> Callable[[str], Any]:
         except ValueError:
             kind = {int: "an integer", float: "a number"}.get(parse, getattr(parse, "kind", "a value"))
             raise argparse.ArgumentTypeError(f"expected {kind}, got {raw!r}") from None
-        problem = None if f.metadata["choices"] else _problem(f, value)
-        if problem:
+        if not f.metadata["choices"] and (problem := _problem(f, value)):
             raise argparse.ArgumentTypeError(problem)
         return value
 

@@ -1,9 +1,5 @@
 """Steps 2–4 of MIWV: zero-shot and one-shot losses of a row, their difference, and IFD beside it.
-
-``plan_passes`` lays out every forward pass a chunk of rows needs (one-shot passes also carry the
-demonstration's own zero-shot span, so it is not computed twice); ``_score_row`` turns the losses into
-a row of ``scores.jsonl``. A row MIWV cannot be computed for gets ``miwv: null`` and a ``status``.
-"""
+``plan_passes`` lays out a chunk's forward passes; ``_score_row`` turns the losses into a row of ``scores.jsonl``."""
 
 from __future__ import annotations
 
@@ -49,34 +45,31 @@ class PassPlan:
 
 def plan_passes(examples: list[EncodedExample], indices: list[int], neighbor_index: np.ndarray,
                 special: SpecialTokens, max_length: int, compute_ifd: bool) -> PassPlan:
-    """The passes for rows ``indices``: one-shot for each, zero-shot only where no one-shot pass carries it.
-
-    A row whose exact zero-shot sequence opens another row's one-shot sequence in this batch gets its
-    zero-shot loss from that pass (a span of it) instead of a pass of its own.
-    """
+    """The passes for rows ``indices``: one-shot for each, zero-shot only where no one-shot pass carries it
+    (a row's exact zero-shot sequence opens its neighbour's one-shot sequence: its loss is a span of that pass)."""
     zero = {i: zero_shot_sequence(examples[i], special, max_length)[0] for i in indices}
     one, cuts = {}, {}
     for i in indices:
         one[i], cuts[i] = one_shot_sequence(examples[i], examples[neighbor_index[i]], special, max_length)
-    with_demo = [i for i in indices if not cuts[i].no_demo]  # a row without its demo gets no one-shot pass
-    donor: dict[int, int] = {}  # row -> the row whose one-shot pass carries its zero-shot sequence
-    for i in with_demo:
+    carrier: dict[int, int] = {}  # row k -> the row i whose one-shot pass opens with k's zero-shot sequence
+    for i in indices:
         k = int(neighbor_index[i])
-        if k in zero and k not in donor and one[i].input_ids[:len(zero[k].input_ids)] == zero[k].input_ids:
-            donor[k] = i
-    carried: dict[int, list[int]] = {}
-    for k, i in donor.items():
-        carried.setdefault(i, []).append(k)
+        if (not cuts[i].no_demo and k in zero and k not in carrier
+                and one[i].input_ids[:len(zero[k].input_ids)] == zero[k].input_ids):
+            carrier[k] = i
 
     sequences: list[Sequence] = []
     where: dict[tuple[str, int], tuple[int, int]] = {}
     for i in indices:
-        if i in with_demo:
-            spans = tuple((len(zero[k].input_ids), zero[k].n_targets) for k in carried.get(i, ()))
+        if not cuts[i].no_demo:  # a row without its demo gets no one-shot pass
+            k = int(neighbor_index[i])
+            carries = carrier.get(k) == i
             where[("one", i)] = (len(sequences), 0)
-            where.update({("zero", k): (len(sequences), 1 + n) for n, k in enumerate(carried.get(i, ()))})
+            if carries:
+                where[("zero", k)] = (len(sequences), 1)
+            spans = ((len(zero[k].input_ids), zero[k].n_targets),) if carries else ()
             sequences.append(Sequence(one[i].input_ids, one[i].n_targets, spans))
-        if i not in donor:
+        if i not in carrier:
             where[("zero", i)] = (len(sequences), 0)
             sequences.append(zero[i])
         if compute_ifd:
@@ -97,33 +90,18 @@ def _score_row(i: int, k: int, ids: list[str], examples: list[EncodedExample], o
     value = _finite_or_none(miwv(one_loss, zero_loss))
     if status == STATUS_OK and value is None:
         status = STATUS_NOT_FINITE
-    return {
-        "index": i,
-        "id": ids[i],
-        "neighbor_index": k,
-        "neighbor_id": ids[k],
-        "neighbor_similarity": round(float(similarity), 6),
-        "zero_shot_loss": _finite_or_none(zero_loss),
-        "one_shot_loss": _finite_or_none(one_loss),
-        "miwv": value,
-        "status": status,
-        "unconditional_loss": _finite_or_none(uncond),
-        "ifd": _finite_or_none(ifd(zero_loss, uncond)) if compute_ifd else None,
-        "prompt_tokens": len(examples[i].prompt),
-        "response_tokens": len(examples[i].response),
-        "one_shot_tokens": len(one.input_ids),
-        "truncated": bool(cut.as_dict()),
-        "truncation": cut.as_dict(),
-    }
+    return {"index": i, "id": ids[i], "neighbor_index": k, "neighbor_id": ids[k],
+            "neighbor_similarity": round(float(similarity), 6),
+            "zero_shot_loss": _finite_or_none(zero_loss), "one_shot_loss": _finite_or_none(one_loss),
+            "miwv": value, "status": status, "unconditional_loss": _finite_or_none(uncond),
+            "ifd": _finite_or_none(ifd(zero_loss, uncond)) if compute_ifd else None,
+            "prompt_tokens": len(examples[i].prompt), "response_tokens": len(examples[i].response),
+            "one_shot_tokens": len(one.input_ids), "truncated": bool(cut.as_dict()), "truncation": cut.as_dict()}
 
 
 def chunk_plan(neighbor_index: np.ndarray, chunk_rows: int) -> list[list[int]]:
-    """Fixed chunks of row indices, each row placed next to its neighbour chain i → k → k' …
-
-    Neighbours in the same chunk let ``score_rows`` share passes. The plan depends only on the
-    neighbours, never on what is already done, so a resumed or multi-process run batches every row
-    exactly as an uninterrupted single process does.
-    """
+    """Fixed chunks of row indices along neighbour chains i → k → k' … (so ``plan_passes`` can share passes).
+    The plan depends on the neighbours alone: a resumed or multi-process run batches every row as one process does."""
     placed = np.zeros(len(neighbor_index), dtype=bool)
     order: list[int] = []
     for start in range(len(neighbor_index)):

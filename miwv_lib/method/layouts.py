@@ -1,15 +1,10 @@
-"""The token layouts of MIWV: which tokens each loss is taken over, and how long a sequence may be.
-
-Every sequence ends with the tokens the loss is taken over:
+"""The token layouts of MIWV; each loss is the mean cross-entropy over ``response_i [EOS]``, the same tokens in all:
 
 * zero-shot of sample i:   ``[BOS] prompt_i response_i [EOS]``
-* one-shot of sample i:    ``[BOS] prompt_k response_k [EOS] prompt_i response_i [EOS]``
-  (the neighbour k's full zero-shot sequence, then sample i's without its BOS)
+* one-shot of sample i:    ``[BOS] prompt_k response_k [EOS] prompt_i response_i [EOS]`` (neighbour k first)
 * unconditional (IFD):     ``[BOS] response_i [EOS]``
 
-The loss of each is the mean cross-entropy over ``response_i [EOS]``, the same tokens in all three.
-A prompt and its response are tokenised separately (``data.prompts``) and their IDs concatenated, so
-the boundary between them is exact, never inferred from string lengths.
+Prompt and response are tokenised separately (``data.prompts``), so the boundary between them is exact.
 """
 
 from __future__ import annotations
@@ -34,7 +29,7 @@ class SpecialTokens:
     eos: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> "SpecialTokens":
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; the response loss includes the final EOS")
         probe = tokenizer("a").input_ids
@@ -51,12 +46,9 @@ LAYOUT_VERSION = 1  # bump when the token layout changes: it is part of every fi
 
 @dataclass(frozen=True)
 class Sequence:
-    """One forward pass: the loss is the mean over the last ``n_targets`` tokens of ``input_ids``.
-
-    ``extra_spans`` are further ``(stop, n)`` spans whose loss over tokens ``[stop - n, stop)`` is read
-    from the same pass: a one-shot sequence starts with the neighbour's exact zero-shot sequence, so
-    the neighbour's zero-shot loss comes out of it for free (causal attention never looks ahead).
-    """
+    """One forward pass: the loss is the mean over the last ``n_targets`` tokens of ``input_ids``. ``extra_spans``
+    are ``(stop, n)`` spans, tokens ``[stop - n, stop)``, read from the same pass: a one-shot sequence opens with the
+    neighbour's zero-shot sequence, whose loss so comes for free (causal attention never looks ahead)."""
 
     input_ids: tuple[int, ...]
     n_targets: int
@@ -82,19 +74,13 @@ class Truncation:
         return self.demo_kept == 0
 
     def as_dict(self) -> dict[str, int | str]:
-        cut: dict[str, int | str] = {k: v for k, v in
-                                     (("demo", self.demo), ("prompt", self.prompt), ("response", self.response)) if v}
-        if self.no_demo:
-            cut["demo"] = "all"
-        return cut
+        cut = {"demo": "all" if self.no_demo else self.demo, "prompt": self.prompt, "response": self.response}
+        return {part: n for part, n in cut.items() if n}
 
 
 def _sample_body(example: EncodedExample, special: SpecialTokens, max_length: int) -> tuple[list[int], int, Truncation]:
-    """Sample i's ``prompt response [EOS]`` fitted into ``max_length`` with its BOS; returns (tokens, n_targets, cuts).
-
-    The prompt is trimmed from the left first; only a response that cannot fit on its own is
-    cut (from the right), and then identically in every pass, so losses stay comparable.
-    """
+    """Sample i's ``prompt response [EOS]`` fitted into ``max_length`` with its BOS: (tokens, n_targets, cuts).
+    The prompt is trimmed from the left; only a response too long on its own is cut (from the right, in every pass)."""
     room = max_length - len(special.prefix)
     targets = [*example.response, special.eos]
     cut = Truncation()
@@ -153,22 +139,15 @@ def parse_max_length(text: str) -> int | str:
 parse_max_length.kind = f"{AUTO_MAX_LENGTH!r} or an integer"
 
 
-def context_window(model) -> int | None:
-    """The longest sequence the model's positions cover, when its config says."""
-    config = getattr(model.config, "text_config", None) or model.config
-    window = getattr(config, "max_position_embeddings", None)
-    return int(window) if isinstance(window, int) and window > 0 else None
-
-
 def resolve_max_length(setting: int | str, needed: list[int], model) -> int:
     """``auto``: the longest sequence ``needed``, capped at the model's context window; an int as it is."""
-    problem = max_length_rule(setting)
-    if problem:
+    if problem := max_length_rule(setting):
         raise ValueError(f"max_length: {problem}")
     if setting != AUTO_MAX_LENGTH:
         return int(setting)
-    longest, window = max(needed, default=MIN_MAX_LENGTH), context_window(model)
-    return max(MIN_MAX_LENGTH, min(longest, window) if window else longest)
+    config = getattr(model.config, "text_config", None) or model.config
+    window, longest = getattr(config, "max_position_embeddings", None), max(needed, default=MIN_MAX_LENGTH)
+    return max(MIN_MAX_LENGTH, min(longest, window) if isinstance(window, int) and window > 0 else longest)
 
 
 def one_shot_lengths(examples: list[EncodedExample], neighbor_index: np.ndarray, special: SpecialTokens,

@@ -1,9 +1,6 @@
-"""The response-only loss engine: per-token cross-entropy over the spans a layout marks, batched.
-
-The scored tokens always sit at the end of a sequence, so the engine gathers hidden states only
-there and applies the LM head to them alone, in chunks: it never builds a batch × sequence ×
-vocabulary logits tensor (Gemma-3's head has 262k rows and costs more per token than its body).
-"""
+"""The response-only loss engine: per-token cross-entropy over the spans a layout marks, batched. The LM head is
+applied, in chunks, to the hidden states of the scored tokens alone: never a batch × sequence × vocabulary tensor
+(Gemma-3's head has 262k rows and costs more per token than its body)."""
 
 from __future__ import annotations
 
@@ -15,9 +12,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from .layouts import (
-    Sequence,
-)
+from .layouts import Sequence
 
 
 def response_loss(token_nll: torch.Tensor) -> float:
@@ -55,8 +50,7 @@ def _batches(lengths: list[int], cfg: EngineConfig) -> list[list[int]]:
 
 def logit_transform(model):
     """Models that post-process logits (Gemma-2's soft-capping) must get the same treatment here."""
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
+    if cap := getattr(model.config, "final_logit_softcapping", None):
         return lambda logits: torch.tanh(logits / cap) * cap
     return lambda logits: logits
 
@@ -86,9 +80,8 @@ class _Layout:
 def _layout(sequences: list[Sequence], batch: list[int], pad_token_id: int, padding_side: str) -> _Layout:
     lengths = [len(sequences[i].input_ids) for i in batch]
     width = max(lengths)
-    out = _Layout(torch.full((len(batch), width), pad_token_id, dtype=torch.long),
-                  torch.zeros((len(batch), width), dtype=torch.long), torch.zeros((len(batch), width), dtype=torch.long),
-                  [], [], [])
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    out = _Layout(ids, torch.zeros_like(ids), torch.zeros_like(ids), [], [], [])
     for row, (i, n) in enumerate(zip(batch, lengths)):
         seq = sequences[i].input_ids
         offset = width - n if padding_side == "left" else 0
@@ -136,11 +129,8 @@ def _head_nll(model, picked: torch.Tensor, targets: torch.Tensor, chunk: int, co
 @torch.no_grad()
 def span_losses(model, sequences: list[Sequence], pad_token_id: int,
                 cfg: EngineConfig | None = None) -> list[list[float]]:
-    """Mean cross-entropy of every span of every sequence (``Sequence.spans`` order).
-
-    The ``record_function`` labels (layout, body, head) name the engine's parts in a torch.profiler
-    trace; ``benchmarks/bench_scoring.py --profile`` reads them.
-    """
+    """Mean cross-entropy of every span of every sequence (``Sequence.spans`` order). The ``record_function``
+    labels name the engine's parts in a torch.profiler trace (``benchmarks/bench_scoring.py --profile``)."""
     cfg = cfg or EngineConfig()
     if cfg.padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right'; got {cfg.padding_side!r}")

@@ -1,8 +1,5 @@
-"""Step 1 of MIWV: embed each instruction(+input) and find its most similar *other* sample.
-
-The paper pairs every sample with its nearest neighbour by cosine similarity of sentence
-embeddings of the instruction and input (never the response).
-"""
+"""Step 1 of MIWV: embed each instruction(+input), never the response, and find its most similar *other* sample
+by cosine similarity."""
 
 from __future__ import annotations
 
@@ -38,11 +35,8 @@ def model_embeddings(model, tokenizer, texts: list[str], batch_size: int = 16, p
 
 
 def nearest_neighbors(embeddings: np.ndarray, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """For each row i, the index k ≠ i of maximal cosine similarity, and that similarity.
-
-    Exact search in chunks of rows, so memory is O(chunk_size · N) rather than N × N.
-    Ties go to the lowest index (``argmax`` returns the first maximum).
-    """
+    """For each row i, the index k ≠ i of maximal cosine similarity (ties: the lowest), and that similarity.
+    Exact search in chunks of rows: memory O(chunk_size · N), not N × N."""
     n = len(embeddings)
     if n < 2:
         raise ValueError(f"MIWV needs at least 2 samples to find a neighbour; got {n}")

@@ -1,13 +1,6 @@
-"""The paper's pairwise protocol: a judge's review, its verdict, both orders combined, the winning score.
-
-Every judge sees a ``ReviewRequest`` (the question, an optional reference answer, and the two answers
-in a given order) and returns a ``Review`` with one score per position. ``verdict`` turns the two
-scores into win/tie/loss for position 1 with the judge's tie ``margin``; each prompt is judged twice,
-with the positions swapped, and ``combine_orders`` makes one outcome of the two. Per prompt, from
-model A's side: a **win** if A wins both orders or wins one and ties the other, a **loss**
-symmetrically, otherwise a **tie** (tie+tie, or one win and one loss: the judge only followed the
-position). Winning score = 1 + (wins − losses) / N, with a seeded paired bootstrap 95 % interval.
-"""
+"""The paper's pairwise protocol: a judge scores both answers of a ``ReviewRequest`` (``Review``), ``verdict`` makes
+win/tie/loss of the scores, each prompt is judged in both orders and ``combine_orders`` makes one outcome of the two;
+winning score = 1 + (wins − losses) / N, with a seeded paired bootstrap 95 % interval."""
 
 from __future__ import annotations
 
@@ -89,11 +82,7 @@ def verdict(review: Review, margin: float = 0.0) -> str:
     if not review.scored:
         return TIE
     difference = review.score_1 - review.score_2
-    if difference > margin:
-        return WIN
-    if difference < -margin:
-        return LOSS
-    return TIE
+    return WIN if difference > margin else LOSS if difference < -margin else TIE
 
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
@@ -104,29 +93,21 @@ _LABELLED = {k: re.compile(rf"\b(?:assistant|answer|response)\s*#?\s*{k}\b\D{{0,
 
 
 def _valid(scores: list[float]) -> tuple[float, float] | None:
-    if len(scores) == 2 and all(0 <= s <= 10 for s in scores):
-        return scores[0], scores[1]
-    return None
+    return (scores[0], scores[1]) if len(scores) == 2 and all(0 <= s <= 10 for s in scores) else None
 
 
 def parse_review(text: str) -> tuple[float, float] | None:
-    """The two scores of a review, or None when they cannot be read with confidence.
-
-    Accepts the requested first line ("8 7"), commas ("8, 7"), "8/10 and 7/10", "Score: 8 out of 10 ...",
-    and labelled lines anywhere ("Assistant 1: 8\\nAssistant 2: 6"). Scores must lie in [0, 10].
-    """
+    """The two scores (each in [0, 10]) of a review, or None when they cannot be read with confidence: from the
+    first line ("8 7", "8, 7", "8/10 and 7/10", "Score: 8 out of 10 ...") or labelled lines ("Assistant 2: 6")."""
     if not text or not text.strip():
         return None
     lines = [line for line in text.strip().splitlines() if line.strip()]
     first = _OUT_OF.sub("", _LABEL.sub(" ", lines[0].replace("*", "")))
-    scores = _valid([float(n) for n in re.findall(_NUMBER, first)])
-    if scores:
+    if scores := _valid([float(n) for n in re.findall(_NUMBER, first)]):
         return scores
     cleaned = _OUT_OF.sub("", text.replace("*", ""))
     labelled = [_LABELLED[k].search(cleaned) for k in (1, 2)]
-    if all(labelled):
-        return _valid([float(m.group(1)) for m in labelled])
-    return None
+    return _valid([float(m.group(1)) for m in labelled]) if all(labelled) else None
 
 
 def review_prompt(question: str, answer_1: str, answer_2: str) -> str:
@@ -140,7 +121,9 @@ OUTCOME_VALUE = {WIN: 1, TIE: 0, LOSS: -1}  # a prompt's share of wins − losse
 
 
 def combine_orders(first: str, second: str) -> str:
-    """One prompt's outcome for model A from its verdicts in the two orders."""
+    """One prompt's outcome for model A from its verdicts in the two orders: a win if A wins both, or wins one and
+    ties the other; a loss symmetrically; otherwise a tie (one win and one loss: the judge only followed the position).
+    """
     verdicts = {first, second}
     if verdicts <= {WIN, TIE} and WIN in verdicts:
         return WIN

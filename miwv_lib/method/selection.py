@@ -32,11 +32,8 @@ def subset_size(n: int, ratio: float) -> int:
 
 
 def select_indices(scores: list[dict], ratio: float, by: str = "miwv", seed: int = 0) -> list[int]:
-    """Row indices of the subset, in rank order (best first).
-
-    Ranked methods sort by score (descending, or ascending for low-MIWV) with ties broken by id;
-    rows without a finite score are never selected. ``random`` is a seeded permutation.
-    """
+    """Row indices of the subset, best first: by score (ascending for low-MIWV; ties by id; rows without a finite
+    score never selected), or a seeded permutation for ``random``."""
     if by not in SELECTION_METHODS:
         raise SelectionError(f"by must be one of {', '.join(SELECTION_METHODS)}; got {by!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -99,10 +96,8 @@ def arm_name(method: str, ratio: float, seed: int | None = None) -> str:
 
 def plan_arms(ratios: Sequence[float], methods: Sequence[str], random_seeds: Sequence[int] = (0,),
               include_full: bool = True) -> list[Arm]:
-    """Every subset model, smallest ratio first, then the full-pool baseline.
-
-    A random arm carries its seed in its name only when there are several seeds to tell apart.
-    """
+    """Every subset model, smallest ratio first, then the full-pool baseline (a random arm's name carries its seed
+    only when there are several seeds to tell apart)."""
     arms = []
     for ratio in sorted(ratios):
         for method in methods:

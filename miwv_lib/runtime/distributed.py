@@ -1,11 +1,5 @@
-"""Data-parallel scoring with torch.distributed, launched by ``torchrun`` or ``accelerate launch``.
-
-Each rank scores its share of the pool's chunks after one global neighbour search on rank 0; rank 0 merges the ranks'
-partial files into one ``scores.jsonl`` in input order. Chunks are those of a single process, dealt round-robin, so
-every batch (and so every number) is the one a single process would compute.
-
-    torchrun --nproc_per_node 8 -m miwv_lib score --data tatsu-lab/alpaca --out runs/alpaca ...
-"""
+"""Data-parallel scoring under ``torchrun`` or ``accelerate launch``: chunks are dealt round-robin, so every batch
+(and so every number) is the one a single process would compute; rank 0 merges the ranks' partial files."""
 
 from __future__ import annotations
 

@@ -67,10 +67,13 @@ def append_jsonl(path: Path, rows: Iterable[dict], *, new_line: bool = False) ->
     so that a crash can tear only the last line."""
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = "\n" * new_line + "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    with open(path, "ab") as handle:  # O_APPEND; the buffer passes a large blob to one write() whole
-        handle.write(blob.encode("utf-8"))
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(path, "ab") as handle:  # O_APPEND; the buffer passes a large blob to one write() whole
+            handle.write(blob.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise naming(exc, path) from exc
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,7 @@ class FingerprintMismatch(RuntimeError):
 
 
 def check_fingerprint(manifest_path: Path, fingerprint: str, inputs: dict, overwrite: bool = False) -> dict | None:
-    """Return the existing manifest if it matches; refuse to mix configurations unless ``overwrite``. An unreadable
-    manifest is refused the same way: the directory's contents can no longer be attributed to a configuration."""
+    """The existing manifest if it matches; otherwise (or if it is unreadable) refuse unless ``overwrite``."""
     if not manifest_path.exists():
         return None
     try:
@@ -51,15 +50,13 @@ def check_fingerprint(manifest_path: Path, fingerprint: str, inputs: dict, overw
 
 @dataclass
 class PartialResults:
-    """Append-only JSONL of finished rows, keyed by ``index``. Each ``append`` is one fsynced write; a crash can still
-    tear the last line: ``load`` cuts it off the file, and skips (with a warning) any other line that is not a valid
-    row, so those rows are simply scored again."""
+    """Append-only JSONL of finished rows, keyed by ``index``: invalid lines are skipped, so their rows are scored
+    again."""
 
     path: Path
 
     def load(self, repair: bool = True) -> dict[int, dict]:
-        """Rows written so far; an incomplete tail (a crash mid-write) is cut off the file. Pass ``repair=False``
-        to read, without changing it, a file that another live process may be appending to."""
+        """Rows written so far; ``repair`` cuts a torn tail off the file (never while another process appends)."""
         if not self.path.exists():
             return {}
         data = self.path.read_bytes()
@@ -84,12 +81,8 @@ class PartialResults:
         return rows
 
     def append(self, rows: list[dict]) -> None:
-        if not rows:
-            return
-        try:
-            append_jsonl(self.path, rows)
-        except OSError as exc:  # a full disk: a torn last line is cut off by the next load
-            raise naming(exc, self.path) from exc
+        if rows:
+            append_jsonl(self.path, rows)  # a full disk may tear the last line: the next load cuts it off
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -122,8 +115,7 @@ def environment_info() -> dict[str, Any]:
 
 
 def read_yaml_mapping(path: Path, shown: str | Path, error: type[Exception]) -> dict:
-    """The settings in a YAML file. A missing, binary or malformed file, or one that is not a mapping, is one
-    ``error`` that names it (as ``shown``: the path as the user gave it)."""
+    """The settings in a YAML file; any problem is one ``error`` naming it as ``shown`` (the user's path)."""
     import yaml
 
     if not path.is_file():
@@ -134,14 +126,13 @@ def read_yaml_mapping(path: Path, shown: str | Path, error: type[Exception]) -> 
         raise error(f"{shown}: not a valid YAML text file ({exc})") from None
     if not isinstance(raw, Mapping):
         raise error(f"{shown}: expected a mapping of settings, got {type(raw).__name__}")
-    found = unwritable(raw, json_types=True)  # settings are recorded in JSON manifests: standard JSON values only
-    if found:
+    if found := unwritable(raw, json_types=True):  # settings are recorded in JSON manifests: standard JSON only
         raise error(f"{shown}: key {found[0]!r}: {found[1]}")
     return dict(raw)
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class RunDirectoryBusy(RuntimeError):
@@ -150,19 +141,15 @@ class RunDirectoryBusy(RuntimeError):
 
 @contextmanager
 def run_lock(out_dir: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``out_dir/.lock`` while writing into ``out_dir``.
-
-    A second process asking for the same directory gets :class:`RunDirectoryBusy` at once, naming the holder's pid
-    (kept in ``.lock.pid``: the lock file itself is truncated by every attempt), instead of doing the same (paid) work
-    twice. The kernel drops the lock when its holder dies, even by SIGKILL.
-    """
+    """Hold an exclusive lock on ``out_dir/.lock`` (dropped by the kernel if its holder dies, even by SIGKILL); a
+    second process gets :class:`RunDirectoryBusy` at once, naming the holder's pid from ``.lock.pid``."""
     from filelock import FileLock, Timeout
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = FileLock(out_dir / ".lock", timeout=0)
     try:
-        lock.acquire()
+        held = lock.acquire()
     except Timeout:
         try:
             holder = (out_dir / ".lock.pid").read_text(encoding="ascii", errors="replace").strip() or "unknown"
@@ -171,11 +158,9 @@ def run_lock(out_dir: str | Path) -> Iterator[None]:
         raise RunDirectoryBusy(
             f"{out_dir} is being written by another process (pid {holder}: a scoring run or a study); wait for it "
             "to finish, or use another output directory") from None
-    try:
+    with held:  # releases the lock
         try:
             (out_dir / ".lock.pid").write_text(f"{os.getpid()}\n", encoding="ascii")
         except OSError as exc:  # a full disk fails on close, naming no file
             raise naming(exc, out_dir / ".lock.pid") from exc
         yield
-    finally:
-        lock.release()

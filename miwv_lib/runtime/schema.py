@@ -1,9 +1,6 @@
-"""One configuration schema: every setting is a dataclass field that carries its rule, its help and its flag.
-
-The dataclasses (``ScoreConfig``, ``TrainConfig``, ``GenerateConfig``, ``StudyConfig``) are the single source. Each
-checks itself when built (``check`` in ``__post_init__``), so a value from the command line, a YAML file or Python is
-refused the same way, before any model is loaded. The flags are derived from the fields (``add_flags``, ``from_args``).
-"""
+"""One configuration schema: every setting is a dataclass field carrying its rule, help and flag. A config checks
+itself when built (``check`` in ``__post_init__``), so a value from the command line, a YAML file or Python is refused
+the same way, before any model loads; the flags are derived from the fields (``add_flags``, ``from_args``)."""
 
 from __future__ import annotations
 
@@ -29,8 +26,7 @@ def setting(default: Any = MISSING, *, help: str = "", rule: Rule | None = None,
 def check(config: Any) -> None:
     """Each field of ``config`` against its rule; the first wrong one is a ValueError naming the field."""
     for f in fields(config):
-        problem = _problem(f, getattr(config, f.name))
-        if problem:
+        if problem := _problem(f, getattr(config, f.name)):
             raise ValueError(f"{f.name}: {problem}")
 
 
@@ -129,8 +125,7 @@ def _flag_type(f: Field, default: Any) -> Callable[[str], Any]:
         except ValueError:
             kind = {int: "an integer", float: "a number"}.get(parse, getattr(parse, "kind", "a value"))
             raise argparse.ArgumentTypeError(f"expected {kind}, got {raw!r}") from None
-        problem = None if f.metadata["choices"] else _problem(f, value)
-        if problem:
+        if not f.metadata["choices"] and (problem := _problem(f, value)):
             raise argparse.ArgumentTypeError(problem)
         return value
 

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,6 @@ class Study:
     run_dir: Path
     results_dir: Path
     arms: list[Arm] = field(default_factory=list)
-    _pool: InstructionPool | None = None
 
     def __post_init__(self):
         self.scores_dir = self.run_dir / "scores"
@@ -123,12 +123,10 @@ class Study:
     def model_dir(self, arm: Arm) -> Path:
         return self.run_dir / "models" / arm.name
 
-    @property
+    @cached_property
     def pool(self) -> InstructionPool:
-        if self._pool is None:
-            self._pool = load_instructions(resolve_data_source(self.config.data), data_dir=self.config.data_dir,
-                                           limit=self.config.limit)
-        return self._pool
+        return load_instructions(resolve_data_source(self.config.data), data_dir=self.config.data_dir,
+                                 limit=self.config.limit)
 
     def scores(self) -> list[dict]:
         if not self.scores_path.exists():

@@ -1,18 +1,6 @@
-"""Every report, and the table helpers they share: a notebook run's ``report.md`` and the study's ``REPORT.md``.
-
-Both are rebuilt from the files in a run directory alone, so they can be rebuilt at any time:
-``python -c "from miwv_lib.experiments.report import write_report; write_report('runs/demo_nb')"`` for a
-notebook run, the ``report`` stage for the reproduction study (whose report also says which stages are
-still missing). The study's narrative that does not depend on the numbers (the paper's claim, how our
-setting differs) is fixed text; its conclusions are derived from the paired comparisons, never written
-by hand. The notebooks import the summaries (statistics, examples, overlaps) from here too.
-
-Notebook run directory layout (written by the notebooks):
-
-* ``pool.jsonl``, ``pool_info.json`` (01): the normalised pool and where it came from;
-* ``scores.jsonl``, ``manifest.json``, ``neighbors.json`` (02, by :func:`miwv_lib.score_pool`);
-* ``subsets/*.json``, ``subsets/summary.json`` (03);
-* ``figures/*.png`` (all), ``notebooks/*.ipynb`` and ``pipeline.json`` (the pipeline).
+"""Every report, and the table helpers they share: a notebook run's ``report.md`` (:func:`write_report`) and the
+study's ``REPORT.md`` (its ``report`` stage). Both are rebuilt from a run directory's files alone; the study's
+conclusions are derived from the paired comparisons, never written by hand. The notebooks import their summaries here.
 """
 
 from __future__ import annotations
@@ -20,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 import re
 import subprocess
 from collections import Counter
@@ -36,8 +25,6 @@ from ..runtime.io import atomic_open, read_jsonl, save_png, write_json
 
 if TYPE_CHECKING:
     from .study import Study
-
-SUMMARY_FIELDS = ("zero_shot_loss", "one_shot_loss", "miwv", "ifd")
 
 # Figures that the report embeds, in order, with a caption (others in figures/ are listed by name).
 KEY_FIGURES = {
@@ -79,8 +66,6 @@ def row_source_files(files: Sequence[str | Path], n_rows: int) -> list[str]:
 
 def sample_rows(n_rows: int, sample: int | None, seed: int = 0) -> list[int]:
     """Row numbers of a seeded random sample of ``sample`` rows, in pool order (all rows if None or ≥ n_rows)."""
-    import random
-
     if sample is None or sample >= n_rows:
         return list(range(n_rows))
     if isinstance(sample, bool) or not isinstance(sample, int) or sample < 2:
@@ -122,20 +107,16 @@ def summary_stats(values: Iterable[float | None]) -> dict[str, float]:
             "p75": float(np.percentile(arr, 75)), "max": float(arr.max())}
 
 
-def score_summary(scores: Sequence[Mapping], fields: Sequence[str] = SUMMARY_FIELDS) -> dict[str, dict]:
-    return {f: summary_stats(s.get(f) for s in scores) for f in fields}
+def score_summary(scores: Sequence[Mapping]) -> dict[str, dict]:
+    return {f: summary_stats(s.get(f) for s in scores) for f in ("zero_shot_loss", "one_shot_loss", "miwv", "ifd")}
 
 
 def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float:
     """Rank correlation over the pairs where both values are finite (average ranks for ties)."""
     import pandas as pd
 
-    pairs = [(a, b) for a, b in zip(x, y)
-             if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3:
-        return math.nan
-    frame = pd.DataFrame(pairs, columns=["x", "y"])
-    return float(frame["x"].corr(frame["y"], method="spearman"))
+    frame = pd.DataFrame({"x": x, "y": y}, dtype=np.float64).replace([np.inf, -np.inf], np.nan).dropna()
+    return float(frame["x"].corr(frame["y"], method="spearman")) if len(frame) >= 3 else math.nan
 
 
 def ranked_examples(rows: Sequence[Mapping], scores: Sequence[Mapping], n: int = 5, *, field: str = "miwv",
@@ -195,16 +176,15 @@ def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
 
 def jaccard_matrix(selections: Mapping[str, Iterable[int]]) -> tuple[list[str], np.ndarray]:
     labels = list(selections)
-    sets = [set(selections[k]) for k in labels]
-    matrix = np.array([[jaccard(a, b) for b in sets] for a in sets], dtype=np.float64)
-    return labels, matrix
+    sets = [set(selections[k]) for k in labels]  # once: a selection may be an iterator
+    return labels, np.array([[jaccard(a, b) for b in sets] for a in sets])
 
 
-def top_words(texts: Iterable[str], n: int = 10, stopwords: frozenset[str] = _STOPWORDS) -> list[tuple[str, int]]:
+def top_words(texts: Iterable[str], n: int = 10) -> list[tuple[str, int]]:
     """Most frequent words (lower case, letters only, 3+ characters, common words removed)."""
     counts: Counter[str] = Counter()
     for text in texts:
-        counts.update(w for w in re.findall(r"[a-z][a-z']{2,}", text.lower()) if w not in stopwords)
+        counts.update(w for w in re.findall(r"[a-z][a-z']{2,}", text.lower()) if w not in _STOPWORDS)
     return counts.most_common(n)
 
 
@@ -420,9 +400,8 @@ def _evaluation_lines(run_dir: Path) -> list[str]:
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.md`` atomically and return its path."""
     path = Path(run_dir) / "report.md"
-    text = build_report(run_dir)
     with atomic_open(path) as handle:
-        handle.write(text)
+        handle.write(build_report(run_dir))
     return path
 
 

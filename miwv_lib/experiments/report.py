@@ -119,16 +119,15 @@ def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float:
     return float(frame["x"].corr(frame["y"], method="spearman")) if len(frame) >= 3 else math.nan
 
 
-def ranked_examples(rows: Sequence[Mapping], scores: Sequence[Mapping], n: int = 5, *, field: str = "miwv",
-                    highest: bool = True) -> list[dict]:
-    """The ``n`` rows with the highest (or lowest) ``field``, each with its neighbour (the demo)."""
-    usable = [s for s in scores if s.get(field) is not None and math.isfinite(s[field])]
+def ranked_examples(rows: Sequence[Mapping], scores: Sequence[Mapping], n: int = 5, *, highest: bool = True) -> list[dict]:
+    """The ``n`` rows with the highest (or lowest) MIWV, each with its neighbour (the demo)."""
+    usable = [s for s in scores if s.get("miwv") is not None and math.isfinite(s["miwv"])]
     sign = -1.0 if highest else 1.0
-    ranked = sorted(usable, key=lambda s: (sign * s[field], s["id"], s["index"]))[:n]
+    ranked = sorted(usable, key=lambda s: (sign * s["miwv"], s["id"], s["index"]))[:n]
     out = []
     for s in ranked:
         i, k = s["index"], s["neighbor_index"]
-        out.append({"index": i, "id": s["id"], field: s[field], "miwv": s.get("miwv"), "ifd": s.get("ifd"),
+        out.append({"index": i, "id": s["id"], "miwv": s["miwv"], "ifd": s.get("ifd"),
                     "zero_shot_loss": s.get("zero_shot_loss"), "one_shot_loss": s.get("one_shot_loss"),
                     "neighbor_index": k, "neighbor_similarity": s.get("neighbor_similarity"),
                     "instruction": rows[i]["instruction"], "input": rows[i].get("input", ""),
@@ -260,12 +259,9 @@ def build_report(run_dir: str | Path) -> str:
              f"Run directory: `{run_dir.name}`. Built from the files in it by `miwv_lib.experiments.report.write_report`.", ""]
     if pipeline.get("description"):
         lines += [str(pipeline["description"]).strip(), ""]
-    lines += _setup_lines(run_dir, pipeline, rows)
-    lines += _score_lines(scores, rows) if scores else []
-    lines += _subset_lines(_read(run_dir / "subsets" / "summary.json"))
-    lines += _training_lines(run_dir)
-    lines += _evaluation_lines(run_dir)
-    lines += _figure_lines(run_dir)
+    lines += [*_setup_lines(run_dir, pipeline, rows), *(_score_lines(scores, rows) if scores else []),
+              *_subset_lines(_read(run_dir / "subsets" / "summary.json")), *_training_lines(run_dir),
+              *_evaluation_lines(run_dir), *_figure_lines(run_dir)]
     executed = sorted(p.name for p in (run_dir / "notebooks").glob("[!.]*.ipynb"))
     if executed:
         lines += ["## Executed notebooks", "", *(f"- [{n}](notebooks/{n})" for n in executed), ""]

@@ -119,7 +119,8 @@ def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float:
     return float(frame["x"].corr(frame["y"], method="spearman")) if len(frame) >= 3 else math.nan
 
 
-def ranked_examples(rows: Sequence[Mapping], scores: Sequence[Mapping], n: int = 5, *, highest: bool = True) -> list[dict]:
+def ranked_examples(rows: Sequence[Mapping], scores: Sequence[Mapping], n: int = 5, *,
+                    highest: bool = True) -> list[dict]:
     """The ``n`` rows with the highest (or lowest) MIWV, each with its neighbour (the demo)."""
     usable = [s for s in scores if s.get("miwv") is not None and math.isfinite(s["miwv"])]
     sign = -1.0 if highest else 1.0
@@ -370,7 +371,8 @@ def _training_lines(run_dir: Path) -> list[str]:
     steps = f"{config['max_steps']} steps" if config.get("max_steps", -1) > 0 else f"{config.get('epochs')} epochs"
     manifests = {name: _read(run_dir / "models" / name / "manifest.json") or {} for name in names}
     return ["## Fine-tuning (04)", "",
-            f"{'LoRA' if config.get('method', 'lora') == 'lora' else 'Full fine-tuning'} on `{config.get('model')}`, {steps}, batch {config.get('batch_size')} × "
+            f"{'LoRA' if config.get('method', 'lora') == 'lora' else 'Full fine-tuning'} on `{config.get('model')}`, "
+            f"{steps}, batch {config.get('batch_size')} × "
             f"{config.get('gradient_accumulation_steps')} accumulation, max length {config.get('max_length')}; "
             "the same settings for every model.", "",
             *md_table(["model", "rows", "optimizer steps", "final train loss", "seconds", "tokens/s"],
@@ -620,7 +622,8 @@ def _setting(study: Study) -> str:
         f"| ratios | 1 % (5/10/15 % in ablations) | {sizes} |",
         f"| baselines | IFD (Cherry), random, full data | {', '.join(c.methods)}"
         f"{f' (random: seeds {c.random_seeds})' if 'random' in c.methods else ''}, full pool |",
-        f"| fine-tuning | full fine-tuning, 3 epochs | {'LoRA' if train.method == 'lora' else 'full fine-tuning'} (r={train.lora_r}, alpha={train.lora_alpha}, "
+        f"| fine-tuning | full fine-tuning, 3 epochs | {'LoRA' if train.method == 'lora' else 'full fine-tuning'} "
+        f"(r={train.lora_r}, alpha={train.lora_alpha}, "
         f"all linear layers), {epochs}, lr {train.resolved_learning_rate():g}, effective batch "
         f"{train.batch_size * train.gradient_accumulation_steps}, max length {train.max_length}, "
         f"{train.sampling.replace('_', ' ')} batches; identical for every model |",

@@ -1,11 +1,8 @@
 """The experiment engine: one model per arm, fine-tuned, asked the test prompts, judged against the full pool.
 
-Notebooks 04 and 05, the ``evaluate`` command and the reproduction study (``study``) run these same
-functions, so a model is named (``selection.arm_name``), selected, trained, asked and judged the same way
-whichever path started it. Every stage skips what its files already hold (a model by its fingerprint,
-answers by their key, verdicts through the judge cache), so running it again continues where it stopped.
-A run directory holds ``subsets/selections.json`` (the arms and their rows), ``models/<arm>/``,
-``generations/<arm>/`` and ``evaluation/``.
+Notebooks 04-05, ``evaluate`` and ``study`` all run these functions, so every path names, trains and judges a
+model alike; each stage skips what its files already hold, so running it again continues where it stopped.
+A run directory holds ``subsets/selections.json``, ``models/<arm>/``, ``generations/<arm>/`` and ``evaluation/``.
 """
 
 from __future__ import annotations
@@ -48,8 +45,7 @@ def write_selections(run_dir: Path, arms: Sequence[Arm], plan: dict[str, list[in
 
 def export_arms(pool: InstructionPool, scores: list[dict], arms: Sequence[Arm], plan: dict[str, list[int]],
                 subsets_dir: Path) -> list[dict]:
-    """Write every selected arm's subset (``subsets_dir/<arm>.json``, the pool's schema plus the selection),
-    and return what was written, with each file's sha256 so a reader can tell a subset edited since."""
+    """Write every selected arm's subset to ``subsets_dir/<arm>.json``; returns what was written, with sha256s."""
     entries = []
     for arm in arms:
         if arm.method == BASELINE:
@@ -93,10 +89,8 @@ def train_arms(arms: Sequence[Arm], plan: dict[str, list[int]], pool: Instructio
 def answer_arms(names: Sequence[str], models_dir: Path, pools: dict[str, InstructionPool], generations_dir: Path,
                 config: GenerateConfig, *, nll_max_length: int | str = 1024, device: str = "auto",
                 on_answered: Callable[[str, float], None] | None = None) -> dict[str, list[dict]]:
-    """Each trained model's answers to every test prompt (and the reference answers' NLL under it).
-
-    Answers on disk whose key matches the model and settings are read back without loading the model.
-    """
+    """Each trained model's answers to every test prompt (and the reference answers' NLL under it); answers on
+    disk whose key matches the model and settings are read back without loading the model."""
     if missing := [name for name in names if not is_trained(Path(models_dir) / name)]:
         raise ExperimentError(f"not trained yet: {', '.join(missing)}: train them first")
     answers = {}
@@ -125,13 +119,9 @@ def run_comparison(run_dir: str | Path, pool: InstructionPool | str | Path, rati
                    sample: int | None = None, sample_seed: int = 0, data_dir: str | Path | None = None,
                    judges: Sequence[Judge | str] = OFFLINE_JUDGES, selection_seed: int = 0,
                    n_resamples: int = 2000, bootstrap_seed: int = 0, overwrite: bool = False) -> ComparisonResult:
-    """The paper's experiment from a scored run directory: the top r % by each method and the full pool,
-    fine-tuned alike, each compared with the full-pool model on the test sets (the ``evaluate`` command).
-
-    ``run_dir`` holds ``scores.jsonl`` of ``pool`` (an InstructionPool, or a path or registry name). Pass
-    ``judges=["hf:<strong model>"]`` or ``["openai:<model>"]`` for an LLM judge; the offline judges need
-    reference answers, which only Self-Instruct (``sinstruct``) and AlpacaEval have.
-    """
+    """The ``evaluate`` command: from ``run_dir/scores.jsonl``, the top r % by each method and the full pool,
+    fine-tuned alike, compared with the full-pool model. The offline judges need reference answers (Self-Instruct,
+    AlpacaEval); pass ``judges=["hf:<model>"]`` or ``["openai:<model>"]`` for an LLM judge."""
     run_dir = Path(run_dir)
     pool = pool if isinstance(pool, InstructionPool) else load_instructions(pool, data_dir=data_dir)
     scores = load_checked_scores(pool, run_dir / "scores.jsonl")

@@ -1,16 +1,14 @@
-"""Every figure (matplotlib): the notebooks', saved as PNGs into ``run_dir/figures/``, and the reports'.
-
-Every function returns a ``Figure``; :func:`save_figure` writes it atomically. Nothing here needs a
-display: in papermill (and any headless run) matplotlib renders with Agg.
-"""
+"""Every figure (matplotlib), each returned as a ``Figure``: the notebooks' (saved into ``run_dir/figures/`` by
+:func:`save_figure`) and the reports'. Nothing here needs a display: headless, matplotlib renders with Agg."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import PercentFormatter
 
 from ..runtime.io import save_png
 
@@ -27,9 +25,6 @@ def outcome_figure(panels: Mapping[str, tuple[Sequence[str], Sequence[Mapping | 
                    title: str | None = None):
     """The paper's Figure 2: a stacked win/tie/loss bar per table row (shares of its n prompts), one panel per
     title. Side by side (``across``) the panels share their rows; stacked, each is as tall as its rows."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import PercentFormatter
-
     heights = [len(labels) for labels, _ in panels.values()]
     if across:
         fig, axes = _side_by_side(len(panels), heights[0])
@@ -60,8 +55,6 @@ def outcome_figure(panels: Mapping[str, tuple[Sequence[str], Sequence[Mapping | 
 
 
 def _side_by_side(n_panels: int, n_rows: int):
-    import matplotlib.pyplot as plt
-
     return plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 0.32 * n_rows + 1.6), sharey=True, squeeze=False)
 
 
@@ -87,8 +80,6 @@ def winning_scores(panels: Mapping[str, tuple[Sequence[str], Sequence[Mapping | 
 
 def loss_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], thick: Sequence[str] = ()):
     """Training loss against the optimizer step (log scale), one line per model; the ``thick`` ones stand out."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, (steps, losses) in curves.items():
         ax.plot(steps, losses, label=name, linewidth=2.0 if name in thick else 0.9)
@@ -100,15 +91,13 @@ def loss_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], t
     return fig
 
 
-def _finite(values) -> np.ndarray:
-    arr = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-    return arr[np.isfinite(arr)]
+def _column(scores: Sequence[Mapping], field: str) -> np.ndarray:
+    """One field of every score as floats (NaN where it is missing)."""
+    return np.array([s.get(field) for s in scores], dtype=np.float64)
 
 
 def length_histograms(lengths: Mapping[str, Sequence[int]], tokenizer_name: str = ""):
     """One histogram per part (instruction, input, response) of token counts."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.4))
     for ax, (name, values) in zip(np.atleast_1d(axes), lengths.items()):
         values = np.asarray(values)
@@ -129,13 +118,12 @@ def length_histograms(lengths: Mapping[str, Sequence[int]], tokenizer_name: str 
 
 def loss_histograms(scores: Sequence[Mapping]):
     """Zero-shot loss, one-shot loss and MIWV of every sample."""
-    import matplotlib.pyplot as plt
-
     parts = [("zero_shot_loss", "zero-shot loss  L(y_i | x_i)"), ("one_shot_loss", "one-shot loss  L(y_i | C_k, x_i)"),
              ("miwv", "MIWV = one-shot − zero-shot")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, (field, title) in zip(axes, parts):
-        values = _finite(s.get(field) for s in scores)
+        values = _column(scores, field)
+        values = values[np.isfinite(values)]
         bins = min(50, max(8, int(np.sqrt(values.size)) * 2)) if values.size else 10
         ax.hist(values, bins=bins, color="tab:red" if field == "miwv" else "tab:blue", alpha=0.8)
         if field == "miwv":
@@ -153,29 +141,21 @@ def loss_histograms(scores: Sequence[Mapping]):
 
 def miwv_vs_ifd(scores: Sequence[Mapping], rho: float | None = None):
     """Scatter of MIWV against IFD (one point per sample)."""
-    import matplotlib.pyplot as plt
-
-    pairs = np.array([(s["ifd"], s["miwv"]) for s in scores
-                      if s.get("ifd") is not None and s.get("miwv") is not None
-                      and math.isfinite(s["ifd"]) and math.isfinite(s["miwv"])], dtype=np.float64).reshape(-1, 2)
+    ifd, miwv = _column(scores, "ifd"), _column(scores, "miwv")
+    both = np.isfinite(ifd) & np.isfinite(miwv)
     fig, ax = plt.subplots(figsize=(5.6, 4.4))
-    ax.scatter(pairs[:, 0], pairs[:, 1], s=12, alpha=0.6)
+    ax.scatter(ifd[both], miwv[both], s=12, alpha=0.6)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axvline(1, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("IFD = L(y|x) / L(y)")
     ax.set_ylabel("MIWV = L(y|C_k,x) − L(y|x)")
-    title = "MIWV vs IFD"
-    if rho is not None and math.isfinite(rho):
-        title += f" (Spearman ρ = {rho:.2f})"
-    ax.set_title(title)
+    ax.set_title("MIWV vs IFD" + (f" (Spearman ρ = {rho:.2f})" if rho is not None and np.isfinite(rho) else ""))
     fig.tight_layout()
     return fig
 
 
 def jaccard_heatmaps(matrices: Mapping[str, tuple[Sequence[str], np.ndarray]]):
     """One heatmap per panel title: ``{"5%": (labels, matrix), ...}``."""
-    import matplotlib.pyplot as plt
-
     n = max(1, len(matrices))
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 1.6, 3.9), squeeze=False, layout="constrained")
     image = None
@@ -196,8 +176,6 @@ def jaccard_heatmaps(matrices: Mapping[str, tuple[Sequence[str], np.ndarray]]):
 
 def selected_lengths(groups: Mapping[str, Sequence[int]], title: str = ""):
     """Box plot of response tokens per selection (and the whole pool)."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(1.3 * len(groups) + 2.5, 3.8))
     ax.boxplot([np.asarray(v) for v in groups.values()], showfliers=True)
     ax.set_xticks(range(1, len(groups) + 1), list(groups), rotation=20)
@@ -209,8 +187,6 @@ def selected_lengths(groups: Mapping[str, Sequence[int]], title: str = ""):
 
 def source_shares(shares: Mapping[str, Mapping[str, float]], title: str = ""):
     """Stacked bars: the share of each source file within each selection."""
-    import matplotlib.pyplot as plt
-
     groups = list(shares)
     sources = sorted({s for v in shares.values() for s in v})
     fig, ax = plt.subplots(figsize=(1.3 * len(groups) + 3.5, 3.6))

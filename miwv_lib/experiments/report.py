@@ -1,18 +1,6 @@
-"""Every report, and the table helpers they share: a notebook run's ``report.md`` and the study's ``REPORT.md``.
-
-Both are rebuilt from the files in a run directory alone, so they can be rebuilt at any time:
-``python -c "from miwv_lib.experiments.report import write_report; write_report('runs/demo_nb')"`` for a
-notebook run, the ``report`` stage for the reproduction study (whose report also says which stages are
-still missing). The study's narrative that does not depend on the numbers (the paper's claim, how our
-setting differs) is fixed text; its conclusions are derived from the paired comparisons, never written
-by hand. The notebooks import the summaries (statistics, examples, overlaps) from here too.
-
-Notebook run directory layout (written by the notebooks):
-
-* ``pool.jsonl``, ``pool_info.json`` (01): the normalised pool and where it came from;
-* ``scores.jsonl``, ``manifest.json``, ``neighbors.json`` (02, by :func:`miwv_lib.score_pool`);
-* ``subsets/*.json``, ``subsets/summary.json`` (03);
-* ``figures/*.png`` (all), ``notebooks/*.ipynb`` and ``pipeline.json`` (the pipeline).
+"""Every report, and the table helpers they share: a notebook run's ``report.md`` (:func:`write_report`) and the
+study's ``REPORT.md`` (its ``report`` stage). Both are rebuilt from a run directory's files alone; the study's
+conclusions are derived from the paired comparisons, never written by hand. The notebooks import their summaries here.
 """
 
 from __future__ import annotations
@@ -20,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 import re
 import subprocess
 from collections import Counter
@@ -36,8 +25,6 @@ from ..runtime.io import atomic_open, read_jsonl, save_png, write_json
 
 if TYPE_CHECKING:
     from .study import Study
-
-SUMMARY_FIELDS = ("zero_shot_loss", "one_shot_loss", "miwv", "ifd")
 
 # Figures that the report embeds, in order, with a caption (others in figures/ are listed by name).
 KEY_FIGURES = {
@@ -79,8 +66,6 @@ def row_source_files(files: Sequence[str | Path], n_rows: int) -> list[str]:
 
 def sample_rows(n_rows: int, sample: int | None, seed: int = 0) -> list[int]:
     """Row numbers of a seeded random sample of ``sample`` rows, in pool order (all rows if None or ≥ n_rows)."""
-    import random
-
     if sample is None or sample >= n_rows:
         return list(range(n_rows))
     if isinstance(sample, bool) or not isinstance(sample, int) or sample < 2:
@@ -122,32 +107,28 @@ def summary_stats(values: Iterable[float | None]) -> dict[str, float]:
             "p75": float(np.percentile(arr, 75)), "max": float(arr.max())}
 
 
-def score_summary(scores: Sequence[Mapping], fields: Sequence[str] = SUMMARY_FIELDS) -> dict[str, dict]:
-    return {f: summary_stats(s.get(f) for s in scores) for f in fields}
+def score_summary(scores: Sequence[Mapping]) -> dict[str, dict]:
+    return {f: summary_stats(s.get(f) for s in scores) for f in ("zero_shot_loss", "one_shot_loss", "miwv", "ifd")}
 
 
 def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float:
     """Rank correlation over the pairs where both values are finite (average ranks for ties)."""
     import pandas as pd
 
-    pairs = [(a, b) for a, b in zip(x, y)
-             if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3:
-        return math.nan
-    frame = pd.DataFrame(pairs, columns=["x", "y"])
-    return float(frame["x"].corr(frame["y"], method="spearman"))
+    frame = pd.DataFrame({"x": x, "y": y}, dtype=np.float64).replace([np.inf, -np.inf], np.nan).dropna()
+    return float(frame["x"].corr(frame["y"], method="spearman")) if len(frame) >= 3 else math.nan
 
 
-def ranked_examples(rows: Sequence[Mapping], scores: Sequence[Mapping], n: int = 5, *, field: str = "miwv",
+def ranked_examples(rows: Sequence[Mapping], scores: Sequence[Mapping], n: int = 5, *,
                     highest: bool = True) -> list[dict]:
-    """The ``n`` rows with the highest (or lowest) ``field``, each with its neighbour (the demo)."""
-    usable = [s for s in scores if s.get(field) is not None and math.isfinite(s[field])]
+    """The ``n`` rows with the highest (or lowest) MIWV, each with its neighbour (the demo)."""
+    usable = [s for s in scores if s.get("miwv") is not None and math.isfinite(s["miwv"])]
     sign = -1.0 if highest else 1.0
-    ranked = sorted(usable, key=lambda s: (sign * s[field], s["id"], s["index"]))[:n]
+    ranked = sorted(usable, key=lambda s: (sign * s["miwv"], s["id"], s["index"]))[:n]
     out = []
     for s in ranked:
         i, k = s["index"], s["neighbor_index"]
-        out.append({"index": i, "id": s["id"], field: s[field], "miwv": s.get("miwv"), "ifd": s.get("ifd"),
+        out.append({"index": i, "id": s["id"], "miwv": s["miwv"], "ifd": s.get("ifd"),
                     "zero_shot_loss": s.get("zero_shot_loss"), "one_shot_loss": s.get("one_shot_loss"),
                     "neighbor_index": k, "neighbor_similarity": s.get("neighbor_similarity"),
                     "instruction": rows[i]["instruction"], "input": rows[i].get("input", ""),
@@ -195,16 +176,15 @@ def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
 
 def jaccard_matrix(selections: Mapping[str, Iterable[int]]) -> tuple[list[str], np.ndarray]:
     labels = list(selections)
-    sets = [set(selections[k]) for k in labels]
-    matrix = np.array([[jaccard(a, b) for b in sets] for a in sets], dtype=np.float64)
-    return labels, matrix
+    sets = [set(selections[k]) for k in labels]  # once: a selection may be an iterator
+    return labels, np.array([[jaccard(a, b) for b in sets] for a in sets])
 
 
-def top_words(texts: Iterable[str], n: int = 10, stopwords: frozenset[str] = _STOPWORDS) -> list[tuple[str, int]]:
+def top_words(texts: Iterable[str], n: int = 10) -> list[tuple[str, int]]:
     """Most frequent words (lower case, letters only, 3+ characters, common words removed)."""
     counts: Counter[str] = Counter()
     for text in texts:
-        counts.update(w for w in re.findall(r"[a-z][a-z']{2,}", text.lower()) if w not in stopwords)
+        counts.update(w for w in re.findall(r"[a-z][a-z']{2,}", text.lower()) if w not in _STOPWORDS)
     return counts.most_common(n)
 
 
@@ -280,12 +260,9 @@ def build_report(run_dir: str | Path) -> str:
              f"Run directory: `{run_dir.name}`. Built from the files in it by `miwv_lib.experiments.report.write_report`.", ""]
     if pipeline.get("description"):
         lines += [str(pipeline["description"]).strip(), ""]
-    lines += _setup_lines(run_dir, pipeline, rows)
-    lines += _score_lines(scores, rows) if scores else []
-    lines += _subset_lines(_read(run_dir / "subsets" / "summary.json"))
-    lines += _training_lines(run_dir)
-    lines += _evaluation_lines(run_dir)
-    lines += _figure_lines(run_dir)
+    lines += [*_setup_lines(run_dir, pipeline, rows), *(_score_lines(scores, rows) if scores else []),
+              *_subset_lines(_read(run_dir / "subsets" / "summary.json")), *_training_lines(run_dir),
+              *_evaluation_lines(run_dir), *_figure_lines(run_dir)]
     executed = sorted(p.name for p in (run_dir / "notebooks").glob("[!.]*.ipynb"))
     if executed:
         lines += ["## Executed notebooks", "", *(f"- [{n}](notebooks/{n})" for n in executed), ""]
@@ -394,7 +371,8 @@ def _training_lines(run_dir: Path) -> list[str]:
     steps = f"{config['max_steps']} steps" if config.get("max_steps", -1) > 0 else f"{config.get('epochs')} epochs"
     manifests = {name: _read(run_dir / "models" / name / "manifest.json") or {} for name in names}
     return ["## Fine-tuning (04)", "",
-            f"{'LoRA' if config.get('method', 'lora') == 'lora' else 'Full fine-tuning'} on `{config.get('model')}`, {steps}, batch {config.get('batch_size')} × "
+            f"{'LoRA' if config.get('method', 'lora') == 'lora' else 'Full fine-tuning'} on `{config.get('model')}`, "
+            f"{steps}, batch {config.get('batch_size')} × "
             f"{config.get('gradient_accumulation_steps')} accumulation, max length {config.get('max_length')}; "
             "the same settings for every model.", "",
             *md_table(["model", "rows", "optimizer steps", "final train loss", "seconds", "tokens/s"],
@@ -420,9 +398,8 @@ def _evaluation_lines(run_dir: Path) -> list[str]:
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.md`` atomically and return its path."""
     path = Path(run_dir) / "report.md"
-    text = build_report(run_dir)
     with atomic_open(path) as handle:
-        handle.write(text)
+        handle.write(build_report(run_dir))
     return path
 
 
@@ -645,7 +622,8 @@ def _setting(study: Study) -> str:
         f"| ratios | 1 % (5/10/15 % in ablations) | {sizes} |",
         f"| baselines | IFD (Cherry), random, full data | {', '.join(c.methods)}"
         f"{f' (random: seeds {c.random_seeds})' if 'random' in c.methods else ''}, full pool |",
-        f"| fine-tuning | full fine-tuning, 3 epochs | {'LoRA' if train.method == 'lora' else 'full fine-tuning'} (r={train.lora_r}, alpha={train.lora_alpha}, "
+        f"| fine-tuning | full fine-tuning, 3 epochs | {'LoRA' if train.method == 'lora' else 'full fine-tuning'} "
+        f"(r={train.lora_r}, alpha={train.lora_alpha}, "
         f"all linear layers), {epochs}, lr {train.resolved_learning_rate():g}, effective batch "
         f"{train.batch_size * train.gradient_accumulation_steps}, max length {train.max_length}, "
         f"{train.sampling.replace('_', ' ')} batches; identical for every model |",

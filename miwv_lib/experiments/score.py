@@ -1,9 +1,7 @@
 """The ``score`` stage: MIWV (and IFD) of every row of a pool, into ``out_dir/scores.jsonl``.
 
-Resumable and kill-safe: rows are appended to a partial file per rank as chunks finish, the manifest's fingerprint
-ties a run directory to its settings, and ``scores.jsonl`` appears only when every row is scored. The arithmetic
-lives in ``miwv_lib.method``; this module runs it over a pool.
-"""
+Kill-safe: finished chunks are appended to a partial file per rank, the manifest's fingerprint ties the directory
+to its settings, and ``scores.jsonl`` appears only when every row is scored."""
 
 from __future__ import annotations
 
@@ -91,12 +89,8 @@ def find_neighbors(pool: InstructionPool, embedder: str, loaded: LoadedModel | N
 
 
 def _read_neighbors(path: Path, key: dict, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached neighbours, or None (compute them again) when absent, of another key, or damaged.
-
-    The file carries a checksum of its own numbers, so a hand edit that stays valid JSON (another row's index, say) is
-    caught like a torn file; the neighbours are deterministic, so recomputing them gives back exactly what the scores
-    already written were computed with.
-    """
+    """The cached neighbours, or None (compute them again: they are deterministic) when absent, of another key, or
+    damaged; the checksum of its own numbers catches a hand edit that stays valid JSON (another row's index, say)."""
     if not path.exists():
         return None
     try:
@@ -132,16 +126,15 @@ def _cached_neighbors(path: Path, key: dict, rows: int, compute) -> tuple[np.nda
 
 
 def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[str], indices: list[int],
-               neighbor_index: np.ndarray, neighbor_similarity: np.ndarray, config: ScoreConfig,
-               engine: EngineConfig | None = None) -> list[dict]:
+               neighbor_index: np.ndarray, neighbor_similarity: np.ndarray, config: ScoreConfig) -> list[dict]:
     """Zero-shot, one-shot (and unconditional) losses of the rows ``indices``, batched together."""
     special = SpecialTokens.from_tokenizer(loaded.tokenizer)
     # "auto" cuts only what exceeds the context window, so resolving it per chunk gives the pool's numbers.
     max_length = resolve_max_length(config.max_length, one_shot_lengths(examples, neighbor_index, special, indices),
                                     loaded.model)
     plan = plan_passes(examples, indices, neighbor_index, special, max_length, config.compute_ifd)
-    engine = engine or EngineConfig(batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
-                                    progress=config.progress, torch_compile=config.torch_compile)
+    engine = EngineConfig(batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
+                          progress=config.progress, torch_compile=config.torch_compile)
     losses = span_losses(loaded.model, plan.sequences, loaded.tokenizer.pad_token_id, engine)
 
     def loss(kind: str, i: int) -> float:
@@ -161,14 +154,6 @@ class _Run:
     config: ScoreConfig
     loaded: LoadedModel
     shard: Shard
-
-    @property
-    def inputs(self) -> dict:
-        """Everything the numbers depend on (and nothing they don't, such as batch size)."""
-        return {"model": self.loaded.identity, "template": self.config.template, "embedder": self.config.embedder,
-                "max_length": self.config.max_length, "dtype": str(self.loaded.dtype).removeprefix("torch."),
-                "ifd": self.config.compute_ifd, "data": self.pool.content_hash, "rows": len(self.pool),
-                "layout_version": LAYOUT_VERSION}
 
     @property
     def partials(self) -> list[PartialResults]:
@@ -220,7 +205,11 @@ def _start(run: _Run, overwrite: bool) -> dict:
     """Rank 0: refuse another configuration's directory, then the manifest and the neighbours; never raises."""
     status: dict = {"error": None, "finished": False, "manifest": {}}
     try:
-        inputs = run.inputs
+        config, loaded = run.config, run.loaded  # the inputs: all that the numbers depend on (not the batch size)
+        inputs = {"model": loaded.identity, "template": config.template, "embedder": config.embedder,
+                  "max_length": config.max_length, "dtype": str(loaded.dtype).removeprefix("torch."),
+                  "ifd": config.compute_ifd, "data": run.pool.content_hash, "rows": len(run.pool),
+                  "layout_version": LAYOUT_VERSION}
         fingerprint = stable_hash(inputs)
         previous = check_fingerprint(run.out_dir / "manifest.json", fingerprint, inputs, overwrite=overwrite)
         scores_path = run.out_dir / "scores.jsonl"
@@ -237,12 +226,12 @@ def _start(run: _Run, overwrite: bool) -> dict:
             scores_path.unlink(missing_ok=True)
         status["manifest"] = manifest = {
             "status": "running", "fingerprint": fingerprint, "fingerprint_inputs": inputs,
-            "config": asdict(run.config), "data_source": run.pool.source, "started": now(),
+            "config": asdict(config), "data_source": run.pool.source, "started": now(),
             "world_size": run.shard.world_size, "environment": environment_info()}
         write_json(run.out_dir / "manifest.json", manifest)
         t0 = time.perf_counter()
         _cached_neighbors(run.out_dir / "neighbors.json", run.neighbor_key, len(run.pool),
-                          lambda: find_neighbors(run.pool, run.config.embedder, run.loaded, progress=run.progress))
+                          lambda: find_neighbors(run.pool, config.embedder, loaded, progress=run.progress))
         manifest["seconds_neighbors"] = round(time.perf_counter() - t0, 2)
         run.done(repair=True)
     except Exception as exc:  # noqa: BLE001 - raised on every rank by score_pool

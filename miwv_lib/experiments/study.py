@@ -1,17 +1,7 @@
-"""The small-scale reproduction study: score → select → train → generate → judge → report.
+"""The small-scale reproduction study: score → select → train → generate → judge → report, from one YAML file.
 
-One configuration file (``configs/study/small_scale.yaml``) describes the whole experiment: score every row
-of the pool, keep the top r % by MIWV and by the baselines (IFD, low MIWV, random with several
-seeds), fine-tune one model per subset and one on the full pool with identical settings, generate
-on the test sets and compare every subset model with the full-pool model, in both answer orders.
-
-Each stage reads the previous stage's files from the run directory and skips the work already done
-(scores resume by chunk, models by fingerprint and Trainer checkpoint, generations by fingerprint,
-verdicts through the judge cache), so the study can be stopped at any point and re-run with the same
-command. The last stage writes ``REPORT.md``, its tables and figures into a results directory meant
-to be committed (``results/small_scale``)::
-
-    python -m miwv_lib study --config configs/study/small_scale.yaml
+Every stage skips the work its files already hold, so the study can be stopped at any point and re-run with the
+same command; the last stage writes ``REPORT.md`` into a results directory meant to be committed.
 """
 
 from __future__ import annotations
@@ -20,6 +10,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +20,17 @@ from ..runtime.io import atomic_open, read_jsonl, write_jsonl
 from ..runtime.runs import now, read_yaml_mapping
 from ..runtime.schema import check, each, integer, mapping, number, setting, text
 from .engine import ExperimentError, answer_arms, export_arms, is_trained, train_arms, write_selections
+from .evaluate import compare_generations, test_set_label
+from .generate import GenerateConfig, generation_records, write_generations
+from .pipeline import repo_root, resolve_data_source, resolve_path
+from .report import write_study_report
 from .score import ScoreConfig, score_pool
 from .select import load_checked_scores
+from .train import TrainConfig
 
 STAGES = ("score", "select", "train", "generate", "judge", "report")
 TIMINGS_FILE = "timings.jsonl"
 RECORD_DIR = "record"  # under results_dir: the committed record of every finished stage (see StudyRecord)
-
-
 StudyError = ExperimentError  # a study configuration or run directory that cannot be used, with the reason
 
 
@@ -69,14 +63,10 @@ class StudyConfig:
     def score_config(self) -> ScoreConfig:
         return _build(ScoreConfig, self.score, f"{self.source}: score")
 
-    def train_config(self):
-        from .train import TrainConfig
-
+    def train_config(self) -> TrainConfig:
         return _build(TrainConfig, self.train, f"{self.source}: train")
 
-    def generate_config(self):
-        from .generate import GenerateConfig
-
+    def generate_config(self) -> GenerateConfig:
         defaults = {"template": self.train_config().template}
         return _build(GenerateConfig, defaults | self.generate, f"{self.source}: generate")
 
@@ -87,8 +77,7 @@ class StudyConfig:
 
 def _build(cls, values: Mapping[str, Any], where: str):
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
+    if unknown := sorted(set(values) - known):
         raise StudyError(f"{where}: unknown keys {unknown}; allowed: {', '.join(sorted(known))}")
     try:
         return cls(**values)
@@ -98,21 +87,15 @@ def _build(cls, values: Mapping[str, Any], where: str):
 
 def load_study_config(path: str | Path | Mapping) -> StudyConfig:
     """A ``StudyConfig`` from a YAML file (or a mapping); unknown keys are errors that name the file."""
-    from .pipeline import resolve_path
-
     if isinstance(path, Mapping):
         raw, source = dict(path), "<dict>"
     else:
         raw, source = read_yaml_mapping(resolve_path(path), path, StudyError), str(path)
     config = _build(StudyConfig, {**raw, "source": source}, source)
-    _validate(config)
-    return config
-
-
-def _validate(config: StudyConfig) -> None:
     if "random" in config.methods and not config.random_seeds:
         raise StudyError(f"{config.source}: method 'random' needs at least one of random_seeds")
     config.score_config(), config.train_config(), config.generate_config()  # unknown keys fail now, not hours later
+    return config
 
 
 @dataclass
@@ -123,48 +106,27 @@ class Study:
     run_dir: Path
     results_dir: Path
     arms: list[Arm] = field(default_factory=list)
-    _pool: InstructionPool | None = None
+
+    def __post_init__(self):
+        self.scores_dir = self.run_dir / "scores"
+        self.scores_path = self.scores_dir / "scores.jsonl"
+        self.generations_dir = self.run_dir / "generations"
+        self.evaluation_dir = self.run_dir / "evaluation"
+        self.record = StudyRecord(self.results_dir / RECORD_DIR, self.run_dir)
 
     @classmethod
     def from_config(cls, config: StudyConfig, run_dir: str | Path | None = None,
                     results_dir: str | Path | None = None) -> Study:
-        from .pipeline import resolve_path
-
         return cls(config=config, run_dir=resolve_path(run_dir or config.run_dir),
                    results_dir=resolve_path(results_dir or config.results_dir), arms=config.arms())
-
-    # paths
-    @property
-    def scores_dir(self) -> Path:
-        return self.run_dir / "scores"
-
-    @property
-    def scores_path(self) -> Path:
-        return self.scores_dir / "scores.jsonl"
 
     def model_dir(self, arm: Arm) -> Path:
         return self.run_dir / "models" / arm.name
 
-    @property
-    def generations_dir(self) -> Path:
-        return self.run_dir / "generations"
-
-    @property
-    def evaluation_dir(self) -> Path:
-        return self.run_dir / "evaluation"
-
-    @property
-    def record(self) -> StudyRecord:
-        return StudyRecord(self.results_dir / RECORD_DIR, self.run_dir)
-
-    @property
+    @cached_property
     def pool(self) -> InstructionPool:
-        if self._pool is None:
-            from .pipeline import resolve_data_source
-
-            self._pool = load_instructions(resolve_data_source(self.config.data), data_dir=self.config.data_dir,
-                                           limit=self.config.limit)
-        return self._pool
+        return load_instructions(resolve_data_source(self.config.data), data_dir=self.config.data_dir,
+                                 limit=self.config.limit)
 
     def scores(self) -> list[dict]:
         if not self.scores_path.exists():
@@ -211,9 +173,7 @@ class Study:
     def _chosen(self, only: Sequence[str] | None) -> list[Arm]:
         if not only:
             return list(self.arms)
-        names = {a.name for a in self.arms}
-        unknown = sorted(set(only) - names)
-        if unknown:
+        if unknown := sorted(set(only) - {a.name for a in self.arms}):
             raise StudyError(f"unknown models {unknown}; this study has: {', '.join(a.name for a in self.arms)}")
         return [a for a in self.arms if a.name in set(only)]
 
@@ -226,17 +186,12 @@ class Study:
 
     # 4. generate
     def test_pools(self) -> dict[str, InstructionPool]:
-        from .evaluate import test_set_label
-        from .pipeline import resolve_data_source
-
         return {test_set_label(name): load_test_set(resolve_data_source(name), data_dir=self.config.data_dir,
                                                     sample=sample, seed=self.config.test_seed)
                 for name, sample in self.config.test_sets.items()}
 
     @property
     def test_set_labels(self) -> list[str]:
-        from .evaluate import test_set_label
-
         return [test_set_label(name) for name in self.config.test_sets]
 
     def generate(self, only: Sequence[str] | None = None) -> dict[str, list[dict]]:
@@ -252,14 +207,11 @@ class Study:
     # 5. judge
     def judge(self) -> list[dict]:
         """Every trained model against the full-pool one; a study still training is judged so far."""
-        from .evaluate import compare_generations
-
         ready = [a.name for a in self.arms if self.is_trained(a)]
         if BASELINE not in ready:
             raise StudyError(f"the full-pool model is not trained yet, and every model is judged against it: "
                              f"run '--stages train generate --models {BASELINE}' first")
-        waiting = [a.name for a in self.arms if a.name not in ready]
-        if waiting:  # judging is cheap and cached, so an unfinished study can show its first comparisons
+        if waiting := [a.name for a in self.arms if a.name not in ready]:  # judging is cheap and cached
             print(f"[study] judging {len(ready) - 1} of {len(self.arms) - 1} models; not trained yet: "
                   f"{', '.join(waiting)}", flush=True)
         # Through the generate stage, not straight from the files: it checks every file's fingerprint
@@ -276,14 +228,10 @@ class Study:
 
     # 6. report
     def report(self) -> Path:
-        from .pipeline import repo_root
-        from .report import write_study_report
-
         return write_study_report(self, repo_root())
 
     def run(self, stages: Sequence[str] = STAGES, only: Sequence[str] | None = None) -> None:
-        unknown = [s for s in stages if s not in STAGES]
-        if unknown:
+        if unknown := [s for s in stages if s not in STAGES]:
             raise StudyError(f"unknown stages {unknown}; the stages are {', '.join(STAGES)}")
         actions: dict[str, Callable[[], Any]] = {
             "score": self.score, "select": self.select, "train": lambda: self.train(only),
@@ -307,16 +255,9 @@ class Study:
 
 @dataclass
 class StudyRecord:
-    """The small files of a study's run directory, kept beside its report so that they can be committed.
-
-    A study on a CPU outlasts a sitting, and its run directory (adapters, checkpoints, subsets) is
-    neither small nor committed. The record holds what the later stages need and nothing from the
-    datasets: scores (ids and numbers, also a run's finished chunks so far), each model's manifest,
-    configuration and loss curve, and each model's answers as ``{"id", "output"}`` plus their reference
-    NLLs. A fresh checkout restores these into its run directory; every stage then finds its inputs, and
-    the fingerprints decide as always what is reused. Weights are not kept: a model is restored only
-    together with all its generations, so nothing later needs it.
-    """
+    """The small files of a study's run directory (scores, model manifests and loss curves, answers as
+    ``{"id", "output"}``), kept beside its report to be committed, so a fresh checkout continues the study.
+    Weights are not kept: a model is restored only together with all its answers, so nothing later needs it."""
 
     root: Path  # results_dir/record
     run_dir: Path
@@ -334,34 +275,30 @@ class StudyRecord:
         if (self.run_dir / "scores" / "scores.jsonl").exists():  # finished: its chunks are in scores.jsonl now
             for stale in self.root.glob("scores/scores.partial*.jsonl"):
                 stale.unlink()
-        for manifest in self.run_dir.glob("models/*/manifest.json"):
-            if json.loads(manifest.read_text(encoding="utf-8")).get("status") == "complete":
-                for name in self.MODEL_FILES:
-                    if (manifest.parent / name).exists():
-                        _copy_atomically(manifest.parent / name, self.root / "models" / manifest.parent.name / name)
+        for model in filter(is_trained, self.run_dir.glob("models/*")):
+            for name in self.MODEL_FILES:
+                if (model / name).exists():
+                    _copy_atomically(model / name, self.root / "models" / model.name / name)
         for model in self.run_dir.glob("generations/*"):
             self.keep_generations(model.name)
 
     def keep_generations(self, model: str) -> None:
-        source = self.run_dir / "generations" / model
+        source, target = self.run_dir / "generations" / model, self.root / "generations" / model
         for meta in source.glob("*.meta.json"):
             dataset = meta.name.removesuffix(".meta.json")
             if not (source / f"{dataset}.jsonl").exists():
                 continue
             for name in (f"{dataset}{suffix}" for suffix in self.GENERATION_SUFFIXES):
                 if (source / name).exists():
-                    _copy_atomically(source / name, self.root / "generations" / model / name)
+                    _copy_atomically(source / name, target / name)
             answers = [{"id": r["id"], "output": r["output"]} for r in read_jsonl(source / f"{dataset}.jsonl")]
-            target = self.root / "generations" / model / f"{dataset}.outputs.jsonl"
-            if not target.exists() or read_jsonl(target) != answers:
-                write_jsonl(target, answers)
+            outputs = target / f"{dataset}.outputs.jsonl"
+            if not outputs.exists() or read_jsonl(outputs) != answers:
+                write_jsonl(outputs, answers)
 
     def restore(self, arms: Sequence[Arm], datasets: Sequence[str]) -> list[str]:
-        """Copy recorded files that the run directory lacks into it; returns what was restored.
-
-        Files already in the run directory win: they are the newer work. A model's record is restored
-        only if the answers of that model on every test set are recorded too.
-        """
+        """Copy recorded files that the run directory lacks (its own files are the newer work) into it; a model's
+        files only if its answers on every test set are recorded too. Returns what was restored."""
         if not self.root.is_dir():
             return []
         restored = []
@@ -383,8 +320,6 @@ class StudyRecord:
 
     def restore_generations(self, model: str, pools: Mapping[str, InstructionPool]) -> None:
         """Rebuild a model's generation files from its recorded answers and the test sets themselves."""
-        from .generate import generation_records, write_generations
-
         recorded, target = self.root / "generations" / model, self.run_dir / "generations" / model
         for dataset, pool in pools.items():
             answers_path = recorded / f"{dataset}.outputs.jsonl"
@@ -400,10 +335,9 @@ class StudyRecord:
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
-    if target.exists() and target.read_bytes() == source.read_bytes():
-        return
-    with atomic_open(target, "wb") as handle:
-        handle.write(source.read_bytes())
+    if not target.exists() or target.read_bytes() != source.read_bytes():
+        with atomic_open(target, "wb") as handle:
+            handle.write(source.read_bytes())
 
 
 def _copy_if_missing(source: Path, target: Path) -> bool:
@@ -422,7 +356,3 @@ def run_study(config: str | Path | Mapping | StudyConfig, run_dir: str | Path | 
     study = Study.from_config(config, run_dir, results_dir)
     study.run(stages, only)
     return study
-
-
-__all__ = ["Arm", "BASELINE", "STAGES", "Study", "StudyConfig", "StudyError", "StudyRecord", "load_study_config",
-           "run_study"]

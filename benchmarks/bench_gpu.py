@@ -31,7 +31,7 @@ import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from miwv_lib.method.layouts import EncodedExample, SpecialTokens
-from miwv_lib.method.losses import EngineConfig, _batches, compile_body, span_losses
+from miwv_lib.method.losses import EngineConfig, compile_body, length_batches, span_losses
 from miwv_lib.method.importance import chunk_plan, plan_passes
 
 SIZES = {
@@ -81,7 +81,7 @@ def padded_tokens(chunks, engine: EngineConfig) -> int:
     total = 0
     for seqs in chunks:
         lengths = [len(s.input_ids) for s in seqs]
-        total += sum(len(b) * max(lengths[i] for i in b) for b in _batches(lengths, engine))
+        total += sum(len(b) * max(lengths[i] for i in b) for b in length_batches(lengths, engine))
     return total
 
 
@@ -105,7 +105,7 @@ def time_bare_forward(model, chunks, engine: EngineConfig, device) -> float:
     start = time.perf_counter()
     for seqs in chunks:
         lengths = [len(s.input_ids) for s in seqs]
-        for batch in _batches(lengths, engine):
+        for batch in length_batches(lengths, engine):
             width = max(lengths[i] for i in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
             mask = torch.zeros_like(ids)

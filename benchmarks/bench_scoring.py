@@ -224,7 +224,7 @@ def profile_mode(args: argparse.Namespace) -> dict:
     from miwv_lib.data.models import load_model
     from miwv_lib.method.layouts import SpecialTokens
     from miwv_lib.data.prompts import encode_examples
-    from miwv_lib.method.losses import EngineConfig, _batches, compile_body, span_losses
+    from miwv_lib.method.losses import EngineConfig, compile_body, length_batches, span_losses
     from miwv_lib.method.importance import chunk_plan, plan_passes
     from miwv_lib.experiments.score import find_neighbors
 
@@ -252,7 +252,7 @@ def profile_mode(args: argparse.Namespace) -> dict:
         parts[classify(event)] += event.self_cpu_time_total / 1e6
     real = sum(len(q.input_ids) for seqs in plans for q in seqs)
     padded = sum(len(b) * max(len(seqs[i].input_ids) for i in b)
-                 for seqs in plans for b in _batches([len(q.input_ids) for q in seqs], engine))
+                 for seqs in plans for b in length_batches([len(q.input_ids) for q in seqs], engine))
     return {"mode": args.profile_mode, "rows": len(pool), "wall_s": wall, "tokenise_s": tokenise, "parts_s": dict(parts),
             "padding_fraction": 1 - real / padded, "threads": torch.get_num_threads()}
 

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 from ..data.datasets import InstructionPool
-from ..method.selection import _RANKED, SelectionError, _is_finite_number
+from ..method.selection import RANKED_BY, SelectionError, is_finite_number
 from ..runtime.io import file_sha256, write_checksum, write_json, write_jsonl
 
 # The fields selection reads, and what 'score' writes in them: anything else was not written by 'score'.
 _FIELDS = [("index", "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
            ("id", "a string", lambda v: isinstance(v, str))] + [
-    (name, "a finite number or null", lambda v: v is None or _is_finite_number(v))
+    (name, "a finite number or null", lambda v: v is None or is_finite_number(v))
     for name in ("miwv", "ifd", "zero_shot_loss", "one_shot_loss", "unconditional_loss", "response_tokens")]
 
 
@@ -119,7 +119,7 @@ def export_subset(pool: InstructionPool, scores: list[dict], indices: list[int],
     sha256 beside them (``<out>.sha256``): loading the subset later refuses a hand-edited copy."""
     out = Path(out)
     write = write_jsonl if subset_format(out) == "jsonl" else write_json
-    field = _RANKED.get(by, ("miwv", True))[0]
+    field = RANKED_BY.get(by, ("miwv", True))[0]
     selection = [{"rank": rank, "index": i, "id": pool.rows[i]["id"], "method": by, field: scores[i].get(field),
                   "miwv": scores[i].get("miwv"), "ifd": scores[i].get("ifd")} for rank, i in enumerate(indices)]
     path = write(out, [{**pool.records[i], "miwv_selection": chosen} for i, chosen in zip(indices, selection)])

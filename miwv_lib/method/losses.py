@@ -32,7 +32,7 @@ class EngineConfig:
     progress_desc: str = "score"
 
 
-def _batches(lengths: list[int], cfg: EngineConfig) -> list[list[int]]:
+def length_batches(lengths: list[int], cfg: EngineConfig) -> list[list[int]]:
     """Group sequence indices, longest first, so each batch holds similar lengths (little padding)."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
@@ -140,7 +140,7 @@ def span_losses(model, sequences: list[Sequence], pad_token_id: int,
     losses: list[list[float]] = [[] for _ in sequences]
     bar = tqdm(total=sum(lengths), desc=cfg.progress_desc, unit="tok", unit_scale=True, disable=not cfg.progress,
                leave=False)
-    for batch in _batches(lengths, cfg):
+    for batch in length_batches(lengths, cfg):
         with record_function("miwv.layout"):
             lay = _layout(sequences, batch, pad_token_id, cfg.padding_side)
         with record_function("miwv.body"):

@@ -10,8 +10,8 @@ import numpy as np
 
 SELECTION_METHODS = ("miwv", "ifd", "low-miwv", "length", "random")
 BASELINE = "full"  # the model fine-tuned on the whole pool, which every subset's model is compared against
-# method -> (score field, descending?)
-_RANKED = {"miwv": ("miwv", True), "ifd": ("ifd", True), "low-miwv": ("miwv", False),
+# method -> (the score field it ranks by, descending?); random draws rows instead
+RANKED_BY = {"miwv": ("miwv", True), "ifd": ("ifd", True), "low-miwv": ("miwv", False),
            "length": ("response_tokens", True)}
 
 
@@ -42,8 +42,8 @@ def select_indices(scores: list[dict], ratio: float, by: str = "miwv", seed: int
     if by == "random":
         order = np.random.default_rng(seed).permutation(len(scores))
         return [int(scores[j]["index"]) for j in order[:size]]
-    field, descending = _RANKED[by]
-    usable = [s for s in scores if _is_finite_number(s.get(field))]
+    field, descending = RANKED_BY[by]
+    usable = [s for s in scores if is_finite_number(s.get(field))]
     if len(usable) < size:
         raise SelectionError(f"only {len(usable)} rows have a finite {field!r}; cannot select {size}")
     sign = -1.0 if descending else 1.0
@@ -115,5 +115,6 @@ def select_arms(arms: Sequence[Arm], scores: list[dict]) -> dict[str, list[int]]
             else select_indices(scores, arm.ratio, by=arm.method, seed=arm.seed or 0) for arm in arms}
 
 
-def _is_finite_number(value) -> bool:
+def is_finite_number(value) -> bool:
+    """A real number that is finite (a bool is not a number here, and NaN or infinity never ranks)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

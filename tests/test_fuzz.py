@@ -277,9 +277,6 @@ def no_work(monkeypatch):
     def door(*args, **kwargs):
         raise _WorkStarted
 
-    import miwv_lib.experiments.engine
-    import miwv_lib.experiments.train
-
     monkeypatch.chdir(os.getcwd())  # restored afterwards: the test changes into its scratch directory
     monkeypatch.setenv("MIWV_CACHE_DIR", str(Path(tempfile.mkdtemp(prefix="fuzz-cache-"))))
     def offline(hub_id, **kwargs):  # a hub id among the values: as on a machine without the hub, at once
@@ -288,9 +285,8 @@ def no_work(monkeypatch):
     import miwv_lib.data.datasets
 
     monkeypatch.setattr(miwv_lib.data.datasets, "_download_hub", offline)
-    monkeypatch.setattr(cli, "score_pool", door)
-    monkeypatch.setattr(miwv_lib.experiments.train, "train_model", door)
-    monkeypatch.setattr(miwv_lib.experiments.engine, "run_comparison", door)
+    for work in ("score_pool", "train_model", "run_comparison"):  # the names the commands call
+        monkeypatch.setattr(cli, work, door)
 
 
 def _base_argv(command: str, base: dict, tmp: Path, by: str) -> dict:
@@ -505,6 +501,7 @@ def test_a_read_only_run_directory(base_run, tmp_path):
         result = run_main(["score", "--data", base_run["data"], "--out", run, *FAST])
         check_contract(result, names=(str(run),), family="run directory")
         assert result.rc == 2 and digest(run) == before
+        assert "write somewhere writable" in result.error_lines[0]
 
 
 def test_disk_full_names_the_file_in_process(base_run, tmp_path, monkeypatch):
@@ -523,6 +520,7 @@ def test_disk_full_names_the_file_in_process(base_run, tmp_path, monkeypatch):
         monkeypatch.setattr(os, "fsync", real_fsync)
         check_contract(result, names=(str(run),), family="disk full")
         assert result.rc == 2 and "No space left on device" in result.error_lines[0]
+        assert "run the same command again" in result.error_lines[0]
         assert not (run / "scores.jsonl").exists()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -268,9 +269,19 @@ def run_evaluate(args: argparse.Namespace) -> None:
     print(f"tables and figure -> {result.run_dir}")
 
 
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free some space (or write elsewhere) and run the same command again: finished work is kept",
+    errno.EROFS: "write somewhere writable (another --out or --run-dir)",
+    errno.EACCES: "write somewhere writable (another --out or --run-dir), or fix the permissions",
+}
+
+
 def _one_line(exc: Exception) -> str:
-    """The message on one line; an OSError names its file first (``/run/scores.jsonl: No space left on device``)."""
+    """The message on one line; an OSError names its file first (``/run/scores.jsonl: No space left on device``)
+    and, where the remedy is always the same, says what to do."""
     text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename and exc.strerror else str(exc)
+    if isinstance(exc, OSError) and exc.errno in _OS_ERROR_ADVICE:
+        text += f"; {_OS_ERROR_ADVICE[exc.errno]}"
     return " ".join(text.split())
 
 

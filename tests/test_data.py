@@ -293,7 +293,7 @@ def test_test_set_schemas_normalise(tmp_path, record, schema, expected, referenc
     assert row["id"] == (own_id if own_id is not None else sha16(*expected))
     assert pool.references == [reference]
     # Test sets have no training responses: asking for them is an error, not silent "".
-    expect_error(path, "test set", "require_output=False")
+    expect_error(path, "test set", "load_test_set")
 
 
 def test_lima_string_vs_sharegpt_list_detection():
@@ -738,3 +738,15 @@ def test_a_parquet_column_json_cannot_hold_is_refused_at_load_not_at_export(tmp_
             D.load_instructions(str(path))
         assert str(info.value).startswith(f"{path}: column {column!r} has type ")
         assert "JSON cannot hold; store it as text or drop the column" in str(info.value)
+
+
+def test_capitalised_alpaca_keys_are_a_rename_not_a_test_set(tmp_path):
+    """'Instruction' is WizardLM's test-set key too: Alpaca rows with capitalised keys must not be told they are
+    a test set (or be given Python advice on the command line); they are told which fields to rename."""
+    rows = [{"Instruction": "Say hi.", "Input": "", "Output": "Hi."}, {"Instruction": "Count.", "Input": "", "Output": "1"}]
+    error = expect_error(write_json(tmp_path / "cap.json", rows), "cap.json, row 0",
+                         "rename the field 'Instruction' to 'instruction', 'Input' to 'input', 'Output' to 'output'")
+    assert "test set" not in str(error) and "Python" not in str(error)
+    # A real test set (prompts only) is still named as one.
+    expect_error(write_json(tmp_path / "wiz.json", [{"Instruction": "Say hi.", "Skill": "x", "Difficulty": 1}]),
+                 "look like the 'wizardlm' test set")

@@ -96,6 +96,15 @@ def test_a_binary_study_config_is_a_clear_error(tmp_path):
         load_study_config(path)
 
 
+def test_a_relative_config_is_found_from_the_current_directory_or_else_the_repository(tmp_path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text("ratios: [0.25]\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # a file beside the user, not in the repository: it was "not found" before
+    assert load_study_config("mine.yaml").ratios == [0.25]
+    assert load_study_config("configs/study/smoke.yaml").ratios  # the repository's, from elsewhere
+    with pytest.raises(StudyError, match="configuration file not found: nowhere.yaml"):
+        load_study_config("nowhere.yaml")
+
+
 def test_train_ratio_without_scores_is_refused_not_ignored(tmp_path, capsys):
     data = tmp_path / "pool.json"
     data.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]', encoding="utf-8")

@@ -448,10 +448,13 @@ def _build_pool(raws: list[_RawFile], *, source: str, file_format: str, require_
         raise DataError(f"files to concatenate must share one schema, but {mix}", source=source)
     schema = schemas[0]
     if require_output and schema in TEST_SCHEMAS:
-        hint = _case_hint(raws[0].records[0], ("instruction", "input", "output"))
+        first = raws[0].records[0]
+        hint = _case_hint(first, ("instruction", "input", "output"))
+        if "'output'" in hint:  # Alpaca rows with capitalised keys, not a test set
+            raise DataError(hint.lstrip("; "), source=source, row=0)
         raise DataError(f"the rows look like the {schema!r} test set (prompts only, no responses to score or train "
-                        f"on){hint}; give a training pool with instruction and output (Python: load_test_set() or "
-                        "require_output=False)", source=source)
+                        "on); give a training pool with instruction and output (test sets are read by 'evaluate', "
+                        "or load_test_set in Python)", source=source)
     rows: list[dict] = []
     records: list[dict] = []
     norms: list[_Normalised] = []

@@ -48,6 +48,15 @@ def resolve_path(path: str | Path) -> Path:
     return path if path.is_absolute() else repo_root() / path
 
 
+def config_file(path: str | Path) -> Path:
+    """A configuration file as the user named it: from the current directory, else from the repository
+    (so ``configs/demo.yaml`` works from anywhere)."""
+    path = Path(os.path.expanduser(path))
+    if not path.is_file() and not path.is_absolute() and (repo_root() / path).is_file():
+        return repo_root() / path
+    return path
+
+
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
     """The run directory as an absolute path (default ``runs/notebooks`` in the repository), created."""
     path = resolve_path(run_dir or "runs/notebooks")
@@ -107,9 +116,7 @@ def load_config(config: str | Path | Mapping | None) -> dict:
     if isinstance(config, Mapping):
         raw, origin = dict(config), "<dict>"
     elif config is not None:
-        path = Path(os.path.expanduser(config))
-        if not path.is_file() and not path.is_absolute() and (repo_root() / path).is_file():
-            path = repo_root() / path
+        path = config_file(config)
         raw, origin, config_path = read_yaml_mapping(path, config, PipelineError), str(config), str(path.resolve())
     unknown = sorted(set(raw) - set(CONFIG_KEYS))
     if unknown:

@@ -251,7 +251,8 @@ def run_train(args: argparse.Namespace) -> None:
     config = from_args(TrainConfig, args, prefix=TRAIN)
     _check_device(config.device)
     result = train_model(rows, args.out, config, overwrite=args.overwrite)
-    state = "already trained" if result.skipped else f"trained {result.steps} steps, {result.tokens_per_second} tokens/s"
+    state = ("already trained" if result.skipped
+             else f"trained {result.steps} steps, {result.tokens_per_second} tokens/s")
     print(f"{state} on {result.n_examples} rows, final mean loss {result.train_loss:.4f} -> {result.model_dir}")
 
 

@@ -8,7 +8,6 @@ token of a 50-token answer); embedding cosine 0.02; reference NLL 0.01 nats per 
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -21,7 +20,8 @@ from ..data.prompts import encode_chat, encode_examples, encode_text
 from ..method.layouts import SpecialTokens, resolve_max_length, zero_shot_sequence
 from ..method.losses import EngineConfig, sequence_losses
 from ..method.pairwise import REVIEW_SYSTEM, Judge, Review, ReviewRequest, Side, parse_review, review_prompt
-from ..runtime.io import append_jsonl, stable_hash
+from ..runtime.io import stable_hash
+from ..runtime.runs import PartialResults
 
 
 class ChatBackend(Protocol):
@@ -226,23 +226,12 @@ def cache_key(judge_id: str, request: ReviewRequest) -> str:
 
 
 class JudgementCache:
-    """Append-only JSONL of reviews, so a rerun asks the judge nothing it was asked before. Each batch is one fsynced
-    write; a line torn by a crash is ignored on load (that review is simply asked again)."""
+    """Reviews already asked for, in an append-only log (one fsynced write per batch), so a rerun asks the judge
+    nothing it was asked before; a line torn by a crash is cut off on load (that review is simply asked again)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._rows: dict[str, dict] = {}
-        self._torn = False  # the file ends mid-line: the next append must start on a line of its own
-        if self.path.exists():
-            text = self.path.read_text(encoding="utf-8", errors="replace")
-            self._torn = bool(text) and not text.endswith("\n")
-            for line in text.splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict) and "key" in row:
-                    self._rows[row["key"]] = row
+        self.log = PartialResults(Path(path), key="key")
+        self._rows = self.log.load()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -254,8 +243,7 @@ class JudgementCache:
 
     def put(self, entries: list[tuple[str, str, Review]]) -> None:
         rows = [{"key": key, "judge": judge_id, **review.as_dict()} for key, judge_id, review in entries]
-        append_jsonl(self.path, rows, new_line=self._torn)
-        self._torn = False
+        self.log.append(rows)
         self._rows.update((row["key"], row) for row in rows)
 
 

@@ -257,7 +257,8 @@ def build_report(run_dir: str | Path) -> str:
     pipeline = _read(run_dir / "pipeline.json") or {}
     scores, rows = _read(run_dir / "scores.jsonl", []), _read(run_dir / "pool.jsonl", [])
     lines = ["# MIWV run report", "",
-             f"Run directory: `{run_dir.name}`. Built from the files in it by `miwv_lib.experiments.report.write_report`.", ""]
+             f"Run directory: `{run_dir.name}`. Built from the files in it by "
+             "`miwv_lib.experiments.report.write_report`.", ""]
     if pipeline.get("description"):
         lines += [str(pipeline["description"]).strip(), ""]
     lines += [*_setup_lines(run_dir, pipeline, rows), *(_score_lines(scores, rows) if scores else []),
@@ -657,7 +658,8 @@ def _scoring_section(study: Study, scores: list[dict] | None, manifest: Mapping 
                      "whatever else the machine was doing, so it bounds the cost from above).")
     lines += [
         f"- MIWV: median {stats['median']:.3f}, range {stats['min']:.3f} to {stats['max']:.3f}; "
-        f"{positive:,} rows ({positive / len(scores):.1%}) have MIWV > 0 (the neighbour's example made the loss worse).",
+        f"{positive:,} rows ({positive / len(scores):.1%}) have MIWV > 0 "
+        "(the neighbour's example made the loss worse).",
         f"- Spearman correlation of MIWV with IFD: {rho:.3f}.",
         f"- Rows whose one-shot sequence was truncated: {sum(s['truncated'] for s in scores)} "
         f"({demo_trimmed(scores)} with a trimmed demonstration); rows without MIWV: "
@@ -773,7 +775,8 @@ def _bottom_line(study: Study, tally: Mapping[str, Mapping[str, int]]) -> str:
         reproduced = ("**reproduced here**" if full["better"] == sum(full.values()) else
                       "**not reproduced here**" if full["better"] == 0 else "**only partly reproduced here**")
         lines.append(f"**Bottom line.** The paper's headline claim, that a small MIWV subset beats fine-tuning on "
-                     f"the whole pool, is {reproduced}: the MIWV model is {_reading(full)} against the full-pool model.")
+                     f"the whole pool, is {reproduced}: the MIWV model is {_reading(full)} "
+                     "against the full-pool model.")
     others = [f"{_reading(t)} against **{b}**" for b, t in tally.items() if b != "full"]
     if others:
         lines.append("Against the other selections of the same size, MIWV is " + "; ".join(others) + ".")

@@ -149,7 +149,8 @@ def span_losses(model, sequences: list[Sequence], pad_token_id: int,
                                       position_ids=lay.positions.to(device), use_cache=False).last_hidden_state
         with record_function("miwv.head"):
             picked = hidden[torch.tensor(lay.gather_rows, device=device), torch.tensor(lay.gather_cols, device=device)]
-            token_nll = _head_nll(model, picked, torch.tensor(lay.targets, device=device), head_chunk, cfg.torch_compile)
+            targets = torch.tensor(lay.targets, device=device)
+            token_nll = _head_nll(model, picked, targets, head_chunk, cfg.torch_compile)
         cursor = 0
         for i in batch:
             for _, k in sequences[i].spans:

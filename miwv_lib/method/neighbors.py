@@ -20,7 +20,8 @@ SELF_MAX_TOKENS = 512  # like a sentence embedder's max_seq_length: a 200,000-ch
 
 @torch.no_grad()
 def model_embeddings(model, tokenizer, texts: list[str], batch_size: int = 16, progress: bool = True) -> np.ndarray:
-    """Mean-pooled last hidden states of a causal LM over the text's first ``SELF_MAX_TOKENS`` tokens, unit-normalised."""
+    """Mean-pooled last hidden states of a causal LM over the text's first ``SELF_MAX_TOKENS`` tokens,
+    unit-normalised."""
     device = next(model.parameters()).device
     out = []
     for start in tqdm(range(0, len(texts), batch_size), desc="embed (model)", disable=not progress):

@@ -62,11 +62,10 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return Path(path)
 
 
-def append_jsonl(path: Path, rows: Iterable[dict], *, new_line: bool = False) -> None:
-    """Append ``rows`` (after a line break if ``new_line``: the file ends mid-line) with one write() and an fsync,
-    so that a crash can tear only the last line."""
+def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Append ``rows`` with one write() and an fsync, so that a crash can tear only the last line."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = "\n" * new_line + "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    blob = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     try:
         with open(path, "ab") as handle:  # O_APPEND; the buffer passes a large blob to one write() whole
             handle.write(blob.encode("utf-8"))

@@ -50,10 +50,11 @@ def check_fingerprint(manifest_path: Path, fingerprint: str, inputs: dict, overw
 
 @dataclass
 class PartialResults:
-    """Append-only JSONL of finished rows, keyed by ``index``: invalid lines are skipped, so their rows are scored
-    again."""
+    """Append-only JSONL of finished rows, keyed by ``key`` (a row's ``index``, or a string such as a judgement's
+    cache key): invalid lines are skipped, so their rows are computed again."""
 
     path: Path
+    key: str = "index"
 
     def load(self, repair: bool = True) -> dict[int, dict]:
         """Rows written so far; ``repair`` cuts a torn tail off the file (never while another process appends)."""
@@ -64,15 +65,15 @@ class PartialResults:
         end = good_end = damaged = pending = 0  # pending: invalid lines since the last valid one
         for line in data.split(b"\n")[:-1]:  # what follows the last line break is a torn line, or nothing
             end += len(line) + 1
-            row = _parse_row(line)
+            row = _parse_row(line, self.key)
             if row is not None:
-                rows[row["index"]] = row
+                rows[row[self.key]] = row
                 good_end, damaged, pending = end, damaged + pending, 0
             elif line.strip():
                 pending += 1
         if damaged and repair:
             warnings.warn(f"{self.path}: {damaged} damaged lines before the end are ignored; their rows will be "
-                          "scored again", RuntimeWarning, stacklevel=2)
+                          "computed again", RuntimeWarning, stacklevel=2)
         if repair and good_end < len(data):
             with open(self.path, "r+b") as handle:
                 handle.truncate(good_end)
@@ -88,14 +89,16 @@ class PartialResults:
         self.path.unlink(missing_ok=True)
 
 
-def _parse_row(line: bytes) -> dict | None:
-    """The row on one line, or None if the line is torn, damaged or not a row."""
+def _parse_row(line: bytes, key: str) -> dict | None:
+    """The row on one line, or None if the line is torn, damaged or not a row (its ``index`` an integer, any other
+    key a string)."""
     try:
         row = json.loads(line)
     except ValueError:  # UnicodeDecodeError is a ValueError too
         return None
-    index = row.get("index") if isinstance(row, dict) else None
-    return row if isinstance(index, int) and not isinstance(index, bool) else None
+    value = row.get(key) if isinstance(row, dict) else None
+    wanted = int if key == "index" else str
+    return row if isinstance(value, wanted) and not isinstance(value, bool) else None
 
 
 def environment_info() -> dict[str, Any]:

@@ -125,14 +125,16 @@ def warm_up(mode: str, loaded, examples, neighbors, similarities, args: argparse
 
 
 def gemm_gflops(m: int, k: int, n: int, dtype, seconds: float = 1.5) -> float:
-    """Sustained rate of one (m × k) @ (k × n) matmul shape, on this process's threads."""
+    """Sustained rate of one (m × k) @ (k × n) matmul shape, on this process's threads, with the weight laid out
+    as ``nn.Linear`` keeps it (n × k): a plain ``a @ b`` takes another, on some CPUs much slower, bf16 path."""
     import torch
+    import torch.nn.functional as F
 
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    a @ b  # warm-up
+    a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    F.linear(a, w)  # warm-up
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or reps < 2:
-        a @ b
+        F.linear(a, w)
         reps += 1
     return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
 

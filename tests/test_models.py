@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from miwv_lib.data import models
 from miwv_lib.data.models import ModelLoadError, load_model, resolve_dtype
 from miwv_lib.data.prompts import ALPACA_PROMPT_INPUT, encode_examples, format_prompt
 from miwv_lib.method.layouts import SpecialTokens
@@ -45,8 +46,12 @@ def test_local_directory_loads_in_requested_dtype(tiny_model_dir):
     assert loaded.identity.startswith("dir:")
 
 
-def test_auto_dtype_is_bf16_and_float32_is_the_exact_mode():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+@pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_float32_is_the_exact_mode(monkeypatch, native_bf16,
+                                                                                  expected):
+    # Without native bf16 (an AVX2-only CPU) torch emulates bf16 matmuls at 1/8 of float32's speed.
+    monkeypatch.setattr(models, "bf16_supported", lambda device: native_bf16)
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("int3", torch.device("cpu"))

@@ -93,13 +93,25 @@ BUILTIN_MODELS = {
 }
 
 
+def bf16_supported(device: torch.device) -> bool:
+    """CUDA with bf16, or a CPU with native bf16 dot products (AVX512-BF16, AMX). Elsewhere torch's bf16 matmul
+    is emulated, and slower than float32: 17 against 134 GFLOP/s on an AVX2-only EPYC (2 threads)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if device.type == "cpu" and cpuinfo.exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 everywhere we run (CUDA and this CPU, where bf16 matmuls are ~4× faster);
-    ``float32`` is the exact mode used for reference numbers and tests."""
+    """``auto``: the fast one where the hardware has it (bf16 on CUDA, fp16 on GPUs without bf16, bf16 on CPUs
+    with native bf16), else float32; ``float32`` is the exact mode used for reference numbers and tests."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
     aliases = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                "float16": torch.float16, "fp16": torch.float16}
     if dtype not in aliases:

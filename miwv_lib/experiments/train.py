@@ -36,7 +36,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.datasets import InstructionPool
-from ..data.models import DEFAULT_MODEL, LoadedModel, load_model, resolve_device
+from ..data.models import DEFAULT_MODEL, LoadedModel, bf16_supported, load_model, resolve_device
 from ..data.prompts import TEMPLATES, encode_examples
 from ..method.layouts import LAYOUT_VERSION, SpecialTokens, max_length_rule, zero_shot_sequence
 from ..method.losses import logit_transform
@@ -136,16 +136,6 @@ def _right_padding_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorF
     tokenizer = copy.copy(tokenizer)
     tokenizer.padding_side = "right"
     return DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """CUDA with bf16, or a CPU with native bf16 dot products (elsewhere bf16 is emulated, slower than float32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if device.type == "cpu" and cpuinfo.exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
 
 
 def _prepare_model(model, config: TrainConfig):

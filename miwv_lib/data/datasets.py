@@ -398,12 +398,17 @@ def _record_id(rec: Mapping, schema: str, norm: _Normalised, fail: _Fail) -> str
 _TRAINING_KEYS = ("instruction", "input", "output", "prompt", "response", "completion", "messages", "conversations")
 
 
+def _case_renames(record: Any, wanted: Sequence[str] = _TRAINING_KEYS) -> list[tuple[str, str]]:
+    """``(key, wanted key)`` for each key that differs from a wanted one only in case."""
+    if not isinstance(record, Mapping):
+        return []
+    return [(key, want) for key in record if isinstance(key, str) for want in wanted
+            if key != want and key.lower() == want and want not in record]
+
+
 def _case_hint(record: Any, wanted: Sequence[str] = _TRAINING_KEYS) -> str:
     """``; rename the field 'Instruction' to 'instruction'`` when a key differs from a wanted one only in case."""
-    if not isinstance(record, Mapping):
-        return ""
-    renames = [(key, want) for key in record if isinstance(key, str) for want in wanted
-               if key != want and key.lower() == want and want not in record]
+    renames = _case_renames(record, wanted)
     listed = ", ".join(f"{key!r} to {want!r}" for key, want in renames[:3])
     return f"; field names are case-sensitive: rename the field {listed}" if renames else ""
 
@@ -448,10 +453,9 @@ def _build_pool(raws: list[_RawFile], *, source: str, file_format: str, require_
         raise DataError(f"files to concatenate must share one schema, but {mix}", source=source)
     schema = schemas[0]
     if require_output and schema in TEST_SCHEMAS:
-        first = raws[0].records[0]
-        hint = _case_hint(first, ("instruction", "input", "output"))
-        if "'output'" in hint:  # Alpaca rows with capitalised keys, not a test set
-            raise DataError(hint.lstrip("; "), source=source, row=0)
+        first, alpaca = raws[0].records[0], ("instruction", "input", "output")
+        if any(want == "output" for _, want in _case_renames(first, alpaca)):  # capitalised Alpaca, not a test set
+            raise DataError(_case_hint(first, alpaca).lstrip("; "), source=source, row=0)
         raise DataError(f"the rows look like the {schema!r} test set (prompts only, no responses to score or train "
                         "on); give a training pool with instruction and output (test sets are read by 'evaluate', "
                         "or load_test_set in Python)", source=source)

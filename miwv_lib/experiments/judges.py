@@ -230,7 +230,7 @@ class JudgementCache:
     nothing it was asked before; a line torn by a crash is cut off on load (that review is simply asked again)."""
 
     def __init__(self, path: str | Path):
-        self.log = PartialResults(Path(path), key="key")
+        self.log = PartialResults(Path(path), key="key", key_type=str)
         self._rows = self.log.load()
 
     def __len__(self) -> int:

@@ -55,8 +55,9 @@ class PartialResults:
 
     path: Path
     key: str = "index"
+    key_type: type = int
 
-    def load(self, repair: bool = True) -> dict[int, dict]:
+    def load(self, repair: bool = True) -> dict[int | str, dict]:
         """Rows written so far; ``repair`` cuts a torn tail off the file (never while another process appends)."""
         if not self.path.exists():
             return {}
@@ -65,7 +66,7 @@ class PartialResults:
         end = good_end = damaged = pending = 0  # pending: invalid lines since the last valid one
         for line in data.split(b"\n")[:-1]:  # what follows the last line break is a torn line, or nothing
             end += len(line) + 1
-            row = _parse_row(line, self.key)
+            row = _parse_row(line, self.key, self.key_type)
             if row is not None:
                 rows[row[self.key]] = row
                 good_end, damaged, pending = end, damaged + pending, 0
@@ -89,16 +90,14 @@ class PartialResults:
         self.path.unlink(missing_ok=True)
 
 
-def _parse_row(line: bytes, key: str) -> dict | None:
-    """The row on one line, or None if the line is torn, damaged or not a row (its ``index`` an integer, any other
-    key a string)."""
+def _parse_row(line: bytes, key: str, key_type: type) -> dict | None:
+    """The row on one line, or None if the line is torn, damaged or not a row (its ``key`` of ``key_type``)."""
     try:
         row = json.loads(line)
     except ValueError:  # UnicodeDecodeError is a ValueError too
         return None
     value = row.get(key) if isinstance(row, dict) else None
-    wanted = int if key == "index" else str
-    return row if isinstance(value, wanted) and not isinstance(value, bool) else None
+    return row if isinstance(value, key_type) and not isinstance(value, bool) else None
 
 
 def environment_info() -> dict[str, Any]:

@@ -25,8 +25,8 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q
 
-check: install   # the contributors' fast lane: no real model, no whole pipeline or study (see the markers in pyproject)
-	$(PY) -m pytest -q -m "not slow and not study and not integration"
+check: install   # the contributors' fast lane: no real model, no whole pipeline or study (markers in pyproject); two workers, a module each
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not slow and not study and not integration"
 
 demo: install   # the notebooks, in order, with papermill: executed copies, figures and report.md in $(RUN_DIR)
 	$(PY) -m miwv_lib pipeline --config $(CONFIG) --run-dir $(RUN_DIR)

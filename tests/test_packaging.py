@@ -30,12 +30,16 @@ def test_environment_yml_matches_makefile_and_pyproject():
     assert tuple(map(int, python.split("=")[1].split("."))) >= tuple(map(int, minimum.split(".")))
 
 
-def test_console_script_points_at_cli_main():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert pyproject["project"]["scripts"]["miwv"] == "miwv_lib.experiments.cli:main"
-    from miwv_lib.experiments.cli import main
+def test_the_miwv_command_is_python_dash_m_miwv_lib():
+    """One entry point, ``__main__.run``: it handles Ctrl-C from the first import to the interpreter's shutdown."""
+    import subprocess
+    import sys
 
-    assert callable(main)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["miwv"] == "miwv_lib.__main__:run"
+    done = subprocess.run([Path(sys.executable).parent / "miwv", "select", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--ratio" in done.stdout, done.stderr
 
 
 def test_every_module_sits_in_a_layer_and_the_layers_hold():

@@ -352,6 +352,23 @@ def test_ctrl_c_at_any_moment_of_start_up_prints_no_traceback(cli_env, base, tmp
         assert stderr.strip().splitlines()[-1].startswith("interrupted"), stderr
 
 
+
+def test_ctrl_c_while_a_finished_run_shuts_down_leaves_it_a_success(cli_env, base, tmp_path):
+    """After its last line the interpreter takes a second or more to shut down (torch's finalizers); a Ctrl-C
+    late in it killed the process with SIGINT's default handler (exit -2): a finished run reported as failed."""
+    out, log = tmp_path / "run", tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "miwv_lib", "score", "--data", str(base["data"]), "--out",
+                                    str(out), *FAST], env={**cli_env, "PYTHONUNBUFFERED": "1"},
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
+        assert process.stdout.readline().startswith("scored"), log.read_text()  # the command's last words
+        time.sleep(0.2)  # past the command's return; then Ctrl-C, again and again, until the process has gone
+        while process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+    assert process.returncode == 0 and "Traceback" not in log.read_text(), (process.returncode, log.read_text())
+    assert len(read_jsonl(out / "scores.jsonl")) == len(read_jsonl(base["scores"]))
+
 # (case id, how to make the arguments from the base run and a scratch dir, fragments; "{x}" names base/scratch paths)
 def _other_pool(rows) -> callable:
     return lambda base, tmp: ["--data", write_rows(tmp / "other.json", rows), "--scores", base["scores"]]
@@ -419,7 +436,7 @@ def _edited_run(base, tmp) -> Path:
 
 def _partial_scores(base, tmp) -> Path:
     run = tmp / "unfinished"
-    run.mkdir()
+    run.mkdir(exist_ok=True)
     (run / "scores.partial.jsonl").write_text(base["scores"].read_text())
     return run / "scores.partial.jsonl"
 
@@ -613,11 +630,15 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_module, "score_pool", interrupted)
-    data = write_rows(tmp_path / "pool.json", GOOD)
-    rc = cli_module.main(["score", "--data", str(data), "--out", str(tmp_path / "run"), *FAST])
+    data, run = write_rows(tmp_path / "pool.json", GOOD), tmp_path / "run"
+    argv = ["score", "--data", str(data), "--out", str(run), *FAST]
+    assert cli_module.main(argv) == 130
+    assert capsys.readouterr().err == "interrupted\n"  # before the first chunk: nothing to resume from
+    run.mkdir(exist_ok=True)
+    (run / "scores.partial.jsonl").write_text("", encoding="utf-8")
+    assert cli_module.main(argv) == 130
     err = capsys.readouterr().err
-    assert rc == 130 and "Traceback" not in err
-    assert "run the same command again to resume" in err and "scores.partial.jsonl" in err
+    assert "Traceback" not in err and "run the same command again to resume" in err and "scores.partial.jsonl" in err
 
 
 # --------------------------------------------------------------------------- determinism

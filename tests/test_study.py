@@ -64,6 +64,17 @@ def test_the_paper_scale_config_loads_and_plans_the_issue_s_arms():
     assert config.test_sets["alpaca_eval_gpt4"] >= 200 and "sinstruct" in config.test_sets
 
 
+
+def test_the_paper_scale_config_pins_the_precision_its_committed_record_was_made_in():
+    """"auto" resolves by the machine (bf16 only where the hardware has it), and precision is in every fingerprint:
+    left to auto, the study continued on a CPU without native bf16 would refuse the record it is meant to extend."""
+    config, record = load_study_config(SMALL_SCALE), REPO / "results" / "small_scale" / "record"
+    scored = json.loads((record / "scores" / "manifest.json").read_text(encoding="utf-8"))["fingerprint_inputs"]
+    assert config.score_config().dtype == scored["dtype"]
+    trained = [json.loads(m.read_text(encoding="utf-8"))["fingerprint_inputs"]["config"]
+               for m in sorted((record / "models").glob("*/manifest.json"))]
+    assert trained and {t["bf16"] for t in trained} == {config.train_config().bf16}
+
 def test_a_partial_study_reports_what_is_missing_and_judges_what_is_trained(study_dirs):
     text = study_dirs["partial_report"]
     assert "Status: incomplete" in text

@@ -304,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.command == "score":
-            print(f"interrupted: finished chunks are kept in {Path(args.out) / 'scores.partial.jsonl'}; "
-                  "run the same command again to resume", file=sys.stderr)
+        partial = Path(args.out) / "scores.partial.jsonl" if args.command == "score" else None
+        if partial is not None and partial.exists():  # not before the first chunk, nor once the run had finished
+            print(f"interrupted: finished chunks are kept in {partial}; run the same command again to resume",
+                  file=sys.stderr)
         else:
             print("interrupted", file=sys.stderr)
         return 130

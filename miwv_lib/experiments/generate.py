@@ -94,15 +94,16 @@ def generate_ids(loaded: LoadedModel, prompts: list[list[int]], config: Generate
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # similar lengths pad less
     outputs: list[list[int]] = [[] for _ in prompts]
     model.eval()
-    with contiguous_head_input(model):
-        for start in tqdm(range(0, len(order), config.batch_size), desc=desc, unit="batch",
-                          disable=not config.progress, leave=False):
+    with contiguous_head_input(model), tqdm(total=len(order), desc=desc, unit="prompt", disable=not config.progress,
+                                            leave=False) as bar:
+        for start in range(0, len(order), config.batch_size):
             batch = order[start:start + config.batch_size]
             input_ids, mask = _left_padded([prompts[i] for i in batch], pad_id)
             produced = model.generate(input_ids=input_ids.to(loaded.device), attention_mask=mask.to(loaded.device),
                                       generation_config=generation)
             for row, i in enumerate(batch):
                 outputs[i] = _until_stop(produced[row, input_ids.shape[1]:].tolist(), set(stops))
+            bar.update(len(batch))
     return outputs
 
 

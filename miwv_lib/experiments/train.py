@@ -242,8 +242,9 @@ class LossCurveCallback(TrainerCallback):
             state.log_history[-1][_CURVE_KEY] = row  # Trainer.log appended this step's entry just before on_log
         self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{speed:.0f}" if speed else "-")
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.bar.close()
+    def close(self) -> None:  # not on_train_end: Trainer does not call it when interrupted
+        if self.bar is not None:
+            self.bar.close()
 
 
 def write_loss_csv(path: Path, rows: list[dict]) -> None:
@@ -404,7 +405,10 @@ def _fit(model, features: list[dict], base: LoadedModel, config: TrainConfig, de
                                 processing_class=base.tokenizer, callbacks=[curve])
         trainer.remove_callback(PrinterCallback)  # our bar shows the loss; don't print every log dict (disable_tqdm)
         t0 = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            output = trainer.train(resume_from_checkpoint=resume_from)
+        finally:  # the bar is closed before the command's last line, also when interrupted
+            curve.close()
         seconds, tokens = time.perf_counter() - t0, trainer.state.num_input_tokens_seen
     session_tokens = tokens - curve.tokens_at_start  # a resumed session did not process the checkpoint's
     # seconds: the whole run's training time (earlier sessions up to their checkpoint); tokens/s: this session's

@@ -138,24 +138,25 @@ def span_losses(model, sequences: list[Sequence], pad_token_id: int,
     head_chunk = cfg.head_chunk or (4096 if device.type == "cuda" else 256)
     lengths = [len(s.input_ids) for s in sequences]
     losses: list[list[float]] = [[] for _ in sequences]
-    bar = tqdm(total=sum(lengths), desc=cfg.progress_desc, unit="tok", unit_scale=True, disable=not cfg.progress,
-               leave=False)
-    for batch in length_batches(lengths, cfg):
-        with record_function("miwv.layout"):
-            lay = _layout(sequences, batch, pad_token_id, cfg.padding_side)
-        with record_function("miwv.body"):
-            # use_cache=False: a KV cache would only keep every layer's keys and values alive until the pass ends.
-            hidden = model.base_model(input_ids=lay.ids.to(device), attention_mask=lay.mask.to(device),
-                                      position_ids=lay.positions.to(device), use_cache=False).last_hidden_state
-        with record_function("miwv.head"):
-            picked = hidden[torch.tensor(lay.gather_rows, device=device), torch.tensor(lay.gather_cols, device=device)]
-            targets = torch.tensor(lay.targets, device=device)
-            token_nll = _head_nll(model, picked, targets, head_chunk, cfg.torch_compile)
-        cursor = 0
-        for i in batch:
-            for _, k in sequences[i].spans:
-                losses[i].append(response_loss(token_nll[cursor:cursor + k]))
-                cursor += k
-        bar.update(sum(lengths[i] for i in batch))
-    bar.close()
+    # A with-block closes the bar while an interrupt unwinds, so nothing is drawn after the command's last line.
+    with tqdm(total=sum(lengths), desc=cfg.progress_desc, unit="tok", unit_scale=True, disable=not cfg.progress,
+              leave=False) as bar:
+        for batch in length_batches(lengths, cfg):
+            with record_function("miwv.layout"):
+                lay = _layout(sequences, batch, pad_token_id, cfg.padding_side)
+            with record_function("miwv.body"):
+                # use_cache=False: a KV cache would only keep every layer's keys and values alive to the pass's end.
+                hidden = model.base_model(input_ids=lay.ids.to(device), attention_mask=lay.mask.to(device),
+                                          position_ids=lay.positions.to(device), use_cache=False).last_hidden_state
+            with record_function("miwv.head"):
+                rows, cols = torch.tensor(lay.gather_rows, device=device), torch.tensor(lay.gather_cols, device=device)
+                picked = hidden[rows, cols]
+                targets = torch.tensor(lay.targets, device=device)
+                token_nll = _head_nll(model, picked, targets, head_chunk, cfg.torch_compile)
+            cursor = 0
+            for i in batch:
+                for _, k in sequences[i].spans:
+                    losses[i].append(response_loss(token_nll[cursor:cursor + k]))
+                    cursor += k
+            bar.update(sum(lengths[i] for i in batch))
     return losses

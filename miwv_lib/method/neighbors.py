@@ -24,14 +24,18 @@ def model_embeddings(model, tokenizer, texts: list[str], batch_size: int = 16, p
     unit-normalised."""
     device = next(model.parameters()).device
     out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="embed (model)", disable=not progress):
-        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=SELF_MAX_TOKENS,
-                          return_tensors="pt", split_special_tokens=True).to(device)
-        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  use_cache=False).last_hidden_state
-        mask = batch.attention_mask.unsqueeze(-1).to(torch.float32)
-        pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
+    # A with-block closes the bar while an interrupt unwinds, so nothing is drawn after the command's last line.
+    with tqdm(total=len(texts), desc="embed (model)", unit="text", disable=not progress) as bar:
+        for start in range(0, len(texts), batch_size):
+            chunk = texts[start:start + batch_size]
+            batch = tokenizer(chunk, padding=True, truncation=True, max_length=SELF_MAX_TOKENS, return_tensors="pt",
+                              split_special_tokens=True).to(device)
+            hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      use_cache=False).last_hidden_state
+            mask = batch.attention_mask.unsqueeze(-1).to(torch.float32)
+            pooled = (hidden.float() * mask).sum(1) / mask.sum(1).clamp(min=1)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy())
+            bar.update(len(chunk))
     return np.concatenate(out).astype(np.float32)
 
 

@@ -20,7 +20,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # --------------------------------------------------------------------------- paths
 
 
-def test_relative_paths_resolve_against_the_repository_not_the_cwd(tmp_path, monkeypatch):
+def test_relative_paths_resolve_against_the_cwd_or_the_repository(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert repo_root() == ROOT
     assert resolve_path("runs/x") == ROOT / "runs" / "x"
@@ -31,6 +31,10 @@ def test_relative_paths_resolve_against_the_repository_not_the_cwd(tmp_path, mon
     assert resolve_data_source("tatsu-lab/alpaca") == "tatsu-lab/alpaca"  # hub id
     (tmp_path / "mine.json").write_text("[]")
     assert resolve_data_source("mine.json") == str(tmp_path / "mine.json")  # not in the repo: the cwd
+    mine = tmp_path / "data" / "examples" / "smoke_pool.json"  # in both: the current directory's, as the shell means
+    mine.parent.mkdir(parents=True)
+    mine.write_text("[]")
+    assert resolve_data_source("data/examples/smoke_pool.json") == str(mine)
     assert resolve_data_source(None) is None
 
 

@@ -352,7 +352,6 @@ def test_ctrl_c_at_any_moment_of_start_up_prints_no_traceback(cli_env, base, tmp
         assert stderr.strip().splitlines()[-1].startswith("interrupted"), stderr
 
 
-
 def test_ctrl_c_while_a_finished_run_shuts_down_leaves_it_a_success(cli_env, base, tmp_path):
     """After its last line the interpreter takes a second or more to shut down (torch's finalizers); a Ctrl-C
     late in it killed the process with SIGINT's default handler (exit -2): a finished run reported as failed."""
@@ -368,6 +367,7 @@ def test_ctrl_c_while_a_finished_run_shuts_down_leaves_it_a_success(cli_env, bas
             time.sleep(0.02)
     assert process.returncode == 0 and "Traceback" not in log.read_text(), (process.returncode, log.read_text())
     assert len(read_jsonl(out / "scores.jsonl")) == len(read_jsonl(base["scores"]))
+
 
 # (case id, how to make the arguments from the base run and a scratch dir, fragments; "{x}" names base/scratch paths)
 def _other_pool(rows) -> callable:
@@ -436,7 +436,7 @@ def _edited_run(base, tmp) -> Path:
 
 def _partial_scores(base, tmp) -> Path:
     run = tmp / "unfinished"
-    run.mkdir(exist_ok=True)
+    run.mkdir()
     (run / "scores.partial.jsonl").write_text(base["scores"].read_text())
     return run / "scores.partial.jsonl"
 

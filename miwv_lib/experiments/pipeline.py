@@ -48,11 +48,11 @@ def resolve_path(path: str | Path) -> Path:
     return path if path.is_absolute() else repo_root() / path
 
 
-def config_file(path: str | Path) -> Path:
-    """A configuration file as the user named it: from the current directory, else from the repository
-    (so ``configs/demo.yaml`` works from anywhere)."""
+def user_path(path: str | Path) -> Path:
+    """A file as the user named it (a config, a data file): from the current directory, else from the repository
+    (so ``configs/demo.yaml`` and ``data/examples/smoke_pool.json`` work from anywhere)."""
     path = Path(os.path.expanduser(path))
-    if not path.is_file() and not path.is_absolute() and (repo_root() / path).is_file():
+    if not path.exists() and not path.is_absolute() and (repo_root() / path).exists():
         return repo_root() / path
     return path
 
@@ -65,8 +65,7 @@ def resolve_run_dir(run_dir: str | Path | None) -> Path:
 
 
 def resolve_data_source(data: str | Path | None) -> str | None:
-    """What to hand to ``load_instructions``: a registry name or hub id as it is; a relative file path is looked up
-    in the repository first, then in the current directory."""
+    """What to hand to ``load_instructions``: a registry name or hub id as it is; a file as ``user_path`` finds it."""
     if not data:
         return None
     from ..data.datasets import REGISTRY
@@ -74,11 +73,7 @@ def resolve_data_source(data: str | Path | None) -> str | None:
     text = str(data)
     if text in REGISTRY:
         return text
-    path = Path(os.path.expanduser(text))
-    if path.is_absolute():
-        return str(path)
-    if (repo_root() / path).exists():
-        return str(repo_root() / path)
+    path = user_path(text)
     return str(path.resolve()) if path.exists() else text  # else a hub id, or a missing file: the loader says which
 
 
@@ -116,7 +111,7 @@ def load_config(config: str | Path | Mapping | None) -> dict:
     if isinstance(config, Mapping):
         raw, origin = dict(config), "<dict>"
     elif config is not None:
-        path = config_file(config)
+        path = user_path(config)
         raw, origin, config_path = read_yaml_mapping(path, config, PipelineError), str(config), str(path.resolve())
     unknown = sorted(set(raw) - set(CONFIG_KEYS))
     if unknown:

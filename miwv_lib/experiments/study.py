@@ -22,7 +22,7 @@ from ..runtime.schema import check, each, integer, mapping, number, setting, tex
 from .engine import ExperimentError, answer_arms, export_arms, is_trained, train_arms, write_selections
 from .evaluate import compare_generations, test_set_label
 from .generate import GenerateConfig, generation_records, write_generations
-from .pipeline import config_file, repo_root, resolve_data_source, resolve_path
+from .pipeline import repo_root, resolve_data_source, resolve_path, user_path
 from .report import write_study_report
 from .score import ScoreConfig, score_pool
 from .select import load_checked_scores
@@ -90,7 +90,7 @@ def load_study_config(path: str | Path | Mapping) -> StudyConfig:
     if isinstance(path, Mapping):
         raw, source = dict(path), "<dict>"
     else:
-        raw, source = read_yaml_mapping(config_file(path), path, StudyError), str(path)
+        raw, source = read_yaml_mapping(user_path(path), path, StudyError), str(path)
     config = _build(StudyConfig, {**raw, "source": source}, source)
     if "random" in config.methods and not config.random_seeds:
         raise StudyError(f"{config.source}: method 'random' needs at least one of random_seeds")

@@ -28,7 +28,7 @@ from .evaluate import DEFAULT_TEST_SETS
 from .generate import GenerateConfig
 from .judges import OFFLINE_JUDGES, make_judge
 from .pipeline import PipelineError, publish_run, resolve_path, run_pipeline
-from .score import ScoreConfig, score_pool
+from .score import PARTIAL_FILE, ScoreConfig, score_pool
 from .select import export_subset, load_checked_scores, subset_format
 from .study import STAGES, StudyError, load_study_config, run_study
 from .train import TrainConfig, train_model
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        partial = Path(args.out) / "scores.partial.jsonl" if args.command == "score" else None
+        partial = Path(args.out) / PARTIAL_FILE if args.command == "score" else None
         if partial is not None and partial.exists():  # not before the first chunk, nor once the run had finished
             print(f"interrupted: finished chunks are kept in {partial}; run the same command again to resume",
                   file=sys.stderr)

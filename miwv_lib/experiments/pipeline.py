@@ -74,6 +74,8 @@ def resolve_data_source(data: str | Path | None) -> str | None:
     if text in REGISTRY:
         return text
     path = user_path(text)
+    if path.is_absolute():  # as named, or as found in the repository; a missing one is still a file, not a hub id
+        return str(path)
     return str(path.resolve()) if path.exists() else text  # else a hub id, or a missing file: the loader says which
 
 

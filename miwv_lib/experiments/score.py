@@ -45,6 +45,7 @@ from ..runtime.runs import FingerprintMismatch, PartialResults, check_fingerprin
 from ..runtime.schema import boolean, check, integer, setting, text
 from .select import scores_changed
 
+PARTIAL_FILE = "scores.partial.jsonl"  # rank 0's finished chunks; rank r writes scores.partial.rank{r}.jsonl
 
 @dataclass
 class ScoreConfig:
@@ -249,7 +250,7 @@ def _score_missing_chunks(run: _Run) -> tuple[int, float, int]:
                                     run.loaded.model)
     config = replace(run.config, max_length=max_length)
     ids = [row["id"] for row in run.pool.rows]
-    mine = PartialResults(run.out_dir / ("scores.partial.jsonl" if run.shard.is_main
+    mine = PartialResults(run.out_dir / (PARTIAL_FILE if run.shard.is_main
                                          else f"scores.partial.rank{run.shard.rank}.jsonl"))
     done = run.done()
     # A chunk is scored whole even if a crash left part of it on disk: its batches stay the same.

@@ -46,3 +46,17 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     for variant in report["variants"]:
         assert variant["tokens_per_s"] > 0 and 0 <= variant["padding_waste"] < 1
         assert variant["max_abs_dloss_vs_naive"] <= 1e-5  # the timed path is the engine, and it is exact in float32
+
+
+def test_training_benchmark_runs_with_a_tiny_model(tmp_path, tiny_model_dir):
+    """benchmarks/bench_training.py end to end (tiny settings: it works, not how fast)."""
+    (tmp_path / "pool.json").write_text(json.dumps(make_rows(4, seed=2)))
+    script = ROOT / "benchmarks" / "bench_training.py"
+    done = subprocess.run([sys.executable, str(script), "--model", str(tiny_model_dir), "--data",
+                           str(tmp_path / "pool.json"), "--steps", "2", "--batch-size", "2", "--order", "off,on",
+                           "--out", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [t["mode"] for t in report["trials"]] == ["off", "on"]
+    assert all(t["tokens_per_s"] > 0 and t["steps"] == 2 for t in report["trials"])
+    assert report["summary"]["ratio_on_off"] > 0 and report["summary"]["max_abs_dloss"] < 1e-4

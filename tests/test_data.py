@@ -415,6 +415,8 @@ def test_limit_keeps_first_rows_and_skips_validation_past_it(tmp_path):
     assert pool.records == ALPACA_ROWS[:2]
     assert len(load_instructions(tmp_path / "p.json", limit=3)) == 3
     expect_error(tmp_path / "p.json", "row 3", limit=10)
+    huge = 10**20  # past sys.maxsize, which itertools.islice refused with a traceback
+    assert len(load_instructions(write_json(tmp_path / "q.json", ALPACA_ROWS), limit=huge)) == len(ALPACA_ROWS)
 
 
 def test_pool_subset_and_lengths(tmp_path):

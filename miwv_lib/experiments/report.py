@@ -548,8 +548,7 @@ def _intro(study: Study, missing: list[str], root: Path) -> list[str]:
         "symmetrically, otherwise a tie (the paper's protocol). 95 % intervals: bootstrap over prompts.", ""]
 
 
-def _scoring_section(study: Study, scores: list[dict] | None, manifest: Mapping | None,
-                     figures: dict[str, str]) -> str:
+def _scoring_section(study: Study, scores: list[dict] | None, manifest: Mapping | None, figures: dict[str, str]) -> str:
     if scores is None:
         return "Not run yet (stage `score`)."
     timings = [t for t in _read(study.run_dir / "timings.jsonl", []) if t["stage"] == "score"]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..data.datasets import _read_file
 from ..data.prompts import encode_text
 from ..method.pairwise import ALL, OUTCOME_VALUE, mean_interval
 from ..method.selection import BASELINE, demo_trimmed, ratio_label, subset_size
@@ -47,20 +48,16 @@ under up down out off again further once s t using use given give following writ
 
 
 def row_source_files(files: Sequence[str | Path], n_rows: int) -> list[str]:
-    """Which file each row came from (file names only), for a pool read from ``files`` in order.
-
-    ``load_instructions`` concatenates files and cuts at ``limit``, so row r belongs to the first
-    file whose cumulative record count exceeds r. One file (or a hub cache): every row is that file.
-    """
+    """Which file each row came from (file names only), for a pool read from ``files`` in order: ``load_instructions``
+    concatenates them and cuts at ``limit``. One file (or a hub cache): every row is that file."""
     names = [Path(f).name for f in files]
     if len(names) <= 1:
         return [names[0] if names else "unknown"] * n_rows
     out: list[str] = []
     for path, name in zip(files, names):
-        count = _record_count(Path(path))
-        out.extend([name] * min(count, n_rows - len(out)))
         if len(out) >= n_rows:
             break
+        out.extend([name] * min(len(_read_file(Path(path), name).records), n_rows - len(out)))
     return out + ["unknown"] * (n_rows - len(out))
 
 
@@ -73,28 +70,10 @@ def sample_rows(n_rows: int, sample: int | None, seed: int = 0) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_rows), sample))
 
 
-def _record_count(path: Path) -> int:
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        return len(json.loads(path.read_text(encoding="utf-8")))
-    if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as handle:
-            return sum(1 for line in handle if line.strip())
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
-    raise ValueError(f"cannot count the records of {path}")
-
-
 def token_lengths(rows: Sequence[Mapping[str, str]], tokenizer) -> dict[str, np.ndarray]:
     """Tokens (no special tokens) of the instruction, the input and the response of every row."""
-    out = {}
-    for field, key in (("instruction", "instruction"), ("input", "input"), ("response", "output")):
-        texts = [row.get(key) or "" for row in rows]
-        ids = encode_text(tokenizer, texts)
-        out[field] = np.array([len(x) for x in ids], dtype=np.int64)
-    return out
+    return {field: np.array([len(x) for x in encode_text(tokenizer, [row.get(key) or "" for row in rows])], np.int64)
+            for field, key in (("instruction", "instruction"), ("input", "input"), ("response", "output"))}
 
 
 def summary_stats(values: Iterable[float | None]) -> dict[str, float]:
@@ -119,54 +98,46 @@ def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float:
     return float(frame["x"].corr(frame["y"], method="spearman")) if len(frame) >= 3 else math.nan
 
 
+def _by_miwv(scores: Sequence[Mapping], highest: bool = True) -> list[Mapping]:
+    """The scores with a finite MIWV, highest (or lowest) first; ties by id, then row."""
+    sign = -1.0 if highest else 1.0
+    usable = (s for s in scores if s.get("miwv") is not None and math.isfinite(s["miwv"]))
+    return sorted(usable, key=lambda s: (sign * s["miwv"], s["id"], s["index"]))
+
+
 def ranked_examples(rows: Sequence[Mapping], scores: Sequence[Mapping], n: int = 5, *,
                     highest: bool = True) -> list[dict]:
     """The ``n`` rows with the highest (or lowest) MIWV, each with its neighbour (the demo)."""
-    usable = [s for s in scores if s.get("miwv") is not None and math.isfinite(s["miwv"])]
-    sign = -1.0 if highest else 1.0
-    ranked = sorted(usable, key=lambda s: (sign * s["miwv"], s["id"], s["index"]))[:n]
     out = []
-    for s in ranked:
-        i, k = s["index"], s["neighbor_index"]
-        out.append({"index": i, "id": s["id"], "miwv": s["miwv"], "ifd": s.get("ifd"),
-                    "zero_shot_loss": s.get("zero_shot_loss"), "one_shot_loss": s.get("one_shot_loss"),
-                    "neighbor_index": k, "neighbor_similarity": s.get("neighbor_similarity"),
-                    "instruction": rows[i]["instruction"], "input": rows[i].get("input", ""),
-                    "output": rows[i]["output"], "neighbor_instruction": rows[k]["instruction"],
-                    "neighbor_input": rows[k].get("input", ""), "neighbor_output": rows[k]["output"]})
+    for s in _by_miwv(scores, highest)[:n]:
+        example = {key: s.get(key) for key in ("index", "id", "miwv", "ifd", "zero_shot_loss", "one_shot_loss",
+                                                "neighbor_index", "neighbor_similarity")}
+        for prefix, row in (("", rows[s["index"]]), ("neighbor_", rows[s["neighbor_index"]])):
+            example.update({prefix + key: row.get(key, "") if key == "input" else row[key]
+                            for key in ("instruction", "input", "output")})
+        out.append(example)
     return out
 
 
 def shortest_example(encoded: Sequence, neighbor_index: Sequence[int]) -> int:
     """The row whose one-shot sequence (demo + sample) is shortest: a readable worked example."""
-    def size(i: int) -> int:
-        k = int(neighbor_index[i])
-        return len(encoded[i].prompt) + len(encoded[i].response) + len(encoded[k].prompt) + len(encoded[k].response)
-
-    return min(range(len(encoded)), key=lambda i: (size(i), i))
+    sizes = [len(e.prompt) + len(e.response) for e in encoded]
+    return min(range(len(encoded)), key=lambda i: (sizes[i] + sizes[int(neighbor_index[i])], i))
 
 
 def truncation_summary(scores: Sequence[Mapping], top_fraction: float = 0.15) -> dict[str, Any]:
-    """How often ``max_length`` cut something, overall and among the top ``top_fraction`` by MIWV.
-
-    A trimmed demonstration helps less, which pushes MIWV up: if trimmed rows crowd the top of the
-    ranking, the selection partly reflects truncation, and ``max_length`` should be raised.
-    """
-    usable = [s for s in scores if s.get("miwv") is not None and math.isfinite(s["miwv"])]
-    k = max(1, math.floor(top_fraction * len(usable) + 1e-9)) if usable else 0
-    top = sorted(usable, key=lambda s: (-s["miwv"], s["id"], s["index"]))[:k]
-    trimmed = [s for s in usable if s.get("truncated")]
-    full = [s for s in usable if not s.get("truncated")]
-    return {
-        "no_demo": sum(1 for s in scores if s.get("status") == "no-demo"),
-        "rows": len(usable),
-        "truncated": len(trimmed),
-        "demo_trimmed": sum(1 for s in usable if (s.get("truncation") or {}).get("demo")),
-        "top_k": k,
-        "top_truncated": sum(1 for s in top if s.get("truncated")),
-        "median_miwv_truncated": float(np.median([s["miwv"] for s in trimmed])) if trimmed else math.nan,
-        "median_miwv_not_truncated": float(np.median([s["miwv"] for s in full])) if full else math.nan,
-    }
+    """How often ``max_length`` cut something, overall and among the top ``top_fraction`` by MIWV. A trimmed
+    demonstration helps less, which pushes MIWV up: if trimmed rows crowd the top of the ranking, the selection
+    partly reflects truncation, and ``max_length`` should be raised."""
+    ranked = _by_miwv(scores)
+    k = max(1, math.floor(top_fraction * len(ranked) + 1e-9)) if ranked else 0
+    cut = [s["miwv"] for s in ranked if s.get("truncated")]
+    whole = [s["miwv"] for s in ranked if not s.get("truncated")]
+    return {"no_demo": sum(s.get("status") == "no-demo" for s in scores), "rows": len(ranked), "truncated": len(cut),
+            "demo_trimmed": demo_trimmed(ranked), "top_k": k,
+            "top_truncated": sum(bool(s.get("truncated")) for s in ranked[:k]),
+            "median_miwv_truncated": float(np.median(cut)) if cut else math.nan,
+            "median_miwv_not_truncated": float(np.median(whole)) if whole else math.nan}
 
 
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
@@ -214,11 +185,6 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence], align: str = "") -
     return [lines[0], "|" + "".join("---:|" if a == "r" else "---|" for a in align.ljust(len(header))), *lines[1:]]
 
 
-def _one_line(text: str, limit: int = 110) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def pairs(rows: Iterable[Mapping]) -> dict[tuple[str, str, str], list]:
     """Evaluation table rows grouped by (judge, model A, model B), in their order."""
     out: dict[tuple[str, str, str], list] = {}
@@ -232,8 +198,7 @@ def _interval(r: Mapping) -> str:
 
 
 def _outcome_cells(r: Mapping) -> list:
-    """n, wins, ties, losses, winning score, 95% CI of an evaluation table row (as summarized, or read from CSV):
-    ``table.md`` and the run's ``report.md`` show a comparison with the same cells."""
+    """n, wins, ties, losses, winning score and 95% CI of an evaluation table row (as summarized or read from CSV)."""
     return [r["n"], r["wins"], r["ties"], r["losses"], f"{float(r['winning_score']):.3f}", _interval(r)]
 
 
@@ -261,63 +226,75 @@ def build_report(run_dir: str | Path) -> str:
              "`miwv_lib.experiments.report.write_report`.", ""]
     if pipeline.get("description"):
         lines += [str(pipeline["description"]).strip(), ""]
-    lines += [*_setup_lines(run_dir, pipeline, rows), *(_score_lines(scores, rows) if scores else []),
-              *_subset_lines(_read(run_dir / "subsets" / "summary.json")), *_training_lines(run_dir),
-              *_evaluation_lines(run_dir), *_figure_lines(run_dir)]
-    executed = sorted(p.name for p in (run_dir / "notebooks").glob("[!.]*.ipynb"))
-    if executed:
+    lines += [*_setup_lines(run_dir, pipeline, rows), *(_score_lines(scores, rows) if scores else [])]
+    if summary := _read(run_dir / "subsets" / "summary.json"):
+        lines += ["## Subsets", "", f"Pool of {summary.get('pool_rows')} rows; each subset keeps floor(r·N) rows.", "",
+                  *md_table(["method", "ratio", "rows", "rows with a trimmed demo", "file"],
+                            [[e["method"], f"{e['ratio']:g}", e["rows"], e.get("demo_trimmed", "?"),
+                              f"`subsets/{e['file']}`"] for e in summary.get("subsets", [])]),
+                  *(f"| {e['method']} | {e['ratio']:g} | skipped: {e['reason']} | | |"
+                    for e in summary.get("skipped", [])), ""]
+    lines += _model_lines(run_dir)
+    if figures := sorted(p.name for p in (run_dir / "figures").glob("[!.]*.png")):
+        lines += ["## Figures", ""]
+        for name, caption in KEY_FIGURES.items():
+            if name in figures:
+                lines += [f"**{caption}**", "", f"![{caption}](figures/{name})", ""]
+        if others := [n for n in figures if n not in KEY_FIGURES]:
+            lines += ["Other figures: " + ", ".join(f"[{n}](figures/{n})" for n in others), ""]
+    if executed := sorted(p.name for p in (run_dir / "notebooks").glob("[!.]*.ipynb")):
         lines += ["## Executed notebooks", "", *(f"- [{n}](notebooks/{n})" for n in executed), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _setup_lines(run_dir: Path, pipeline: Mapping, rows: list[dict]) -> list[str]:
-    pool_info = _read(run_dir / "pool_info.json") or {}
-    manifest = _read(run_dir / "manifest.json") or {}
-    lines = ["## Setup", "", "| item | value |", "|---|---|"]
-    if pool_info:
-        how = [f"limit {pool_info['limit']}"] if pool_info.get("limit") else []
-        if pool_info.get("sample"):
-            how.append(f"random sample of {pool_info['sample']}, seed {pool_info.get('sample_seed')}")
-        lines.append(f"| data | `{pool_info.get('data')}` ({pool_info.get('rows')} rows"
-                     f"{': ' + ', '.join(how) if how else ''}) |")
-        files = ", ".join(f"`{f}`" for f in pool_info.get("files", []))
-        if files:
-            lines.append(f"| files | {files} |")
-        lines.append(f"| exact duplicate (instruction, input) groups | {len(pool_info.get('duplicate_groups', []))} |")
+    info, manifest = _read(run_dir / "pool_info.json") or {}, _read(run_dir / "manifest.json") or {}
+    items: list[tuple[str, Any]] = []
+    if info:
+        how = [f"limit {info['limit']}"] if info.get("limit") else []
+        if info.get("sample"):
+            how.append(f"random sample of {info['sample']}, seed {info.get('sample_seed')}")
+        items.append(("data", f"`{info.get('data')}` ({info.get('rows')} rows{': ' + ', '.join(how) if how else ''})"))
+        if files := ", ".join(f"`{f}`" for f in info.get("files", [])):
+            items.append(("files", files))
+        items.append(("exact duplicate (instruction, input) groups", len(info.get("duplicate_groups", []))))
     elif rows:
-        lines.append(f"| rows | {len(rows)} |")
-    config = manifest.get("config", {})
-    if config:
-        lines += [
-            f"| model | `{config.get('model')}` ({manifest.get('fingerprint_inputs', {}).get('dtype')}) |",
-            f"| embedder | `{config.get('embedder')}` |",
-            f"| template, max length | {config.get('template')}, {manifest.get('max_length', config.get('max_length'))}"
-            f" tokens |",
-            f"| scoring time | {fmt(manifest.get('seconds_scoring'), '.1f')} s "
-            f"({fmt(manifest.get('seconds_per_sample'), '.3f')} s/sample), neighbours "
-            f"{fmt(manifest.get('seconds_neighbors'), '.1f')} s |",
-            f"| truncated rows | {manifest.get('truncated_rows')} ({manifest.get('demo_trimmed_rows', '?')} "
-            f"with a trimmed demonstration; {manifest.get('no_miwv_rows', '?')} rows without MIWV) |"]
-    seconds = pipeline.get("seconds") or {}
-    if seconds:
-        lines.append("| notebook wall time | " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
-                     + f" (total {sum(seconds.values()):.0f} s) |")
+        items.append(("rows", len(rows)))
+    if config := manifest.get("config", {}):
+        items += [
+            ("model", f"`{config.get('model')}` ({manifest.get('fingerprint_inputs', {}).get('dtype')})"),
+            ("embedder", f"`{config.get('embedder')}`"),
+            ("template, max length", f"{config.get('template')}, {manifest.get('max_length', config.get('max_length'))}"
+                                     " tokens"),
+            ("scoring time", f"{fmt(manifest.get('seconds_scoring'), '.1f')} s "
+                             f"({fmt(manifest.get('seconds_per_sample'), '.3f')} s/sample), neighbours "
+                             f"{fmt(manifest.get('seconds_neighbors'), '.1f')} s"),
+            ("truncated rows", f"{manifest.get('truncated_rows')} ({manifest.get('demo_trimmed_rows', '?')} with a "
+                               f"trimmed demonstration; {manifest.get('no_miwv_rows', '?')} rows without MIWV)")]
+    if seconds := pipeline.get("seconds") or {}:
+        items.append(("notebook wall time", ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+                      + f" (total {sum(seconds.values()):.0f} s)"))
     if pipeline.get("status"):
-        lines.append(f"| pipeline status | {pipeline['status']} |")
-    return [*lines, ""]
+        items.append(("pipeline status", pipeline["status"]))
+    return ["## Setup", "", *md_table(["item", "value"], items), ""]
+
+
+def _one_line(text: str, limit: int = 110) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _score_lines(scores: list[dict], rows: list[dict]) -> list[str]:
+    positive = sum(1 for s in scores if s.get("miwv") is not None and s["miwv"] > 0)
+    rho = spearman([s.get("miwv") for s in scores], [s.get("ifd") for s in scores])
     lines = ["## MIWV and IFD", "",
              f"N = {len(scores)} scored samples. MIWV = one-shot loss − zero-shot loss "
              "(high: the most similar other example made the model worse on this one).", "",
              *md_table(["quantity", "n", "mean", "std", "min", "25%", "median", "75%", "max"],
                        [[name, st["n"], *(fmt(st[k]) for k in ("mean", "std", "min", "p25", "median", "p75", "max"))]
-                        for name, st in score_summary(scores).items()])]
-    positive = sum(1 for s in scores if s.get("miwv") is not None and s["miwv"] > 0)
-    rho = spearman([s.get("miwv") for s in scores], [s.get("ifd") for s in scores])
-    lines += ["", f"{positive} of {len(scores)} samples have MIWV > 0. "
-                  f"Spearman correlation of MIWV and IFD: {fmt(rho, '.3f')}.", ""]
+                        for name, st in score_summary(scores).items()]),
+             "", f"{positive} of {len(scores)} samples have MIWV > 0. Spearman correlation of MIWV and IFD: "
+                 f"{fmt(rho, '.3f')}.", ""]
     trunc = truncation_summary(scores)
     if trunc["no_demo"]:
         lines += [f"**{trunc['no_demo']} samples have no MIWV**: max length leaves no room for their neighbour's "
@@ -337,58 +314,26 @@ def _score_lines(scores: list[dict], rows: list[dict]) -> list[str]:
     return lines
 
 
-def _subset_lines(summary: Mapping | None) -> list[str]:
-    if not summary:
-        return []
-    return ["## Subsets", "", f"Pool of {summary.get('pool_rows')} rows; each subset keeps floor(r·N) rows.", "",
-            *md_table(["method", "ratio", "rows", "rows with a trimmed demo", "file"],
-                      [[e["method"], f"{e['ratio']:g}", e["rows"], e.get("demo_trimmed", "?"), f"`subsets/{e['file']}`"]
-                       for e in summary.get("subsets", [])]),
-            *(f"| {e['method']} | {e['ratio']:g} | skipped: {e['reason']} | | |" for e in summary.get("skipped", [])),
-            ""]
-
-
-def _figure_lines(run_dir: Path) -> list[str]:
-    figures = sorted(p.name for p in (run_dir / "figures").glob("[!.]*.png"))
-    if not figures:
-        return []
-    lines = ["## Figures", ""]
-    for name, caption in KEY_FIGURES.items():
-        if name in figures:
-            lines += [f"**{caption}**", "", f"![{caption}](figures/{name})", ""]
-    others = [n for n in figures if n not in KEY_FIGURES]
-    if others:
-        lines += ["Other figures: " + ", ".join(f"[{n}](figures/{n})" for n in others), ""]
-    return lines
-
-
-def _training_lines(run_dir: Path) -> list[str]:
-    """04: one row per fine-tuned model, from each model's manifest."""
-    selections = _read(run_dir / "subsets" / "selections.json")
-    names = [arm["name"] for arm in selections["arms"]] if selections else []
-    if not names:
-        return []
-    config = _read(run_dir / "models" / names[-1] / "train_config.json") or {}
-    steps = f"{config['max_steps']} steps" if config.get("max_steps", -1) > 0 else f"{config.get('epochs')} epochs"
-    manifests = {name: _read(run_dir / "models" / name / "manifest.json") or {} for name in names}
-    return ["## Fine-tuning (04)", "",
-            f"{'LoRA' if config.get('method', 'lora') == 'lora' else 'Full fine-tuning'} on `{config.get('model')}`, "
-            f"{steps}, batch {config.get('batch_size')} × "
-            f"{config.get('gradient_accumulation_steps')} accumulation, max length {config.get('max_length')}; "
-            "the same settings for every model.", "",
-            *md_table(["model", "rows", "optimizer steps", "final train loss", "seconds", "tokens/s"],
-                      [[name, m.get("rows", "–"), m.get("steps", "–"), fmt(m.get("train_loss")),
-                        fmt(m.get("seconds"), ".0f"), fmt(m.get("tokens_per_second"), ".1f")]
-                       for name, m in manifests.items()]), ""]
-
-
-def _evaluation_lines(run_dir: Path) -> list[str]:
-    """05: the winning-score table over all test sets, per judge, from ``evaluation/table.csv``."""
-    rows = [r for r in _read(run_dir / "evaluation" / "table.csv", []) if r["test_set"] == ALL]
-    if not rows:
-        return []
+def _model_lines(run_dir: Path) -> list[str]:
+    """04: one row per fine-tuned model, from its manifest; 05: the winning score over all test sets, per judge."""
+    lines = []
+    if names := [arm["name"] for arm in (_read(run_dir / "subsets" / "selections.json") or {}).get("arms", [])]:
+        config = _read(run_dir / "models" / names[-1] / "train_config.json") or {}
+        steps = f"{config['max_steps']} steps" if config.get("max_steps", -1) > 0 else f"{config.get('epochs')} epochs"
+        manifests = {name: _read(run_dir / "models" / name / "manifest.json") or {} for name in names}
+        lines += ["## Fine-tuning (04)", "",
+                  f"{'LoRA' if config.get('method', 'lora') == 'lora' else 'Full fine-tuning'} on "
+                  f"`{config.get('model')}`, {steps}, batch {config.get('batch_size')} × "
+                  f"{config.get('gradient_accumulation_steps')} accumulation, max length {config.get('max_length')}; "
+                  "the same settings for every model.", "",
+                  *md_table(["model", "rows", "optimizer steps", "final train loss", "seconds", "tokens/s"],
+                            [[name, m.get("rows", "–"), m.get("steps", "–"), fmt(m.get("train_loss")),
+                              fmt(m.get("seconds"), ".0f"), fmt(m.get("tokens_per_second"), ".1f")]
+                             for name, m in manifests.items()]), ""]
+    if not (rows := [r for r in _read(run_dir / "evaluation" / "table.csv", []) if r["test_set"] == ALL]):
+        return lines
     summary = _read(run_dir / "evaluation" / "summary.json") or {}
-    return ["## Evaluation against the full-data model (05)", "",
+    return [*lines, "## Evaluation against the full-data model (05)", "",
             f"{summary.get('prompts_per_set', '?')} prompts per test set "
             f"({', '.join(summary.get('evaluated', []))}), each judged in both answer orders. Winning score = "
             "1 + (wins − losses) / N; 1 means as good as the full-data model. Per test set: `evaluation/table.md`.", "",
@@ -398,8 +343,7 @@ def _evaluation_lines(run_dir: Path) -> list[str]:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.md`` atomically and return its path."""
-    path = Path(run_dir) / "report.md"
-    with atomic_open(path) as handle:
+    with atomic_open(path := Path(run_dir) / "report.md") as handle:
         handle.write(build_report(run_dir))
     return path
 
@@ -433,11 +377,8 @@ def outcome_values(records: Sequence[Mapping]) -> dict[tuple[str, str], dict[tup
 
 def paired_difference(a: Mapping[tuple[str, str], float], b: Mapping[tuple[str, str], float],
                       n_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict[str, float]:
-    """Winning-score difference A − B on the prompts both were judged on, with a paired bootstrap interval.
-
-    Both models were compared with the same full-pool model on the same prompts, so resampling prompts
-    (the per-prompt differences, not the two models independently) is what measures how sure it is.
-    """
+    """Winning-score difference A − B on the prompts both were judged on, with a paired bootstrap interval: both
+    models met the same full-pool model on the same prompts, so the per-prompt differences are what is resampled."""
     keys = sorted(set(a) & set(b))
     diff = [a[k] - b[k] for k in keys]
     low, high = mean_interval(diff, n_resamples, level, seed)
@@ -460,16 +401,15 @@ def comparisons(study: Study, records: Sequence[Mapping]) -> list[dict]:
             miwv = next((a for a in arms if a.method == "miwv"), None)
             if miwv is None or (judge, miwv.name) not in values:
                 continue
-            mine = values[(judge, miwv.name)]
-            baselines: dict[str, dict] = {}
-            for method in dict.fromkeys(a.method for a in arms if a.method != "miwv"):
-                group = [values[(judge, a.name)] for a in arms if a.method == method and (judge, a.name) in values]
-                if group:
-                    baselines[method] = averaged(group) if len(group) > 1 else group[0]
-            baselines["full"] = {k: 0.0 for k in mine}  # the full model against itself: winning score 1
+            mine, groups = values[(judge, miwv.name)], {}
+            for a in arms:
+                if a.method != "miwv" and (judge, a.name) in values:
+                    groups.setdefault(a.method, []).append(values[(judge, a.name)])
+            baselines = {method: averaged(g) if len(g) > 1 else g[0] for method, g in groups.items()}
+            baselines["full"] = dict.fromkeys(mine, 0.0)  # the full model against itself: winning score 1
             for method, theirs in baselines.items():
-                d = paired_difference(mine, theirs, study.config.n_bootstrap)
-                out.append({"judge": judge, "ratio": ratio, "miwv": miwv.name, "baseline": method, **d,
+                out.append({"judge": judge, "ratio": ratio, "miwv": miwv.name, "baseline": method,
+                            **paired_difference(mine, theirs, study.config.n_bootstrap),
                             "miwv_score": 1 + float(np.mean(list(mine.values()))),
                             "baseline_score": 1 + float(np.mean([theirs[k] for k in mine if k in theirs]))})
     return out
@@ -481,25 +421,20 @@ def _side(c: Mapping) -> str:
 
 
 def _reading(t: Mapping[str, int]) -> str:
-    total = sum(t.values())
-    if t["better"] == total:
-        return "better under every judge and ratio"
-    if t["worse"] == total:
-        return "worse under every judge and ratio"
-    if t["better"] and not t["worse"]:
-        return f"better in {t['better']} of {total} comparisons and not clearly different in the rest"
-    if t["worse"] and not t["better"]:
-        return f"worse in {t['worse']} of {total} comparisons and not clearly different in the rest"
-    if not t["better"] and not t["worse"]:
-        return "not clearly different under any judge or ratio"
-    return f"mixed: better in {t['better']}, worse in {t['worse']}, unclear in {t['unclear']} of {total} comparisons"
+    better, worse, total = t["better"], t["worse"], sum(t.values())
+    if total in (better, worse):
+        return f"{'better' if better == total else 'worse'} under every judge and ratio"
+    if better and worse:
+        return f"mixed: better in {better}, worse in {worse}, unclear in {t['unclear']} of {total} comparisons"
+    if better or worse:
+        return (f"{'better' if better else 'worse'} in {better or worse} of {total} comparisons and not clearly "
+                "different in the rest")
+    return "not clearly different under any judge or ratio"
 
 
 def write_study_report(study: Study, root: Path) -> Path:
-    """``REPORT.md`` + figures + ``results.json`` in ``study.results_dir``; returns the report's path.
-
-    ``root`` is the repository: the report names its commit and the regeneration command relative to it.
-    """
+    """``REPORT.md`` + figures + ``results.json`` in ``study.results_dir``; returns the report's path. ``root`` is
+    the repository: the report names its commit and the regeneration command relative to it."""
     out = study.results_dir
     out.mkdir(parents=True, exist_ok=True)
     scores = _read(study.scores_path)
@@ -509,7 +444,12 @@ def write_study_report(study: Study, root: Path) -> Path:
     manifest = _read(study.scores_dir / "manifest.json")
     if not scores or not manifest or manifest.get("status") != "complete":
         scores = None  # the figure shows a run's scores so far; the numbers wait for all of them
-    missing = _status(study, records)
+    judged = {r["model_a"] for r in records}
+    missing = [] if study.scores_path.exists() else ["score"]
+    for stage, arms, done in (("train", study.arms, study.is_trained), ("generate", study.arms, study.is_answered),
+                              ("judge", [a for a in study.arms if a.name != BASELINE], lambda a: a.name in judged)):
+        if todo := [a for a in arms if not done(a)]:
+            missing.append(f"{stage} ({len(todo)} of {len(arms)} models)")
     parts = [*_intro(study, missing, root),
              "## 1. Scoring", "", _scoring_section(study, scores, manifest, figures), "",
              "## 2. Selected subsets", "", _selection_section(study, scores), "",
@@ -519,26 +459,11 @@ def write_study_report(study: Study, root: Path) -> Path:
              _answer_lengths(study)]
     if "winning" in figures:
         parts += ["", f"![winning scores]({figures['winning']})", "", f"![win/tie/lose]({figures['bars']})"]
-    parts += _closing(study, comps, root)
-    path = out / "REPORT.md"
-    with atomic_open(path) as handle:
-        handle.write("\n".join(parts) + "\n")
+    with atomic_open(path := out / "REPORT.md") as handle:
+        handle.write("\n".join([*parts, *_closing(study, comps, root)]) + "\n")
     write_json(out / "results.json", {"status_missing": missing, "comparisons": comps, "table": table,
                                       "figures": figures})
     return path
-
-
-def _status(study: Study, records: Sequence[Mapping]) -> list[str]:
-    """The stages whose outputs are missing, for the report's header."""
-    judged = {r["model_a"] for r in records}
-    subsets = [a for a in study.arms if a.name != BASELINE]  # the models that are judged
-    missing = [] if study.scores_path.exists() else ["score"]
-    for stage, arms, done in (("train", study.arms, study.is_trained), ("generate", study.arms, study.is_answered),
-                              ("judge", subsets, lambda a: a.name in judged)):
-        todo = [a for a in arms if not done(a)]
-        if todo:
-            missing.append(f"{stage} ({len(todo)} of {len(arms)} models)")
-    return missing
 
 
 def _study_figures(study: Study, out: Path, scores: list[dict] | None, table: list[dict]) -> dict[str, str]:
@@ -578,11 +503,21 @@ def _study_figures(study: Study, out: Path, scores: list[dict] | None, table: li
 
 
 def _intro(study: Study, missing: list[str], root: Path) -> list[str]:
+    """The header, the paper's claim, and our setting beside the paper's."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        commit = "?"
     c = study.config
+    score, train, gen = c.score_config(), c.train_config(), c.generate_config()
+    sizes = ", ".join(f"{100 * r:g}% = {subset_size(len(study.pool), r)} rows" for r in sorted(c.ratios))
+    tests = ", ".join(f"{name} ({'all' if n is None else f'{n} sampled, seed {c.test_seed}'})"
+                      for name, n in c.test_sets.items())
+    epochs = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs:g} epoch(s)"
     return [
         "# Small-scale reproduction of MIWV", "",
-        f"*Generated by `miwv_lib/experiments/report.py` from the run directory; commit {_git_commit(root) or '?'}.*",
-        "",
+        f"*Generated by `miwv_lib/experiments/report.py` from the run directory; commit {commit}.*", "",
         "**Status: complete.**" if not missing else f"**Status: incomplete — still to run: {', '.join(missing)}.** "
         "The sections below show what exists so far.", "",
         "## The paper's claim", "",
@@ -593,29 +528,6 @@ def _intro(study: Study, missing: list[str], root: Path) -> list[str]:
         "judge on five test sets (winning score > 1), and beats IFD (Cherry) selection at the same size.", "",
         "## Our setting, and how it differs", "",
         c.description.strip() if c.description else "", "",
-        _setting(study), "",
-        "Winning score = 1 + (wins − losses) / N over prompts; each prompt is judged twice with the answers "
-        "swapped, a prompt is a win if the model wins both orders or wins one and ties the other, a loss "
-        "symmetrically, otherwise a tie (the paper's protocol). 95 % intervals: bootstrap over prompts.", ""]
-
-
-def _git_commit(root: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _setting(study: Study) -> str:
-    c = study.config
-    score, train, gen = c.score_config(), c.train_config(), c.generate_config()
-    sizes = ", ".join(f"{100 * r:g}% = {subset_size(len(study.pool), r)} rows" for r in sorted(c.ratios))
-    tests = ", ".join(f"{name} ({'all' if n is None else f'{n} sampled, seed {c.test_seed}'})"
-                      for name, n in c.test_sets.items())
-    epochs = f"{train.max_steps} steps" if train.max_steps > 0 else f"{train.epochs:g} epoch(s)"
-    lines = [
         "| | paper | here |", "|---|---|---|",
         "| model | LLaMA-2-7B (and others), full fine-tuning | "
         f"`{score.model}` (base model), scored in {score.dtype} |",
@@ -624,20 +536,19 @@ def _setting(study: Study) -> str:
         f"| baselines | IFD (Cherry), random, full data | {', '.join(c.methods)}"
         f"{f' (random: seeds {c.random_seeds})' if 'random' in c.methods else ''}, full pool |",
         f"| fine-tuning | full fine-tuning, 3 epochs | {'LoRA' if train.method == 'lora' else 'full fine-tuning'} "
-        f"(r={train.lora_r}, alpha={train.lora_alpha}, "
-        f"all linear layers), {epochs}, lr {train.resolved_learning_rate():g}, effective batch "
-        f"{train.batch_size * train.gradient_accumulation_steps}, max length {train.max_length}, "
-        f"{train.sampling.replace('_', ' ')} batches; identical for every model |",
+        f"(r={train.lora_r}, alpha={train.lora_alpha}, all linear layers), {epochs}, lr "
+        f"{train.resolved_learning_rate():g}, effective batch {train.batch_size * train.gradient_accumulation_steps}, "
+        f"max length {train.max_length}, {train.sampling.replace('_', ' ')} batches; identical for every model |",
         f"| test sets | Vicuna, Koala, WizardLM, Self-Instruct, LIMA | {tests} |",
         f"| generation | – | greedy, at most {gen.max_new_tokens} new tokens |",
-        f"| judge | GPT-4, both answer orders | offline reference judges, both answer orders: "
-        f"{', '.join(f'`{j}`' for j in c.judges)} |",
-    ]
-    return "\n".join(lines)
+        "| judge | GPT-4, both answer orders | offline reference judges, both answer orders: "
+        f"{', '.join(f'`{j}`' for j in c.judges)} |", "",
+        "Winning score = 1 + (wins − losses) / N over prompts; each prompt is judged twice with the answers "
+        "swapped, a prompt is a win if the model wins both orders or wins one and ties the other, a loss "
+        "symmetrically, otherwise a tie (the paper's protocol). 95 % intervals: bootstrap over prompts.", ""]
 
 
-def _scoring_section(study: Study, scores: list[dict] | None, manifest: Mapping | None,
-                     figures: dict[str, str]) -> str:
+def _scoring_section(study: Study, scores: list[dict] | None, manifest: Mapping | None, figures: dict[str, str]) -> str:
     if scores is None:
         return "Not run yet (stage `score`)."
     timings = [t for t in _read(study.run_dir / "timings.jsonl", []) if t["stage"] == "score"]
@@ -646,7 +557,6 @@ def _scoring_section(study: Study, scores: list[dict] | None, manifest: Mapping 
     miwv = [s["miwv"] for s in scores]
     stats = summary_stats(miwv)
     positive = sum(1 for v in miwv if v is not None and v > 0)
-    rho = spearman(miwv, [s.get("ifd") for s in scores])
     env, inputs = manifest.get("environment", {}), manifest["fingerprint_inputs"]
     lines = [f"- {len(scores):,} rows scored with `{inputs['model']}` in {inputs['dtype']} (max length "
              f"{inputs['max_length']}), embedder `{inputs['embedder']}`."]
@@ -660,11 +570,10 @@ def _scoring_section(study: Study, scores: list[dict] | None, manifest: Mapping 
         f"- MIWV: median {stats['median']:.3f}, range {stats['min']:.3f} to {stats['max']:.3f}; "
         f"{positive:,} rows ({positive / len(scores):.1%}) have MIWV > 0 "
         "(the neighbour's example made the loss worse).",
-        f"- Spearman correlation of MIWV with IFD: {rho:.3f}.",
+        f"- Spearman correlation of MIWV with IFD: {spearman(miwv, [s.get('ifd') for s in scores]):.3f}.",
         f"- Rows whose one-shot sequence was truncated: {sum(s['truncated'] for s in scores)} "
         f"({demo_trimmed(scores)} with a trimmed demonstration); rows without MIWV: "
-        f"{sum(s['miwv'] is None for s in scores)}.",
-    ]
+        f"{sum(s['miwv'] is None for s in scores)}."]
     if "scores" in figures:
         lines += ["", f"![MIWV and IFD]({figures['scores']})"]
     return "\n".join(lines)
@@ -763,32 +672,25 @@ def _conclusions(study: Study, comps: list[dict]) -> str:
     for baseline, t in tally.items():
         lines.append(f"- against **{baseline}**: MIWV clearly better in {t['better']} of {sum(t.values())} "
                      f"comparisons, clearly worse in {t['worse']}, no clear difference in {t['unclear']}.")
-    lines += ["", _bottom_line(study, tally)]
-    return "\n".join(lines)
-
-
-def _bottom_line(study: Study, tally: Mapping[str, Mapping[str, int]]) -> str:
-    """The plain-language reading of the tally; every word of it follows from the numbers above."""
-    full = tally.get("full")
-    lines = []
-    if full:
+    # The bottom line, in plain language: every word of it follows from the numbers above.
+    bottom = []
+    if full := tally.get("full"):
         reproduced = ("**reproduced here**" if full["better"] == sum(full.values()) else
                       "**not reproduced here**" if full["better"] == 0 else "**only partly reproduced here**")
-        lines.append(f"**Bottom line.** The paper's headline claim, that a small MIWV subset beats fine-tuning on "
-                     f"the whole pool, is {reproduced}: the MIWV model is {_reading(full)} "
-                     "against the full-pool model.")
-    others = [f"{_reading(t)} against **{b}**" for b, t in tally.items() if b != "full"]
-    if others:
-        lines.append("Against the other selections of the same size, MIWV is " + "; ".join(others) + ".")
+        bottom.append(f"**Bottom line.** The paper's headline claim, that a small MIWV subset beats fine-tuning on "
+                      f"the whole pool, is {reproduced}: the MIWV model is {_reading(full)} "
+                      "against the full-pool model.")
+    if others := [f"{_reading(t)} against **{b}**" for b, t in tally.items() if b != "full"]:
+        bottom.append("Against the other selections of the same size, MIWV is " + "; ".join(others) + ".")
     steps = {arm.name: _read(study.model_dir(arm) / "manifest.json")["steps"]
              for arm in filter(study.is_trained, study.arms)}
     subset_steps = sorted({v for name, v in steps.items() if name != BASELINE})
     if BASELINE in steps and subset_steps:
-        lines.append(f"Every model trains for the same number of epochs, so a subset model takes "
-                     f"{' or '.join(str(v) for v in subset_steps)} optimizer steps against the full-pool model's "
-                     f"{steps[BASELINE]}: against the full pool, a subset is compared at a fraction of the compute, "
-                     "as in the paper's setting.")
-    return " ".join(lines)
+        bottom.append(f"Every model trains for the same number of epochs, so a subset model takes "
+                      f"{' or '.join(str(v) for v in subset_steps)} optimizer steps against the full-pool model's "
+                      f"{steps[BASELINE]}: against the full pool, a subset is compared at a fraction of the compute, "
+                      "as in the paper's setting.")
+    return "\n".join([*lines, "", " ".join(bottom)])
 
 
 def _closing(study: Study, comps: list[dict], root: Path) -> list[str]:

@@ -75,11 +75,11 @@ def plot_outcomes(rows: list[dict], path: str | Path, title: str | None = None) 
 def pair_items(records_a: list[dict], records_b: list[dict]) -> list[PairItem]:
     """Join two models' generation records (``generate.generation_records``) on (dataset, id)."""
     by_key = {(r["dataset"], r["id"]): r for r in records_b}
-    if missing := [f"{a['dataset']}/{a['id']}" for a in records_a if (a["dataset"], a["id"]) not in by_key]:
-        raise ValueError(f"model B has no generation for {missing[0]}")
+    matched = [(a, by_key.get((a["dataset"], a["id"]))) for a in records_a]
+    if missing := next((a for a, b in matched if b is None), None):
+        raise ValueError(f"model B has no generation for {missing['dataset']}/{missing['id']}")
     return [PairItem(a["id"], a["dataset"], question_text(a), a.get("reference"), a["output"], b["output"],
-                     a.get("reference_nll"), b.get("reference_nll"))
-            for a, b in ((a, by_key[a["dataset"], a["id"]]) for a in records_a)]
+                     a.get("reference_nll"), b.get("reference_nll")) for a, b in matched]
 
 
 @dataclass

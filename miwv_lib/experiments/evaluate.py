@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.datasets import TEST_SETS, InstructionPool, load_test_set
+from ..data.datasets import REGISTRY, TEST_SETS, InstructionPool, load_test_set
 from ..data.models import LoadedModel
 from ..method.pairwise import _FLIP, Judge, PairItem, Review, ReviewRequest, Side, combine_orders, summarize, verdict
 from ..runtime.io import atomic_open, save_png, stable_hash, write_json, write_jsonl
@@ -31,20 +31,16 @@ def judge_pair(items: list[PairItem], judge: Judge, model_a: str, model_b: str,
                cache: JudgementCache | None = None) -> list[dict]:
     """Both orders of every item through ``judge`` (symmetric judges too); one record per item, its outcome for A."""
     usable = [it for it in items if it.reference or not judge.needs_reference]
-    requests = []
-    for item in usable:
-        a, b = Side(model_a, item.answer_a, item.nll_a), Side(model_b, item.answer_b, item.nll_b)
-        requests += [ReviewRequest(item.id, item.dataset, item.question, item.reference, *sides)
-                     for sides in ((a, b), (b, a))]
-    reviews = run_judge(judge, requests, cache)
+    sides = [(Side(model_a, it.answer_a, it.nll_a), Side(model_b, it.answer_b, it.nll_b)) for it in usable]
+    reviews = run_judge(judge, [ReviewRequest(it.id, it.dataset, it.question, it.reference, *order)
+                                for it, (a, b) in zip(usable, sides) for order in ((a, b), (b, a))], cache)
     records = []
     for item, ab, ba in zip(usable, reviews[::2], reviews[1::2]):
         v_ab = verdict(ab, judge.margin)  # A in position 1
         v_ba = _FLIP[verdict(ba, judge.margin)]  # A in position 2: position 1's verdict, seen from A
         records.append({"judge": judge.id, "model_a": model_a, "model_b": model_b, "dataset": item.dataset,
                         "id": item.id, "a_first": _order_record(ab, v_ab), "b_first": _order_record(ba, v_ba),
-                        "outcome": combine_orders(v_ab, v_ba),
-                        "unparsed": int(not ab.scored) + int(not ba.scored)})
+                        "outcome": combine_orders(v_ab, v_ba), "unparsed": int(not ab.scored) + int(not ba.scored)})
     return records
 
 
@@ -79,15 +75,11 @@ def plot_outcomes(rows: list[dict], path: str | Path, title: str | None = None) 
 def pair_items(records_a: list[dict], records_b: list[dict]) -> list[PairItem]:
     """Join two models' generation records (``generate.generation_records``) on (dataset, id)."""
     by_key = {(r["dataset"], r["id"]): r for r in records_b}
-    items = []
-    for a in records_a:
-        b = by_key.get((a["dataset"], a["id"]))
-        if b is None:
-            raise ValueError(f"model B has no generation for {a['dataset']}/{a['id']}")
-        items.append(PairItem(id=a["id"], dataset=a["dataset"], question=question_text(a), reference=a.get("reference"),
-                              answer_a=a["output"], answer_b=b["output"], nll_a=a.get("reference_nll"),
-                              nll_b=b.get("reference_nll")))
-    return items
+    matched = [(a, by_key.get((a["dataset"], a["id"]))) for a in records_a]
+    if missing := next((a for a, b in matched if b is None), None):
+        raise ValueError(f"model B has no generation for {missing['dataset']}/{missing['id']}")
+    return [PairItem(a["id"], a["dataset"], question_text(a), a.get("reference"), a["output"], b["output"],
+                     a.get("reference_nll"), b.get("reference_nll")) for a, b in matched]
 
 
 @dataclass
@@ -106,8 +98,6 @@ class ComparisonResult:
 
 def test_set_label(name: str) -> str:
     """How a test set is named in files and tables: a registry name as is, a file by its stem."""
-    from ..data.datasets import REGISTRY
-
     return name if name in REGISTRY else Path(name).name.split(".")[0].removesuffix("_test_set")
 
 
@@ -168,11 +158,8 @@ def compare_generations(generations: dict[str, list[dict]], baseline: str, judge
     out_dir = Path(out_dir)
     cache = JudgementCache(out_dir / "judgements_cache.jsonl")
     judges = [make_judge(j) for j in judges]
-    records = []
-    for judge in judges:
-        for name, rows in generations.items():
-            if name != baseline:
-                records += judge_pair(pair_items(rows, generations[baseline]), judge, name, baseline, cache)
+    records = [record for judge in judges for name, rows in generations.items() if name != baseline
+               for record in judge_pair(pair_items(rows, generations[baseline]), judge, name, baseline, cache)]
     table = summarize(records, datasets, n_resamples=n_resamples, seed=seed)
     paths = {"records": write_jsonl(out_dir / "judgements.jsonl", records)}
     paths["csv"], paths["markdown"] = write_table(table, out_dir / "table")

@@ -1,33 +1,25 @@
-"""The judges: ``LLMJudge`` (the Cherry LLM / AlpaGasus review prompt, to a local Hugging Face model or an
-OpenAI-compatible endpoint) and three offline judges that need a reference answer: reference NLL, embedding cosine and
-ROUGE-L F1. Reviews are cached by judge and request, so an interrupted evaluation resumes.
-
-Tie margins (score differences at or below them are ties): LLM 0 (integer 1–10 scores); ROUGE-L F1 0.02 (about one
-token of a 50-token answer); embedding cosine 0.02; reference NLL 0.01 nats per token (about 1 % in perplexity).
-"""
+"""The judges: ``LLMJudge`` (the Cherry LLM / AlpaGasus review, by a local model or an OpenAI-compatible endpoint) and
+three offline judges that need a reference answer: reference NLL, embedding cosine, ROUGE-L F1. Reviews are cached, so
+an interrupted evaluation resumes. Tie margins: LLM 0 (integer scores); ROUGE-L F1 0.02 (about one token of a 50-token
+answer); embedding cosine 0.02; reference NLL 0.01 nats per token (about 1 % in perplexity)."""
 
 from __future__ import annotations
 
 import os
 import warnings
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
-from ..data.models import LoadedModel
+from ..data.models import LoadedModel, load_embedder, load_model
 from ..data.prompts import encode_chat, encode_examples, encode_text
 from ..method.layouts import SpecialTokens, resolve_max_length, zero_shot_sequence
 from ..method.losses import EngineConfig, sequence_losses
-from ..method.pairwise import REVIEW_SYSTEM, Judge, Review, ReviewRequest, Side, parse_review, review_prompt
+from ..method.neighbors import embed_texts
+from ..method.pairwise import REVIEW_SYSTEM, Judge, Review, ReviewRequest, parse_review, review_prompt
 from ..runtime.io import stable_hash
 from ..runtime.runs import PartialResults
-
-
-class ChatBackend(Protocol):
-    id: str
-
-    def complete(self, system: str, users: list[str]) -> list[str]: ...
+from .generate import GenerateConfig, generate_ids
 
 
 class HFChatBackend:
@@ -35,8 +27,7 @@ class HFChatBackend:
 
     def __init__(self, loaded: LoadedModel, max_new_tokens: int = 256, batch_size: int = 4, progress: bool = True):
         self.loaded, self.max_new_tokens, self.batch_size, self.progress = loaded, max_new_tokens, batch_size, progress
-        self.id = f"hf:{loaded.identity}"
-        self.prefix = SpecialTokens.from_tokenizer(loaded.tokenizer).prefix
+        self.id, self.prefix = f"hf:{loaded.identity}", SpecialTokens.from_tokenizer(loaded.tokenizer).prefix
 
     def prompt_text(self, system: str, user: str) -> str:
         """The review request as text (for reading; ``prompt_ids`` is what the model gets)."""
@@ -54,11 +45,8 @@ class HFChatBackend:
         return [*self.prefix, *ids]
 
     def complete(self, system: str, users: list[str]) -> list[str]:
-        from .generate import GenerateConfig, generate_ids
-
-        prompts = [self.prompt_ids(system, u) for u in users]
         config = GenerateConfig(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=self.progress)
-        outputs = generate_ids(self.loaded, prompts, config, desc="judge")
+        outputs = generate_ids(self.loaded, [self.prompt_ids(system, u) for u in users], config, desc="judge")
         return [self.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
 
@@ -69,13 +57,12 @@ class OpenAIChatBackend:
     def __init__(self, model: str, base_url: str = "https://api.openai.com/v1",
                  api_key_env: str | None = "OPENAI_API_KEY", temperature: float = 0.0, max_tokens: int = 512,
                  timeout: float = 120.0, retries: int = 3):
-        self.model, self.base_url = model, base_url.rstrip("/")
+        self.model, self.base_url, self.id = model, base_url.rstrip("/"), f"openai-compatible:{model}"
         self.temperature, self.max_tokens, self.timeout, self.retries = temperature, max_tokens, timeout, retries
         self.api_key = None if api_key_env is None else os.environ.get(api_key_env)
         if api_key_env is not None and not self.api_key:
             raise ValueError(f"the API key variable ${api_key_env} is not set "
                              "(pass api_key_env=None for an endpoint without a key)")
-        self.id = f"openai-compatible:{model}"
 
     def complete(self, system: str, users: list[str]) -> list[str]:
         try:
@@ -85,29 +72,25 @@ class OpenAIChatBackend:
         # an endpoint without a key still gets one: the client refuses to start without any
         client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key or "no-key", timeout=self.timeout,
                                max_retries=self.retries)
-        texts = []
-        for user in users:
-            try:
-                reply = client.chat.completions.create(
-                    model=self.model, temperature=self.temperature, max_tokens=self.max_tokens,
-                    messages=[{"role": "system", "content": system}, {"role": "user", "content": user}])
-            except openai.APIStatusError as exc:
-                raise RuntimeError(f"{self.base_url}: HTTP {exc.status_code}: {str(exc.message)[:300]}") from None
-            except openai.APIConnectionError as exc:
-                raise RuntimeError(f"{self.base_url}: {exc.message}") from None
-            texts.append(reply.choices[0].message.content or "")
-        return texts
+        try:
+            replies = [client.chat.completions.create(
+                model=self.model, temperature=self.temperature, max_tokens=self.max_tokens,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": user}]) for user in users]
+        except openai.APIStatusError as exc:
+            raise RuntimeError(f"{self.base_url}: HTTP {exc.status_code}: {str(exc.message)[:300]}") from None
+        except openai.APIConnectionError as exc:
+            raise RuntimeError(f"{self.base_url}: {exc.message}") from None
+        return [reply.choices[0].message.content or "" for reply in replies]
 
 
 class LLMJudge:
-    """The Cherry/AlpaGasus pairwise review; an unparseable review is a tie with its ``error`` set."""
+    """The Cherry/AlpaGasus pairwise review by ``backend`` (an ``id`` and ``complete(system, users) -> texts``); an
+    unparseable review is a tie with its ``error`` set."""
 
-    needs_reference = False
-    cacheable = True
+    needs_reference, cacheable = False, True
 
-    def __init__(self, backend: ChatBackend, margin: float = 0.0):
-        self.backend, self.margin = backend, margin
-        self.id = f"llm:{backend.id}"
+    def __init__(self, backend: HFChatBackend | OpenAIChatBackend, margin: float = 0.0):
+        self.backend, self.margin, self.id = backend, margin, f"llm:{backend.id}"
 
     def review(self, requests: list[ReviewRequest]) -> list[Review]:
         users = [review_prompt(r.question, r.first.answer, r.second.answer) for r in requests]
@@ -118,13 +101,10 @@ class LLMJudge:
 
 
 class _PerAnswerJudge:
-    """A symmetric judge that scores each position on its own; the subclass gives ``scores``, ``id`` and ``margin``."""
+    """A symmetric judge that scores each position on its own: the subclass gives ``id``, ``margin`` and
+    ``scores(requests, sides) -> list[float | None]``."""
 
-    needs_reference = True
-    cacheable = False
-
-    def scores(self, requests: list[ReviewRequest], sides: list[Side]) -> list[float | None]:
-        raise NotImplementedError
+    needs_reference, cacheable = True, False
 
     def review(self, requests: list[ReviewRequest]) -> list[Review]:
         first = self.scores(requests, [r.first for r in requests])
@@ -151,16 +131,11 @@ class EmbeddingJudge(_PerAnswerJudge):
 
     def __init__(self, embedder: str = "all-MiniLM-L6-v2", margin: float = 0.02, progress: bool = False):
         self.embedder_name, self.margin, self.progress = embedder, margin, progress
-        self.id = f"embedding-cosine:{embedder}"
-        self._embedder = None
-        # A study judges every model against the same baseline answers and references, chunk by chunk
-        # and in both orders: remembered, each distinct text is embedded once, not once per request.
+        self.id, self._embedder = f"embedding-cosine:{embedder}", None
+        # a study judges every model against the same baseline answers and references: each text is embedded once
         self._vectors: dict[str, np.ndarray] = {}
 
     def _embed(self, texts: list[str]) -> dict[str, np.ndarray]:
-        from ..data.models import load_embedder
-        from ..method.neighbors import embed_texts
-
         new = [t for t in dict.fromkeys(texts) if t not in self._vectors]
         if new:
             self._embedder = self._embedder or load_embedder(self.embedder_name)
@@ -212,17 +187,9 @@ def make_judge(spec: str | Judge, **kwargs) -> Judge:
         margin = kwargs.pop("margin", 0.0)
         if kind == "openai":
             return LLMJudge(OpenAIChatBackend(name, **kwargs), margin=margin)
-        from ..data.models import load_model
-
         loaded = load_model(name, dtype=kwargs.pop("dtype", "auto"), device=kwargs.pop("device", "auto"))
         return LLMJudge(HFChatBackend(loaded, **kwargs), margin=margin)
     raise ValueError(f"unknown judge {spec!r}: use one of {', '.join(OFFLINE_JUDGES)}, hf:<model> or openai:<model>")
-
-
-def cache_key(judge_id: str, request: ReviewRequest) -> str:
-    """Judge, question and both answers in their positions (the order is which answer is Assistant 1)."""
-    return stable_hash({"judge": judge_id, "question": request.question, "answer_1": request.first.answer,
-                        "answer_2": request.second.answer}, length=24)
 
 
 class JudgementCache:
@@ -232,9 +199,6 @@ class JudgementCache:
     def __init__(self, path: str | Path):
         self.log = PartialResults(Path(path), key="key", key_type=str)
         self._rows = self.log.load()
-
-    def __len__(self) -> int:
-        return len(self._rows)
 
     def get(self, key: str) -> Review | None:
         row = self._rows.get(key)
@@ -251,7 +215,9 @@ def run_judge(judge: Judge, requests: list[ReviewRequest], cache: JudgementCache
               chunk: int = 32) -> list[Review]:
     """Reviews of ``requests``; cached ones are reused, new ones are appended to the cache as they finish."""
     use_cache = cache is not None and judge.cacheable
-    keys = [cache_key(judge.id, r) for r in requests] if use_cache else []
+    # the key: judge, question and both answers in their positions (the order is which answer is Assistant 1)
+    keys = [stable_hash({"judge": judge.id, "question": r.question, "answer_1": r.first.answer,
+                         "answer_2": r.second.answer}, length=24) for r in requests] if use_cache else []
     reviews: list[Review | None] = [cache.get(k) for k in keys] if use_cache else [None] * len(requests)
     todo = [i for i, review in enumerate(reviews) if review is None]
     for start in range(0, len(todo), chunk):
@@ -260,8 +226,7 @@ def run_judge(judge: Judge, requests: list[ReviewRequest], cache: JudgementCache
             reviews[i] = review
         if use_cache:
             cache.put([(keys[i], judge.id, reviews[i]) for i in batch])
-    failed = [requests[i].item_id for i, r in enumerate(reviews) if not r.scored]
-    if failed:
+    if failed := [requests[i].item_id for i, r in enumerate(reviews) if not r.scored]:
         warnings.warn(f"judge {judge.id}: {len(failed)} of {len(requests)} reviews have no scores and count as "
                       f"ties (first ids: {failed[:5]})", stacklevel=2)
     return reviews

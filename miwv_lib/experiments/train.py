@@ -1,11 +1,8 @@
-"""Fine-tuning θ on a (selected) pool: LoRA by default, full fine-tuning as an option.
-
-Labels cover exactly what the scorer measures (``response [EOS]`` of its zero-shot layout), so "what MIWV scored"
-and "what training optimises" cannot drift. Defaults follow Stanford Alpaca (3 epochs, cosine, 3 % warm-up, max
-length 512) with a LoRA-sized learning rate and an effective batch of 16. On a 2-core CPU, bf16 LoRA on Gemma-3-270m
-runs about 63 tokens/s (45 in float32): a 400-row, 3-epoch run takes an hour, so the paper's setting needs a GPU.
-``response_only_loss`` (1.36× the speed, benchmarks/RESULTS.md) and resumable ``save_steps`` help long CPU runs.
-"""
+"""Fine-tuning θ on a (selected) pool: LoRA by default, full fine-tuning as an option. Labels cover exactly what the
+scorer measures (``response [EOS]`` of its zero-shot layout), so "what MIWV scored" and "what training optimises" cannot
+drift. Defaults follow Stanford Alpaca (3 epochs, cosine, 3 % warm-up, max length 512) with a LoRA-sized learning rate
+and an effective batch of 16. CPU runs are slow (an hour for 400 rows on 2 cores): ``response_only_loss`` (1.36× the
+speed, benchmarks/RESULTS.md) and resumable ``save_steps`` help."""
 
 from __future__ import annotations
 
@@ -23,17 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import (
-    DataCollatorForSeq2Seq,
-    PreTrainedTokenizerBase,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_callback import PrinterCallback, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from ..data.datasets import InstructionPool
 from ..data.models import DEFAULT_MODEL, LoadedModel, bf16_supported, load_model, resolve_device
@@ -83,8 +73,7 @@ class TrainConfig:
     seed: int = setting(42, rule=integer(0), flag="--train-seed", help="LoRA initialisation and data order")
     logging_steps: int = setting(1, rule=integer(1), cli=False)
     progress: bool = setting(True, rule=boolean(), cli=False)
-    # LM head only where a label is predicted; False: HF's full-logits loss (the same loss, slower)
-    response_only_loss: bool = setting(True, rule=boolean(), cli=False)
+    response_only_loss: bool = setting(True, rule=boolean(), cli=False)  # False: HF's loss over all logits (slower)
     save_steps: int = setting(0, rule=integer(0), help="> 0: a checkpoint every N optimizer steps, to resume from")
 
     def __post_init__(self):
@@ -94,8 +83,7 @@ class TrainConfig:
         return self.learning_rate if self.learning_rate is not None else 2e-4 if self.method == "lora" else 2e-5
 
 
-# Fields that do not change the trained weights; they stay out of the fingerprint. response_only_loss
-# computes the same loss (float rounding aside); save_steps only decides where training can resume from.
+# Not fingerprinted: they do not change the weights (response_only_loss: the same loss; save_steps: where to resume)
 _NOT_FINGERPRINTED = {"progress", "logging_steps", "device", "response_only_loss", "save_steps"}
 
 
@@ -143,8 +131,6 @@ def _prepare_model(model, config: TrainConfig):
     model.config.use_cache = False  # the KV cache is useless (and warns) during training
     if config.method == "full":
         return model
-    if config.method != "lora":
-        raise ValueError(f"method must be 'lora' or 'full'; got {config.method!r}")
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
@@ -172,12 +158,9 @@ def response_only_loss(model, inputs: dict[str, torch.Tensor],
 
 
 class ResponseOnlyLossTrainer(Trainer):
-    """A ``Trainer`` whose loss never builds logits for prompt or padding positions.
-
-    HF's forward upcasts the logits of every position to float32: with Gemma's 262k-token vocabulary that tensor
-    (and its gradient) dominates CPU training. ``num_items_in_batch`` is used exactly when the stock ``compute_loss``
-    would pass it to the model, so Trainer's gradient-accumulation scaling and the logged loss are unchanged.
-    """
+    """A ``Trainer`` whose loss builds no logits for prompt or padding positions (HF upcasts all of them to float32:
+    with Gemma's 262k-token vocabulary that tensor dominates CPU training). ``num_items_in_batch`` is used exactly when
+    the stock ``compute_loss`` would pass it, so gradient-accumulation scaling and the logged loss are unchanged."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
@@ -196,25 +179,19 @@ class ResponseOnlyLossTrainer(Trainer):
         return loss
 
 
-_CURVE_KEY = "miwv_loss_curve"  # our row, kept in Trainer's log history so checkpoints carry it
-
-
 class LossCurveCallback(TrainerCallback):
-    """A tqdm bar with loss and tokens/s, and the rows of ``loss.csv``; it also vetoes a checkpoint of the last step.
+    """A tqdm bar with loss and tokens/s, and the rows of ``loss.csv`` (also kept in ``state.log_history``, which
+    checkpoints save, so a resumed run continues the curve); it vetoes a checkpoint of the last step."""
 
-    Each row is also kept in ``state.log_history``, which checkpoints save, so a resumed run continues the curve;
-    ``seconds`` adds up all sessions, tokens/s is this session's.
-    """
+    CURVE_KEY = "miwv_loss_curve"  # our row's key in a log history entry
 
     def __init__(self, progress: bool = True, desc: str = "train"):
-        self.progress, self.desc = progress, desc
-        self.rows: list[dict] = []
-        self.bar, self.start = None, 0.0
+        self.progress, self.desc, self.rows, self.bar, self.start = progress, desc, [], None, 0.0
         self.seconds_before, self.tokens_at_start, self.resumed_from_step = 0.0, 0, 0  # of earlier sessions
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.perf_counter()
-        self.rows = [entry[_CURVE_KEY] for entry in state.log_history if _CURVE_KEY in entry]
+        self.rows = [entry[self.CURVE_KEY] for entry in state.log_history if self.CURVE_KEY in entry]
         self.seconds_before = self.rows[-1]["seconds"] if self.rows else 0.0
         self.tokens_at_start, self.resumed_from_step = state.num_input_tokens_seen, state.global_step
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
@@ -239,7 +216,7 @@ class LossCurveCallback(TrainerCallback):
                "tokens_per_second": round(speed, 1) if speed else None}
         self.rows.append(row)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1][_CURVE_KEY] = row  # Trainer.log appended this step's entry just before on_log
+            state.log_history[-1][self.CURVE_KEY] = row  # Trainer.log appended this step's entry just before on_log
         self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{speed:.0f}" if speed else "-")
 
     def close(self) -> None:  # not on_train_end: Trainer does not call it when interrupted
@@ -288,8 +265,7 @@ def _training_arguments(config: TrainConfig, device: torch.device, use_bf16: boo
         # non-reentrant checkpointing works with frozen embeddings (LoRA) without forcing input gradients
         activation_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         train_sampling_strategy=config.sampling,
-        dataloader_pin_memory=device.type == "cuda", remove_unused_columns=False,
-    )
+        dataloader_pin_memory=device.type == "cuda", remove_unused_columns=False)
 
 
 def _save_atomically(out_dir: Path, name: str, save) -> Path:
@@ -305,10 +281,8 @@ def _save_atomically(out_dir: Path, name: str, save) -> Path:
 
 
 def _resume_checkpoint(out_dir: Path, previous: dict | None, overwrite: bool) -> str | None:
-    """The newest whole checkpoint a killed run of this very training left in ``out_dir``, or None (then none is kept).
-
-    ``previous`` has this fingerprint (``check_fingerprint`` refuses any other): "running" is this training, unfinished.
-    """
+    """The newest whole checkpoint a killed run of this very training left (``previous`` has this fingerprint, and
+    "running" is this training unfinished), or None: then none is kept."""
     checkpoints = out_dir / CHECKPOINT_DIR
     if not overwrite and previous and previous.get("status") == "running":
         while checkpoints.is_dir() and (last := get_last_checkpoint(str(checkpoints))) is not None:
@@ -323,11 +297,10 @@ def _resume_checkpoint(out_dir: Path, previous: dict | None, overwrite: bool) ->
 def _whole_run_loss(curve: LossCurveCallback, session_loss: float, steps: int) -> float:
     """Mean loss per step over all sessions (Trainer's ``training_loss`` covers only the steps after a resume).
     Earlier sessions enter through their logged rows: exact when ``save_steps`` is a multiple of ``logging_steps``."""
-    before = [r for r in curve.rows if r["step"] <= curve.resumed_from_step]
-    if not curve.resumed_from_step or not before:
+    before = [r for r in curve.rows if r["step"] <= curve.resumed_from_step]  # none unless resumed: steps start at 1
+    if not before:
         return session_loss
-    starts = [0] + [row["step"] for row in before[:-1]]
-    total = sum(row["loss"] * (row["step"] - start) for row, start in zip(before, starts))
+    total = sum(row["loss"] * (row["step"] - start) for row, start in zip(before, [0] + [r["step"] for r in before]))
     session_steps = steps - curve.resumed_from_step
     return (total + session_loss * session_steps) / (before[-1]["step"] + session_steps)
 
@@ -341,10 +314,8 @@ def _result_from_manifest(name: str, out_dir: Path, manifest: dict, **overrides)
 
 def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config: TrainConfig | None = None, *,
                 base: LoadedModel | None = None, name: str | None = None, overwrite: bool = False) -> TrainResult:
-    """Fine-tune on ``rows`` and save the adapter (or full model), config and loss curve into ``out_dir``.
-
-    ``base``: a loaded model to start from (copied, never modified) instead of ``config.model``. An ``out_dir`` that
-    already holds the same training is skipped."""
+    """Fine-tune on ``rows`` (from ``base``, copied, or ``config.model``) and save the adapter (or full model), config
+    and loss curve into ``out_dir``. An ``out_dir`` that already holds the same training is skipped."""
     config = config or TrainConfig()
     rows = rows.rows if isinstance(rows, InstructionPool) else list(rows)
     if not rows:
@@ -373,11 +344,9 @@ def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config:
     model = _prepare_model(copy.deepcopy(base.model) if borrowed else base.model, config)
     loss_rows, run = _fit(model, build_features(rows, base.tokenizer, config.template, config.max_length), base,
                           config, device, use_bf16, out_dir, name, resume_from)
-    if config.method == "lora":
-        _save_atomically(out_dir, ADAPTER_DIR, model.save_pretrained)
-    else:
-        _save_atomically(out_dir, FULL_MODEL_DIR,
-                         lambda d: (model.save_pretrained(d), base.tokenizer.save_pretrained(d)))
+    lora = config.method == "lora"
+    _save_atomically(out_dir, ADAPTER_DIR if lora else FULL_MODEL_DIR, model.save_pretrained if lora
+                     else lambda d: (model.save_pretrained(d), base.tokenizer.save_pretrained(d)))
     write_loss_csv(out_dir / LOSS_FILE, loss_rows)
     write_json(out_dir / CONFIG_FILE, asdict(config) | {
         "learning_rate": config.resolved_learning_rate(), "bf16": use_bf16,
@@ -420,7 +389,6 @@ def _fit(model, features: list[dict], base: LoadedModel, config: TrainConfig, de
 
 
 def _saved_run(model_dir: Path) -> tuple[dict, str]:
-    """The run's saved config and its fingerprint."""
     saved = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     return saved, json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["fingerprint"]
 
@@ -433,35 +401,28 @@ def trained_model_signature(model_dir: str | Path) -> tuple[str, str]:
 
 
 def has_weights(model_dir: str | Path) -> bool:
-    """Whether the adapter (or the fully fine-tuned model) of a finished run is on disk."""
     return (Path(model_dir) / ADAPTER_DIR).is_dir() or (Path(model_dir) / FULL_MODEL_DIR).is_dir()
 
 
-def load_trained(model_dir: str | Path, *, base: LoadedModel | None = None, dtype: str | None = None,
-                 device: str = "auto") -> LoadedModel:
-    """A fine-tuned model from a ``train_model`` directory, in eval mode, ready for scoring and generation.
-
-    LoRA adapters stay unmerged (merging a small update into bf16 weights would round much of it away), inside the
-    base architecture, so the scorer's ``model.base_model`` / ``get_output_embeddings()`` work unchanged.
-    """
+def load_trained(model_dir: str | Path, *, dtype: str | None = None, device: str = "auto") -> LoadedModel:
+    """A fine-tuned model from a ``train_model`` directory, in eval mode and (by default) the dtype it was trained in.
+    LoRA adapters stay unmerged (merging a small update into bf16 weights would round much of it away), inside the base
+    architecture, so the scorer's ``model.base_model`` / ``get_output_embeddings()`` work unchanged."""
     model_dir = Path(model_dir)
     saved, fingerprint = _saved_run(model_dir)
-    dtype = dtype or saved["weights_dtype"]  # by default, the precision the model was trained in
+    dtype = dtype or saved["weights_dtype"]
     if (model_dir / FULL_MODEL_DIR).exists():
         loaded = load_model(str(model_dir / FULL_MODEL_DIR), dtype=dtype, device=device)
         loaded.name, loaded.identity = model_dir.name, trained_model_signature(model_dir)[0]
         return loaded
     from peft import PeftModel
 
-    base = (LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.name, base.identity) if base is not None
-            else load_model(saved["model"], dtype=dtype, device=device))
+    base = load_model(saved["model"], dtype=dtype, device=device)
     model = PeftModel.from_pretrained(base.model, str(model_dir / ADAPTER_DIR)).get_base_model().eval()
-    return LoadedModel(model=model, tokenizer=base.tokenizer, name=model_dir.name,
-                       identity=f"{base.identity}+lora:{fingerprint}")
+    return LoadedModel(model, base.tokenizer, name=model_dir.name, identity=f"{base.identity}+lora:{fingerprint}")
 
 
 def estimated_steps(n_rows: int, config: TrainConfig) -> int:
-    """Optimizer steps a run will take (for planning CPU time)."""
     if config.max_steps > 0:
         return config.max_steps
     per_epoch = math.ceil(math.ceil(n_rows / config.batch_size) / config.gradient_accumulation_steps)

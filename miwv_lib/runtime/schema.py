@@ -18,9 +18,8 @@ def setting(default: Any = MISSING, *, help: str = "", rule: Rule | None = None,
             default_factory: Any = MISSING) -> Any:
     """A dataclass field with its ``rule`` (or ``choices``), help text and command-line ``flag`` (default
     ``--field-name``; ``--no-...`` switches a setting off); ``parse`` turns the flag's text into a value."""
-    metadata = {"help": help, "rule": rule, "choices": tuple(choices) if choices else None, "flag": flag,
-                "cli": cli, "parse": parse}
-    return field(default=default, default_factory=default_factory, metadata=metadata)
+    return field(default=default, default_factory=default_factory, metadata=dict(
+        help=help, rule=rule, choices=tuple(choices) if choices else None, flag=flag, cli=cli, parse=parse))
 
 
 def check(config: Any) -> None:

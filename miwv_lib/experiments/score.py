@@ -88,10 +88,6 @@ def find_neighbors(pool: InstructionPool, embedder: str, loaded: LoadedModel | N
     return nearest_neighbors(vectors)
 
 
-def _neighbors_checksum(index: np.ndarray, similarity: np.ndarray) -> str:
-    return stable_hash({"neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist()})
-
-
 def _cached_neighbors(path: Path, key: dict, rows: int, compute) -> tuple[np.ndarray, np.ndarray]:
     """The neighbours saved in ``path`` for ``key``, else ``compute()``'s, saved there (they are deterministic); the
     checksum of the saved numbers catches a hand edit that stays valid JSON (another row's index, say)."""
@@ -100,10 +96,10 @@ def _cached_neighbors(path: Path, key: dict, rows: int, compute) -> tuple[np.nda
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
             if saved.get("key") == key:
-                index = np.asarray(saved["neighbor_index"], dtype=np.int64)
-                similarity = np.asarray(saved["neighbor_similarity"], dtype=np.float32)
-                if (saved.get("checksum") == _neighbors_checksum(index, similarity)
-                        and index.shape == similarity.shape == (rows,)
+                numbers = {name: saved[name] for name in ("neighbor_index", "neighbor_similarity")}
+                index = np.asarray(numbers["neighbor_index"], dtype=np.int64)
+                similarity = np.asarray(numbers["neighbor_similarity"], dtype=np.float32)
+                if (saved.get("checksum") == stable_hash(numbers) and index.shape == similarity.shape == (rows,)
                         and ((index >= 0) & (index < rows) & (index != np.arange(rows))).all()):
                     return index, similarity
                 damaged = True
@@ -113,8 +109,8 @@ def _cached_neighbors(path: Path, key: dict, rows: int, compute) -> tuple[np.nda
         warnings.warn(f"{path} is damaged; the neighbours are computed again", stacklevel=2)
     index, similarity = compute()
     index, similarity = np.asarray(index, dtype=np.int64), np.asarray(similarity, dtype=np.float32)
-    write_json(path, {"key": key, "neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist(),
-                      "checksum": _neighbors_checksum(index, similarity)})
+    numbers = {"neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist()}
+    write_json(path, {"key": key, **numbers, "checksum": stable_hash(numbers)})
     return index, similarity
 
 
@@ -149,13 +145,13 @@ class _Run:
     shard: Shard
 
     @property
-    def partials(self) -> list[PartialResults]:
+    def partials(self) -> list[Path]:
         """Every partial file in the directory, of any earlier world size too."""
-        return [PartialResults(p) for p in sorted(self.out_dir.glob("scores.partial*.jsonl"))]
+        return sorted(self.out_dir.glob("scores.partial*.jsonl"))
 
     def done(self, repair: bool = False) -> dict[int, dict]:
         """Rows already scored. Only rank 0, before any rank appends, may ``repair`` (cut torn tails)."""
-        return {i: row for partial in self.partials for i, row in partial.load(repair=repair).items()}
+        return {i: row for path in self.partials for i, row in PartialResults(path).load(repair=repair).items()}
 
 
 def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig | None = None, *,
@@ -205,9 +201,8 @@ def _start(run: _Run, overwrite: bool) -> dict:
                     f"{run.out_dir / 'manifest.json'}): restore it, or score again with --overwrite")
             return status
         if previous is None:  # a new run, or an overwrite: drop what an older configuration left
-            for old in run.partials:
-                old.remove()
-            scores_path.unlink(missing_ok=True)
+            for old in [*run.partials, scores_path]:
+                old.unlink(missing_ok=True)
         status["manifest"] = manifest = {
             "status": "running", "fingerprint": fingerprint, "fingerprint_inputs": inputs,
             "config": asdict(config), "data_source": run.pool.source, "started": now(),
@@ -269,4 +264,4 @@ def _finish(run: _Run, manifest: dict, max_length: int, seconds: float, todo: in
         (run.out_dir / "scores.jsonl").unlink(missing_ok=True)  # the partial files stay: a re-run merges them again
         raise
     for partial in run.partials:
-        partial.remove()
+        partial.unlink(missing_ok=True)

@@ -90,9 +90,6 @@ class PartialResults:
         if rows:
             append_jsonl(self.path, rows)  # a full disk may tear the last line: the next load cuts it off
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
 
 def environment_info() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version

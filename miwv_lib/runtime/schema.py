@@ -66,17 +66,13 @@ def number(low: float | None = None, high: float | None = None, *, above: bool =
 
 
 def text(*, optional: bool = False) -> Rule:
-    def rule(value: Any) -> str | None:
-        ok = (isinstance(value, str) and value.strip()) or (value is None and optional)
-        return None if ok else f"expected a non-empty string, got {value!r}"
-    return rule
+    return lambda value: (None if (isinstance(value, str) and value.strip()) or (value is None and optional)
+                          else f"expected a non-empty string, got {value!r}")
 
 
 def boolean(*, optional: bool = False) -> Rule:
-    def rule(value: Any) -> str | None:
-        ok = isinstance(value, bool) or (value is None and optional)
-        return None if ok else f"expected true or false, got {value!r}"
-    return rule
+    return lambda value: (None if isinstance(value, bool) or (value is None and optional)
+                          else f"expected true or false, got {value!r}")
 
 
 def each(item: Rule, *, nonempty: bool = True) -> Rule:

@@ -1,13 +1,10 @@
 """MIWV: importance-aware data selection for instruction tuning — the paper's method, step by step.
-
-Everything the notebooks and the command line use is importable from here.
-"""
+Everything the notebooks and the command line use is importable from here."""
 
 __version__ = "0.1.0"
 
-# Every name is imported on first use (PEP 562), so ``import miwv_lib`` and ``python -m miwv_lib`` are
-# instant: the torch/transformers stack loads only when something needs it, and a Ctrl-C while it
-# loads reaches the command line's handler instead of interrupting this file.
+# Names are imported on first use (PEP 562): ``import miwv_lib`` is instant, torch loads only when something needs
+# it, and a Ctrl-C while it loads reaches the command line's handler instead of interrupting this file.
 _LAZY = {name: module for module, names in {
     "method.layouts": "one_shot_sequence unconditional_sequence zero_shot_sequence",
     "method.losses": "response_loss sequence_losses",

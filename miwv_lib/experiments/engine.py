@@ -1,9 +1,7 @@
 """The experiment engine: one model per arm, fine-tuned, asked the test prompts, judged against the full pool.
-
-Notebooks 04-05, ``evaluate`` and ``study`` all run these functions, so every path names, trains and judges a
-model alike; each stage skips what its files already hold, so running it again continues where it stopped.
-A run directory holds ``subsets/selections.json``, ``models/<arm>/``, ``generations/<arm>/`` and ``evaluation/``.
-"""
+Notebooks 04-05, ``evaluate`` and ``study`` all run these functions, so every path names, trains and judges a model
+alike; each stage skips what its files already hold, so running it again continues where it stopped. A run directory
+holds ``subsets/selections.json``, ``models/<arm>/``, ``generations/<arm>/`` and ``evaluation/``."""
 
 from __future__ import annotations
 
@@ -47,9 +45,7 @@ def export_arms(pool: InstructionPool, scores: list[dict], arms: Sequence[Arm], 
                 subsets_dir: Path) -> list[dict]:
     """Write every selected arm's subset to ``subsets_dir/<arm>.json``; returns what was written, with sha256s."""
     entries = []
-    for arm in arms:
-        if arm.method == BASELINE:
-            continue
+    for arm in [a for a in arms if a.method != BASELINE]:
         rows = plan[arm.name]
         path = export_subset(pool, scores, rows, Path(subsets_dir) / f"{arm.name}.json", by=arm.method)
         entries.append({"name": arm.name, "method": arm.method, "ratio": arm.ratio, "seed": arm.seed,

@@ -1,7 +1,6 @@
-"""The ``score`` stage: MIWV (and IFD) of every row of a pool, into ``out_dir/scores.jsonl``.
-
-Kill-safe: finished chunks are appended to a partial file per rank, the manifest's fingerprint ties the directory
-to its settings, and ``scores.jsonl`` appears only when every row is scored."""
+"""The ``score`` stage: MIWV (and IFD) of every row of a pool, into ``out_dir/scores.jsonl``. Kill-safe: finished chunks
+are appended to a partial file per rank, the manifest's fingerprint ties the directory to its settings, and
+``scores.jsonl`` appears only when every row is scored."""
 
 from __future__ import annotations
 
@@ -47,6 +46,7 @@ from .select import scores_changed
 
 PARTIAL_FILE = "scores.partial.jsonl"  # rank 0's finished chunks; rank r writes scores.partial.rank{r}.jsonl
 
+
 @dataclass
 class ScoreConfig:
     model: str = setting(DEFAULT_MODEL, rule=text(), help="built-in name, local directory, .gguf file or hub id")
@@ -63,10 +63,9 @@ class ScoreConfig:
     max_tokens_per_batch: int = setting(8192, rule=integer(1), help="padded tokens per forward pass (memory bound)")
     compute_ifd: bool = setting(True, rule=boolean(), flag="--no-ifd",
                                 help="skip the unconditional pass that IFD needs")
-    chunk_rows: int = setting(
-        64, rule=integer(1), help="advanced: rows per checkpoint in scores.partial.jsonl (at most this much work is "
-                                  "lost when the job is killed; a resumed run must use the same value to be "
-                                  "byte-identical)")
+    chunk_rows: int = setting(64, rule=integer(1), help="advanced: rows per checkpoint in scores.partial.jsonl (at "
+                              "most this much work is lost when the job is killed; a resumed run must use the same "
+                              "value to be byte-identical)")
     torch_compile: bool = setting(
         False, rule=boolean(), help="torch.compile the model body and the loss: MFU 0.53 instead of 0.42 on a GPU (7B, "
                                     "H200), after a minute of compiling; not part of the configuration")
@@ -89,40 +88,29 @@ def find_neighbors(pool: InstructionPool, embedder: str, loaded: LoadedModel | N
     return nearest_neighbors(vectors)
 
 
-def _read_neighbors(path: Path, key: dict, rows: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached neighbours, or None (compute them again: they are deterministic) when absent, of another key, or
-    damaged; the checksum of its own numbers catches a hand edit that stays valid JSON (another row's index, say)."""
-    if not path.exists():
-        return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("key") != key:
-            return None
-        index = np.asarray(saved["neighbor_index"], dtype=np.int64)
-        similarity = np.asarray(saved["neighbor_similarity"], dtype=np.float32)
-        intact = (saved.get("checksum") == _neighbors_checksum(index, similarity) and index.shape == (rows,)
-                  and similarity.shape == (rows,)
-                  and ((index >= 0) & (index < rows) & (index != np.arange(rows))).all())
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError):
-        intact = False
-    if not intact:
-        warnings.warn(f"{path} is damaged; the neighbours are computed again", stacklevel=2)
-        return None
-    return index, similarity
-
-
-def _neighbors_checksum(index: np.ndarray, similarity: np.ndarray) -> str:
-    return stable_hash({"neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist()})
-
-
 def _cached_neighbors(path: Path, key: dict, rows: int, compute) -> tuple[np.ndarray, np.ndarray]:
-    cached = _read_neighbors(path, key, rows)
-    if cached is not None:
-        return cached
+    """The neighbours saved in ``path`` for ``key``, else ``compute()``'s, saved there (they are deterministic); the
+    checksum of the saved numbers catches a hand edit that stays valid JSON (another row's index, say)."""
+    damaged = False
+    if path.exists():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("key") == key:
+                numbers = {name: saved[name] for name in ("neighbor_index", "neighbor_similarity")}
+                index = np.asarray(numbers["neighbor_index"], dtype=np.int64)
+                similarity = np.asarray(numbers["neighbor_similarity"], dtype=np.float32)
+                if (saved.get("checksum") == stable_hash(numbers) and index.shape == similarity.shape == (rows,)
+                        and ((index >= 0) & (index < rows) & (index != np.arange(rows))).all()):
+                    return index, similarity
+                damaged = True
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError):
+            damaged = True
+    if damaged:
+        warnings.warn(f"{path} is damaged; the neighbours are computed again", stacklevel=2)
     index, similarity = compute()
     index, similarity = np.asarray(index, dtype=np.int64), np.asarray(similarity, dtype=np.float32)
-    write_json(path, {"key": key, "neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist(),
-                      "checksum": _neighbors_checksum(index, similarity)})
+    numbers = {"neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist()}
+    write_json(path, {"key": key, **numbers, "checksum": stable_hash(numbers)})
     return index, similarity
 
 
@@ -157,22 +145,13 @@ class _Run:
     shard: Shard
 
     @property
-    def partials(self) -> list[PartialResults]:
+    def partials(self) -> list[Path]:
         """Every partial file in the directory, of any earlier world size too."""
-        return [PartialResults(p) for p in sorted(self.out_dir.glob("scores.partial*.jsonl"))]
+        return sorted(self.out_dir.glob("scores.partial*.jsonl"))
 
     def done(self, repair: bool = False) -> dict[int, dict]:
         """Rows already scored. Only rank 0, before any rank appends, may ``repair`` (cut torn tails)."""
-        return {i: row for partial in self.partials for i, row in partial.load(repair=repair).items()}
-
-    @property
-    def neighbor_key(self) -> dict:
-        return {"embedder": self.config.embedder, "data": self.pool.content_hash,
-                "model": self.loaded.identity if self.config.embedder == SELF_EMBEDDER else None}
-
-    @property
-    def progress(self) -> bool:
-        return self.config.progress and self.shard.is_main
+        return {i: row for path in self.partials for i, row in PartialResults(path).load(repair=repair).items()}
 
 
 def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig | None = None, *,
@@ -194,7 +173,7 @@ def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig |
     if status["error"] is not None:
         raise status["error"]
     if not status["finished"]:
-        max_length, seconds, todo = _score_missing_chunks(run)
+        max_length, seconds, todo = _score_missing_chunks(run, *status["neighbors"])
         barrier(run.shard)
         if run.shard.is_main:
             _finish(run, status["manifest"], max_length, seconds, todo)
@@ -222,17 +201,19 @@ def _start(run: _Run, overwrite: bool) -> dict:
                     f"{run.out_dir / 'manifest.json'}): restore it, or score again with --overwrite")
             return status
         if previous is None:  # a new run, or an overwrite: drop what an older configuration left
-            for old in run.partials:
-                old.remove()
-            scores_path.unlink(missing_ok=True)
+            for old in [*run.partials, scores_path]:
+                old.unlink(missing_ok=True)
         status["manifest"] = manifest = {
             "status": "running", "fingerprint": fingerprint, "fingerprint_inputs": inputs,
             "config": asdict(config), "data_source": run.pool.source, "started": now(),
             "world_size": run.shard.world_size, "environment": environment_info()}
         write_json(run.out_dir / "manifest.json", manifest)
         t0 = time.perf_counter()
-        _cached_neighbors(run.out_dir / "neighbors.json", run.neighbor_key, len(run.pool),
-                          lambda: find_neighbors(run.pool, config.embedder, loaded, progress=run.progress))
+        key = {"embedder": config.embedder, "data": run.pool.content_hash,
+               "model": loaded.identity if config.embedder == SELF_EMBEDDER else None}
+        status["neighbors"] = _cached_neighbors(  # broadcast to every rank with the status
+            run.out_dir / "neighbors.json", key, len(run.pool),
+            lambda: find_neighbors(run.pool, config.embedder, loaded, progress=config.progress))
         manifest["seconds_neighbors"] = round(time.perf_counter() - t0, 2)
         run.done(repair=True)
     except Exception as exc:  # noqa: BLE001 - raised on every rank by score_pool
@@ -240,16 +221,13 @@ def _start(run: _Run, overwrite: bool) -> dict:
     return status
 
 
-def _score_missing_chunks(run: _Run) -> tuple[int, float, int]:
+def _score_missing_chunks(run: _Run, neighbor_index: np.ndarray, neighbor_similarity: np.ndarray) -> tuple:
     """This rank's unfinished chunks, appended to its partial file; returns (max length, seconds, rows to do)."""
-    neighbor_index, neighbor_similarity = _read_neighbors(run.out_dir / "neighbors.json", run.neighbor_key,
-                                                          len(run.pool))  # rank 0 has just written them
     examples = encode_examples(run.pool.rows, run.loaded.tokenizer, run.config.template)
     special = SpecialTokens.from_tokenizer(run.loaded.tokenizer)
     max_length = resolve_max_length(run.config.max_length, one_shot_lengths(examples, neighbor_index, special),
                                     run.loaded.model)
-    config = replace(run.config, max_length=max_length)
-    ids = [row["id"] for row in run.pool.rows]
+    config, ids = replace(run.config, max_length=max_length), run.pool.ids
     mine = PartialResults(run.out_dir / (PARTIAL_FILE if run.shard.is_main
                                          else f"scores.partial.rank{run.shard.rank}.jsonl"))
     done = run.done()
@@ -260,7 +238,7 @@ def _score_missing_chunks(run: _Run) -> tuple[int, float, int]:
     label = "MIWV scoring" if world == 1 else f"MIWV scoring (rank 0 of {world})"
     t0 = time.perf_counter()
     with tqdm(total=len(done) + sum(map(len, my_chunks)), initial=len(done), desc=label, unit="sample",
-              disable=not run.progress) as bar:
+              disable=not (config.progress and run.shard.is_main)) as bar:
         for chunk in my_chunks:
             rows = score_rows(run.loaded, examples, ids, chunk, neighbor_index, neighbor_similarity, config)
             mine.append([row for row in rows if row["index"] not in done])
@@ -286,4 +264,4 @@ def _finish(run: _Run, manifest: dict, max_length: int, seconds: float, todo: in
         (run.out_dir / "scores.jsonl").unlink(missing_ok=True)  # the partial files stay: a re-run merges them again
         raise
     for partial in run.partials:
-        partial.remove()
+        partial.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ def ifd(conditional_loss: float, unconditional_loss: float) -> float:
 
 
 def _finite_or_none(value: float) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
+    return float(value) if math.isfinite(value) else None
 
 
 @dataclass
@@ -58,38 +58,27 @@ def plan_passes(examples: list[EncodedExample], indices: list[int], neighbor_ind
                 and one[i].input_ids[:len(zero[k].input_ids)] == zero[k].input_ids):
             carrier[k] = i
 
-    sequences: list[Sequence] = []
-    where: dict[tuple[str, int], tuple[int, int]] = {}
+    passes: list[tuple[Sequence, tuple]] = []  # each pass, and the (pass kind, row) whose loss each of its spans is
     for i in indices:
-        if not cuts[i].no_demo:  # a row without its demo gets no one-shot pass
-            k = int(neighbor_index[i])
-            carries = carrier.get(k) == i
-            where[("one", i)] = (len(sequences), 0)
-            if carries:
-                where[("zero", k)] = (len(sequences), 1)
-            spans = ((len(zero[k].input_ids), zero[k].n_targets),) if carries else ()
-            sequences.append(Sequence(one[i].input_ids, one[i].n_targets, spans))
+        k = int(neighbor_index[i])
+        if carrier.get(k) == i:
+            spans = ((len(zero[k].input_ids), zero[k].n_targets),)
+            passes.append((Sequence(one[i].input_ids, one[i].n_targets, spans), (("one", i), ("zero", k))))
+        elif not cuts[i].no_demo:  # a row without its demo gets no one-shot pass
+            passes.append((one[i], (("one", i),)))
         if i not in carrier:
-            where[("zero", i)] = (len(sequences), 0)
-            sequences.append(zero[i])
+            passes.append((zero[i], (("zero", i),)))
         if compute_ifd:
-            where[("uncond", i)] = (len(sequences), 0)
-            sequences.append(unconditional_sequence(examples[i], special, max_length))
-    return PassPlan(sequences, where, one, cuts)
-
-
-# Why a row has no MIWV (``status`` in scores.jsonl); such a row is never selected.
-STATUS_OK = "ok"
-STATUS_NO_DEMO = "no-demo"  # max_length leaves no room for any of the neighbour's example
-STATUS_NOT_FINITE = "loss-not-finite"
+            passes.append((unconditional_sequence(examples[i], special, max_length), (("uncond", i),)))
+    where = {owner: (n, span) for n, (_, owners) in enumerate(passes) for span, owner in enumerate(owners)}
+    return PassPlan([sequence for sequence, _ in passes], where, one, cuts)
 
 
 def _score_row(i: int, k: int, ids: list[str], examples: list[EncodedExample], one: Sequence, cut: Truncation,
                similarity: float, zero_loss: float, one_loss: float, uncond: float, compute_ifd: bool) -> dict:
-    status = STATUS_NO_DEMO if cut.no_demo else STATUS_OK
     value = _finite_or_none(miwv(one_loss, zero_loss))
-    if status == STATUS_OK and value is None:
-        status = STATUS_NOT_FINITE
+    # Why a row has no MIWV (such a row is never selected); no-demo: max_length leaves no room for the demonstration.
+    status = "no-demo" if cut.no_demo else "ok" if value is not None else "loss-not-finite"
     return {"index": i, "id": ids[i], "neighbor_index": k, "neighbor_id": ids[k],
             "neighbor_similarity": round(float(similarity), 6),
             "zero_shot_loss": _finite_or_none(zero_loss), "one_shot_loss": _finite_or_none(one_loss),

@@ -4,15 +4,13 @@
 * one-shot of sample i:    ``[BOS] prompt_k response_k [EOS] prompt_i response_i [EOS]`` (neighbour k first)
 * unconditional (IFD):     ``[BOS] response_i [EOS]``
 
-Prompt and response are tokenised separately (``data.prompts``), so the boundary between them is exact.
-"""
+Prompt and response are tokenised separately (``data.prompts``), so the boundary between them is exact."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -29,12 +27,11 @@ class SpecialTokens:
     eos: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> SpecialTokens:
+    def from_tokenizer(cls, tokenizer) -> SpecialTokens:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; the response loss includes the final EOS")
-        probe = tokenizer("a").input_ids
-        uses_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
-        return cls(bos=tokenizer.bos_token_id if uses_bos else None, eos=tokenizer.eos_token_id)
+        bos = tokenizer.bos_token_id
+        return cls(bos=bos if tokenizer("a").input_ids[:1] == [bos] else None, eos=tokenizer.eos_token_id)
 
     @property
     def prefix(self) -> tuple[int, ...]:
@@ -82,17 +79,10 @@ def _sample_body(example: EncodedExample, special: SpecialTokens, max_length: in
     """Sample i's ``prompt response [EOS]`` fitted into ``max_length`` with its BOS: (tokens, n_targets, cuts).
     The prompt is trimmed from the left; only a response too long on its own is cut (from the right, in every pass)."""
     room = max_length - len(special.prefix)
-    targets = [*example.response, special.eos]
-    cut = Truncation()
-    if len(targets) > room:
-        cut.response = len(targets) - room
-        targets = targets[:room]
-    prompt = list(example.prompt)
-    if len(prompt) + len(targets) > room:
-        keep = room - len(targets)
-        cut.prompt = len(prompt) - keep
-        prompt = prompt[len(prompt) - keep:]
-    return prompt + targets, len(targets), cut
+    cut = Truncation(response=max(len(example.response) + 1 - room, 0))
+    targets = [*example.response, special.eos][:room]
+    cut.prompt = max(len(example.prompt) + len(targets) - room, 0)
+    return [*example.prompt[cut.prompt:], *targets], len(targets), cut
 
 
 def zero_shot_sequence(example: EncodedExample, special: SpecialTokens, max_length: int) -> tuple[Sequence, Truncation]:
@@ -104,10 +94,8 @@ def one_shot_sequence(example: EncodedExample, demo: EncodedExample, special: Sp
                       max_length: int) -> tuple[Sequence, Truncation]:
     body, n_targets, cut = _sample_body(example, special, max_length)
     demo_body = [*demo.prompt, *demo.response, special.eos]
-    room = max_length - len(special.prefix) - len(body)
-    if len(demo_body) > room:
-        cut.demo = len(demo_body) - max(room, 0)
-        demo_body = demo_body[cut.demo:]  # trim the demo from the left: keep what sits next to x_i
+    cut.demo = max(len(demo_body) - max(max_length - len(special.prefix) - len(body), 0), 0)
+    demo_body = demo_body[cut.demo:]  # trim the demo from the left: keep what sits next to x_i
     cut.demo_kept = len(demo_body)
     return Sequence((*special.prefix, *demo_body, *body), n_targets), cut
 
@@ -152,8 +140,7 @@ def resolve_max_length(setting: int | str, needed: list[int], model) -> int:
 
 def one_shot_lengths(examples: list[EncodedExample], neighbor_index: np.ndarray, special: SpecialTokens,
                      indices: list[int] | None = None) -> list[int]:
-    """Untruncated length of each row's one-shot sequence (all rows, or ``indices``): BOS, the neighbour's example,
-    then the row's."""
+    """Untruncated length of each row's one-shot sequence (all rows, or ``indices``)."""
     def body(i: int) -> int:
         return len(examples[i].prompt) + len(examples[i].response) + 1
 

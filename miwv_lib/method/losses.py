@@ -5,6 +5,7 @@ applied, in chunks, to the hidden states of the scored tokens alone: never a bat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -34,17 +35,13 @@ class EngineConfig:
 
 def length_batches(lengths: list[int], cfg: EngineConfig) -> list[list[int]]:
     """Group sequence indices, longest first, so each batch holds similar lengths (little padding)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) >= cfg.batch_size or (len(current) + 1) * longest > cfg.max_tokens_per_batch):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        last = batches[-1] if batches else []
+        if last and len(last) < cfg.batch_size and (len(last) + 1) * lengths[last[0]] <= cfg.max_tokens_per_batch:
+            last.append(i)
+        else:
+            batches.append([i])
     return batches
 
 
@@ -65,36 +62,26 @@ def sequence_losses(model, sequences: list[Sequence], pad_token_id: int, cfg: En
     return np.array([spans[0] for spans in span_losses(model, sequences, pad_token_id, cfg)], dtype=np.float64)
 
 
-@dataclass
-class _Layout:
-    """One padded batch: the model inputs, and where its response tokens and their targets are."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    positions: torch.Tensor
-    gather_rows: list[int]
-    gather_cols: list[int]
-    targets: list[int]
-
-
-def _layout(sequences: list[Sequence], batch: list[int], pad_token_id: int, padding_side: str) -> _Layout:
-    lengths = [len(sequences[i].input_ids) for i in batch]
-    width = max(lengths)
+def _layout(sequences: list[Sequence], batch: list[int], pad_token_id: int, padding_side: str) -> tuple:
+    """One padded batch: ids, attention mask and positions, then the (row, column) of the hidden state that predicts
+    each scored token, and that token."""
+    width = max(len(sequences[i].input_ids) for i in batch)
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    out = _Layout(ids, torch.zeros_like(ids), torch.zeros_like(ids), [], [], [])
-    for row, (i, n) in enumerate(zip(batch, lengths)):
+    mask, positions = torch.zeros_like(ids), torch.zeros_like(ids)
+    rows, cols, targets = [], [], []
+    for row, i in enumerate(batch):
         seq = sequences[i].input_ids
-        offset = width - n if padding_side == "left" else 0
-        out.ids[row, offset:offset + n] = torch.tensor(seq)
-        out.mask[row, offset:offset + n] = 1
+        offset = width - len(seq) if padding_side == "left" else 0
+        ids[row, offset:offset + len(seq)] = torch.tensor(seq)
+        mask[row, offset:offset + len(seq)] = 1
         # Explicit positions: with left padding the first real token must still be position 0.
-        out.positions[row, offset:offset + n] = torch.arange(n)
+        positions[row, offset:offset + len(seq)] = torch.arange(len(seq))
         for stop, k in sequences[i].spans:
             # The token at position t is predicted by the hidden state at t − 1.
-            out.gather_rows += [row] * k
-            out.gather_cols += range(offset + stop - k - 1, offset + stop - 1)
-            out.targets += seq[stop - k:stop]
-    return out
+            rows += [row] * k
+            cols += range(offset + stop - k - 1, offset + stop - 1)
+            targets += seq[stop - k:stop]
+    return ids, mask, positions, rows, cols, targets
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -106,21 +93,20 @@ def _token_nll(logits: torch.Tensor, targets: torch.Tensor, cap: float | None) -
     return torch.logsumexp(x, -1) - x.gather(1, targets[:, None])[:, 0]
 
 
-_compiled_token_nll = None
+@cache
+def _compiled_token_nll():
+    return torch.compile(_token_nll, dynamic=True)
 
 
 def _head_nll(model, picked: torch.Tensor, targets: torch.Tensor, chunk: int, compiled: bool) -> torch.Tensor:
     """Per-token negative log-likelihood, ``chunk`` positions at a time: never positions × vocabulary at once."""
-    global _compiled_token_nll
-    if compiled and _compiled_token_nll is None:
-        _compiled_token_nll = torch.compile(_token_nll, dynamic=True)
     head, transform = model.get_output_embeddings(), logit_transform(model)
     cap = getattr(model.config, "final_logit_softcapping", None)
     token_nll = torch.empty(len(targets), dtype=torch.float64, device=picked.device)
     for start in range(0, len(targets), chunk):
         logits, aim = head(picked[start:start + chunk]), targets[start:start + chunk]
         if compiled:
-            token_nll[start:start + chunk] = _compiled_token_nll(logits, aim, cap).double()
+            token_nll[start:start + chunk] = _compiled_token_nll()(logits, aim, cap).double()
         else:  # float32 log-sum-exp, whatever the model's dtype
             token_nll[start:start + chunk] = F.cross_entropy(transform(logits.float()), aim, reduction="none").double()
     return token_nll.cpu()
@@ -143,16 +129,15 @@ def span_losses(model, sequences: list[Sequence], pad_token_id: int,
               leave=False) as bar:
         for batch in length_batches(lengths, cfg):
             with record_function("miwv.layout"):
-                lay = _layout(sequences, batch, pad_token_id, cfg.padding_side)
+                ids, mask, positions, rows, cols, targets = _layout(sequences, batch, pad_token_id, cfg.padding_side)
             with record_function("miwv.body"):
                 # use_cache=False: a KV cache would only keep every layer's keys and values alive to the pass's end.
-                hidden = model.base_model(input_ids=lay.ids.to(device), attention_mask=lay.mask.to(device),
-                                          position_ids=lay.positions.to(device), use_cache=False).last_hidden_state
+                hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                          position_ids=positions.to(device), use_cache=False).last_hidden_state
             with record_function("miwv.head"):
-                rows, cols = torch.tensor(lay.gather_rows, device=device), torch.tensor(lay.gather_cols, device=device)
-                picked = hidden[rows, cols]
-                targets = torch.tensor(lay.targets, device=device)
-                token_nll = _head_nll(model, picked, targets, head_chunk, cfg.torch_compile)
+                picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+                token_nll = _head_nll(model, picked, torch.tensor(targets, device=device), head_chunk,
+                                      cfg.torch_compile)
             cursor = 0
             for i in batch:
                 for _, k in sequences[i].spans:

@@ -20,8 +20,7 @@ SELF_MAX_TOKENS = 512  # like a sentence embedder's max_seq_length: a 200,000-ch
 
 @torch.no_grad()
 def model_embeddings(model, tokenizer, texts: list[str], batch_size: int = 16, progress: bool = True) -> np.ndarray:
-    """Mean-pooled last hidden states of a causal LM over the text's first ``SELF_MAX_TOKENS`` tokens,
-    unit-normalised."""
+    """Unit-normalised mean-pooled last hidden states of a causal LM over each text's first ``SELF_MAX_TOKENS``."""
     device = next(model.parameters()).device
     out = []
     # A with-block closes the bar while an interrupt unwinds, so nothing is drawn after the command's last line.

@@ -121,15 +121,10 @@ OUTCOME_VALUE = {WIN: 1, TIE: 0, LOSS: -1}  # a prompt's share of wins − losse
 
 
 def combine_orders(first: str, second: str) -> str:
-    """One prompt's outcome for model A from its verdicts in the two orders: a win if A wins both, or wins one and
-    ties the other; a loss symmetrically; otherwise a tie (one win and one loss: the judge only followed the position).
-    """
-    verdicts = {first, second}
-    if verdicts <= {WIN, TIE} and WIN in verdicts:
-        return WIN
-    if verdicts <= {LOSS, TIE} and LOSS in verdicts:
-        return LOSS
-    return TIE
+    """One prompt's outcome for model A from its verdicts in the two orders: a win if A wins both, or wins one and ties
+    the other; a loss symmetrically; otherwise a tie (one win and one loss: the judge only followed the position)."""
+    total = OUTCOME_VALUE[first] + OUTCOME_VALUE[second]
+    return WIN if total > 0 else LOSS if total < 0 else TIE
 
 
 def winning_score(wins: int, losses: int, n: int) -> float:

@@ -46,8 +46,7 @@ def select_indices(scores: list[dict], ratio: float, by: str = "miwv", seed: int
     usable = [s for s in scores if is_finite_number(s.get(field))]
     if len(usable) < size:
         raise SelectionError(f"only {len(usable)} rows have a finite {field!r}; cannot select {size}")
-    sign = -1.0 if descending else 1.0
-    ranked = sorted(usable, key=lambda s: (sign * s[field], s["id"], s["index"]))
+    ranked = sorted(usable, key=lambda s: (-s[field] if descending else s[field], s["id"], s["index"]))
     return [int(s["index"]) for s in ranked[:size]]
 
 
@@ -58,20 +57,17 @@ def demo_trimmed(scores: list[dict]) -> int:
 
 def score_warnings(scores: list[dict]) -> list[str]:
     """What a user must know about a scores file before trusting its ranking (one sentence per problem)."""
-    lines = []
     no_demo = [s["index"] for s in scores if s.get("status") == "no-demo"]
-    if no_demo:
-        lines.append(f"{len(no_demo)} rows have no MIWV: max_length leaves no room for their neighbour's example "
-                     f"(status 'no-demo', first rows {no_demo[:5]}); they are never selected. Use --max-length auto")
     others = [s["index"] for s in scores if s.get("miwv") is None and s.get("status") != "no-demo"]
-    if others:
-        lines.append(f"{len(others)} rows have no finite MIWV (null in scores.jsonl, first rows {others[:5]}); "
-                     "they are never selected")
     trimmed = [s["index"] for s in scores if s.get("truncated") and s.get("status") != "no-demo"]
-    if trimmed:
-        lines.append(f"{len(trimmed)} rows were cut to fit max_length ({demo_trimmed(scores) - len(no_demo)} of them "
-                     f"with a trimmed demonstration, which raises MIWV; flagged 'truncated', first rows {trimmed[:5]})")
-    return lines
+    return [line for rows, line in (
+        (no_demo, f"{len(no_demo)} rows have no MIWV: max_length leaves no room for their neighbour's example "
+                  f"(status 'no-demo', first rows {no_demo[:5]}); they are never selected. Use --max-length auto"),
+        (others, f"{len(others)} rows have no finite MIWV (null in scores.jsonl, first rows {others[:5]}); "
+                 "they are never selected"),
+        (trimmed, f"{len(trimmed)} rows were cut to fit max_length ({demo_trimmed(scores) - len(no_demo)} of them "
+                  f"with a trimmed demonstration, which raises MIWV; flagged 'truncated', first rows {trimmed[:5]})"),
+    ) if rows]
 
 
 @dataclass(frozen=True)
@@ -98,15 +94,10 @@ def plan_arms(ratios: Sequence[float], methods: Sequence[str], random_seeds: Seq
               include_full: bool = True) -> list[Arm]:
     """Every subset model, smallest ratio first, then the full-pool baseline (a random arm's name carries its seed
     only when there are several seeds to tell apart)."""
-    arms = []
-    for ratio in sorted(ratios):
-        for method in methods:
-            for seed in random_seeds if method == "random" else [None]:
-                shown = seed if len(random_seeds) > 1 else None
-                arms.append(Arm(arm_name(method, ratio, shown), method, float(ratio), seed))
-    if include_full:
-        arms.append(Arm(BASELINE, BASELINE, 1.0))
-    return arms
+    arms = [Arm(arm_name(method, ratio, seed if len(random_seeds) > 1 else None), method, float(ratio), seed)
+            for ratio in sorted(ratios) for method in methods
+            for seed in (random_seeds if method == "random" else [None])]
+    return arms + ([Arm(BASELINE, BASELINE, 1.0)] if include_full else [])
 
 
 def select_arms(arms: Sequence[Arm], scores: list[dict]) -> dict[str, list[int]]:

@@ -66,9 +66,13 @@ class PartialResults:
         end = good_end = damaged = pending = 0  # pending: invalid lines since the last valid one
         for line in data.split(b"\n")[:-1]:  # what follows the last line break is a torn line, or nothing
             end += len(line) + 1
-            row = _parse_row(line, self.key, self.key_type)
-            if row is not None:
-                rows[row[self.key]] = row
+            try:
+                row = json.loads(line)
+            except ValueError:  # UnicodeDecodeError is a ValueError too
+                row = None
+            key = row.get(self.key) if isinstance(row, dict) else None
+            if isinstance(key, self.key_type) and not isinstance(key, bool):  # else torn, damaged or not a row
+                rows[key] = row
                 good_end, damaged, pending = end, damaged + pending, 0
             elif line.strip():
                 pending += 1
@@ -85,19 +89,6 @@ class PartialResults:
     def append(self, rows: list[dict]) -> None:
         if rows:
             append_jsonl(self.path, rows)  # a full disk may tear the last line: the next load cuts it off
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _parse_row(line: bytes, key: str, key_type: type) -> dict | None:
-    """The row on one line, or None if the line is torn, damaged or not a row (its ``key`` of ``key_type``)."""
-    try:
-        row = json.loads(line)
-    except ValueError:  # UnicodeDecodeError is a ValueError too
-        return None
-    value = row.get(key) if isinstance(row, dict) else None
-    return row if isinstance(value, key_type) and not isinstance(value, bool) else None
 
 
 def environment_info() -> dict[str, Any]:

@@ -18,9 +18,8 @@ def setting(default: Any = MISSING, *, help: str = "", rule: Rule | None = None,
             default_factory: Any = MISSING) -> Any:
     """A dataclass field with its ``rule`` (or ``choices``), help text and command-line ``flag`` (default
     ``--field-name``; ``--no-...`` switches a setting off); ``parse`` turns the flag's text into a value."""
-    metadata = {"help": help, "rule": rule, "choices": tuple(choices) if choices else None, "flag": flag,
-                "cli": cli, "parse": parse}
-    return field(default=default, default_factory=default_factory, metadata=metadata)
+    return field(default=default, default_factory=default_factory, metadata=dict(
+        help=help, rule=rule, choices=tuple(choices) if choices else None, flag=flag, cli=cli, parse=parse))
 
 
 def check(config: Any) -> None:
@@ -67,17 +66,13 @@ def number(low: float | None = None, high: float | None = None, *, above: bool =
 
 
 def text(*, optional: bool = False) -> Rule:
-    def rule(value: Any) -> str | None:
-        ok = (isinstance(value, str) and value.strip()) or (value is None and optional)
-        return None if ok else f"expected a non-empty string, got {value!r}"
-    return rule
+    return lambda value: (None if (isinstance(value, str) and value.strip()) or (value is None and optional)
+                          else f"expected a non-empty string, got {value!r}")
 
 
 def boolean(*, optional: bool = False) -> Rule:
-    def rule(value: Any) -> str | None:
-        ok = isinstance(value, bool) or (value is None and optional)
-        return None if ok else f"expected true or false, got {value!r}"
-    return rule
+    return lambda value: (None if isinstance(value, bool) or (value is None and optional)
+                          else f"expected true or false, got {value!r}")
 
 
 def each(item: Rule, *, nonempty: bool = True) -> Rule:

@@ -36,24 +36,20 @@ from .train import TrainConfig, train_model
 TRAIN = "train_"  # the training flags' dest prefix: 'train' and 'evaluate' have a selection --seed of their own
 
 
-def _int_at_least(low: int, wording: str):
-    def parse(text: str) -> int:
+def _checked(parse, ok, wording: str):
+    """An argparse type: ``parse(text)`` if ``ok`` says it is fine, else a usage error quoting the text."""
+    def convert(text: str):
         with contextlib.suppress(ValueError):
-            if int(text) >= low:
-                return int(text)
+            if ok(value := parse(text)):
+                return value
         raise argparse.ArgumentTypeError(f"expected {wording}, got {text!r}")
 
-    return parse
+    return convert
 
 
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "an integer ≥ 0")
-
-
-def _path(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
-    return text
+_positive_int = _checked(int, lambda n: n >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda n: n >= 0, "an integer ≥ 0")
+_path = _checked(str, str.strip, "a path")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -121,9 +117,7 @@ def _add_train_commands(commands) -> None:
         "evaluate", help="train MIWV-top, random and full-pool models and compare them pairwise on the test sets")
     for parser in (train, evaluate):
         _add_data_args(parser)
-        # --model, --method, --template, --max-length, --epochs, --learning-rate, --batch-size, --grad-accum,
-        # --max-steps, --lora-r/-alpha/-dropout, --train-seed, --no-bf16, --device, ... (dest: train_<field>)
-        add_flags(parser, TrainConfig, prefix=TRAIN)
+        add_flags(parser, TrainConfig, prefix=TRAIN)  # --model, --epochs, --lora-r, --train-seed, ... (dest: train_*)
         parser.add_argument("--overwrite", action="store_true", help="replace a model trained with other settings")
     train.add_argument("--out", required=True, type=_path,
                        help="model directory (adapter, train_config.json, loss.csv)")
@@ -203,8 +197,7 @@ def run_select(args: argparse.Namespace) -> None:
     indices = select_indices(scores, args.ratio, by=args.by, seed=args.seed)
     out = export_subset(pool, scores, indices, args.out, by=args.by)
     print(f"selected {len(indices)} of {len(pool)} rows by {args.by} -> {out}")
-    trimmed = demo_trimmed([scores[i] for i in indices])
-    if trimmed:
+    if trimmed := demo_trimmed([scores[i] for i in indices]):
         print(f"warning: {trimmed} of the {len(indices)} selected rows had their demonstration trimmed by "
               "--max-length (a trimmed demo helps less, which raises MIWV); score again with --max-length auto",
               file=sys.stderr)
@@ -232,8 +225,7 @@ def run_study_command(args: argparse.Namespace) -> None:
     with run_lock(run_dir or resolve_path(load_study_config(args.config).run_dir)):
         study = run_study(args.config, run_dir=run_dir, results_dir=results_dir, stages=args.stages or STAGES,
                           only=args.models)
-    report = study.results_dir / "REPORT.md"
-    if report.exists():
+    if (report := study.results_dir / "REPORT.md").exists():
         print(f"report: {report}")
 
 
@@ -277,15 +269,6 @@ _OS_ERROR_ADVICE = {
 }
 
 
-def _one_line(exc: Exception) -> str:
-    """The message on one line; an OSError names its file first (``/run/scores.jsonl: No space left on device``)
-    and, where the remedy is always the same, says what to do."""
-    text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename and exc.strerror else str(exc)
-    if isinstance(exc, OSError) and exc.errno in _OS_ERROR_ADVICE:
-        text += f"; {_OS_ERROR_ADVICE[exc.errno]}"
-    return " ".join(text.split())
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning is one line, like an error (not Python's two lines with the source of the call)."""
     print(f"warning: {category.__name__}: {' '.join(str(message).split())}", file=file or sys.stderr)
@@ -301,14 +284,18 @@ def main(argv: list[str] | None = None) -> int:
          "evaluate": run_evaluate, "study": run_study_command}[args.command](args)
     except (DataError, ModelLoadError, SelectionError, FingerprintMismatch, RunDirectoryBusy, PipelineError,
             StudyError, EmbedderError, OSError) as exc:  # OSError: a missing path, a full disk, no permission
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        # One line; an OSError names its file first (/run/scores.jsonl: No space left on device) and, where the
+        # remedy is always the same, says what to do.
+        os_error = isinstance(exc, OSError)
+        text = f"{exc.filename}: {exc.strerror}" if os_error and exc.filename and exc.strerror else str(exc)
+        if os_error and exc.errno in _OS_ERROR_ADVICE:
+            text += f"; {_OS_ERROR_ADVICE[exc.errno]}"
+        print(f"error: {' '.join(text.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         partial = Path(args.out) / PARTIAL_FILE if args.command == "score" else None
-        if partial is not None and partial.exists():  # not before the first chunk, nor once the run had finished
-            print(f"interrupted: finished chunks are kept in {partial}; run the same command again to resume",
-                  file=sys.stderr)
-        else:
-            print("interrupted", file=sys.stderr)
+        resumable = partial is not None and partial.exists()  # not before the first chunk, nor after the last
+        print(f"interrupted: finished chunks are kept in {partial}; run the same command again to resume"
+              if resumable else "interrupted", file=sys.stderr)
         return 130
     return 0

@@ -60,11 +60,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, type=_path,
+    parser.add_argument("--data", type=_path,
                         help="file (.json/.jsonl/.parquet), registry name or hub id; default: 'alpaca' "
                              "from the data directory, else the hub")
-    parser.add_argument("--data-dir", default=None, type=_path, help="local data mirror (default: $MIWV_DATA_DIR)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    parser.add_argument("--data-dir", type=_path, help="local data mirror (default: $MIWV_DATA_DIR)")
+    parser.add_argument("--limit", type=int, help="use only the first N rows")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,25 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = commands.add_parser("pipeline", help="run the notebooks in order with papermill, then write report.md")
     pipeline.add_argument("--config", required=True, type=_path, help="YAML configuration, e.g. configs/demo.yaml")
-    pipeline.add_argument("--run-dir", default=None, type=_path,
+    pipeline.add_argument("--run-dir", type=_path,
                           help="output directory (relative to the current directory); default: the config's run_dir")
     pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a parameter (YAML value); NN_name.KEY=VALUE for one notebook; repeatable")
-    pipeline.add_argument("--notebooks", nargs="+", default=None, metavar="NAME",
+    pipeline.add_argument("--notebooks", nargs="+", metavar="NAME",
                           help="run only these notebooks (e.g. 03_selection or 03)")
     pipeline.add_argument("--no-progress", action="store_true", help="no progress bars")
-    pipeline.add_argument("--publish", default=None, type=_path, metavar="DIR",
+    pipeline.add_argument("--publish", type=_path, metavar="DIR",
                           help="then copy the executed notebooks, report.md and figures into DIR (e.g. results/demo)")
 
     study = commands.add_parser("study", help="the reproduction study: score, select, train, generate, judge, report")
     study.add_argument("--config", required=True, type=_path,
                        help="YAML study configuration, e.g. configs/study/small_scale.yaml")
-    study.add_argument("--run-dir", default=None, type=_path, help="intermediate files (default: the config's run_dir)")
-    study.add_argument("--results-dir", default=None, type=_path,
-                       help="REPORT.md and figures (default: the config's results_dir)")
-    study.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+    study.add_argument("--run-dir", type=_path, help="intermediate files (default: the config's run_dir)")
+    study.add_argument("--results-dir", type=_path, help="REPORT.md and figures (default: the config's results_dir)")
+    study.add_argument("--stages", nargs="+", metavar="STAGE",
                        help="run only these stages (score select train generate judge report); default: all")
-    study.add_argument("--models", nargs="+", default=None, metavar="NAME",
+    study.add_argument("--models", nargs="+", metavar="NAME",
                        help="train/generate only these models (e.g. full miwv_5pct), to split the work")
     _add_train_commands(commands)
     return parser
@@ -121,9 +120,8 @@ def _add_train_commands(commands) -> None:
         parser.add_argument("--overwrite", action="store_true", help="replace a model trained with other settings")
     train.add_argument("--out", required=True, type=_path,
                        help="model directory (adapter, train_config.json, loss.csv)")
-    train.add_argument("--scores", default=None, type=_path,
-                       help="scores.jsonl: train on a selection instead of all rows")
-    train.add_argument("--ratio", type=float, default=None, help="with --scores: fraction of rows to keep")
+    train.add_argument("--scores", type=_path, help="scores.jsonl: train on a selection instead of all rows")
+    train.add_argument("--ratio", type=float, help="with --scores: fraction of rows to keep")
     train.add_argument("--by", choices=SELECTION_METHODS, default="miwv")
     train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random baseline")
 
@@ -131,10 +129,10 @@ def _add_train_commands(commands) -> None:
     evaluate.add_argument("--ratio", type=float, required=True, help="fraction of rows each selected model gets")
     evaluate.add_argument("--methods", nargs="+", choices=SELECTION_METHODS, default=["miwv", "random"])
     evaluate.add_argument("--test-sets", nargs="+", default=list(DEFAULT_TEST_SETS))
-    evaluate.add_argument("--sample", type=_positive_int, default=None, help="prompts per test set (seeded sample)")
+    evaluate.add_argument("--sample", type=_positive_int, help="prompts per test set (seeded sample)")
     evaluate.add_argument("--sample-seed", type=_non_negative_int, default=0)
     add_flags(evaluate, GenerateConfig, only=["max_new_tokens"])
-    evaluate.add_argument("--judge", action="append", default=None, metavar="SPEC",
+    evaluate.add_argument("--judge", action="append", metavar="SPEC",
                           help=f"repeatable: {', '.join(OFFLINE_JUDGES)} (default: all three), "
                                "hf:<model> or openai:<model>")
     evaluate.add_argument("--judge-base-url", default="https://api.openai.com/v1", help="for openai:<model>")
@@ -156,8 +154,7 @@ def run_score(args: argparse.Namespace) -> None:
                         f"got {len(pool)}", source=pool.source)
     _check_device(args.device)
     config = from_args(ScoreConfig, args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    if (out := Path(args.out)).exists() and not out.is_dir():
         raise DataError("--out must be a run directory, but this is a file", source=str(out))
     check_embedder(config.embedder)  # before the scoring model loads, not after
     # One scoring process per run directory (rank 0 only under torchrun: the ranks share it on purpose).

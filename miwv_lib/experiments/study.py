@@ -6,6 +6,7 @@ stage writes ``REPORT.md`` into a results directory meant to be committed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -66,8 +67,8 @@ class StudyConfig:
         return _build(TrainConfig, self.train, f"{self.source}: train")
 
     def generate_config(self) -> GenerateConfig:
-        defaults = {"template": self.train_config().template}
-        return _build(GenerateConfig, defaults | self.generate, f"{self.source}: generate")
+        return _build(GenerateConfig, {"template": self.train_config().template} | self.generate,
+                      f"{self.source}: generate")
 
     def arms(self) -> list[Arm]:
         """Every subset model (each method at each ratio, each random seed), then the full-pool baseline."""
@@ -176,7 +177,6 @@ class Study:
         return is_trained(self.model_dir(arm))
 
     def is_answered(self, arm: Arm) -> bool:
-        """Its answers to every test set are in the run directory."""
         return all((self.generations_dir / arm.name / f"{d}.jsonl").exists() for d in self.test_set_labels)
 
     def test_pools(self) -> dict[str, InstructionPool]:
@@ -226,11 +226,8 @@ class Study:
                    "generate": lambda: self.generate(only), "judge": self.judge, "report": self.report}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.record.restore(self.arms, self.test_set_labels)
-        answered = [a.name for a in self.arms if (self.record.root / "generations" / a.name).is_dir()]
-        if answered:  # rebuilt now, not only in 'generate': the report counts them whatever stages run
-            pools = self.test_pools()
-            for name in answered:
-                self.record.restore_generations(name, pools)
+        if answered := [a.name for a in self.arms if (self.record.root / "generations" / a.name).is_dir()]:
+            self.record.restore_generations(answered, self.test_pools())  # now: the report counts them in any stage
         try:
             for stage in [s for s in STAGES if s in stages]:  # always in the study's order, whatever order given
                 print(f"[study] {stage}", flush=True)
@@ -256,20 +253,17 @@ class StudyRecord:
 
     def keep(self) -> None:
         """Copy the run directory's small files into the record (finished models only)."""
-        models = filter(is_trained, self.run_dir.glob("models/*"))
-        for path in [*(path.relative_to(self.run_dir) for pattern in self.FILES for path in self.run_dir.glob(pattern)),
-                     *(Path("models", model.name, name) for model in models for name in self.MODEL_FILES)]:
+        small = [path.relative_to(self.run_dir) for pattern in self.FILES for path in self.run_dir.glob(pattern)]
+        for model in filter(is_trained, self.run_dir.glob("models/*")):
+            small += [Path("models", model.name, name) for name in self.MODEL_FILES]
+        for path in small:
             _copy(self.run_dir / path, self.root / path)
         if (self.run_dir / "scores" / "scores.jsonl").exists():  # finished: its chunks are in scores.jsonl now
             for stale in self.root.glob("scores/scores.partial*.jsonl"):
                 stale.unlink()
-        for model in self.run_dir.glob("generations/*"):
-            self.keep_generations(model.name)
-
-    def keep_generations(self, model: str) -> None:
-        source, target = self.run_dir / "generations" / model, self.root / "generations" / model
-        for meta in source.glob("*.meta.json"):
-            dataset = meta.name.removesuffix(".meta.json")
+        for meta in self.run_dir.glob("generations/*/*.meta.json"):  # finished answers, kept as {"id", "output"}
+            source, dataset = meta.parent, meta.name.removesuffix(".meta.json")
+            target = self.root / "generations" / source.name
             if not (source / f"{dataset}.jsonl").exists():
                 continue
             for name in (f"{dataset}{suffix}" for suffix in self.GENERATION_SUFFIXES):
@@ -295,10 +289,10 @@ class StudyRecord:
             print(f"[study] restored {len(restored)} files from {self.root}", flush=True)
         return restored
 
-    def restore_generations(self, model: str, pools: Mapping[str, InstructionPool]) -> None:
-        """Rebuild a model's generation files from its recorded answers and the test sets themselves."""
-        recorded, target = self.root / "generations" / model, self.run_dir / "generations" / model
-        for dataset, pool in pools.items():
+    def restore_generations(self, models: Sequence[str], pools: Mapping[str, InstructionPool]) -> None:
+        """Rebuild models' generation files from their recorded answers and the test sets themselves."""
+        for model, (dataset, pool) in itertools.product(models, pools.items()):
+            recorded, target = self.root / "generations" / model, self.run_dir / "generations" / model
             answers_path = recorded / f"{dataset}.outputs.jsonl"
             if (target / f"{dataset}.jsonl").exists() or not answers_path.exists():
                 continue

@@ -36,24 +36,20 @@ from .train import TrainConfig, train_model
 TRAIN = "train_"  # the training flags' dest prefix: 'train' and 'evaluate' have a selection --seed of their own
 
 
-def _int_at_least(low: int, wording: str):
-    def parse(text: str) -> int:
+def _checked(parse, ok, wording: str):
+    """An argparse type: ``parse(text)`` if ``ok`` says it is fine, else a usage error quoting the text."""
+    def convert(text: str):
         with contextlib.suppress(ValueError):
-            if int(text) >= low:
-                return int(text)
+            if ok(value := parse(text)):
+                return value
         raise argparse.ArgumentTypeError(f"expected {wording}, got {text!r}")
 
-    return parse
+    return convert
 
 
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "an integer ≥ 0")
-
-
-def _path(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
-    return text
+_positive_int = _checked(int, lambda n: n >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda n: n >= 0, "an integer ≥ 0")
+_path = _checked(str, str.strip, "a path")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,11 +60,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, type=_path,
+    parser.add_argument("--data", type=_path,
                         help="file (.json/.jsonl/.parquet), registry name or hub id; default: 'alpaca' "
                              "from the data directory, else the hub")
-    parser.add_argument("--data-dir", default=None, type=_path, help="local data mirror (default: $MIWV_DATA_DIR)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N rows")
+    parser.add_argument("--data-dir", type=_path, help="local data mirror (default: $MIWV_DATA_DIR)")
+    parser.add_argument("--limit", type=int, help="use only the first N rows")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,25 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipeline = commands.add_parser("pipeline", help="run the notebooks in order with papermill, then write report.md")
     pipeline.add_argument("--config", required=True, type=_path, help="YAML configuration, e.g. configs/demo.yaml")
-    pipeline.add_argument("--run-dir", default=None, type=_path,
+    pipeline.add_argument("--run-dir", type=_path,
                           help="output directory (relative to the current directory); default: the config's run_dir")
     pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="override a parameter (YAML value); NN_name.KEY=VALUE for one notebook; repeatable")
-    pipeline.add_argument("--notebooks", nargs="+", default=None, metavar="NAME",
+    pipeline.add_argument("--notebooks", nargs="+", metavar="NAME",
                           help="run only these notebooks (e.g. 03_selection or 03)")
     pipeline.add_argument("--no-progress", action="store_true", help="no progress bars")
-    pipeline.add_argument("--publish", default=None, type=_path, metavar="DIR",
+    pipeline.add_argument("--publish", type=_path, metavar="DIR",
                           help="then copy the executed notebooks, report.md and figures into DIR (e.g. results/demo)")
 
     study = commands.add_parser("study", help="the reproduction study: score, select, train, generate, judge, report")
     study.add_argument("--config", required=True, type=_path,
                        help="YAML study configuration, e.g. configs/study/small_scale.yaml")
-    study.add_argument("--run-dir", default=None, type=_path, help="intermediate files (default: the config's run_dir)")
-    study.add_argument("--results-dir", default=None, type=_path,
-                       help="REPORT.md and figures (default: the config's results_dir)")
-    study.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+    study.add_argument("--run-dir", type=_path, help="intermediate files (default: the config's run_dir)")
+    study.add_argument("--results-dir", type=_path, help="REPORT.md and figures (default: the config's results_dir)")
+    study.add_argument("--stages", nargs="+", metavar="STAGE",
                        help="run only these stages (score select train generate judge report); default: all")
-    study.add_argument("--models", nargs="+", default=None, metavar="NAME",
+    study.add_argument("--models", nargs="+", metavar="NAME",
                        help="train/generate only these models (e.g. full miwv_5pct), to split the work")
     _add_train_commands(commands)
     return parser
@@ -121,15 +116,12 @@ def _add_train_commands(commands) -> None:
         "evaluate", help="train MIWV-top, random and full-pool models and compare them pairwise on the test sets")
     for parser in (train, evaluate):
         _add_data_args(parser)
-        # --model, --method, --template, --max-length, --epochs, --learning-rate, --batch-size, --grad-accum,
-        # --max-steps, --lora-r/-alpha/-dropout, --train-seed, --no-bf16, --device, ... (dest: train_<field>)
-        add_flags(parser, TrainConfig, prefix=TRAIN)
+        add_flags(parser, TrainConfig, prefix=TRAIN)  # --model, --epochs, --lora-r, --train-seed, ... (dest: train_*)
         parser.add_argument("--overwrite", action="store_true", help="replace a model trained with other settings")
     train.add_argument("--out", required=True, type=_path,
                        help="model directory (adapter, train_config.json, loss.csv)")
-    train.add_argument("--scores", default=None, type=_path,
-                       help="scores.jsonl: train on a selection instead of all rows")
-    train.add_argument("--ratio", type=float, default=None, help="with --scores: fraction of rows to keep")
+    train.add_argument("--scores", type=_path, help="scores.jsonl: train on a selection instead of all rows")
+    train.add_argument("--ratio", type=float, help="with --scores: fraction of rows to keep")
     train.add_argument("--by", choices=SELECTION_METHODS, default="miwv")
     train.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random baseline")
 
@@ -137,10 +129,10 @@ def _add_train_commands(commands) -> None:
     evaluate.add_argument("--ratio", type=float, required=True, help="fraction of rows each selected model gets")
     evaluate.add_argument("--methods", nargs="+", choices=SELECTION_METHODS, default=["miwv", "random"])
     evaluate.add_argument("--test-sets", nargs="+", default=list(DEFAULT_TEST_SETS))
-    evaluate.add_argument("--sample", type=_positive_int, default=None, help="prompts per test set (seeded sample)")
+    evaluate.add_argument("--sample", type=_positive_int, help="prompts per test set (seeded sample)")
     evaluate.add_argument("--sample-seed", type=_non_negative_int, default=0)
     add_flags(evaluate, GenerateConfig, only=["max_new_tokens"])
-    evaluate.add_argument("--judge", action="append", default=None, metavar="SPEC",
+    evaluate.add_argument("--judge", action="append", metavar="SPEC",
                           help=f"repeatable: {', '.join(OFFLINE_JUDGES)} (default: all three), "
                                "hf:<model> or openai:<model>")
     evaluate.add_argument("--judge-base-url", default="https://api.openai.com/v1", help="for openai:<model>")
@@ -162,8 +154,7 @@ def run_score(args: argparse.Namespace) -> None:
                         f"got {len(pool)}", source=pool.source)
     _check_device(args.device)
     config = from_args(ScoreConfig, args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    if (out := Path(args.out)).exists() and not out.is_dir():
         raise DataError("--out must be a run directory, but this is a file", source=str(out))
     check_embedder(config.embedder)  # before the scoring model loads, not after
     # One scoring process per run directory (rank 0 only under torchrun: the ranks share it on purpose).
@@ -203,8 +194,7 @@ def run_select(args: argparse.Namespace) -> None:
     indices = select_indices(scores, args.ratio, by=args.by, seed=args.seed)
     out = export_subset(pool, scores, indices, args.out, by=args.by)
     print(f"selected {len(indices)} of {len(pool)} rows by {args.by} -> {out}")
-    trimmed = demo_trimmed([scores[i] for i in indices])
-    if trimmed:
+    if trimmed := demo_trimmed([scores[i] for i in indices]):
         print(f"warning: {trimmed} of the {len(indices)} selected rows had their demonstration trimmed by "
               "--max-length (a trimmed demo helps less, which raises MIWV); score again with --max-length auto",
               file=sys.stderr)
@@ -232,8 +222,7 @@ def run_study_command(args: argparse.Namespace) -> None:
     with run_lock(run_dir or resolve_path(load_study_config(args.config).run_dir)):
         study = run_study(args.config, run_dir=run_dir, results_dir=results_dir, stages=args.stages or STAGES,
                           only=args.models)
-    report = study.results_dir / "REPORT.md"
-    if report.exists():
+    if (report := study.results_dir / "REPORT.md").exists():
         print(f"report: {report}")
 
 
@@ -277,15 +266,6 @@ _OS_ERROR_ADVICE = {
 }
 
 
-def _one_line(exc: Exception) -> str:
-    """The message on one line; an OSError names its file first (``/run/scores.jsonl: No space left on device``)
-    and, where the remedy is always the same, says what to do."""
-    text = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.filename and exc.strerror else str(exc)
-    if isinstance(exc, OSError) and exc.errno in _OS_ERROR_ADVICE:
-        text += f"; {_OS_ERROR_ADVICE[exc.errno]}"
-    return " ".join(text.split())
-
-
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A warning is one line, like an error (not Python's two lines with the source of the call)."""
     print(f"warning: {category.__name__}: {' '.join(str(message).split())}", file=file or sys.stderr)
@@ -301,14 +281,18 @@ def main(argv: list[str] | None = None) -> int:
          "evaluate": run_evaluate, "study": run_study_command}[args.command](args)
     except (DataError, ModelLoadError, SelectionError, FingerprintMismatch, RunDirectoryBusy, PipelineError,
             StudyError, EmbedderError, OSError) as exc:  # OSError: a missing path, a full disk, no permission
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        # One line; an OSError names its file first (/run/scores.jsonl: No space left on device) and, where the
+        # remedy is always the same, says what to do.
+        os_error = isinstance(exc, OSError)
+        text = f"{exc.filename}: {exc.strerror}" if os_error and exc.filename and exc.strerror else str(exc)
+        if os_error and exc.errno in _OS_ERROR_ADVICE:
+            text += f"; {_OS_ERROR_ADVICE[exc.errno]}"
+        print(f"error: {' '.join(text.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         partial = Path(args.out) / PARTIAL_FILE if args.command == "score" else None
-        if partial is not None and partial.exists():  # not before the first chunk, nor once the run had finished
-            print(f"interrupted: finished chunks are kept in {partial}; run the same command again to resume",
-                  file=sys.stderr)
-        else:
-            print("interrupted", file=sys.stderr)
+        resumable = partial is not None and partial.exists()  # not before the first chunk, nor after the last
+        print(f"interrupted: finished chunks are kept in {partial}; run the same command again to resume"
+              if resumable else "interrupted", file=sys.stderr)
         return 130
     return 0

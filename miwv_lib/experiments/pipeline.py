@@ -1,8 +1,7 @@
 """Run the notebooks in order with papermill, then write ``run_dir/report.md`` (``miwv pipeline --config ...``).
 
-A configuration (a YAML file or a dict) has shared ``parameters`` (each notebook gets those its ``parameters`` cell
-declares), optional per-notebook values under ``notebooks``, a ``run_dir`` and a ``description``. A relative path in
-it, or in a notebook parameter, is relative to the repository root, so notebooks run the same from anywhere.
+A configuration (YAML or a dict) has shared ``parameters`` (a notebook gets those its ``parameters`` cell declares),
+per-notebook ones under ``notebooks``, a ``run_dir`` and a ``description``; its relative paths are from the repository.
 """
 
 from __future__ import annotations
@@ -32,9 +31,7 @@ class PipelineError(RuntimeError):
     def __init__(self, message: str, *, notebook: str | None = None, cell_index: int | None = None,
                  executed_path: Path | None = None) -> None:
         super().__init__(message)
-        self.notebook = notebook
-        self.cell_index = cell_index
-        self.executed_path = executed_path
+        self.notebook, self.cell_index, self.executed_path = notebook, cell_index, executed_path
 
 
 def repo_root() -> Path:
@@ -44,17 +41,14 @@ def repo_root() -> Path:
 
 def resolve_path(path: str | Path) -> Path:
     """An absolute path as it is (``~`` expanded); a relative one against the repository root."""
-    path = Path(os.path.expanduser(path))
-    return path if path.is_absolute() else repo_root() / path
+    return repo_root() / os.path.expanduser(path)  # joining an absolute path gives that path
 
 
 def user_path(path: str | Path) -> Path:
     """A file as the user named it (a config, a data file): from the current directory, else from the repository
     (so ``configs/demo.yaml`` and ``data/examples/smoke_pool.json`` work from anywhere)."""
     path = Path(os.path.expanduser(path))
-    if not path.exists() and not path.is_absolute() and (repo_root() / path).exists():
-        return repo_root() / path
-    return path
+    return repo_root() / path if not path.exists() and (repo_root() / path).exists() else path  # absolute: as named
 
 
 def resolve_run_dir(run_dir: str | Path | None) -> Path:
@@ -70,31 +64,22 @@ def resolve_data_source(data: str | Path | None) -> str | None:
         return None
     from ..data.datasets import REGISTRY
 
-    text = str(data)
-    if text in REGISTRY:
-        return text
-    path = user_path(text)
+    if str(data) in REGISTRY:
+        return str(data)
+    path = user_path(data)
     if path.is_absolute():  # as named, or as found in the repository; a missing one is still a file, not a hub id
         return str(path)
-    return str(path.resolve()) if path.exists() else text  # else a hub id, or a missing file: the loader says which
+    return str(path.resolve()) if path.exists() else str(data)  # else a hub id, or a missing file: the loader tells
 
 
 def notebook_paths() -> list[Path]:
-    """The numbered notebooks ``NN_name.ipynb``, in order."""
     return sorted(p for p in (repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb") if p.is_file())
-
-
-def notebook_parameters(path: str | Path) -> dict[str, dict]:
-    """``{name: {inferred_type_name, default, help}}`` from the notebook's ``parameters`` cell."""
-    import papermill
-
-    return {name: {k: v for k, v in info.items() if k != "name"}
-            for name, info in papermill.inspect_notebook(str(path)).items()}
 
 
 def describe_notebooks() -> list[dict]:
     """One row per numbered notebook: its file, its title (first Markdown heading) and its parameters."""
     import nbformat
+    import papermill
 
     out = []
     for path in notebook_paths():
@@ -102,7 +87,7 @@ def describe_notebooks() -> list[dict]:
         title = next((line.lstrip("#").strip() for cell in nb.cells if cell.cell_type == "markdown"
                       for line in cell.source.splitlines() if line.startswith("#")), path.stem)
         parameters = ", ".join(f"{k}: {v['inferred_type_name']} = {v['default']}"
-                               for k, v in notebook_parameters(path).items())
+                               for k, v in papermill.inspect_notebook(str(path)).items())
         out.append({"notebook": path.name, "title": title, "parameters": parameters})
     return out
 
@@ -115,11 +100,9 @@ def load_config(config: str | Path | Mapping | None) -> dict:
     elif config is not None:
         path = user_path(config)
         raw, origin, config_path = read_yaml_mapping(path, config, PipelineError), str(config), str(path.resolve())
-    unknown = sorted(set(raw) - set(CONFIG_KEYS))
-    if unknown:
+    if unknown := sorted(set(raw) - set(CONFIG_KEYS)):
         raise PipelineError(f"{origin}: unknown keys {unknown}; allowed: {', '.join(CONFIG_KEYS)}")
-    parameters = raw.get("parameters") or {}
-    notebooks = raw.get("notebooks") or {}
+    parameters, notebooks = raw.get("parameters") or {}, raw.get("notebooks") or {}
     if not isinstance(parameters, Mapping):
         raise PipelineError(f"{origin}: 'parameters' must be a mapping of name: value")
     if not isinstance(notebooks, Mapping) or not all(isinstance(v or {}, Mapping) for v in notebooks.values()):
@@ -152,39 +135,24 @@ def _stem(name: str | Path) -> str:
     return Path(str(name)).name.removesuffix(".ipynb")
 
 
-def _apply_overrides(config: dict, overrides: Mapping[str, Any], stems: Sequence[str]) -> dict:
-    config = {**config, "parameters": dict(config["parameters"]),
-              "notebooks": {k: dict(v) for k, v in config["notebooks"].items()}}
-    for key, value in overrides.items():
-        prefix, dot, name = key.partition(".")
-        if dot and prefix in stems:
-            config["notebooks"].setdefault(prefix, {})[name] = value
-        elif key == "run_dir":
-            config["run_dir"] = value
-        else:
-            config["parameters"][key] = value
-    return config
-
-
 def plan_parameters(config: Mapping, notebooks: Sequence[Path], run_dir: Path) -> dict[str, dict]:
     """The parameters each of ``notebooks`` will get: the shared ones it declares, its own, and ``run_dir``. A
     parameter that no notebook (or not its notebook) declares is an error: it is almost always a typo."""
-    declared = {path.stem: notebook_parameters(path) for path in {*notebook_paths(), *notebooks}}
+    import papermill
+
+    declared = {path.stem: papermill.inspect_notebook(str(path)) for path in {*notebook_paths(), *notebooks}}
     all_names = {name for names in declared.values() for name in names}
     where = f"{config.get('source') or 'the configuration'}: "  # the file the typo is in
-    unused = sorted(set(config["parameters"]) - all_names)
-    if unused:
+    if unused := sorted(set(config["parameters"]) - all_names):
         raise PipelineError(f"{where}no notebook declares the parameter(s) {unused} (a typo?); "
                             f"declared: {sorted(all_names)}")
-    unknown = sorted(set(config["notebooks"]) - set(declared))
-    if unknown:
+    if unknown := sorted(set(config["notebooks"]) - set(declared)):
         raise PipelineError(f"{where}the configuration names unknown notebooks {unknown}; known: {sorted(declared)}")
     plan: dict[str, dict] = {}
     for path in notebooks:
         stem, names = path.stem, declared[path.stem]
         own = config["notebooks"].get(stem, {})
-        undeclared = sorted(set(own) - set(names))
-        if undeclared:
+        if undeclared := sorted(set(own) - set(names)):
             raise PipelineError(f"{where}notebook {stem} declares no parameter {undeclared}; "
                                 f"it declares {sorted(names)}", notebook=stem)
         params = {k: v for k, v in config["parameters"].items() if k in names} | own
@@ -208,30 +176,35 @@ def _select_notebooks(notebooks: Sequence[str | Path] | None) -> list[Path]:
     available = notebook_paths()
     if not available:
         raise PipelineError(f"no notebooks found in {repo_root() / 'notebooks'}")
-    chosen = []
+    chosen = set()
     for item in notebooks or []:
-        stem = _stem(item)
-        matches = [p for p in available if p.stem == stem or p.stem.split("_", 1)[0] == stem]
+        matches = [p for p in available if _stem(item) in (p.stem, p.stem.split("_", 1)[0])]
         if len(matches) != 1:
             raise PipelineError(f"unknown notebook {item!r}; available: {', '.join(p.stem for p in available)}")
-        chosen.append(matches[0])
-    return sorted(set(chosen)) if notebooks else available
+        chosen.add(matches[0])
+    return sorted(chosen) if notebooks else available
 
 
 def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None = None,
                  notebooks: Sequence[str | Path] | None = None, overrides: Iterable[str] | Mapping | None = None,
                  *, progress: bool = True, report: bool = True) -> PipelineResult:
-    """Execute the notebooks (all, or those named: ``"02_miwv_scoring"``, ``"02"``) into ``run_dir/notebooks/``
-    and write ``run_dir/report.md``; a failure is a :class:`PipelineError` naming the notebook and cell.
-
-    ``run_dir``: argument > ``--set run_dir=`` > the configuration's > ``runs/notebooks``. ``overrides``: ``key=value``
-    strings or a dict; ``NN_name.key`` targets one notebook.
+    """Execute the notebooks (all, or those named: ``"02_miwv_scoring"``, ``"02"``) into ``run_dir/notebooks/`` and
+    write ``run_dir/report.md``; a failure is a :class:`PipelineError` naming the notebook and cell. ``run_dir``:
+    argument > ``--set run_dir=`` > the configuration's > ``runs/notebooks``; ``NN_name.key`` overrides one notebook's.
     """
     from tqdm.auto import tqdm
 
     cfg = load_config(config)
     paths = _select_notebooks(notebooks)
-    cfg = _apply_overrides(cfg, parse_overrides(overrides), [p.stem for p in notebook_paths()])
+    stems = [p.stem for p in notebook_paths()]
+    for key, value in parse_overrides(overrides).items():  # into cfg: load_config made it, nothing else holds it
+        prefix, dot, name = key.partition(".")
+        if dot and prefix in stems:
+            cfg["notebooks"].setdefault(prefix, {})[name] = value
+        elif key == "run_dir":
+            cfg["run_dir"] = value
+        else:
+            cfg["parameters"][key] = value
     out_dir = resolve_run_dir(run_dir if run_dir is not None else cfg["run_dir"])
     plan = plan_parameters(cfg, paths, out_dir)
 
@@ -266,8 +239,7 @@ def publish_run(run_dir: str | Path, dest: str | Path) -> list[Path]:
     run_dir, dest = Path(run_dir).resolve(), Path(os.path.expanduser(dest)).resolve()
     shown = str(run_dir.relative_to(repo_root())) if run_dir.is_relative_to(repo_root()) else run_dir.name
     names = {str(run_dir): shown, str(repo_root()): ".", str(Path.home()): "~"}
-    if os.environ.get("MIWV_DATA_DIR"):
-        data_dir = os.environ["MIWV_DATA_DIR"]
+    if data_dir := os.environ.get("MIWV_DATA_DIR"):
         names[str(Path(data_dir).resolve())] = names[data_dir.rstrip("/")] = "$MIWV_DATA_DIR"
     order = sorted(names, key=len, reverse=True)  # the longest first: a run directory inside the repository
     written = []
@@ -287,19 +259,11 @@ def publish_run(run_dir: str | Path, dest: str | Path) -> list[Path]:
     return written
 
 
-def _local_kernel(sockets: str) -> dict:
-    """Unix sockets in a private directory: no TCP port, so no start-up warning about plain-text traffic.
-    (Windows has no such sockets: TCP there.)"""
-    from traitlets.config import Config
-
-    ipc = {"transport": "ipc", "ip": os.path.join(sockets, "kernel")}
-    return {} if os.name == "nt" else {"config": Config(KernelManager=ipc)}
-
-
 def execute_notebook(path: Path, parameters: dict, executed_dir: Path, *, progress: bool = False,
                      cell_timeout: int | None = None) -> tuple[Path, PipelineError | None]:
     """Run one notebook into ``executed_dir``; the executed copy is kept (renamed into place) even when it fails."""
     import papermill
+    from traitlets.config import Config
 
     executed_dir.mkdir(parents=True, exist_ok=True)
     final = executed_dir / path.name
@@ -308,14 +272,17 @@ def execute_notebook(path: Path, parameters: dict, executed_dir: Path, *, progre
     try:
         with (tempfile.TemporaryDirectory(prefix="miwv-kernel-") as sockets,
               _cell_progress(sockets) if progress else nullcontext()):
+            # Unix sockets in a private directory: no TCP port, so no start-up warning about plain-text traffic
+            # (Windows has no such sockets: TCP there).
+            ipc = {"transport": "ipc", "ip": os.path.join(sockets, "kernel")}
             papermill.execute_notebook(
                 str(path), str(partial), parameters=parameters,
                 kernel_name="python3",  # the venv's own ipykernel: jupyter_client runs it with this interpreter
                 progress_bar={"desc": path.stem, "leave": False} if progress else False,
-                cwd=str(path.parent), start_timeout=120, execution_timeout=cell_timeout, **_local_kernel(sockets),
-            )
+                cwd=str(path.parent), start_timeout=120, execution_timeout=cell_timeout,
+                **({} if os.name == "nt" else {"config": Config(KernelManager=ipc)}))
     except Exception as exc:  # a failing cell (PapermillExecutionError), a dead kernel, a timeout…
-        error = _notebook_failure(path.stem, exc, partial, final)
+        error = _notebook_failure(path.stem, exc, final if partial.exists() or final.exists() else None)
     finally:
         if partial.exists():
             settle_progress_bars(partial)
@@ -323,41 +290,37 @@ def execute_notebook(path: Path, parameters: dict, executed_dir: Path, *, progre
     return final, error
 
 
-def _notebook_failure(stem: str, exc: Exception, partial: Path, final: Path) -> PipelineError:
-    saved = final if partial.exists() or final.exists() else None
+def _notebook_failure(stem: str, exc: Exception, saved: Path | None) -> PipelineError:
+    if (cell := getattr(exc, "cell_index", None)) is None:  # not a failing cell: a dead kernel, a timeout…
+        what = f"failed before finishing: {type(exc).__name__}: {exc}"
+    else:
+        first = next((line.strip() for line in (exc.source or "").splitlines() if line.strip()), "")
+        what = (f"failed in cell {cell} (execution count {exc.exec_count}"
+                f"{', which starts: ' + first[:80] if first else ''}): {exc.ename}: {exc.evalue}")
     where = f"; the executed notebook is saved at {saved}" if saved else ""
-    cell = getattr(exc, "cell_index", None)
-    if cell is not None:
-        first_line = next((line for line in (exc.source or "").splitlines() if line.strip()), "")
-        message = (f"notebook {stem} failed in cell {cell} (execution count {exc.exec_count}"
-                   f"{', which starts: ' + first_line.strip()[:80] if first_line else ''}): "
-                   f"{exc.ename}: {exc.evalue}{where}")
-        return PipelineError(message, notebook=stem, cell_index=cell, executed_path=saved)
-    message = f"notebook {stem} failed before finishing: {type(exc).__name__}: {exc}{where}"
-    error = PipelineError(message, notebook=stem, executed_path=saved)
-    error.__cause__ = exc
+    error = PipelineError(f"notebook {stem} {what}{where}", notebook=stem, cell_index=cell, executed_path=saved)
+    if cell is None:
+        error.__cause__ = exc
     return error
 
 
 # An IPython start-up file for the kernel: every tqdm bar a cell draws (scoring, training, generation) also writes
 # its state to a file, which the pipeline shows in the terminal, so a long cell shows the work inside it.
 _CELL_PROGRESS_STARTUP = """\
-import json, os, time
+import contextlib, json, os, time
 import tqdm.std
 
 
 def _miwv_reporting(method, path=os.environ["MIWV_CELL_PROGRESS"], last=[0.0]):
     def reporting(self, *args, **kwargs):
         done = method(self, *args, **kwargs)
-        if getattr(self, "disable", True) or (time.monotonic() - last[0] < 0.25 and method.__name__ != "close"):
-            return done  # a disabled bar has no state to show
-        last[0] = time.monotonic()
-        try:
-            with open(path + ".tmp", "w") as f:
-                json.dump({"desc": self.desc, "n": self.n, "total": self.total, "unit": self.unit}, f)
-            os.replace(path + ".tmp", path)
-        except Exception:  # the terminal's copy of a bar must never break the cell that draws it
-            pass
+        # A disabled bar has no state to show; the terminal's copy of a bar must never break the cell that draws it.
+        if not getattr(self, "disable", True) and (method.__name__ == "close" or time.monotonic() - last[0] >= 0.25):
+            last[0] = time.monotonic()
+            with contextlib.suppress(Exception):
+                with open(path + ".tmp", "w") as f:
+                    json.dump({"desc": self.desc, "n": self.n, "total": self.total, "unit": self.unit}, f)
+                os.replace(path + ".tmp", path)
         return done
     return reporting
 
@@ -412,20 +375,24 @@ def _cell_progress(directory: str) -> Iterator[None]:
 _WIDGET_VIEW, _WIDGET_STATE = "application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json"
 
 
-def _progress_text(state: Mapping[str, dict], model_id: str) -> tuple[str, bool] | None:
-    """(final text, hidden) of a tqdm notebook bar (HBox of HTML, FloatProgress, HTML); None for other widgets."""
-    model = state.get(model_id)
+def _settle(output: dict, state: Mapping[str, dict]) -> bool:
+    """Give a tqdm notebook bar (HBox of HTML, FloatProgress, HTML) its final text; False: a bar tqdm hid, to drop."""
+    view = output.get("data", {}).get(_WIDGET_VIEW)
+    model = state.get(view["model_id"]) if view else None
     if not model or model.get("model_name") != "HBoxModel":
-        return None
+        return True
     children = [state.get(c.removeprefix("IPY_MODEL_"), {}) for c in model["state"].get("children", [])]
     if [c.get("model_name") for c in children] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
-        return None
+        return True  # another widget
     left, bar, right = (c["state"] for c in children)
+    layout = state.get(model["state"].get("layout", "").removeprefix("IPY_MODEL_"), {}).get("state", {})
+    if layout.get("visibility") == "hidden":
+        return False
     total = bar.get("max") or 0.0
     filled = int(10 * (bar.get("value") or 0.0) / total) if total else 0
     text = f"{left.get('value', '')}|{'█' * filled}{' ' * (10 - filled)}|{right.get('value', '')}"
-    layout = state.get(model["state"].get("layout", "").removeprefix("IPY_MODEL_"), {}).get("state", {})
-    return html.unescape(text).replace("\u2007", " "), layout.get("visibility") == "hidden"
+    output["data"]["text/plain"] = html.unescape(text).replace("\u2007", " ")
+    return True
 
 
 def settle_progress_bars(path: str | Path) -> None:
@@ -434,20 +401,10 @@ def settle_progress_bars(path: str | Path) -> None:
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
-    state = nb.metadata.get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})
-    if not state:
+    if not (state := nb.metadata.get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})):
         return
     for cell in nb.cells:
-        kept = []
-        for output in cell.get("outputs", []):
-            view = output.get("data", {}).get(_WIDGET_VIEW)
-            settled = _progress_text(state, view["model_id"]) if view else None
-            if settled is None:
-                kept.append(output)
-            elif not settled[1]:
-                output["data"]["text/plain"] = settled[0]
-                kept.append(output)
         if "outputs" in cell:
-            cell["outputs"] = kept
+            cell["outputs"] = [output for output in cell["outputs"] if _settle(output, state)]
     with atomic_open(path) as handle:
         nbformat.write(nb, handle)

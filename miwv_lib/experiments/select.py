@@ -69,22 +69,21 @@ def load_checked_scores(pool: InstructionPool, scores_path: str | Path) -> list[
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         manifest = None
-    manifest = manifest if isinstance(manifest, dict) else None
-    if path.is_file() and manifest_path.is_file() and manifest is None:
-        raise SelectionError(f"{manifest_path} is damaged (not a JSON object), so {path} cannot be checked "
-                             "against the checksum it records: restore the manifest, or score again")
+    if not isinstance(manifest, dict):
+        if path.is_file() and manifest_path.is_file():
+            raise SelectionError(f"{manifest_path} is damaged (not a JSON object), so {path} cannot be checked "
+                                 "against the checksum it records: restore the manifest, or score again")
+        manifest = {}  # none: the id check below is all there is
     if path.is_file() and scores_changed(path, manifest):
         raise SelectionError(f"{path} was changed after 'score' wrote it (its checksum differs from the one in "
                              f"{manifest_path}); restore it, or score again")
     scores = load_scores(scores_path)
     check_scores_match(pool, scores, scores_path)
-    try:  # ids alone cannot tell another dataset that happens to use the same ids (0, 1, 2, ...)
-        scored_hash = manifest["fingerprint_inputs"]["data"]
-    except (KeyError, TypeError):
-        return scores  # no (readable) manifest: the id check is all there is
-    if scored_hash != pool.content_hash:
+    # ids alone cannot tell another dataset that happens to use the same ids (0, 1, 2, ...)
+    inputs = manifest.get("fingerprint_inputs")
+    if isinstance(inputs, dict) and "data" in inputs and inputs["data"] != pool.content_hash:
         raise SelectionError(
-            f"{scores_path} was computed on other data than {pool.source} (content hash {scored_hash} in "
+            f"{scores_path} was computed on other data than {pool.source} (content hash {inputs['data']} in "
             f"{manifest_path}, {pool.content_hash} for this data, {len(pool)} rows); use the --data and --limit "
             "that 'score' used")
     return scores

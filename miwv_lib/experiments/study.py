@@ -1,14 +1,15 @@
 """The small-scale reproduction study: score → select → train → generate → judge → report, from one YAML file.
 
-Every stage skips the work its files already hold, so the study can be stopped at any point and re-run with the
-same command; the last stage writes ``REPORT.md`` into a results directory meant to be committed.
+Every stage skips the work its files already hold, so a stopped study continues with the same command; the last
+stage writes ``REPORT.md`` into a results directory meant to be committed.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -30,7 +31,6 @@ from .train import TrainConfig
 
 STAGES = ("score", "select", "train", "generate", "judge", "report")
 TIMINGS_FILE = "timings.jsonl"
-RECORD_DIR = "record"  # under results_dir: the committed record of every finished stage (see StudyRecord)
 StudyError = ExperimentError  # a study configuration or run directory that cannot be used, with the reason
 
 
@@ -67,8 +67,8 @@ class StudyConfig:
         return _build(TrainConfig, self.train, f"{self.source}: train")
 
     def generate_config(self) -> GenerateConfig:
-        defaults = {"template": self.train_config().template}
-        return _build(GenerateConfig, defaults | self.generate, f"{self.source}: generate")
+        return _build(GenerateConfig, {"template": self.train_config().template} | self.generate,
+                      f"{self.source}: generate")
 
     def arms(self) -> list[Arm]:
         """Every subset model (each method at each ratio, each random seed), then the full-pool baseline."""
@@ -87,10 +87,8 @@ def _build(cls, values: Mapping[str, Any], where: str):
 
 def load_study_config(path: str | Path | Mapping) -> StudyConfig:
     """A ``StudyConfig`` from a YAML file (or a mapping); unknown keys are errors that name the file."""
-    if isinstance(path, Mapping):
-        raw, source = dict(path), "<dict>"
-    else:
-        raw, source = read_yaml_mapping(user_path(path), path, StudyError), str(path)
+    raw, source = ((dict(path), "<dict>") if isinstance(path, Mapping)
+                   else (read_yaml_mapping(user_path(path), path, StudyError), str(path)))
     config = _build(StudyConfig, {**raw, "source": source}, source)
     if "random" in config.methods and not config.random_seeds:
         raise StudyError(f"{config.source}: method 'random' needs at least one of random_seeds")
@@ -112,7 +110,7 @@ class Study:
         self.scores_path = self.scores_dir / "scores.jsonl"
         self.generations_dir = self.run_dir / "generations"
         self.evaluation_dir = self.run_dir / "evaluation"
-        self.record = StudyRecord(self.results_dir / RECORD_DIR, self.run_dir)
+        self.record = StudyRecord(self.results_dir / "record", self.run_dir)  # committed: see StudyRecord
 
     @classmethod
     def from_config(cls, config: StudyConfig, run_dir: str | Path | None = None,
@@ -134,23 +132,23 @@ class Study:
         return load_checked_scores(self.pool, self.scores_path)
 
     def _log_time(self, stage: str, seconds: float, **extra) -> None:
+        """Log a piece of finished work, and record it (a stopped study resumes from its record)."""
         path = self.run_dir / TIMINGS_FILE
         done = read_jsonl(path) if path.exists() else []
         write_jsonl(path, [*done, {"stage": stage, "seconds": round(seconds, 2), "finished": now(), **extra}])
+        self.record.keep()
 
-    # 1. score
     def score(self) -> list[dict]:
         manifest_path = self.scores_dir / "manifest.json"
         before = manifest_path.read_text(encoding="utf-8") if manifest_path.exists() else None
         t0 = time.perf_counter()
         scores = score_pool(self.pool, self.scores_dir, self.config.score_config())
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest_path.read_text(encoding="utf-8") != before:  # scored now, not a finished run read back
+        if (after := manifest_path.read_text(encoding="utf-8")) != before:  # scored now, not a finished run read back
+            manifest = json.loads(after)
             self._log_time("score", time.perf_counter() - t0, rows=manifest["rows_scored_this_run"],
                            seconds_scoring=manifest.get("seconds_scoring"))
         return scores
 
-    # 2. select
     def selections(self, scores: list[dict] | None = None) -> dict[str, list[int]]:
         return select_arms(self.arms, scores if scores is not None else self.scores())
 
@@ -161,11 +159,9 @@ class Study:
         write_selections(self.run_dir, self.arms, plan)
         return plan
 
-    # 3. train
     def train(self, only: Sequence[str] | None = None) -> dict[str, Any]:
         def trained(arm: Arm, result, seconds: float) -> None:
             self._log_time("train", seconds, model=arm.name, rows=result.n_examples, steps=result.steps)
-            self.record.keep()
 
         return train_arms(self._chosen(only), self.selections(), self.pool, self.run_dir / "models",
                           self.config.train_config(), on_trained=trained)
@@ -181,10 +177,8 @@ class Study:
         return is_trained(self.model_dir(arm))
 
     def is_answered(self, arm: Arm) -> bool:
-        """Its answers to every test set are in the run directory."""
         return all((self.generations_dir / arm.name / f"{d}.jsonl").exists() for d in self.test_set_labels)
 
-    # 4. generate
     def test_pools(self) -> dict[str, InstructionPool]:
         return {test_set_label(name): load_test_set(resolve_data_source(name), data_dir=self.config.data_dir,
                                                     sample=sample, seed=self.config.test_seed)
@@ -195,16 +189,12 @@ class Study:
         return [test_set_label(name) for name in self.config.test_sets]
 
     def generate(self, only: Sequence[str] | None = None) -> dict[str, list[dict]]:
-        def answered(name: str, seconds: float) -> None:
-            self._log_time("generate", seconds, model=name)
-            self.record.keep_generations(name)
-
         return answer_arms([a.name for a in self._chosen(only)], self.run_dir / "models", self.test_pools(),
                            self.generations_dir, self.config.generate_config(),
                            nll_max_length=self.config.score_config().max_length,
-                           device=self.config.train_config().device, on_answered=answered)
+                           device=self.config.train_config().device,
+                           on_answered=lambda name, seconds: self._log_time("generate", seconds, model=name))
 
-    # 5. judge
     def judge(self) -> list[dict]:
         """Every trained model against the full-pool one; a study still training is judged so far."""
         ready = [a.name for a in self.arms if self.is_trained(a)]
@@ -226,29 +216,23 @@ class Study:
             self._log_time("judge", time.perf_counter() - t0, records=len(result.records))
         return result.table
 
-    # 6. report
     def report(self) -> Path:
         return write_study_report(self, repo_root())
 
     def run(self, stages: Sequence[str] = STAGES, only: Sequence[str] | None = None) -> None:
         if unknown := [s for s in stages if s not in STAGES]:
             raise StudyError(f"unknown stages {unknown}; the stages are {', '.join(STAGES)}")
-        actions: dict[str, Callable[[], Any]] = {
-            "score": self.score, "select": self.select, "train": lambda: self.train(only),
-            "generate": lambda: self.generate(only), "judge": self.judge, "report": self.report}
+        actions = {"score": self.score, "select": self.select, "train": lambda: self.train(only),
+                   "generate": lambda: self.generate(only), "judge": self.judge, "report": self.report}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.record.restore(self.arms, self.test_set_labels)
-        answered = [a.name for a in self.arms if (self.record.root / "generations" / a.name).is_dir()]
-        if answered:  # rebuilt now, not only in 'generate': the report counts them whatever stages run
-            pools = self.test_pools()
-            for name in answered:
-                self.record.restore_generations(name, pools)
+        if answered := [a.name for a in self.arms if (self.record.root / "generations" / a.name).is_dir()]:
+            self.record.restore_generations(answered, self.test_pools())  # now: the report counts them in any stage
         try:
-            for stage in STAGES:  # always in the study's order, whatever order they were named in
-                if stage in stages:
-                    print(f"[study] {stage}", flush=True)
-                    actions[stage]()
-                    self.record.keep()
+            for stage in [s for s in STAGES if s in stages]:  # always in the study's order, whatever order given
+                print(f"[study] {stage}", flush=True)
+                actions[stage]()
+                self.record.keep()
         finally:  # a stopped run (Ctrl-C, an error) still records what it finished: scores resume by chunk
             self.record.keep()
 
@@ -269,28 +253,21 @@ class StudyRecord:
 
     def keep(self) -> None:
         """Copy the run directory's small files into the record (finished models only)."""
-        for pattern in self.FILES:
-            for path in self.run_dir.glob(pattern):
-                _copy_atomically(path, self.root / path.relative_to(self.run_dir))
+        small = [path.relative_to(self.run_dir) for pattern in self.FILES for path in self.run_dir.glob(pattern)]
+        for model in filter(is_trained, self.run_dir.glob("models/*")):
+            small += [Path("models", model.name, name) for name in self.MODEL_FILES]
+        for path in small:
+            _copy(self.run_dir / path, self.root / path)
         if (self.run_dir / "scores" / "scores.jsonl").exists():  # finished: its chunks are in scores.jsonl now
             for stale in self.root.glob("scores/scores.partial*.jsonl"):
                 stale.unlink()
-        for model in filter(is_trained, self.run_dir.glob("models/*")):
-            for name in self.MODEL_FILES:
-                if (model / name).exists():
-                    _copy_atomically(model / name, self.root / "models" / model.name / name)
-        for model in self.run_dir.glob("generations/*"):
-            self.keep_generations(model.name)
-
-    def keep_generations(self, model: str) -> None:
-        source, target = self.run_dir / "generations" / model, self.root / "generations" / model
-        for meta in source.glob("*.meta.json"):
-            dataset = meta.name.removesuffix(".meta.json")
+        for meta in self.run_dir.glob("generations/*/*.meta.json"):  # finished answers, kept as {"id", "output"}
+            source, dataset = meta.parent, meta.name.removesuffix(".meta.json")
+            target = self.root / "generations" / source.name
             if not (source / f"{dataset}.jsonl").exists():
                 continue
             for name in (f"{dataset}{suffix}" for suffix in self.GENERATION_SUFFIXES):
-                if (source / name).exists():
-                    _copy_atomically(source / name, target / name)
+                _copy(source / name, target / name)
             answers = [{"id": r["id"], "output": r["output"]} for r in read_jsonl(source / f"{dataset}.jsonl")]
             outputs = target / f"{dataset}.outputs.jsonl"
             if not outputs.exists() or read_jsonl(outputs) != answers:
@@ -301,27 +278,21 @@ class StudyRecord:
         files only if its answers on every test set are recorded too. Returns what was restored."""
         if not self.root.is_dir():
             return []
-        restored = []
-        for pattern in self.FILES:
-            for path in self.root.glob(pattern):
-                if _copy_if_missing(path, self.run_dir / path.relative_to(self.root)):
-                    restored.append(str(path.relative_to(self.root)))
+        wanted = [path.relative_to(self.root) for pattern in self.FILES for path in self.root.glob(pattern)]
         for arm in arms:
             recorded = self.root / "generations" / arm.name
-            if not all((recorded / f"{d}{suffix}").exists() for d in datasets
-                       for suffix in (".outputs.jsonl", *self.GENERATION_SUFFIXES)):
-                continue
-            for name in self.MODEL_FILES:
-                if _copy_if_missing(self.root / "models" / arm.name / name, self.run_dir / "models" / arm.name / name):
-                    restored.append(f"models/{arm.name}/{name}")
+            if all((recorded / f"{d}{suffix}").exists() for d in datasets
+                   for suffix in (".outputs.jsonl", *self.GENERATION_SUFFIXES)):
+                wanted += [Path("models", arm.name, name) for name in self.MODEL_FILES]
+        restored = [str(path) for path in wanted if _copy(self.root / path, self.run_dir / path, overwrite=False)]
         if restored:
             print(f"[study] restored {len(restored)} files from {self.root}", flush=True)
         return restored
 
-    def restore_generations(self, model: str, pools: Mapping[str, InstructionPool]) -> None:
-        """Rebuild a model's generation files from its recorded answers and the test sets themselves."""
-        recorded, target = self.root / "generations" / model, self.run_dir / "generations" / model
-        for dataset, pool in pools.items():
+    def restore_generations(self, models: Sequence[str], pools: Mapping[str, InstructionPool]) -> None:
+        """Rebuild models' generation files from their recorded answers and the test sets themselves."""
+        for model, (dataset, pool) in itertools.product(models, pools.items()):
+            recorded, target = self.root / "generations" / model, self.run_dir / "generations" / model
             answers_path = recorded / f"{dataset}.outputs.jsonl"
             if (target / f"{dataset}.jsonl").exists() or not answers_path.exists():
                 continue
@@ -331,19 +302,15 @@ class StudyRecord:
             write_generations(target, generation_records(pool, [a["output"] for a in answers], model, dataset),
                               stem=dataset)
             for suffix in self.GENERATION_SUFFIXES:
-                _copy_if_missing(recorded / f"{dataset}{suffix}", target / f"{dataset}{suffix}")
+                _copy(recorded / f"{dataset}{suffix}", target / f"{dataset}{suffix}", overwrite=False)
 
 
-def _copy_atomically(source: Path, target: Path) -> None:
-    if not target.exists() or target.read_bytes() != source.read_bytes():
-        with atomic_open(target, "wb") as handle:
-            handle.write(source.read_bytes())
-
-
-def _copy_if_missing(source: Path, target: Path) -> bool:
-    if target.exists() or not source.exists():
+def _copy(source: Path, target: Path, *, overwrite: bool = True) -> bool:
+    """Copy ``source`` atomically, if there is one, over a ``target`` that differs (or only to a missing one)."""
+    if not source.exists() or (target.exists() and (not overwrite or target.read_bytes() == source.read_bytes())):
         return False
-    _copy_atomically(source, target)
+    with atomic_open(target, "wb") as handle:
+        handle.write(source.read_bytes())
     return True
 
 

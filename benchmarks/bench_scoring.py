@@ -3,7 +3,9 @@
 Modes, all on the same model, rows and machine:
 
 * ``naive``  — what public implementations do: one sample per forward pass, full logits, float32;
-* ``exact``  — our engine in float32 (the path ``score_pool`` takes, IFD off);
+* ``per-row`` — our engine in float32 with ``--no-share-prefix``: every one-shot pass on its own;
+* ``exact``  — our engine in float32 (the path ``score_pool`` takes, IFD off): the rows that share a
+  neighbour share one pass, its example once and each row's own tokens after it;
 * ``fast``   — our engine in bfloat16 (float32 log-softmax);
 * ``compiled`` — fast with ``--torch-compile`` (body and loss compiled).
 
@@ -41,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("naive", "exact", "fast", "compiled")
+MODES = ("naive", "per-row", "exact", "fast", "compiled")
+FLOAT32_MODES = ("naive", "per-row", "exact")
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
@@ -60,7 +63,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
 
     pool = load_instructions(args.data, limit=args.rows)
     neighbors, similarities = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
-    loaded = load_model(args.model, dtype="float32" if mode in ("naive", "exact") else "bfloat16", device="cpu")
+    loaded = load_model(args.model, dtype="float32" if mode in FLOAT32_MODES else "bfloat16", device="cpu")
     special = SpecialTokens.from_tokenizer(loaded.tokenizer)
     examples = encode_examples(pool.rows, loaded.tokenizer)
     sequences, no_demo = [], []
@@ -85,7 +88,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         losses[1::2][np.array(no_demo, dtype=bool)] = np.nan
     else:  # the scoring path of `score_pool`: chunk plan, shared prefixes, batched passes
         config = ScoreConfig(max_length=args.max_length, batch_size=args.batch_size, compute_ifd=False,
-                             torch_compile=mode == "compiled")
+                             torch_compile=mode == "compiled", share_prefix=mode != "per-row")
         ids = [row["id"] for row in pool.rows]
         rows = []
         for chunk in chunk_plan(neighbors, config.chunk_rows):
@@ -119,7 +122,7 @@ def warm_up(mode: str, loaded, examples, neighbors, similarities, args: argparse
     if mode == "compiled":
         compile_body(loaded.model)  # as score_pool does
     config = ScoreConfig(max_length=args.max_length, batch_size=args.batch_size, compute_ifd=False,
-                         torch_compile=mode == "compiled", progress=False)
+                         torch_compile=mode == "compiled", progress=False, share_prefix=mode != "per-row")
     score_rows(loaded, examples, [str(i) for i in range(len(examples))], [0, 1], neighbors, similarities, config)
     return round(time.perf_counter() - start, 2)
 
@@ -170,24 +173,26 @@ def roofline_seconds(roof: dict, accounting: dict, dtype: str) -> dict:
 def token_accounting(examples, neighbors, special, max_length: int, chunk_rows: int = 64) -> dict[str, int]:
     """Tokens each plan pushes through the model body (the work no head-side trick removes).
 
-    ``engine``: the passes ``score_pool`` runs (one-shot, plus zero-shot where no one-shot pass carries it).
-    ``kv_reuse``: what reusing the neighbour's key/value cache would leave: every row's zero-shot pass
-    (which is also the prefix of the one-shot passes that use the row as their demo), plus the part of
-    each one-shot sequence after that prefix. Counted, not run: the lever is not built.
+    ``engine``: the passes ``score_pool`` runs (one-shot passes that share their neighbour's prefix, plus
+    zero-shot where no one-shot pass carries it); ``per_row``: the same with ``--no-share-prefix``.
+    ``kv_reuse``: the least: every row's zero-shot pass (which is also the prefix of the one-shot passes
+    that use the row as their demo), plus the part of each one-shot sequence after that prefix.
     """
-    from miwv_lib.method.importance import chunk_plan, plan_passes
+    from miwv_lib.method.importance import PACK_TOKENS, chunk_plan, plan_passes
     from miwv_lib.method.layouts import one_shot_sequence, zero_shot_sequence
 
     zero = [zero_shot_sequence(e, special, max_length)[0] for e in examples]
     one = [one_shot_sequence(e, examples[neighbors[i]], special, max_length)[0] for i, e in enumerate(examples)]
-    engine = sum(len(seq.input_ids) for chunk in chunk_plan(neighbors, chunk_rows)
-                 for seq in plan_passes(examples, chunk, neighbors, special, max_length, False).sequences)
+    engine, per_row = (sum(len(seq.input_ids) for chunk in chunk_plan(neighbors, chunk_rows)
+                           for seq in plan_passes(examples, chunk, neighbors, special, max_length, False, pack).sequences)
+                       for pack in (PACK_TOKENS, 0))
     kv_reuse = 0
     for i in range(len(examples)):
         prefix = zero[neighbors[i]].input_ids
         shared = one[i].input_ids[:len(prefix)] == prefix  # not when the demo was trimmed to fit max_length
         kv_reuse += len(zero[i].input_ids) + len(one[i].input_ids) - (len(prefix) if shared else 0)
     return {"body_tokens_naive": sum(len(s.input_ids) for s in zero + one), "body_tokens_engine": engine,
+            "body_tokens_per_row": per_row,
             "body_tokens_kv_reuse": kv_reuse, "response_positions": sum(s.n_targets for s in zero + one)}
 
 
@@ -227,7 +232,7 @@ def profile_mode(args: argparse.Namespace) -> dict:
     from miwv_lib.method.layouts import SpecialTokens
     from miwv_lib.data.prompts import encode_examples
     from miwv_lib.method.losses import EngineConfig, compile_body, length_batches, span_losses
-    from miwv_lib.method.importance import chunk_plan, plan_passes
+    from miwv_lib.method.importance import PACK_TOKENS, chunk_plan, plan_passes
     from miwv_lib.experiments.score import find_neighbors
 
     pool = load_instructions(args.data, limit=args.profile)
@@ -237,7 +242,7 @@ def profile_mode(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     examples = encode_examples(pool.rows, loaded.tokenizer)
     tokenise = time.perf_counter() - start
-    plans = [plan_passes(examples, chunk, neighbors, special, args.max_length, False).sequences
+    plans = [plan_passes(examples, chunk, neighbors, special, args.max_length, False, PACK_TOKENS).sequences
              for chunk in chunk_plan(neighbors, 64)]
     compiled = args.profile_mode == "compiled"
     if compiled:
@@ -281,7 +286,7 @@ def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
     reference = results.get("naive")
     rows = []
     for mode, r in results.items():
-        dtype = "fp32" if mode in ("naive", "exact") else "bf16"
+        dtype = "fp32" if mode in FLOAT32_MODES else "bf16"
         bound = roofline_seconds(roof, r, dtype)["seconds"] if roof else None
         losses = np.array(r["losses"])
         miwv = losses[1::2] - losses[0::2]
@@ -289,7 +294,8 @@ def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
                "samples_per_s": round(r["rows"] / r["seconds"], 3), "warmup_s": r.get("warmup_s"),
                "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
                "peak_rss_mb": round(r["peak_rss_mb"]), "threads": r["threads"],
-               "body_tokens": r["body_tokens_naive"] if mode == "naive" else r["body_tokens_engine"],
+               "body_tokens": r[{"naive": "body_tokens_naive", "per-row": "body_tokens_per_row"}.get(
+                   mode, "body_tokens_engine")],
                "of_roofline": round(bound / r["seconds"], 3) if bound else None}
         if reference is not None:
             ref_losses = np.array(reference["losses"], dtype=float)
@@ -368,13 +374,13 @@ def main() -> None:
     from miwv_lib.runtime.runs import environment_info, now
 
     first = next(iter(results.values()))
-    accounting = {k: first[k] for k in ("body_tokens_naive", "body_tokens_engine", "body_tokens_kv_reuse",
-                                        "response_positions")}
+    accounting = {k: first[k] for k in ("body_tokens_naive", "body_tokens_per_row", "body_tokens_engine",
+                                        "body_tokens_kv_reuse", "response_positions")}
     table = markdown_table(rows) + "\n\n" + roofline_text(roof, accounting) + "\n\n" + (
-        f"Tokens through the model body: naive {accounting['body_tokens_naive']:,}, engine "
-        f"{accounting['body_tokens_engine']:,}, with neighbour KV-cache reuse (counted, not built) "
-        f"{accounting['body_tokens_kv_reuse']:,} "
-        f"({accounting['body_tokens_kv_reuse'] / accounting['body_tokens_engine'] - 1:+.0%} against the engine).")
+        f"Tokens through the model body: naive {accounting['body_tokens_naive']:,}, engine per row "
+        f"{accounting['body_tokens_per_row']:,}, engine with shared prefixes {accounting['body_tokens_engine']:,}, "
+        f"the least (each neighbour's prefix once per row that uses it, not once per chunk) "
+        f"{accounting['body_tokens_kv_reuse']:,}.")
     if profiled:
         table += "\n\n" + profile_table(profiled)
     write_json(out / "bench_scoring.json", {"date": now(), "environment": environment_info(), "args": vars(args),

@@ -206,6 +206,48 @@ def test_shared_zero_shot_passes_match_separate_ones(tiny, max_length):
         assert row["zero_shot_loss"] == pytest.approx(zero, abs=1e-5)
 
 
+def _random_model(architecture: str, attention: str):
+    """Random float32 weights: Gemma-3 with a 6-token sliding window (shorter than every pass) in every other
+    layer, or Llama (global attention only)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                 max_position_embeddings=512, attn_implementation=attention)
+    if architecture == "gemma3":
+        config = Gemma3TextConfig(**sizes, num_hidden_layers=4, head_dim=16, sliding_window=6,
+                                  layer_types=["sliding_attention", "full_attention"] * 2)
+        return Gemma3ForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**sizes, num_hidden_layers=2)).eval()
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("architecture", ["gemma3", "llama"])
+def test_rows_that_share_a_neighbour_share_one_exact_pass(architecture, attention):
+    """Rows 3..29 have neighbours 0, 1 or 2: each neighbour's example is run once, with the rows' own tokens as
+    branches after it, and every loss is still the naive one (each sequence alone, causal, no mask of ours)."""
+    from miwv_lib.method.importance import plan_passes
+    from miwv_lib.method.losses import span_losses, supports_branches
+
+    rng = np.random.default_rng(0)
+    examples = [EncodedExample(tuple(rng.integers(3, 97, rng.integers(2, 13)).tolist()),
+                               tuple(rng.integers(3, 97, rng.integers(1, 11)).tolist())) for _ in range(30)]
+    neighbors = np.array([1, 2, 0, *rng.integers(0, 3, 27)])
+    plan = plan_passes(examples, list(range(30)), neighbors, SPECIAL, 64, True, pack_tokens=1024)
+    per_row = plan_passes(examples, list(range(30)), neighbors, SPECIAL, 64, True, pack_tokens=0)
+    assert sum(len(s.branches) > 1 for s in plan.sequences) == 3 and not any(s.branches for s in per_row.sequences)
+    assert sum(map(len, (s.input_ids for s in plan.sequences))) < sum(map(len, (s.input_ids for s in per_row.sequences)))
+    model = _random_model(architecture, attention)
+    assert supports_branches(model)
+    losses = span_losses(model, plan.sequences, 0, EngineConfig(batch_size=4, progress=False))
+    assert set(plan.where) == {(kind, i) for kind in ("zero", "one", "uncond") for i in range(30)}
+    for (kind, i), (n, span) in plan.where.items():
+        sequence = {"zero": lambda: zero_shot_sequence(examples[i], SPECIAL, 64)[0],
+                    "one": lambda: one_shot_sequence(examples[i], examples[neighbors[i]], SPECIAL, 64)[0],
+                    "uncond": lambda: unconditional_sequence(examples[i], SPECIAL, 64)}[kind]()
+        assert losses[n][span] == pytest.approx(naive_loss(model, sequence), abs=1e-5), (kind, i)
+
+
 def test_chunk_plan_keeps_neighbour_chains_together_and_covers_every_row():
     neighbors = np.array([5, 3, 0, 1, 7, 0, 2, 4])
     plan = chunk_plan(neighbors, chunk_rows=3)

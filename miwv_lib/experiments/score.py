@@ -25,7 +25,7 @@ from ..data.models import (
     load_model,
 )
 from ..data.prompts import TEMPLATES, encode_examples
-from ..method.importance import _score_row, chunk_plan, plan_passes
+from ..method.importance import PACK_TOKENS, _score_row, chunk_plan, plan_passes
 from ..method.layouts import (
     AUTO_MAX_LENGTH,
     LAYOUT_VERSION,
@@ -36,7 +36,7 @@ from ..method.layouts import (
     parse_max_length,
     resolve_max_length,
 )
-from ..method.losses import EngineConfig, compile_body, span_losses
+from ..method.losses import EngineConfig, compile_body, span_losses, supports_branches
 from ..method.neighbors import embed_texts, model_embeddings, nearest_neighbors
 from ..runtime.distributed import Shard, barrier, from_main, init_from_env
 from ..runtime.io import file_sha256, read_jsonl, stable_hash, write_json, write_jsonl
@@ -63,6 +63,9 @@ class ScoreConfig:
     max_tokens_per_batch: int = setting(8192, rule=integer(1), help="padded tokens per forward pass (memory bound)")
     compute_ifd: bool = setting(True, rule=boolean(), flag="--no-ifd",
                                 help="skip the unconditional pass that IFD needs")
+    share_prefix: bool = setting(True, rule=boolean(), flag="--no-share-prefix",
+                                 help="one pass for the rows that share a neighbour: its example once, each row's own "
+                                      "tokens after it (exact; off: a pass for every row)")
     chunk_rows: int = setting(64, rule=integer(1), help="advanced: rows per checkpoint in scores.partial.jsonl (at "
                               "most this much work is lost when the job is killed; a resumed run must use the same "
                               "value to be byte-identical)")
@@ -121,7 +124,8 @@ def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[st
     # "auto" cuts only what exceeds the context window, so resolving it per chunk gives the pool's numbers.
     max_length = resolve_max_length(config.max_length, one_shot_lengths(examples, neighbor_index, special, indices),
                                     loaded.model)
-    plan = plan_passes(examples, indices, neighbor_index, special, max_length, config.compute_ifd)
+    pack_tokens = PACK_TOKENS if config.share_prefix and supports_branches(loaded.model) else 0
+    plan = plan_passes(examples, indices, neighbor_index, special, max_length, config.compute_ifd, pack_tokens)
     engine = EngineConfig(batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
                           progress=config.progress, torch_compile=config.torch_compile)
     losses = span_losses(loaded.model, plan.sequences, loaded.tokenizer.pad_token_id, engine)

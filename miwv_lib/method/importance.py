@@ -43,35 +43,69 @@ class PassPlan:
     cuts: dict[int, Truncation]
 
 
+PACK_TOKENS = 1024  # longest shared-prefix pass: attention grows with the square of a pass's length
+
+
 def plan_passes(examples: list[EncodedExample], indices: list[int], neighbor_index: np.ndarray,
-                special: SpecialTokens, max_length: int, compute_ifd: bool) -> PassPlan:
-    """The passes for rows ``indices``: one-shot for each, zero-shot only where no one-shot pass carries it
-    (a row's exact zero-shot sequence opens its neighbour's one-shot sequence: its loss is a span of that pass)."""
+                special: SpecialTokens, max_length: int, compute_ifd: bool, pack_tokens: int = 0) -> PassPlan:
+    """The passes for rows ``indices``. A row's one-shot sequence opens with its neighbour k's exact zero-shot
+    sequence, so k's zero-shot loss is a span of that pass, and the rows that share k share one pass: k's sequence
+    once, then each row's own tokens as a branch (``Sequence.branches``), up to ``pack_tokens`` tokens a pass
+    (0: one row a pass, for a model whose attention takes no such mask)."""
     zero = {i: zero_shot_sequence(examples[i], special, max_length)[0] for i in indices}
     one, cuts = {}, {}
     for i in indices:
         one[i], cuts[i] = one_shot_sequence(examples[i], examples[neighbor_index[i]], special, max_length)
-    carrier: dict[int, int] = {}  # row k -> the row i whose one-shot pass opens with k's zero-shot sequence
-    for i in indices:
-        k = int(neighbor_index[i])
-        if (not cuts[i].no_demo and k in zero and k not in carrier
-                and one[i].input_ids[:len(zero[k].input_ids)] == zero[k].input_ids):
-            carrier[k] = i
 
-    passes: list[tuple[Sequence, tuple]] = []  # each pass, and the (pass kind, row) whose loss each of its spans is
+    def zero_of(k: int) -> Sequence:
+        return zero[k] if k in zero else zero_shot_sequence(examples[k], special, max_length)[0]
+
+    groups: dict[int, list[int]] = {}  # k -> the rows whose one-shot sequence is k's zero-shot one + their own tokens
     for i in indices:
-        k = int(neighbor_index[i])
-        if carrier.get(k) == i:
-            spans = ((len(zero[k].input_ids), zero[k].n_targets),)
-            passes.append((Sequence(one[i].input_ids, one[i].n_targets, spans), (("one", i), ("zero", k))))
-        elif not cuts[i].no_demo:  # a row without its demo gets no one-shot pass
+        k, seq = int(neighbor_index[i]), one[i]
+        prefix = zero_of(k).input_ids
+        # A branch must hold more than its targets: its first target is predicted from within it.
+        own = len(seq.input_ids) - len(prefix)
+        if not cuts[i].no_demo and seq.input_ids[:len(prefix)] == prefix and own > seq.n_targets:
+            groups.setdefault(k, []).append(i)
+    passes = _shared_prefix_passes(groups, zero_of, one, set(indices), pack_tokens)
+    grouped, carried = {i for rows in groups.values() for i in rows}, set(groups) & set(zero)
+    for i in indices:
+        if i not in grouped and not cuts[i].no_demo:  # a row without its demo gets no one-shot pass
             passes.append((one[i], (("one", i),)))
-        if i not in carrier:
+        if i not in carried:
             passes.append((zero[i], (("zero", i),)))
         if compute_ifd:
             passes.append((unconditional_sequence(examples[i], special, max_length), (("uncond", i),)))
     where = {owner: (n, span) for n, (_, owners) in enumerate(passes) for span, owner in enumerate(owners)}
     return PassPlan([sequence for sequence, _ in passes], where, one, cuts)
+
+
+def _shared_prefix_passes(groups: dict[int, list[int]], zero_of, one: dict[int, Sequence], scored: set[int],
+                          pack_tokens: int) -> list[tuple[Sequence, tuple]]:
+    """Each group's passes: k's zero-shot sequence, then as many of its rows' own tokens as fit in ``pack_tokens``;
+    with each pass, the (pass kind, row) whose loss each of its spans is (``Sequence.spans`` order)."""
+    passes = []
+    for k, rows in groups.items():
+        prefix = zero_of(k)
+        packs: list[list[int]] = [[]]
+        for i in rows:
+            size = len(prefix.input_ids) + sum(len(one[j].input_ids) - len(prefix.input_ids) for j in [*packs[-1], i])
+            if packs[-1] and size > pack_tokens:
+                packs.append([])
+            packs[-1].append(i)
+        for n, pack in enumerate(packs):
+            ids, starts = list(prefix.input_ids), []
+            spans, owners = ([(len(ids), prefix.n_targets)], [("zero", k)]) if n == 0 and k in scored else ([], [])
+            for i in pack:
+                starts.append(len(ids))
+                ids += one[i].input_ids[len(prefix.input_ids):]
+                spans.append((len(ids), one[i].n_targets))
+                owners.append(("one", i))
+            last = spans.pop()  # Sequence.spans lists (len(input_ids), n_targets) first
+            sequence = Sequence(tuple(ids), last[1], tuple(spans), tuple(starts) if len(pack) > 1 else ())
+            passes.append((sequence, (owners.pop(), *owners)))
+    return passes
 
 
 def _score_row(i: int, k: int, ids: list[str], examples: list[EncodedExample], one: Sequence, cut: Truncation,

@@ -50,6 +50,10 @@ class Sequence:
     input_ids: tuple[int, ...]
     n_targets: int
     extra_spans: tuple[tuple[int, int], ...] = ()
+    # Where the branches of a shared prefix start: tokens [0, branches[0]) are a prefix that every branch
+    # [branches[j], branches[j+1]) sees as if it stood right after it (its positions continue the prefix's), and
+    # no branch sees another. Empty: one ordinary causal sequence.
+    branches: tuple[int, ...] = ()
 
     @property
     def spans(self) -> tuple[tuple[int, int], ...]:

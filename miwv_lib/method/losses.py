@@ -4,6 +4,7 @@ applied, in chunks, to the hidden states of the scored tokens alone: never a bat
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import cache
 
@@ -63,25 +64,68 @@ def sequence_losses(model, sequences: list[Sequence], pad_token_id: int, cfg: En
 
 
 def _layout(sequences: list[Sequence], batch: list[int], pad_token_id: int, padding_side: str) -> tuple:
-    """One padded batch: ids, attention mask and positions, then the (row, column) of the hidden state that predicts
-    each scored token, and that token."""
+    """One padded batch: ids, attention mask, positions and segments (0: a sequence or its shared prefix, j + 1:
+    its branch j, -1: padding), then the (row, column) of the hidden state that predicts each scored token, and
+    that token."""
     width = max(len(sequences[i].input_ids) for i in batch)
     ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    mask, positions = torch.zeros_like(ids), torch.zeros_like(ids)
+    mask, positions, segments = torch.zeros_like(ids), torch.zeros_like(ids), torch.full_like(ids, -1)
     rows, cols, targets = [], [], []
     for row, i in enumerate(batch):
-        seq = sequences[i].input_ids
+        seq, branches = sequences[i].input_ids, sequences[i].branches
         offset = width - len(seq) if padding_side == "left" else 0
         ids[row, offset:offset + len(seq)] = torch.tensor(seq)
         mask[row, offset:offset + len(seq)] = 1
-        # Explicit positions: with left padding the first real token must still be position 0.
-        positions[row, offset:offset + len(seq)] = torch.arange(len(seq))
+        # Explicit positions: with left padding the first real token must still be position 0, and a branch
+        # continues its prefix's positions.
+        pos, seg = torch.arange(len(seq)), torch.zeros(len(seq), dtype=torch.long)
+        for j, (start, stop) in enumerate(zip(branches, [*branches[1:], len(seq)])):
+            pos[start:stop], seg[start:stop] = torch.arange(branches[0], branches[0] + stop - start), j + 1
+        positions[row, offset:offset + len(seq)], segments[row, offset:offset + len(seq)] = pos, seg
         for stop, k in sequences[i].spans:
             # The token at position t is predicted by the hidden state at t − 1.
             rows += [row] * k
             cols += range(offset + stop - k - 1, offset + stop - 1)
             targets += seq[stop - k:stop]
-    return ids, mask, positions, rows, cols, targets
+    return ids, mask, positions, segments, rows, cols, targets
+
+
+def _text_config(model):
+    return getattr(model.config, "text_config", None) or model.config
+
+
+def supports_branches(model) -> bool:
+    """Whether the model's attention takes the masks of ``branch_attention`` exactly: SDPA or eager attention, and
+    either no sliding-window layer or a body that takes one mask per layer type (Gemma-3's mix of both)."""
+    config = _text_config(model)
+    if config._attn_implementation not in ("sdpa", "eager"):
+        return False
+    layer_types = set(getattr(config, "layer_types", None) or ())
+    if "sliding_attention" in layer_types:
+        body = getattr(model.base_model, "_orig_mod", model.base_model)  # a compiled body keeps the module there
+        return "causal_mask_mapping" in inspect.getsource(type(body).forward)
+    return not getattr(config, "sliding_window", None) and layer_types <= {"full_attention"}
+
+
+def branch_attention(model, segments: torch.Tensor, positions: torch.Tensor):
+    """The 4-D attention masks of a batch with branches: a token sees the earlier tokens of its own segment and of
+    the shared prefix (segment 0); in a sliding-window layer, only those less than the window's positions back."""
+    width = segments.shape[1]
+    index, valid = torch.arange(width, device=segments.device), segments >= 0
+    sees = (index[:, None] >= index[None, :]) & ((segments[:, :, None] == segments[:, None, :])
+                                                  | (segments[:, None, :] == 0))
+    sees &= valid[:, :, None] & valid[:, None, :]
+    sees |= torch.eye(width, dtype=torch.bool, device=segments.device) & ~valid[:, :, None]  # no all-masked row: NaN
+    config = _text_config(model)
+    masks = {"full_attention": sees}
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        masks["sliding_attention"] = sees & (positions[:, :, None] - positions[:, None, :] < config.sliding_window)
+    if config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+        dtype = next(model.parameters()).dtype
+        masks = {k: torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+                 for k, m in masks.items()}
+    masks = {k: m[:, None] for k, m in masks.items()}
+    return masks if len(masks) > 1 else masks["full_attention"]
 
 
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -129,11 +173,15 @@ def span_losses(model, sequences: list[Sequence], pad_token_id: int,
               leave=False) as bar:
         for batch in length_batches(lengths, cfg):
             with record_function("miwv.layout"):
-                ids, mask, positions, rows, cols, targets = _layout(sequences, batch, pad_token_id, cfg.padding_side)
+                ids, mask, positions, segments, rows, cols, targets = _layout(sequences, batch, pad_token_id,
+                                                                              cfg.padding_side)
+                positions, attention = positions.to(device), mask.to(device)
+                if any(sequences[i].branches for i in batch):
+                    attention = branch_attention(model, segments.to(device), positions)
             with record_function("miwv.body"):
                 # use_cache=False: a KV cache would only keep every layer's keys and values alive to the pass's end.
-                hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                          position_ids=positions.to(device), use_cache=False).last_hidden_state
+                hidden = model.base_model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
+                                          use_cache=False).last_hidden_state
             with record_function("miwv.head"):
                 picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
                 token_nll = _head_nll(model, picked, torch.tensor(targets, device=device), head_chunk,

@@ -180,6 +180,12 @@ def test_row_source_files_follow_concatenation_and_limit(tmp_path):
     assert row_source_files([a, b], 5) == ["a.json"] * 3 + ["b.jsonl"] * 2
     assert row_source_files([a, b], 2) == ["a.json"] * 2
     assert row_source_files([a], 4) == ["a.json"] * 4
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    c = tmp_path / "c.parquet"  # counted from the footer
+    pq.write_table(pa.table({"instruction": ["i"] * 4, "output": ["o"] * 4}), c)
+    assert row_source_files([c, a], 6) == ["c.parquet"] * 4 + ["a.json"] * 2
 
 
 def test_summary_stats_and_ranked_examples():

@@ -235,6 +235,16 @@ def _read_file(path: Path, label: str, empty: str = "empty file (0 rows)") -> _R
     return raw
 
 
+def record_count(path: str | Path) -> int:
+    """Records in a data file as the loaders read them (a parquet file's from its footer, without reading it)."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    return len(_read_file(path, path.name).records)
+
+
 def detect_schema(record: Mapping[str, Any]) -> str | None:
     """Schema name from a record's keys (most specific first), or None if unrecognised."""
     keys = set(record)

@@ -62,10 +62,7 @@ def write_table(rows: list[dict], out_stem: str | Path) -> tuple[Path, Path]:
 
 def plot_outcomes(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Figure-2-style stacked horizontal bars: win/tie/loss share per test set, one panel per (judge, pair)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from .plots import outcome_figure
+    from .plots import outcome_figure  # lazy: matplotlib comes with the notebooks extra
 
     panels = {f"{a} vs {b} — judge {judge}": ([r["test_set"] for r in part], part)  # "All" last, at the bottom
               for (judge, a, b), part in pairs(rows).items()}

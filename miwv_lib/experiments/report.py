@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..data.datasets import _read_file
+from ..data.datasets import record_count
 from ..data.prompts import encode_text
 from ..method.pairwise import ALL, OUTCOME_VALUE, mean_interval
 from ..method.selection import BASELINE, demo_trimmed, ratio_label, subset_size
@@ -57,7 +57,7 @@ def row_source_files(files: Sequence[str | Path], n_rows: int) -> list[str]:
     for path, name in zip(files, names):
         if len(out) >= n_rows:
             break
-        out.extend([name] * min(len(_read_file(Path(path), name).records), n_rows - len(out)))
+        out.extend([name] * min(record_count(path), n_rows - len(out)))
     return out + ["unknown"] * (n_rows - len(out))
 
 

@@ -57,8 +57,12 @@ def plan_passes(examples: list[EncodedExample], indices: list[int], neighbor_ind
     for i in indices:
         one[i], cuts[i] = one_shot_sequence(examples[i], examples[neighbor_index[i]], special, max_length)
 
+    known = dict(zero)  # and the neighbours outside ``indices``, each built once
+
     def zero_of(k: int) -> Sequence:
-        return zero[k] if k in zero else zero_shot_sequence(examples[k], special, max_length)[0]
+        if k not in known:
+            known[k] = zero_shot_sequence(examples[k], special, max_length)[0]
+        return known[k]
 
     groups: dict[int, list[int]] = {}  # k -> the rows whose one-shot sequence is k's zero-shot one + their own tokens
     for i in indices:
@@ -89,11 +93,14 @@ def _shared_prefix_passes(groups: dict[int, list[int]], zero_of, one: dict[int, 
     for k, rows in groups.items():
         prefix = zero_of(k)
         packs: list[list[int]] = [[]]
+        size = len(prefix.input_ids)
         for i in rows:
-            size = len(prefix.input_ids) + sum(len(one[j].input_ids) - len(prefix.input_ids) for j in [*packs[-1], i])
-            if packs[-1] and size > pack_tokens:
+            own = len(one[i].input_ids) - len(prefix.input_ids)
+            if packs[-1] and size + own > pack_tokens:
                 packs.append([])
+                size = len(prefix.input_ids)
             packs[-1].append(i)
+            size += own
         for n, pack in enumerate(packs):
             ids, starts = list(prefix.input_ids), []
             spans, owners = ([(len(ids), prefix.n_targets)], [("zero", k)]) if n == 0 and k in scored else ([], [])

@@ -131,13 +131,18 @@ def parse_max_length(text: str) -> int | str:
 parse_max_length.kind = f"{AUTO_MAX_LENGTH!r} or an integer"
 
 
+def text_config(model):
+    """The language model's configuration (a multimodal model such as Gemma-3 4B nests it)."""
+    return getattr(model.config, "text_config", None) or model.config
+
+
 def resolve_max_length(setting: int | str, needed: list[int], model) -> int:
     """``auto``: the longest sequence ``needed``, capped at the model's context window; an int as it is."""
     if problem := max_length_rule(setting):
         raise ValueError(f"max_length: {problem}")
     if setting != AUTO_MAX_LENGTH:
         return int(setting)
-    config = getattr(model.config, "text_config", None) or model.config
+    config = text_config(model)
     window, longest = getattr(config, "max_position_embeddings", None), max(needed, default=MIN_MAX_LENGTH)
     return max(MIN_MAX_LENGTH, min(longest, window) if isinstance(window, int) and window > 0 else longest)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from tqdm.auto import tqdm
 
-from .layouts import Sequence
+from .layouts import Sequence, text_config
 
 
 def response_loss(token_nll: torch.Tensor) -> float:
@@ -90,20 +90,21 @@ def _layout(sequences: list[Sequence], batch: list[int], pad_token_id: int, padd
     return ids, mask, positions, segments, rows, cols, targets
 
 
-def _text_config(model):
-    return getattr(model.config, "text_config", None) or model.config
+@cache
+def _takes_mask_per_layer_type(body_type: type) -> bool:
+    return "causal_mask_mapping" in inspect.getsource(body_type.forward)  # read once per class: it is slow
 
 
 def supports_branches(model) -> bool:
     """Whether the model's attention takes the masks of ``branch_attention`` exactly: SDPA or eager attention, and
     either no sliding-window layer or a body that takes one mask per layer type (Gemma-3's mix of both)."""
-    config = _text_config(model)
+    config = text_config(model)
     if config._attn_implementation not in ("sdpa", "eager"):
         return False
     layer_types = set(getattr(config, "layer_types", None) or ())
     if "sliding_attention" in layer_types:
         body = getattr(model.base_model, "_orig_mod", model.base_model)  # a compiled body keeps the module there
-        return "causal_mask_mapping" in inspect.getsource(type(body).forward)
+        return _takes_mask_per_layer_type(type(body))
     return not getattr(config, "sliding_window", None) and layer_types <= {"full_attention"}
 
 
@@ -116,7 +117,7 @@ def branch_attention(model, segments: torch.Tensor, positions: torch.Tensor):
                                                   | (segments[:, None, :] == 0))
     sees &= valid[:, :, None] & valid[:, None, :]
     sees |= torch.eye(width, dtype=torch.bool, device=segments.device) & ~valid[:, :, None]  # no all-masked row: NaN
-    config = _text_config(model)
+    config = text_config(model)
     masks = {"full_attention": sees}
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         masks["sliding_attention"] = sees & (positions[:, :, None] - positions[:, None, :] < config.sliding_window)

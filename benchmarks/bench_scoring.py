@@ -15,7 +15,8 @@ compiling, which do not grow with the rows).
 tokens/s counts the tokens of the naive passes (the work to be done), so it is comparable across modes.
 
 Each mode runs in its own subprocess so its peak memory (RSS) is its own. Fidelity is measured
-against ``naive``: max |Δloss|, Spearman of MIWV, overlap of the top-10% selections.
+against ``naive`` (or ``exact`` when naive is not run): max |Δloss|, Spearman of MIWV, overlap of the top-10%
+selections.
 
 The roofline is measured in the same run: the GEMM rates of this model's body shapes
 (4096 × hidden × intermediate and back) and head shape (256 × hidden × vocabulary) in bf16 and
@@ -27,6 +28,7 @@ positions. Each mode's "of roofline" is that work's time at its own dtype's rate
     python benchmarks/bench_scoring.py                    # gemma-3-270m, 200 rows of the local Alpaca pool
     python benchmarks/bench_scoring.py --rows 40 --modes naive,fast
     python benchmarks/bench_scoring.py --rows 40 --modes fast --profile 40
+    python benchmarks/bench_scoring.py --rows 100 --sample-seed 1 --modes exact,fast   # fidelity on random rows
 """
 
 from __future__ import annotations
@@ -47,13 +49,24 @@ MODES = ("naive", "per-row", "exact", "fast", "compiled")
 FLOAT32_MODES = ("naive", "per-row", "exact")
 
 
+def bench_pool(args: argparse.Namespace):
+    """The first ``--rows`` rows of the pool, or with ``--sample-seed`` a seeded random sample of that many (their
+    neighbours are then searched within the sample, as they would be in a pool of that size)."""
+    from miwv_lib.data.datasets import load_instructions
+
+    if args.sample_seed is None:
+        return load_instructions(args.data, limit=args.rows)
+    pool = load_instructions(args.data)
+    picked = np.random.default_rng(args.sample_seed).choice(len(pool), min(args.rows, len(pool)), replace=False)
+    return pool.subset(sorted(picked.tolist()))
+
+
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
     """Score ``args.rows`` rows in this process with one mode; return losses, timings and peak RSS."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
-    from miwv_lib.data.datasets import load_instructions
     from miwv_lib.data.models import load_model
     from miwv_lib.method.layouts import SpecialTokens
     from miwv_lib.data.prompts import encode_examples
@@ -61,7 +74,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     from miwv_lib.method.importance import chunk_plan
     from miwv_lib.method.layouts import one_shot_sequence, zero_shot_sequence
 
-    pool = load_instructions(args.data, limit=args.rows)
+    pool = bench_pool(args)
     neighbors, similarities = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
     loaded = load_model(args.model, dtype="float32" if mode in FLOAT32_MODES else "bfloat16", device="cpu")
     special = SpecialTokens.from_tokenizer(loaded.tokenizer)
@@ -283,7 +296,8 @@ def top_overlap(a: np.ndarray, b: np.ndarray, ratio: float = 0.10) -> float:
 def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
     from miwv_lib.experiments.report import spearman
 
-    reference = results.get("naive")
+    naive = results.get("naive")
+    reference = naive or results.get("exact")  # fidelity against float32: naive, or exact (within 1e-5 of it)
     rows = []
     for mode, r in results.items():
         dtype = "fp32" if mode in FLOAT32_MODES else "bf16"
@@ -301,9 +315,9 @@ def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
             ref_losses = np.array(reference["losses"], dtype=float)
             ref_miwv = ref_losses[1::2] - ref_losses[0::2]
             if not np.array_equal(np.isnan(losses), np.isnan(ref_losses)):
-                raise RuntimeError(f"{mode} and naive disagree on which rows have a loss")
+                raise RuntimeError(f"{mode} and {reference['mode']} disagree on which rows have a loss")
             has = ~np.isnan(miwv)  # rows whose demo does not fit (an explicit --max-length) have no MIWV
-            row.update(speedup_vs_naive=round(reference["seconds"] / r["seconds"], 2),
+            row.update(speedup_vs_naive=round(naive["seconds"] / r["seconds"], 2) if naive else None,
                        max_abs_dloss=float(np.nanmax(np.abs(losses - ref_losses))),
                        max_abs_dmiwv=float(np.abs(miwv - ref_miwv)[has].max()),
                        spearman_miwv=round(spearman(miwv[has], ref_miwv[has]), 5),
@@ -318,7 +332,8 @@ def markdown_table(rows: list[dict]) -> str:
                "max_abs_dmiwv", "spearman_miwv", "top10_overlap", "peak_rss_mb", "body_tokens"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [f"{row[c]:.2e}" if c.startswith("max_abs") and c in row else str(row.get(c, "–")) for c in columns]
+        cells = ["–" if row.get(c) is None else f"{row[c]:.2e}" if c.startswith("max_abs") else str(row[c])
+                 for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -327,6 +342,8 @@ def child(what: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--_child", what, "--model", args.model, "--data", args.data,
                "--rows", str(args.rows), "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
                "--profile", str(args.profile), "--profile-mode", args.profile_mode]
+    if args.sample_seed is not None:
+        command += ["--sample-seed", str(args.sample_seed)]
     print(f"[bench] {what} …", file=sys.stderr, flush=True)
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -351,6 +368,8 @@ def main() -> None:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--data", default="alpaca", help="file, registry name or hub id (needs MIWV_DATA_DIR)")
     parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--sample-seed", type=int, default=None,
+                        help="a seeded random sample of --rows rows instead of the first ones (fidelity on other rows)")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--modes", default=",".join(MODES))

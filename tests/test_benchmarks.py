@@ -35,6 +35,24 @@ def test_scoring_benchmark_reports_speed_and_fidelity(tmp_path):
     assert "| exact |" in (tmp_path / "bench_scoring.md").read_text()
 
 
+def test_scoring_benchmark_takes_a_random_sample_and_measures_fidelity_against_exact(tmp_path):
+    data = tmp_path / "pool.json"
+    data.write_text(json.dumps(make_rows(30, seed=3)))
+    run = [sys.executable, str(ROOT / "benchmarks" / "bench_scoring.py"), "--model", "tiny-random", "--data", str(data),
+           "--rows", "12", "--max-length", "128", "--modes", "exact,fast"]
+    env = {**__import__("os").environ, "MIWV_CACHE_DIR": str(tmp_path)}
+    samples = []
+    for seed, out in ((1, tmp_path / "a"), (1, tmp_path / "b"), (2, tmp_path / "c")):
+        result = subprocess.run([*run, "--sample-seed", str(seed), "--out", str(out)], capture_output=True, text=True,
+                                timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = {row["mode"]: row for row in json.loads((out / "bench_scoring.json").read_text())["summary"]}
+        assert summary["fast"]["speedup_vs_naive"] is None and 0 < summary["fast"]["max_abs_dloss"] < 0.1
+        assert summary["exact"]["max_abs_dloss"] == 0  # the reference itself
+        samples.append(summary["exact"]["body_tokens"])
+    assert samples[0] == samples[1] != samples[2]  # the seed picks the rows: the same seed, the same rows
+
+
 def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     out = tmp_path / "gpu.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--size", "tiny",

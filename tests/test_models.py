@@ -57,6 +57,20 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_has_it_and_float32_is_the_exact_m
         resolve_dtype("int3", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("speedup, expected", [(7.0, True), (1.31, True), (1.0, False), (0.65, False)])
+def test_native_bf16_is_used_only_where_it_is_clearly_faster(monkeypatch, speedup, expected):
+    # An Intel Xeon with AVX512-BF16 but no AMX ran bf16 matmuls at 0.6-0.7 x float32's rate.
+    monkeypatch.setattr(models.Path, "exists", lambda self: True)
+    monkeypatch.setattr(models.Path, "read_text", lambda self, *a, **k: "flags : fpu avx2 avx512_bf16")
+    monkeypatch.setattr(models, "matmul_speedup_bf16", lambda: speedup)
+    assert models.bf16_supported(torch.device("cpu")) is expected
+
+
+def test_the_bf16_speedup_is_measured_once_a_process():
+    first = models.matmul_speedup_bf16()
+    assert first > 0 and models.matmul_speedup_bf16() == first
+
+
 @pytest.mark.parametrize("name, message", [
     ("/no/such/model", "neither a built-in"),
     ("missing.gguf", "GGUF file not found"),

@@ -105,7 +105,7 @@ BF16_MIN_SPEEDUP = 1.3  # a clear margin: near a tie, float32 (exact, and the sa
 @cache
 def matmul_speedup_bf16() -> float:
     """bf16's matmul rate over float32's on this CPU, for a transformer body's shape: measured once a process, in
-    about 0.2 s, best of five."""
+    about 0.3 s, best of five."""
     def best(dtype: torch.dtype) -> float:
         x, w = torch.randn(512, 1024, dtype=dtype), torch.randn(2048, 1024, dtype=dtype)
         torch.nn.functional.linear(x, w)  # warm-up: oneDNN builds its kernel on the first call

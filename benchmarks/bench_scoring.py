@@ -160,9 +160,10 @@ def measure_roofline(args: argparse.Namespace) -> dict:
     import torch
 
     from miwv_lib.data.models import load_model
+    from miwv_lib.method.layouts import text_config
 
     model = load_model(args.model, dtype="bfloat16", device="cpu").model
-    cfg = getattr(model.config, "text_config", model.config)
+    cfg = text_config(model)
     embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     total = sum(p.numel() for p in model.parameters())  # a tied head is counted once, as the embedding
     body = total - embed.numel() - (0 if head is embed else head.numel())

@@ -238,7 +238,7 @@ def _read_file(path: Path, label: str, empty: str = "empty file (0 rows)") -> _R
 def record_count(path: str | Path) -> int:
     """Records in a data file as the loaders read them (a parquet file's from its footer, without reading it)."""
     path = Path(path)
-    if path.suffix.lower() == ".parquet":
+    if FILE_FORMATS.get(path.suffix.lower()) == "parquet":
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows

@@ -52,17 +52,15 @@ def plan_passes(examples: list[EncodedExample], indices: list[int], neighbor_ind
     sequence, so k's zero-shot loss is a span of that pass, and the rows that share k share one pass: k's sequence
     once, then each row's own tokens as a branch (``Sequence.branches``), up to ``pack_tokens`` tokens a pass
     (0: one row a pass, for a model whose attention takes no such mask)."""
-    zero = {i: zero_shot_sequence(examples[i], special, max_length)[0] for i in indices}
     one, cuts = {}, {}
     for i in indices:
         one[i], cuts[i] = one_shot_sequence(examples[i], examples[neighbor_index[i]], special, max_length)
-
-    known = dict(zero)  # and the neighbours outside ``indices``, each built once
+    zero: dict[int, Sequence] = {}  # the rows' and their neighbours' zero-shot sequences, each built once
 
     def zero_of(k: int) -> Sequence:
-        if k not in known:
-            known[k] = zero_shot_sequence(examples[k], special, max_length)[0]
-        return known[k]
+        if k not in zero:
+            zero[k] = zero_shot_sequence(examples[k], special, max_length)[0]
+        return zero[k]
 
     groups: dict[int, list[int]] = {}  # k -> the rows whose one-shot sequence is k's zero-shot one + their own tokens
     for i in indices:
@@ -72,13 +70,14 @@ def plan_passes(examples: list[EncodedExample], indices: list[int], neighbor_ind
         own = len(seq.input_ids) - len(prefix)
         if not cuts[i].no_demo and seq.input_ids[:len(prefix)] == prefix and own > seq.n_targets:
             groups.setdefault(k, []).append(i)
-    passes = _shared_prefix_passes(groups, zero_of, one, set(indices), pack_tokens)
-    grouped, carried = {i for rows in groups.values() for i in rows}, set(groups) & set(zero)
+    scored = set(indices)
+    passes = _shared_prefix_passes(groups, zero_of, one, scored, pack_tokens)
+    grouped, carried = {i for rows in groups.values() for i in rows}, set(groups) & scored
     for i in indices:
         if i not in grouped and not cuts[i].no_demo:  # a row without its demo gets no one-shot pass
             passes.append((one[i], (("one", i),)))
         if i not in carried:
-            passes.append((zero[i], (("zero", i),)))
+            passes.append((zero_of(i), (("zero", i),)))
         if compute_ifd:
             passes.append((unconditional_sequence(examples[i], special, max_length), (("uncond", i),)))
     where = {owner: (n, span) for n, (_, owners) in enumerate(passes) for span, owner in enumerate(owners)}

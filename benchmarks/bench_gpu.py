@@ -2,18 +2,22 @@
 
 Timing needs no trained weights: a Llama-architecture model with random weights (7B by default)
 scores synthetic Alpaca-length rows through the same path as ``score``: neighbour chains cut into
-chunks (``chunk_plan``), the passes of each chunk (``plan_passes``: one-shot passes that carry
-their neighbour's zero-shot loss, zero-shot passes only where none does), and ``span_losses``
-(length-sorted padded batches, LM head at response positions only). Each engine setting in
-``--variants`` is timed on the same rows, next to a bare forward of the body over the same
-batches and a measured bf16 GEMM rate, and the first ``--check`` sequences are compared with
-a naive forward (full logits) in the same dtype.
+chunks (``chunk_plan``), the passes of each chunk (``plan_passes``: the rows that share a neighbour
+share one pass, its example once and their own tokens as branches after it, as ``score`` plans
+them for a model whose attention takes the branch mask), and ``span_losses`` (length-sorted padded
+batches, LM head at response positions only). Each plan in ``--pack-tokens`` (by default that one
+and ``0``, one pass per row) is timed with each engine setting in ``--variants`` on the same rows
+in the same run, next to a bare forward of the body over the same batches and masks and a
+measured bf16 GEMM rate, and the first ``--check`` sequences are compared with a naive forward
+(full logits, each span in its own causal sequence) in the same dtype. Neighbours are drawn at
+random: 63 % of rows share theirs with another row (67 % in the local Alpaca pool), but there are
+none of the real graph's mutual pairs and chains.
 
-Model FLOPs = 2 · body params · real tokens + 2 · head params · response tokens + causal
-attention (2 · layers · hidden · length² per sequence). MFU = model FLOPs/s ÷ the part's dense
+Model FLOPs = 2 · body params · real tokens + 2 · head params · response tokens + attention
+(4 · layers · hidden per query-key pair a token sees). MFU = model FLOPs/s ÷ the part's dense
 bf16 peak; "of GEMM" divides by the matmul rate measured in this run instead.
 
-    python benchmarks/bench_gpu.py                          # 7B on cuda, 4,000 rows, MIWV passes only
+    python benchmarks/bench_gpu.py                          # 7B on cuda, 4,000 rows, MIWV passes, both plans
     python benchmarks/bench_gpu.py --size tiny --device cpu --samples 32 --dtype float32   # anywhere
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from datetime import date
 
@@ -30,9 +35,17 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from miwv_lib.method.layouts import EncodedExample, SpecialTokens
-from miwv_lib.method.losses import EngineConfig, compile_body, length_batches, span_losses
-from miwv_lib.method.importance import chunk_plan, plan_passes
+from miwv_lib.method.importance import PACK_TOKENS, chunk_plan, plan_passes
+from miwv_lib.method.layouts import EncodedExample, Sequence, SpecialTokens
+from miwv_lib.method.losses import (
+    EngineConfig,
+    _layout,
+    branch_attention,
+    compile_body,
+    length_batches,
+    span_losses,
+    supports_branches,
+)
 
 SIZES = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -60,10 +73,28 @@ def synthetic_neighbors(n: int, seed: int = 0) -> np.ndarray:
     return np.where(k >= np.arange(n), k + 1, k)
 
 
-def build_plans(examples, neighbor_index, chunk_rows: int, max_length: int, ifd: bool):
+def build_plans(examples, neighbor_index, chunk_rows: int, max_length: int, ifd: bool, pack_tokens: int):
     """The sequences of every chunk, exactly as ``score_rows`` plans them."""
-    return [plan_passes(examples, rows, neighbor_index, SPECIAL, max_length, ifd).sequences
+    return [plan_passes(examples, rows, neighbor_index, SPECIAL, max_length, ifd, pack_tokens).sequences
             for rows in chunk_plan(neighbor_index, chunk_rows)]
+
+
+def visible_pairs(seq: Sequence) -> int:
+    """(query, key) pairs attention computes for one pass: causal, and a branch sees the prefix and itself."""
+    if not seq.branches:
+        return len(seq.input_ids) * (len(seq.input_ids) + 1) // 2
+    prefix = seq.branches[0]
+    sizes = np.diff([*seq.branches, len(seq.input_ids)])
+    return prefix * (prefix + 1) // 2 + int(sum(n * prefix + n * (n + 1) // 2 for n in sizes))
+
+
+def causal_context(seq: Sequence, stop: int) -> tuple[int, ...]:
+    """The ordinary causal sequence whose last tokens are the span ending at ``stop``: the tokens before it,
+    less the branches it does not see. A naive forward over it needs no mask of ours."""
+    if not seq.branches or stop <= seq.branches[0]:
+        return seq.input_ids[:stop]
+    start = max(b for b in seq.branches if b < stop)
+    return seq.input_ids[:seq.branches[0]] + seq.input_ids[start:stop]
 
 
 def model_flops(model, chunks) -> dict:
@@ -72,8 +103,9 @@ def model_flops(model, chunks) -> dict:
     body = sum(p.numel() for p in model.parameters()) - head - model.get_input_embeddings().weight.numel()
     lengths = [len(s.input_ids) for seqs in chunks for s in seqs]
     targets = sum(k for seqs in chunks for s in seqs for _, k in s.spans)
-    attention = 2 * cfg.num_hidden_layers * cfg.hidden_size * sum(n * n for n in lengths)
+    attention = 4 * cfg.num_hidden_layers * cfg.hidden_size * sum(visible_pairs(s) for seqs in chunks for s in seqs)
     return {"body_params": body, "head_params": head, "tokens": sum(lengths), "response_tokens": targets,
+            "passes": len(lengths), "branched_passes": sum(len(s.branches) > 1 for seqs in chunks for s in seqs),
             "flops": 2 * body * sum(lengths) + 2 * head * targets + attention}
 
 
@@ -83,6 +115,11 @@ def padded_tokens(chunks, engine: EngineConfig) -> int:
         lengths = [len(s.input_ids) for s in seqs]
         total += sum(len(b) * max(lengths[i] for i in b) for b in length_batches(lengths, engine))
     return total
+
+
+def progress(line: str) -> None:
+    """To stderr as it happens: a run stopped at a time limit still shows how far it got."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -100,32 +137,30 @@ def time_engine(model, chunks, engine: EngineConfig, device) -> tuple[float, lis
 
 @torch.no_grad()
 def time_bare_forward(model, chunks, engine: EngineConfig, device) -> float:
-    """The body alone over the engine's own padded batches: what the engine adds on top of it."""
+    """The body alone over the engine's own padded batches and masks: what the engine adds on top of it."""
     sync(device)
     start = time.perf_counter()
     for seqs in chunks:
-        lengths = [len(s.input_ids) for s in seqs]
-        for batch in length_batches(lengths, engine):
-            width = max(lengths[i] for i in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(batch):
-                ids[row, :lengths[i]] = torch.tensor(seqs[i].input_ids)
-                mask[row, :lengths[i]] = 1
-            positions = torch.arange(width).expand(len(batch), width) * mask
-            model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             position_ids=positions.to(device), use_cache=False)
+        for batch in length_batches([len(s.input_ids) for s in seqs], engine):
+            ids, mask, positions, segments, *_ = _layout(seqs, batch, 0, engine.padding_side)
+            positions, attention = positions.to(device), mask.to(device)
+            if any(seqs[i].branches for i in batch):
+                attention = branch_attention(model, segments.to(device), positions)
+            model.base_model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
+                             use_cache=False)
     sync(device)
     return time.perf_counter() - start
 
 
 @torch.no_grad()
 def naive_losses(model, seq, device) -> list[float]:
-    """One sequence alone, logits at every position, float32 log-softmax: the reference."""
-    logits = model(input_ids=torch.tensor([seq.input_ids], device=device)).logits[0].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    ids = torch.tensor(seq.input_ids, device=device)
-    return [float(-logp[stop - k - 1:stop - 1].gather(1, ids[stop - k:stop, None]).mean()) for stop, k in seq.spans]
+    """Each span in its own causal sequence, logits at every position, float32 log-softmax: the reference."""
+    out = []
+    for stop, k in seq.spans:
+        ids = torch.tensor(causal_context(seq, stop), device=device)
+        logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].float(), dim=-1)
+        out.append(float(-logp[-k - 1:-1].gather(1, ids[-k:, None]).mean()))
+    return out
 
 
 def gemm_tflops(device, dtype, n: int) -> float:
@@ -148,12 +183,13 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def parse_variants(text: str, torch_compile: bool = False) -> list[EngineConfig]:
-    """``batch:tokens:head_chunk,…`` e.g. ``256:65536:256`` (the engine's head_chunk default is 256)."""
+    """``batch:tokens:head_chunk[:max_padding]``,… e.g. ``256:65536:256`` (the engine's defaults: head_chunk 256
+    on a CPU, 4096 on a GPU; max_padding 0.05, and 1 batches by size alone, as before 2026-12-03)."""
     out = []
     for item in text.split(","):
-        b, t, h = (int(x) for x in item.split(":"))
-        out.append(EngineConfig(batch_size=b, max_tokens_per_batch=t, head_chunk=h, progress=False,
-                                torch_compile=torch_compile))
+        b, t, h, *pad = item.split(":")
+        out.append(EngineConfig(batch_size=int(b), max_tokens_per_batch=int(t), head_chunk=int(h), progress=False,
+                                torch_compile=torch_compile, **({"max_padding": float(pad[0])} if pad else {})))
     return out
 
 
@@ -178,39 +214,53 @@ def fidelity(model, chunks, losses, n: int, device) -> float | None:
     return max(abs(a - b) for s, g in zip(seqs, got) for a, b in zip(naive_losses(model, s, device), g))
 
 
+def time_variant(model, chunks, work: dict, engine: EngineConfig, args, device, peak, gemm) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, losses = time_engine(model, chunks, engine, device)
+    bare = time_bare_forward(model, chunks, engine, device) if args.bare_forward else None
+    achieved = work["flops"] / seconds / 1e12
+    return {
+        "pack_tokens": work["pack_tokens"], "batch_size": engine.batch_size,
+        "max_tokens_per_batch": engine.max_tokens_per_batch, "head_chunk": engine.head_chunk,
+        "max_padding": engine.max_padding, "seconds": round(seconds, 2),
+        "bare_forward_seconds": round(bare, 2) if bare else None,
+        "padding_waste": round(1 - work["tokens"] / padded_tokens(chunks, engine), 3),
+        "rows_per_s": round(args.samples / seconds, 1), "tokens_per_s": round(work["tokens"] / seconds),
+        "achieved_tflops": round(achieved, 1), "mfu": round(achieved / peak, 3) if peak else None,
+        "of_gemm": round(achieved / gemm, 3), "alpaca_52k_minutes": round(52002 / (args.samples / seconds) / 60, 1),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
+        "max_abs_dloss_vs_naive": fidelity(model, chunks, losses, args.check, device),
+    }
+
+
 def measure(args) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = build_model(args.size, device, dtype)
     if args.torch_compile:
         compile_body(model)
     examples = synthetic_examples(args.samples, model.config.vocab_size)
-    chunks = build_plans(examples, synthetic_neighbors(args.samples), args.chunk_rows, args.max_length, args.ifd)
-    work = model_flops(model, chunks)
-    peak = peak_tflops(device)
-    gemm = gemm_tflops(device, dtype, 8192 if device.type == "cuda" else 512)
-    variants = []
-    for engine in parse_variants(args.variants, args.torch_compile):
-        time_engine(model, chunks[:1], engine, device)  # warm-up: kernels, allocator
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds, losses = time_engine(model, chunks, engine, device)
-        bare = time_bare_forward(model, chunks, engine, device)
-        achieved = work["flops"] / seconds / 1e12
-        variants.append({
-            "batch_size": engine.batch_size, "max_tokens_per_batch": engine.max_tokens_per_batch,
-            "head_chunk": engine.head_chunk, "seconds": round(seconds, 2), "bare_forward_seconds": round(bare, 2),
-            "padding_waste": round(1 - work["tokens"] / padded_tokens(chunks, engine), 3),
-            "rows_per_s": round(args.samples / seconds, 1), "tokens_per_s": round(work["tokens"] / seconds),
-            "achieved_tflops": round(achieved, 1), "mfu": round(achieved / peak, 3) if peak else None,
-            "of_gemm": round(achieved / gemm, 3), "alpaca_52k_minutes": round(52002 / (args.samples / seconds) / 60, 1),
-            "peak_memory_gb": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
-            "max_abs_dloss_vs_naive": fidelity(model, chunks, losses, args.check, device),
-        })
+    neighbors = synthetic_neighbors(args.samples)
+    peak, gemm = peak_tflops(device), gemm_tflops(device, dtype, 8192 if device.type == "cuda" else 512)
+    plans, variants = [], []
+    for pack_tokens in dict.fromkeys(int(p) if supports_branches(model) else 0 for p in args.pack_tokens.split(",")):
+        chunks = build_plans(examples, neighbors, args.chunk_rows, args.max_length, args.ifd, pack_tokens)
+        plans.append(work := {"pack_tokens": pack_tokens, **model_flops(model, chunks)})
+        engines = parse_variants(args.variants, args.torch_compile)
+        warm_up, _ = time_engine(model, chunks[:1], engines[0], device)  # kernels, allocator, compilation
+        progress(f"pack_tokens {pack_tokens}: {work['passes']} passes, "
+                 f"{work['tokens']} tokens, warm-up {warm_up:.0f} s")
+        for engine in engines:
+            variants.append(time_variant(model, chunks, work, engine, args, device, peak, gemm))
+            progress(f"  {engine.batch_size}:{engine.max_tokens_per_batch}:{engine.head_chunk}:{engine.max_padding}: "
+                     f"{variants[-1]['seconds']} s")
     return {
         "date": date.today().isoformat(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or str(device), "torch": torch.__version__, "transformers": transformers.__version__,
         "size": args.size, "dtype": args.dtype, "samples": args.samples, "ifd": args.ifd, "chunk_rows": args.chunk_rows,
-        "torch_compile": args.torch_compile, **work, "gemm_tflops": round(gemm, 1), "peak_tflops": peak, "variants": variants,
+        "torch_compile": args.torch_compile, "body_params": plans[0]["body_params"],
+        "head_params": plans[0]["head_params"], "gemm_tflops": round(gemm, 1), "peak_tflops": peak, "plans": plans,
+        "variants": variants,
     }
 
 
@@ -222,10 +272,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--chunk-rows", type=int, default=1024, help="rows planned together (score --chunk-rows)")
+    parser.add_argument("--pack-tokens", default=f"{PACK_TOKENS},0",
+                        help="longest shared-prefix pass, as score plans them (0: one pass per row); each value in "
+                             "this comma list is a plan timed with every variant on the same rows")
     parser.add_argument("--ifd", action="store_true", help="also the unconditional pass IFD needs")
-    parser.add_argument("--variants", default="256:65536:256,256:65536:4096,256:16384:4096",
-                        help="engine settings to time, batch_size:max_tokens_per_batch:head_chunk,…")
+    parser.add_argument("--variants", default="256:16384:4096,256:16384:4096:1",
+                        help="engine settings to time, batch_size:max_tokens_per_batch:head_chunk[:max_padding],…")
     parser.add_argument("--torch-compile", action="store_true", help="torch.compile the model body (dynamic shapes)")
+    parser.add_argument("--bare-forward", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the body alone over the same batches")
     parser.add_argument("--check", type=int, default=16, help="sequences compared with a naive forward")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args()

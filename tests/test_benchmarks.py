@@ -57,12 +57,18 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     out = tmp_path / "gpu.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--size", "tiny",
                              "--device", "cpu", "--dtype", "float32", "--samples", "24", "--chunk-rows", "8",
-                             "--variants", "4:512:16,64:8192:256", "--check", "8", "--out", str(out)],
+                             "--variants", "4:512:16,64:8192:256:1", "--check", "40", "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["samples"] == 24 and report["tokens"] > report["response_tokens"] > 0
-    assert [v["head_chunk"] for v in report["variants"]] == [16, 256]
+    # Both plans on the same rows: score's (rows that share a neighbour share a pass) and one pass per row.
+    shared, per_row = report["plans"]
+    assert (shared["pack_tokens"], per_row["pack_tokens"]) == (1024, 0) and report["samples"] == 24
+    assert shared["branched_passes"] >= 1 and per_row["branched_passes"] == 0
+    assert shared["passes"] < per_row["passes"] <= 40 and shared["tokens"] < per_row["tokens"]  # --check 40: all
+    assert shared["response_tokens"] == per_row["response_tokens"] > 0
+    assert [(v["pack_tokens"], v["head_chunk"], v["max_padding"]) for v in report["variants"]] == [
+        (1024, 16, 0.05), (1024, 256, 1.0), (0, 16, 0.05), (0, 256, 1.0)]
     for variant in report["variants"]:
         assert variant["tokens_per_s"] > 0 and 0 <= variant["padding_waste"] < 1
         assert variant["max_abs_dloss_vs_naive"] <= 1e-5  # the timed path is the engine, and it is exact in float32

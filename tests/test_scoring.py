@@ -248,12 +248,34 @@ def test_rows_that_share_a_neighbour_share_one_exact_pass(architecture, attentio
         assert losses[n][span] == pytest.approx(naive_loss(model, sequence), abs=1e-5), (kind, i)
 
 
-def test_chunk_plan_keeps_neighbour_chains_together_and_covers_every_row():
-    neighbors = np.array([5, 3, 0, 1, 7, 0, 2, 4])
+def test_batches_hold_similar_lengths_and_waste_at_most_max_padding_on_padding():
+    from miwv_lib.method.losses import length_batches
+
+    lengths = np.random.default_rng(2).integers(5, 400, 300).tolist()
+    for cfg in (EngineConfig(batch_size=16, max_tokens_per_batch=2048), EngineConfig(batch_size=8, max_padding=0.2)):
+        batches = length_batches(lengths, cfg)
+        assert sorted(i for b in batches for i in b) == list(range(300))
+        for b in batches:
+            size = len(b) * lengths[b[0]]
+            assert lengths[b[0]] == max(lengths[i] for i in b) and len(b) <= cfg.batch_size
+            assert len(b) == 1 or (size <= cfg.max_tokens_per_batch and size - sum(lengths[i] for i in b) <= cfg.max_padding * size)
+    unbounded = length_batches(lengths, EngineConfig(batch_size=16, max_padding=1.0))  # by size alone: 16 a batch
+    assert [len(b) for b in unbounded] == [16] * 18 + [12] and len(length_batches(lengths, EngineConfig())) > 19
+
+
+def test_chunk_plan_keeps_the_rows_that_share_a_neighbour_with_it_and_covers_every_row():
+    neighbors = np.array([5, 3, 0, 1, 7, 0, 2, 4])  # 2 and 5 take 0; 6 takes 2; pairs 0-5, 1-3, 4-7
     plan = chunk_plan(neighbors, chunk_rows=3)
     assert sorted(i for chunk in plan for i in chunk) == list(range(8))
-    assert plan[0] == [0, 5, 1]  # 0 -> 5 -> 0 closes the chain; 1 starts the next
-    assert [len(c) for c in plan] == [3, 3, 2]
+    assert plan == [[0, 2, 5], [6, 1, 3], [4, 7]]  # from the cycle 0-5: 0, the rows taking it, then 6 taking 2
+    rng = np.random.default_rng(1)  # a random neighbour graph: every row once, in chunks of the given size
+    neighbors = (np.arange(500) + rng.integers(1, 500, 500)) % 500
+    plan = chunk_plan(neighbors, chunk_rows=64)
+    assert sorted(i for chunk in plan for i in chunk) == list(range(500)) and [len(c) for c in plan[:-1]] == [64] * 7
+    place = np.argsort([i for chunk in plan for i in chunk])
+    for k in range(500):  # the rows taking k come one after another, after k (but the cycle's first row, before it)
+        after = sorted(place[i] for i in np.flatnonzero(neighbors == k) if place[i] > place[k])
+        assert np.all(np.diff(after) == 1), k
 
 
 # --- rows MIWV cannot be computed for, and the default maximum length ------------------------

@@ -26,6 +26,7 @@ def response_loss(token_nll: torch.Tensor) -> float:
 class EngineConfig:
     batch_size: int = 16  # most sequences in one forward pass
     max_tokens_per_batch: int = 8192  # padded tokens per pass: bounds activation memory on long data
+    max_padding: float = 0.05  # a batch takes a shorter sequence only while padding stays under this share of it
     head_chunk: int | None = None  # response positions per LM-head matmul (logits memory: head_chunk × vocab);
     # None: 256 on a CPU, 4096 on a GPU (fewer, larger matmuls: +10 % on a 7B model)
     padding_side: str = "right"
@@ -35,14 +36,21 @@ class EngineConfig:
 
 
 def length_batches(lengths: list[int], cfg: EngineConfig) -> list[list[int]]:
-    """Group sequence indices, longest first, so each batch holds similar lengths (little padding)."""
+    """Group sequence indices, longest first, into batches of similar lengths. A batch takes the next sequence while
+    it has room and its padding stays within ``max_padding`` of its tokens: padding is work thrown away (on the
+    local Alpaca pool's 64-row chunks, 17.5 % of the body's tokens at 16 sequences a batch without that bound)."""
     batches: list[list[int]] = []
+    real = 0  # tokens of the last batch's sequences
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
         last = batches[-1] if batches else []
-        if last and len(last) < cfg.batch_size and (len(last) + 1) * lengths[last[0]] <= cfg.max_tokens_per_batch:
+        size = (len(last) + 1) * lengths[last[0]] if last else 0
+        if (last and len(last) < cfg.batch_size and size <= cfg.max_tokens_per_batch
+                and size - real - lengths[i] <= cfg.max_padding * size):
             last.append(i)
+            real += lengths[i]
         else:
             batches.append([i])
+            real = lengths[i]
     return batches
 
 

@@ -39,8 +39,7 @@ from miwv_lib.method.importance import PACK_TOKENS, chunk_plan, plan_passes
 from miwv_lib.method.layouts import EncodedExample, Sequence, SpecialTokens
 from miwv_lib.method.losses import (
     EngineConfig,
-    _layout,
-    branch_attention,
+    batch_inputs,
     compile_body,
     length_batches,
     span_losses,
@@ -142,12 +141,8 @@ def time_bare_forward(model, chunks, engine: EngineConfig, device) -> float:
     start = time.perf_counter()
     for seqs in chunks:
         for batch in length_batches([len(s.input_ids) for s in seqs], engine):
-            ids, mask, positions, segments, *_ = _layout(seqs, batch, 0, engine.padding_side)
-            positions, attention = positions.to(device), mask.to(device)
-            if any(seqs[i].branches for i in batch):
-                attention = branch_attention(model, segments.to(device), positions)
-            model.base_model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
-                             use_cache=False)
+            ids, attention, positions, *_ = batch_inputs(model, seqs, batch, 0, engine.padding_side, device)
+            model.base_model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False)
     sync(device)
     return time.perf_counter() - start
 
@@ -248,11 +243,10 @@ def measure(args) -> dict:
     examples = synthetic_examples(args.samples, model.config.vocab_size)
     neighbors = synthetic_neighbors(args.samples)
     peak, gemm = peak_tflops(device), gemm_tflops(device, dtype, 8192 if device.type == "cuda" else 512)
-    plans, variants = [], []
+    engines, plans, variants = parse_variants(args.variants, args.torch_compile), [], []
     for pack_tokens in dict.fromkeys(int(p) if supports_branches(model) else 0 for p in args.pack_tokens.split(",")):
         chunks = build_plans(examples, neighbors, args.chunk_rows, args.max_length, args.ifd, pack_tokens)
         plans.append(work := {"pack_tokens": pack_tokens, **model_flops(model, chunks)})
-        engines = parse_variants(args.variants, args.torch_compile)
         warm_up, _ = time_engine(model, chunks[:1], engines[0], device)  # kernels, allocator, compilation
         progress(f"pack_tokens {pack_tokens}: {work['passes']} passes, "
                  f"{work['tokens']} tokens, warm-up {warm_up:.0f} s")

@@ -258,7 +258,8 @@ def test_batches_hold_similar_lengths_and_waste_at_most_max_padding_on_padding()
         for b in batches:
             size = len(b) * lengths[b[0]]
             assert lengths[b[0]] == max(lengths[i] for i in b) and len(b) <= cfg.batch_size
-            assert len(b) == 1 or (size <= cfg.max_tokens_per_batch and size - sum(lengths[i] for i in b) <= cfg.max_padding * size)
+            padding = size - sum(lengths[i] for i in b)
+            assert len(b) == 1 or (size <= cfg.max_tokens_per_batch and padding <= cfg.max_padding * size)
     unbounded = length_batches(lengths, EngineConfig(batch_size=16, max_padding=1.0))  # by size alone: 16 a batch
     assert [len(b) for b in unbounded] == [16] * 18 + [12] and len(length_batches(lengths, EngineConfig())) > 19
 

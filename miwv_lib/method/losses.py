@@ -137,6 +137,19 @@ def branch_attention(model, segments: torch.Tensor, positions: torch.Tensor):
     return masks if len(masks) > 1 else masks["full_attention"]
 
 
+def batch_inputs(model, sequences: list[Sequence], batch: list[int], pad_token_id: int, padding_side: str,
+                 device: torch.device) -> tuple:
+    """One batch on ``device``: ids, attention mask (the branch masks where a pass has branches) and positions for
+    the body, then the (row, column) of the hidden state that predicts each scored token, and that token."""
+    ids, mask, positions, segments, rows, cols, targets = _layout(sequences, batch, pad_token_id, padding_side)
+    positions = positions.to(device)
+    if any(sequences[i].branches for i in batch):
+        attention = branch_attention(model, segments.to(device), positions)
+    else:
+        attention = mask.to(device)
+    return ids.to(device), attention, positions, rows, cols, targets
+
+
 def _token_nll(logits: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
     """Cross-entropy as float32 log-sum-exp minus the target's logit: compiled, one pass over the logits
     without a float32 copy or a log-softmax tensor (4x faster than ``F.cross_entropy`` on a CPU)."""
@@ -182,14 +195,11 @@ def span_losses(model, sequences: list[Sequence], pad_token_id: int,
               leave=False) as bar:
         for batch in length_batches(lengths, cfg):
             with record_function("miwv.layout"):
-                ids, mask, positions, segments, rows, cols, targets = _layout(sequences, batch, pad_token_id,
-                                                                              cfg.padding_side)
-                positions, attention = positions.to(device), mask.to(device)
-                if any(sequences[i].branches for i in batch):
-                    attention = branch_attention(model, segments.to(device), positions)
+                ids, attention, positions, rows, cols, targets = batch_inputs(model, sequences, batch, pad_token_id,
+                                                                              cfg.padding_side, device)
             with record_function("miwv.body"):
                 # use_cache=False: a KV cache would only keep every layer's keys and values alive to the pass's end.
-                hidden = model.base_model(input_ids=ids.to(device), attention_mask=attention, position_ids=positions,
+                hidden = model.base_model(input_ids=ids, attention_mask=attention, position_ids=positions,
                                           use_cache=False).last_hidden_state
             with record_function("miwv.head"):
                 picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]

@@ -6,6 +6,8 @@ Modes, all on the same model, rows and machine:
 * ``per-row`` — our engine in float32 with ``--no-share-prefix``: every one-shot pass on its own;
 * ``exact``  — our engine in float32 (the path ``score_pool`` takes, IFD off): the rows that share a
   neighbour share one pass, its example once and each row's own tokens after it;
+* ``exact-compiled`` — exact with ``--torch-compile`` (body and loss compiled): the float32 path of a CPU
+  without fast bf16 matmuls, where ``--dtype auto`` scores in float32;
 * ``fast``   — our engine in bfloat16 (float32 log-softmax);
 * ``compiled`` — fast with ``--torch-compile`` (body and loss compiled).
 
@@ -23,7 +25,7 @@ The roofline is measured in the same run: the GEMM rates of this model's body sh
 float32, and the least work that gives exact losses: each row's zero-shot sequence once, its
 one-shot suffix on top of the neighbour's cached keys and values, the head only at response
 positions. Each mode's "of roofline" is that work's time at its own dtype's rates over its time.
-``--profile N`` adds a torch.profiler breakdown of ``--profile-mode`` (fast or compiled) on N rows.
+``--profile N`` adds a torch.profiler breakdown of ``--profile-mode`` (an engine mode) on N rows.
 
     python benchmarks/bench_scoring.py                    # gemma-3-270m, 200 rows of the local Alpaca pool
     python benchmarks/bench_scoring.py --rows 40 --modes naive,fast
@@ -45,8 +47,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("naive", "per-row", "exact", "fast", "compiled")
-FLOAT32_MODES = ("naive", "per-row", "exact")
+MODES = ("naive", "per-row", "exact", "exact-compiled", "fast", "compiled")
+FLOAT32_MODES = ("naive", "per-row", "exact", "exact-compiled")
+COMPILED_MODES = ("exact-compiled", "compiled")
 
 
 def bench_pool(args: argparse.Namespace):
@@ -73,6 +76,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     from miwv_lib.experiments.score import ScoreConfig, find_neighbors, score_rows
     from miwv_lib.method.importance import chunk_plan
     from miwv_lib.method.layouts import one_shot_sequence, zero_shot_sequence
+    from miwv_lib.method.losses import compile_seconds
 
     pool = bench_pool(args)
     neighbors, similarities = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
@@ -87,7 +91,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         no_demo.append(cut.no_demo)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     warmup = warm_up(mode, loaded, examples, neighbors, similarities, args)
-    start = time.perf_counter()
+    compiling, start = compile_seconds(), time.perf_counter()
     if mode == "naive":
         losses = []
         with torch.no_grad():
@@ -101,14 +105,14 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         losses[1::2][np.array(no_demo, dtype=bool)] = np.nan
     else:  # the scoring path of `score_pool`: chunk plan, shared prefixes, batched passes
         config = ScoreConfig(max_length=args.max_length, batch_size=args.batch_size, compute_ifd=False,
-                             torch_compile=mode == "compiled", share_prefix=mode != "per-row")
+                             torch_compile=mode in COMPILED_MODES, share_prefix=mode != "per-row")
         ids = [row["id"] for row in pool.rows]
         rows = []
         for chunk in chunk_plan(neighbors, config.chunk_rows):
             rows += score_rows(loaded, examples, ids, chunk, neighbors, similarities, config)
         rows.sort(key=lambda row: row["index"])
         losses = np.array([[row["zero_shot_loss"], row["one_shot_loss"]] for row in rows], dtype=float).reshape(-1)
-    seconds = time.perf_counter() - start
+    seconds, compiling = time.perf_counter() - start, compile_seconds() - compiling
     return {
         "mode": mode,
         "seconds": seconds,
@@ -117,6 +121,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         **token_accounting(examples, neighbors, special, args.max_length),
         "losses": losses.tolist(),
         "warmup_s": warmup,
+        "compile_s_in_timing": round(compiling, 2),  # a graph the warm-up did not need; 0 when none
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_after_load_mb": rss_loaded / 1024,
         "threads": torch.get_num_threads(),
@@ -124,20 +129,31 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
 
 
 def warm_up(mode: str, loaded, examples, neighbors, similarities, args: argparse.Namespace) -> float:
-    """The engine's first batch outside the timing: one-off costs (for ``compiled``, the compilation) are
-    reported on their own, since they do not grow with the rows."""
-    from miwv_lib.experiments.score import ScoreConfig, score_rows
-    from miwv_lib.method.losses import compile_body
+    """One batch of each kind the run will score (with or without branches, of one sequence or more) outside the
+    timing: one-off costs (for the compiled modes, a graph per kind) are reported on their own, since they do not
+    grow with the rows."""
+    from miwv_lib.method.layouts import SpecialTokens
+    from miwv_lib.method.losses import EngineConfig, compile_body, span_losses, supports_branches, warm_up_batches
 
     if mode == "naive":
         return 0.0
     start = time.perf_counter()
-    if mode == "compiled":
+    if mode in COMPILED_MODES:
         compile_body(loaded.model)  # as score_pool does
-    config = ScoreConfig(max_length=args.max_length, batch_size=args.batch_size, compute_ifd=False,
-                         torch_compile=mode == "compiled", progress=False, share_prefix=mode != "per-row")
-    score_rows(loaded, examples, [str(i) for i in range(len(examples))], [0, 1], neighbors, similarities, config)
+    share = mode != "per-row" and supports_branches(loaded.model)  # as score_rows plans
+    engine = EngineConfig(batch_size=args.batch_size, progress=False, torch_compile=mode in COMPILED_MODES)
+    plans = engine_plans(examples, neighbors, SpecialTokens.from_tokenizer(loaded.tokenizer), args.max_length, share)
+    for batch in warm_up_batches(plans, engine):
+        span_losses(loaded.model, batch, loaded.tokenizer.pad_token_id, engine)
     return round(time.perf_counter() - start, 2)
+
+
+def engine_plans(examples, neighbors, special, max_length: int, share: bool, chunk_rows: int = 64) -> list[list]:
+    """The passes ``score`` runs, chunk by chunk (MIWV only): shared-prefix passes with ``share``, else one per row."""
+    from miwv_lib.method.importance import PACK_TOKENS, chunk_plan, plan_passes
+
+    return [plan_passes(examples, chunk, neighbors, special, max_length, False, PACK_TOKENS if share else 0).sequences
+            for chunk in chunk_plan(neighbors, chunk_rows)]
 
 
 def gemm_gflops(m: int, k: int, n: int, dtype, seconds: float = 1.5) -> float:
@@ -192,14 +208,13 @@ def token_accounting(examples, neighbors, special, max_length: int, chunk_rows: 
     ``kv_reuse``: the least: every row's zero-shot pass (which is also the prefix of the one-shot passes
     that use the row as their demo), plus the part of each one-shot sequence after that prefix.
     """
-    from miwv_lib.method.importance import PACK_TOKENS, chunk_plan, plan_passes
     from miwv_lib.method.layouts import one_shot_sequence, zero_shot_sequence
 
     zero = [zero_shot_sequence(e, special, max_length)[0] for e in examples]
     one = [one_shot_sequence(e, examples[neighbors[i]], special, max_length)[0] for i, e in enumerate(examples)]
-    engine, per_row = (sum(len(seq.input_ids) for chunk in chunk_plan(neighbors, chunk_rows)
-                           for seq in plan_passes(examples, chunk, neighbors, special, max_length, False, pack).sequences)
-                       for pack in (PACK_TOKENS, 0))
+    engine, per_row = (sum(len(seq.input_ids) for seqs in engine_plans(examples, neighbors, special, max_length, share,
+                                                                         chunk_rows) for seq in seqs)
+                       for share in (True, False))
     kv_reuse = 0
     for i in range(len(examples)):
         prefix = zero[neighbors[i]].input_ids
@@ -245,24 +260,26 @@ def profile_mode(args: argparse.Namespace) -> dict:
     from miwv_lib.data.models import load_model
     from miwv_lib.method.layouts import SpecialTokens
     from miwv_lib.data.prompts import encode_examples
-    from miwv_lib.method.losses import EngineConfig, compile_body, length_batches, span_losses
-    from miwv_lib.method.importance import PACK_TOKENS, chunk_plan, plan_passes
+    from miwv_lib.method.losses import (EngineConfig, compile_body, length_batches, span_losses, supports_branches,
+                                        warm_up_batches)
     from miwv_lib.experiments.score import find_neighbors
 
     pool = load_instructions(args.data, limit=args.profile)
     neighbors, _ = find_neighbors(pool, "all-MiniLM-L6-v2", progress=False)
-    loaded = load_model(args.model, dtype="bfloat16", device="cpu")
+    dtype = "float32" if args.profile_mode in FLOAT32_MODES else "bfloat16"
+    loaded = load_model(args.model, dtype=dtype, device="cpu")
     pad, special = loaded.tokenizer.pad_token_id, SpecialTokens.from_tokenizer(loaded.tokenizer)
     start = time.perf_counter()
     examples = encode_examples(pool.rows, loaded.tokenizer)
     tokenise = time.perf_counter() - start
-    plans = [plan_passes(examples, chunk, neighbors, special, args.max_length, False, PACK_TOKENS).sequences
-             for chunk in chunk_plan(neighbors, 64)]
-    compiled = args.profile_mode == "compiled"
+    share = supports_branches(loaded.model)  # the profiled modes all share passes, as score plans them
+    plans = engine_plans(examples, neighbors, special, args.max_length, share)
+    compiled = args.profile_mode in COMPILED_MODES
     if compiled:
         compile_body(loaded.model)
     engine = EngineConfig(batch_size=args.batch_size, progress=False, torch_compile=compiled)
-    span_losses(loaded.model, plans[0][:4], pad, engine)  # warm-up (and compiling)
+    for batch in warm_up_batches(plans, engine):  # kernels, allocator, and a compiled graph per kind of batch
+        span_losses(loaded.model, batch, pad, engine)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for seqs in plans:
@@ -307,6 +324,7 @@ def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
         miwv = losses[1::2] - losses[0::2]
         row = {"mode": mode, "rows": r["rows"], "seconds": round(r["seconds"], 2),
                "samples_per_s": round(r["rows"] / r["seconds"], 3), "warmup_s": r.get("warmup_s"),
+               "compile_s_in_timing": r.get("compile_s_in_timing"),
                "tokens_per_s": round(r["tokens"] / r["seconds"], 1),
                "peak_rss_mb": round(r["peak_rss_mb"]), "threads": r["threads"],
                "body_tokens": r[{"naive": "body_tokens_naive", "per-row": "body_tokens_per_row"}.get(
@@ -328,9 +346,8 @@ def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    columns = ["mode", "rows", "seconds", "warmup_s", "samples_per_s", "tokens_per_s", "speedup_vs_naive", "of_roofline",
-               "max_abs_dloss",
-               "max_abs_dmiwv", "spearman_miwv", "top10_overlap", "peak_rss_mb", "body_tokens"]
+    columns = ["mode", "rows", "seconds", "warmup_s", "compile_s_in_timing", "samples_per_s", "tokens_per_s",
+               "speedup_vs_naive", "of_roofline", "max_abs_dloss", "max_abs_dmiwv", "spearman_miwv", "top10_overlap", "peak_rss_mb", "body_tokens"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = ["–" if row.get(c) is None else f"{row[c]:.2e}" if c.startswith("max_abs") else str(row[c])
@@ -376,7 +393,7 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     parser.add_argument("--profile", type=int, default=0, help="also profile a mode on this many rows")
-    parser.add_argument("--profile-mode", choices=("fast", "compiled"), default="fast")
+    parser.add_argument("--profile-mode", choices=MODES[2:], default="fast")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 

@@ -66,6 +66,25 @@ def compile_body(model) -> None:
     model.set_submodule(model.base_model_prefix, torch.compile(model.base_model, dynamic=True))
 
 
+def warm_up_batches(plans: list[list[Sequence]], cfg: EngineConfig) -> list[list[Sequence]]:
+    """The first batch of each kind in a plan's chunks: with or without branches (another mask), of one sequence
+    or more (a compiled body specialises a batch of one). Each kind is a graph of its own for ``torch.compile``;
+    scored once before a timing, they keep the compiling out of it."""
+    kinds: dict[tuple[bool, bool], list[Sequence]] = {}
+    for seqs in plans:
+        for batch in length_batches([len(s.input_ids) for s in seqs], cfg):
+            kinds.setdefault((len(batch) == 1, any(seqs[i].branches for i in batch)), [seqs[i] for i in batch])
+    return list(kinds.values())
+
+
+def compile_seconds() -> float:
+    """Seconds ``torch.compile`` has spent in this process so far (each graph, Inductor included): a benchmark
+    subtracts the one-off cost, and sees when a new mask or a batch of one compiled another graph mid-run."""
+    from torch._dynamo.utils import compilation_time_metrics  # no public counter of this
+
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))
+
+
 def sequence_losses(model, sequences: list[Sequence], pad_token_id: int, cfg: EngineConfig | None = None) -> np.ndarray:
     """Mean response cross-entropy of each sequence (float64 array, same order as ``sequences``)."""
     return np.array([spans[0] for spans in span_losses(model, sequences, pad_token_id, cfg)], dtype=np.float64)

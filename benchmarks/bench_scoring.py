@@ -148,12 +148,14 @@ def warm_up(mode: str, loaded, examples, neighbors, similarities, args: argparse
     return round(time.perf_counter() - start, 2)
 
 
-def engine_plans(examples, neighbors, special, max_length: int, share: bool, chunk_rows: int = 64) -> list[list]:
-    """The passes ``score`` runs, chunk by chunk (MIWV only): shared-prefix passes with ``share``, else one per row."""
+def engine_plans(examples, neighbors, special, max_length: int, share: bool) -> list[list]:
+    """The passes ``score`` runs, chunk by chunk (MIWV only, its default chunks): shared-prefix passes with
+    ``share``, else one per row."""
+    from miwv_lib.experiments.score import ScoreConfig
     from miwv_lib.method.importance import PACK_TOKENS, chunk_plan, plan_passes
 
     return [plan_passes(examples, chunk, neighbors, special, max_length, False, PACK_TOKENS if share else 0).sequences
-            for chunk in chunk_plan(neighbors, chunk_rows)]
+            for chunk in chunk_plan(neighbors, ScoreConfig().chunk_rows)]
 
 
 def gemm_gflops(m: int, k: int, n: int, dtype, seconds: float = 1.5) -> float:
@@ -200,7 +202,7 @@ def roofline_seconds(roof: dict, accounting: dict, dtype: str) -> dict:
             "seconds": body / (rate["body"] * 1e9) + head / (rate["head"] * 1e9)}
 
 
-def token_accounting(examples, neighbors, special, max_length: int, chunk_rows: int = 64) -> dict[str, int]:
+def token_accounting(examples, neighbors, special, max_length: int) -> dict[str, int]:
     """Tokens each plan pushes through the model body (the work no head-side trick removes).
 
     ``engine``: the passes ``score_pool`` runs (one-shot passes that share their neighbour's prefix, plus
@@ -212,9 +214,8 @@ def token_accounting(examples, neighbors, special, max_length: int, chunk_rows: 
 
     zero = [zero_shot_sequence(e, special, max_length)[0] for e in examples]
     one = [one_shot_sequence(e, examples[neighbors[i]], special, max_length)[0] for i, e in enumerate(examples)]
-    engine, per_row = (sum(len(seq.input_ids) for seqs in engine_plans(examples, neighbors, special, max_length, share,
-                                                                         chunk_rows) for seq in seqs)
-                       for share in (True, False))
+    engine, per_row = (sum(len(seq.input_ids) for seqs in engine_plans(examples, neighbors, special, max_length, share)
+                           for seq in seqs) for share in (True, False))
     kv_reuse = 0
     for i in range(len(examples)):
         prefix = zero[neighbors[i]].input_ids
@@ -347,7 +348,8 @@ def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     columns = ["mode", "rows", "seconds", "warmup_s", "compile_s_in_timing", "samples_per_s", "tokens_per_s",
-               "speedup_vs_naive", "of_roofline", "max_abs_dloss", "max_abs_dmiwv", "spearman_miwv", "top10_overlap", "peak_rss_mb", "body_tokens"]
+               "speedup_vs_naive", "of_roofline", "max_abs_dloss", "max_abs_dmiwv", "spearman_miwv", "top10_overlap",
+               "peak_rss_mb", "body_tokens"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = ["–" if row.get(c) is None else f"{row[c]:.2e}" if c.startswith("max_abs") else str(row[c])

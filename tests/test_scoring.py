@@ -371,3 +371,43 @@ def test_a_damaged_neighbours_file_is_computed_again(tmp_path, damage):
         again = _cached_neighbors(path, key, 3, compute)
     assert len(calls) == 2 and again[0].tolist() == first[0].tolist()
     assert json.loads(path.read_text())["neighbor_index"] == [1, 2, 0]  # repaired on disk
+
+
+class _WrappedHead(torch.nn.Module):
+    """A head that is not a plain ``nn.Linear`` (as a LoRA or quantised layer is): the engine must call it."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, hidden):
+        return 0.5 * self.linear(hidden)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head", ["tied", "bias", "wrapped", "softcap"])
+def test_every_kind_of_lm_head_gives_the_naive_losses(head, dtype):
+    """The head writes each chunk's logits into one reused buffer: a head with a bias, a wrapped head and Gemma's
+    soft-capped logits must still give the naive losses, in chunks (3) that do not divide the positions."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    model = _random_model("llama", "sdpa")
+    if head == "softcap":
+        torch.manual_seed(0)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                                   head_dim=16, final_logit_softcapping=0.5)).eval()
+    elif head == "bias":
+        linear = torch.nn.Linear(32, 97, bias=True)
+        model.set_output_embeddings(linear)
+    elif head == "wrapped":
+        model.set_output_embeddings(_WrappedHead(model.get_output_embeddings()))
+    model = model.to(dtype)
+    rng = np.random.default_rng(1)
+    examples = [EncodedExample(tuple(rng.integers(3, 97, rng.integers(2, 13)).tolist()),
+                               tuple(rng.integers(3, 97, rng.integers(1, 11)).tolist())) for _ in range(6)]
+    sequences = [zero_shot_sequence(e, SPECIAL, 64)[0] for e in examples]
+    got = sequence_losses(model, sequences, 0, EngineConfig(batch_size=1, head_chunk=3, progress=False))
+    reference = np.array([naive_loss(model, s) for s in sequences])
+    # Batches of one: the body's numbers are naive's. In bf16 naive soft-caps bf16 logits, the engine float32 ones.
+    assert np.abs(got - reference).max() <= (1e-3 if head == "softcap" and dtype == torch.bfloat16 else 1e-5)

@@ -182,14 +182,14 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def parse_variants(text: str, torch_compile: bool = False) -> list[EngineConfig]:
-    """``batch:tokens:head_chunk[:max_padding]``,… e.g. ``256:65536:256`` (the engine's defaults: head_chunk 256
+def parse_variants(text: str) -> list[EngineConfig]:
+    """``batch:tokens:head_chunk[:max_padding]``,… e.g. ``256:65536:256`` (the engine's defaults: head_chunk 1024
     on a CPU, 4096 on a GPU; max_padding 0.05, and 1 batches by size alone, as before 2026-12-03)."""
     out = []
     for item in text.split(","):
         b, t, h, *pad = item.split(":")
         out.append(EngineConfig(batch_size=int(b), max_tokens_per_batch=int(t), head_chunk=int(h), progress=False,
-                                torch_compile=torch_compile, **({"max_padding": float(pad[0])} if pad else {})))
+                                **({"max_padding": float(pad[0])} if pad else {})))
     return out
 
 
@@ -248,7 +248,7 @@ def measure(args) -> dict:
     examples = synthetic_examples(args.samples, model.config.vocab_size)
     neighbors = synthetic_neighbors(args.samples)
     peak, gemm = peak_tflops(device), gemm_tflops(device, dtype, 8192 if device.type == "cuda" else 512)
-    engines, plans, variants = parse_variants(args.variants, args.torch_compile), [], []
+    engines, plans, variants = parse_variants(args.variants), [], []
     for pack_tokens in dict.fromkeys(int(p) if supports_branches(model) else 0 for p in args.pack_tokens.split(",")):
         chunks = build_plans(examples, neighbors, args.chunk_rows, args.max_length, args.ifd, pack_tokens)
         plans.append(work := {"pack_tokens": pack_tokens, **model_flops(model, chunks)})

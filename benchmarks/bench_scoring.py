@@ -6,10 +6,10 @@ Modes, all on the same model, rows and machine:
 * ``per-row`` — our engine in float32 with ``--no-share-prefix``: every one-shot pass on its own;
 * ``exact``  — our engine in float32 (the path ``score_pool`` takes, IFD off): the rows that share a
   neighbour share one pass, its example once and each row's own tokens after it;
-* ``exact-compiled`` — exact with ``--torch-compile`` (body and loss compiled): the float32 path of a CPU
+* ``exact-compiled`` — exact with ``--torch-compile`` (the body compiled): the float32 path of a CPU
   without fast bf16 matmuls, where ``--dtype auto`` scores in float32;
 * ``fast``   — our engine in bfloat16 (float32 log-softmax);
-* ``compiled`` — fast with ``--torch-compile`` (body and loss compiled).
+* ``compiled`` — fast with ``--torch-compile`` (the body compiled).
 
 Each engine mode first scores two rows outside the timing (``warmup_s``: one-off costs such as
 compiling, which do not grow with the rows).
@@ -18,11 +18,13 @@ tokens/s counts the tokens of the naive passes (the work to be done), so it is c
 
 Each mode runs in its own subprocess so its peak memory (RSS) is its own. Fidelity is measured
 against ``naive`` (or ``exact`` when naive is not run): max |Δloss|, Spearman of MIWV, overlap of the top-10%
-selections.
+selections; and, with naive, against a float64 cross-entropy of naive's logits on the first 32 rows
+(``max_abs_dloss_f64``, computed after the timing): naive's float32 cross-entropy is itself off by up to 3e-5
+on a 262k vocabulary.
 
 The roofline is measured in the same run: the GEMM rates of this model's body shapes
-(4096 × hidden × intermediate and back) and head shape (256 × hidden × vocabulary) in bf16 and
-float32, and the least work that gives exact losses: each row's zero-shot sequence once, its
+(4096 × hidden × intermediate and back) and head shapes (256 and 1,024 × hidden × vocabulary, the faster)
+in bf16 and float32, and the least work that gives exact losses: each row's zero-shot sequence once, its
 one-shot suffix on top of the neighbour's cached keys and values, the head only at response
 positions. Each mode's "of roofline" is that work's time at its own dtype's rates over its time.
 ``--profile N`` adds a torch.profiler breakdown of ``--profile-mode`` (an engine mode) on N rows.
@@ -51,6 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("naive", "per-row", "exact", "exact-compiled", "fast", "compiled")
 FLOAT32_MODES = ("naive", "per-row", "exact", "exact-compiled")
 COMPILED_MODES = ("exact-compiled", "compiled")
+HEAD_ROWS = (256, 1024)
+F64_ROWS = 32
 
 
 def bench_pool(args: argparse.Namespace):
@@ -68,8 +72,6 @@ def bench_pool(args: argparse.Namespace):
 def run_mode(mode: str, args: argparse.Namespace) -> dict:
     """Score ``args.rows`` rows in this process with one mode; return losses, timings and peak RSS."""
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
     from miwv_lib.data.models import load_model
     from miwv_lib.method.layouts import SpecialTokens
@@ -94,14 +96,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     warmup = warm_up(mode, loaded, examples, neighbors, similarities, args)
     compiling, start = compile_seconds(), time.perf_counter()
     if mode == "naive":
-        losses = []
-        with torch.no_grad():
-            for seq in tqdm(sequences, desc="naive", leave=False):
-                ids = torch.tensor([seq.input_ids])
-                logits = loaded.model(ids).logits[0]  # full sequence × vocabulary
-                n, k = len(seq.input_ids), seq.n_targets
-                losses.append(F.cross_entropy(logits[n - k - 1:n - 1].float(), ids[0, n - k:]).item())
-        losses = np.array(losses)
+        losses = naive_losses(loaded.model, sequences, torch.float32, "naive")
         # as in the engine: a one-shot pass without its demo has no loss
         losses[1::2][np.array(no_demo, dtype=bool)] = np.nan
     else:  # the scoring path of `score_pool`: chunk plan, shared prefixes, batched passes
@@ -114,19 +109,48 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
         rows.sort(key=lambda row: row["index"])
         losses = np.array([[row["zero_shot_loss"], row["one_shot_loss"]] for row in rows], dtype=float).reshape(-1)
     seconds, compiling = time.perf_counter() - start, compile_seconds() - compiling
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "mode": mode,
         "seconds": seconds,
+        **({"losses_f64": float64_reference(loaded.model, sequences, losses)} if mode == "naive" else {}),
         "rows": len(pool),
         "tokens": sum(len(s.input_ids) for s in sequences),
         **token_accounting(examples, neighbors, special, args.max_length),
         "losses": losses.tolist(),
         "warmup_s": warmup,
         "compile_s_in_timing": round(compiling, 2),  # a graph the warm-up did not need; 0 when none
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss / 1024,
         "rss_after_load_mb": rss_loaded / 1024,
         "threads": torch.get_num_threads(),
     }
+
+
+def naive_losses(model, sequences, dtype, desc: str) -> np.ndarray:
+    """One sequence per forward pass with its full logits, their cross-entropy in ``dtype``."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    losses = []
+    with torch.no_grad():
+        for seq in tqdm(sequences, desc=desc, leave=False):
+            ids = torch.tensor([seq.input_ids])
+            logits = model(ids).logits[0]  # full sequence × vocabulary
+            n, k = len(seq.input_ids), seq.n_targets
+            losses.append(F.cross_entropy(logits[n - k - 1:n - 1].to(dtype), ids[0, n - k:]).item())
+    return np.array(losses)
+
+
+def float64_reference(model, sequences, losses: np.ndarray) -> list[float]:
+    """After the timing: naive's first ``F64_ROWS`` rows again, their logits' cross-entropy in float64, free of
+    float32's rounding in a sum of 262,144 exponentials (NaN for the other rows)."""
+    import torch
+
+    reference = np.full(len(losses), np.nan)
+    reference[:2 * F64_ROWS] = naive_losses(model, sequences[:2 * F64_ROWS], torch.float64, "float64 reference")
+    reference[np.isnan(losses)] = np.nan
+    return reference.tolist()
 
 
 def warm_up(mode: str, loaded, examples, neighbors, similarities, args: argparse.Namespace) -> float:
@@ -142,7 +166,7 @@ def warm_up(mode: str, loaded, examples, neighbors, similarities, args: argparse
     if mode in COMPILED_MODES:
         compile_body(loaded.model)  # as score_pool does
     share = mode != "per-row" and supports_branches(loaded.model)  # as score_rows plans
-    engine = EngineConfig(batch_size=args.batch_size, progress=False, torch_compile=mode in COMPILED_MODES)
+    engine = EngineConfig(batch_size=args.batch_size, progress=False)
     plans = engine_plans(examples, neighbors, SpecialTokens.from_tokenizer(loaded.tokenizer), args.max_length, share)
     for batch in warm_up_batches(plans, engine):
         span_losses(loaded.model, batch, loaded.tokenizer.pad_token_id, engine)
@@ -190,10 +214,14 @@ def measure_roofline(args: argparse.Namespace) -> dict:
     d, inter, vocab = cfg.hidden_size, cfg.intermediate_size, head.shape[0]
     rates = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        # The head at 256 and 1,024 rows (the engine's CPU chunk, before and since 2026-12-05), the faster bounds:
+        # on the 2-core Xeon VM float32 runs 240 GFLOP/s at 256 rows and 295 at 1,024.
+        head_rates = {rows: gemm_gflops(rows, d, vocab, dtype) for rows in HEAD_ROWS}
         rates[name] = {"body": (gemm_gflops(4096, d, inter, dtype) + gemm_gflops(4096, inter, d, dtype)) / 2,
-                       "head": gemm_gflops(256, d, vocab, dtype)}
+                       "head": max(head_rates.values()), "head_by_rows": head_rates}
     return {"body_params": body, "head_params": head.numel(), "gemm_gflops": rates,
-            "shapes": {"body": [4096, d, inter], "head": [256, d, vocab]}, "threads": torch.get_num_threads()}
+            "shapes": {"body": [4096, d, inter], "head": [[rows, d, vocab] for rows in HEAD_ROWS]},
+            "threads": torch.get_num_threads()}
 
 
 def roofline_seconds(roof: dict, accounting: dict, dtype: str) -> dict:
@@ -249,7 +277,7 @@ def classify(event) -> str:
         if attention:
             return "body: attention"
         return "body: matmuls" if event.name in MATMUL_OPS else "body: norms, rotary, activations, copies"
-    return "head: matmul" if event.name in MATMUL_OPS else "head: log-softmax, cross-entropy, gather"
+    return "head: matmul" if event.name in MATMUL_OPS else "head: log-sum-exp, target logit"
 
 
 def profile_mode(args: argparse.Namespace) -> dict:
@@ -277,10 +305,9 @@ def profile_mode(args: argparse.Namespace) -> dict:
     tokenise = time.perf_counter() - start
     share = supports_branches(loaded.model)  # the profiled modes all share passes, as score plans them
     plans = engine_plans(examples, neighbors, special, args.max_length, share)
-    compiled = args.profile_mode in COMPILED_MODES
-    if compiled:
+    if args.profile_mode in COMPILED_MODES:
         compile_body(loaded.model)
-    engine = EngineConfig(batch_size=args.batch_size, progress=False, torch_compile=compiled)
+    engine = EngineConfig(batch_size=args.batch_size, progress=False)
     for batch in warm_up_batches(plans, engine):  # kernels, allocator, and a compiled graph per kind of batch
         span_losses(loaded.model, batch, pad, engine)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -341,6 +368,7 @@ def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
             has = ~np.isnan(miwv)  # rows whose demo does not fit (an explicit --max-length) have no MIWV
             row.update(speedup_vs_naive=round(naive["seconds"] / r["seconds"], 2) if naive else None,
                        max_abs_dloss=float(np.nanmax(np.abs(losses - ref_losses))),
+                       max_abs_dloss_f64=float(np.nanmax(np.abs(losses - naive["losses_f64"]))) if naive else None,
                        max_abs_dmiwv=float(np.abs(miwv - ref_miwv)[has].max()),
                        spearman_miwv=round(spearman(miwv[has], ref_miwv[has]), 5),
                        top10_overlap=round(top_overlap(miwv[has], ref_miwv[has]), 3))
@@ -350,7 +378,7 @@ def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     columns = ["mode", "rows", "seconds", "warmup_s", "compile_s_in_timing", "samples_per_s", "tokens_per_s",
-               "speedup_vs_naive", "of_roofline", "max_abs_dloss", "max_abs_dmiwv", "spearman_miwv", "top10_overlap",
+               "speedup_vs_naive", "of_roofline", "max_abs_dloss", "max_abs_dloss_f64", "max_abs_dmiwv", "spearman_miwv", "top10_overlap",
                "peak_rss_mb", "body_tokens"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -379,7 +407,8 @@ def roofline_text(roof: dict, accounting: dict) -> str:
             f"{roof['body_params'] / 1e6:.1f} M; head {bf16['head_tflop']:.1f}: {accounting['response_positions']:,} "
             f"response positions × 2 × {roof['head_params'] / 1e6:.1f} M). GEMM rates measured in this run "
             f"({roof['threads']} threads), GFLOP/s, body {roof['shapes']['body']} and back / head "
-            f"{roof['shapes']['head']}: bf16 {rates['bf16']['body']:.0f} / {rates['bf16']['head']:.0f}, "
+            f"{' or '.join(map(str, roof['shapes']['head']))} (the faster): "
+            f"bf16 {rates['bf16']['body']:.0f} / {rates['bf16']['head']:.0f}, "
             f"float32 {rates['fp32']['body']:.0f} / {rates['fp32']['head']:.0f}. At those rates the work takes "
             f"{bf16['seconds']:.1f} s in bf16 and {fp32['seconds']:.1f} s in float32: each mode's of_roofline is "
             f"its own dtype's bound over its time.")

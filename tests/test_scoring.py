@@ -144,14 +144,14 @@ def test_losses_do_not_depend_on_batch_size_or_padding_side(tiny, tiny_sequences
 
 
 @pytest.mark.integration  # compiles a graph on the CPU (about 15 s)
-def test_a_compiled_body_and_loss_give_the_naive_losses(tiny_model_dir, tiny_sequences):
+def test_a_compiled_body_gives_the_naive_losses(tiny_model_dir, tiny_sequences):
     from miwv_lib.data.models import load_model
     from miwv_lib.method.losses import compile_body
 
     loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")  # its own copy: compiling is in place
     compile_body(loaded.model)
     got = sequence_losses(loaded.model, tiny_sequences, loaded.tokenizer.pad_token_id,
-                          EngineConfig(progress=False, torch_compile=True, head_chunk=5))  # chunks of every size
+                          EngineConfig(progress=False, head_chunk=5, head_block=10))  # chunks and blocks of every size
     reference = np.array([naive_loss(loaded.model, s) for s in tiny_sequences])
     assert hasattr(loaded.model.base_model, "_orig_mod")  # the compiled module is what scored
     assert np.abs(got - reference).max() <= 1e-5
@@ -384,11 +384,13 @@ class _WrappedHead(torch.nn.Module):
         return 0.5 * self.linear(hidden)
 
 
+@pytest.mark.parametrize("head_block", [None, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head", ["tied", "bias", "wrapped", "softcap"])
-def test_every_kind_of_lm_head_gives_the_naive_losses(head, dtype):
-    """The head writes each chunk's logits into one reused buffer: a head with a bias, a wrapped head and Gemma's
-    soft-capped logits must still give the naive losses, in chunks (3) that do not divide the positions."""
+def test_every_kind_of_lm_head_gives_the_naive_losses(head, dtype, head_block):
+    """The head writes each block of logits into one reused buffer and combines the blocks' log-sum-exps: a head
+    with a bias, a wrapped head and Gemma's soft-capped logits must still give the naive losses, in chunks (3)
+    that do not divide the positions and in blocks (10) that do not divide the vocabulary (97)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     model = _random_model("llama", "sdpa")
@@ -407,7 +409,16 @@ def test_every_kind_of_lm_head_gives_the_naive_losses(head, dtype):
     examples = [EncodedExample(tuple(rng.integers(3, 97, rng.integers(2, 13)).tolist()),
                                tuple(rng.integers(3, 97, rng.integers(1, 11)).tolist())) for _ in range(6)]
     sequences = [zero_shot_sequence(e, SPECIAL, 64)[0] for e in examples]
-    got = sequence_losses(model, sequences, 0, EngineConfig(batch_size=1, head_chunk=3, progress=False))
+    got = sequence_losses(model, sequences, 0, EngineConfig(batch_size=1, head_chunk=3, head_block=head_block,
+                                                            progress=False))
     reference = np.array([naive_loss(model, s) for s in sequences])
     # Batches of one: the body's numbers are naive's. In bf16 naive soft-caps bf16 logits, the engine float32 ones.
     assert np.abs(got - reference).max() <= (1e-3 if head == "softcap" and dtype == torch.bfloat16 else 1e-5)
+
+
+def test_a_token_outside_the_lm_head_is_an_error_not_a_loss():
+    model = _random_model("llama", "sdpa")  # 97 embeddings
+    model.set_output_embeddings(torch.nn.Linear(32, 90, bias=False))  # a head read in blocks never indexes row 93
+    sequence = zero_shot_sequence(EncodedExample((5, 6, 7), (8, 93)), SPECIAL, 64)[0]
+    with pytest.raises(ValueError, match="token id 93 is outside the LM head's 90 rows"):
+        sequence_losses(model, [sequence], 0, EngineConfig(head_block=10, progress=False))

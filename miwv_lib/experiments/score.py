@@ -70,7 +70,7 @@ class ScoreConfig:
                               "most this much work is lost when the job is killed; a resumed run must use the same "
                               "value to be byte-identical)")
     torch_compile: bool = setting(
-        False, rule=boolean(), help="torch.compile the model body and the loss: MFU 0.53 instead of 0.42 on a GPU (7B, "
+        False, rule=boolean(), help="torch.compile the model body: MFU 0.53 instead of 0.42 on a GPU (7B, "
                                     "H200), after a minute of compiling; not part of the configuration")
     progress: bool = setting(True, rule=boolean(), cli=False)
 
@@ -127,7 +127,7 @@ def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[st
     pack_tokens = PACK_TOKENS if config.share_prefix and supports_branches(loaded.model) else 0
     plan = plan_passes(examples, indices, neighbor_index, special, max_length, config.compute_ifd, pack_tokens)
     engine = EngineConfig(batch_size=config.batch_size, max_tokens_per_batch=config.max_tokens_per_batch,
-                          progress=config.progress, torch_compile=config.torch_compile)
+                          progress=config.progress)
     losses = span_losses(loaded.model, plan.sequences, loaded.tokenizer.pad_token_id, engine)
 
     def loss(kind: str, i: int) -> float:

@@ -1,10 +1,11 @@
 """The response-only loss engine: per-token cross-entropy over the spans a layout marks, batched. The LM head is
-applied, in chunks, to the hidden states of the scored tokens alone: never a batch × sequence × vocabulary tensor
-(Gemma-3's head has 262k rows and costs more per token than its body)."""
+applied to the hidden states of the scored tokens alone, in chunks of positions × blocks of the vocabulary: never
+a batch × sequence × vocabulary tensor (Gemma-3's head has 262k rows and costs more per token than its body)."""
 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -26,10 +27,10 @@ class EngineConfig:
     batch_size: int = 16  # most sequences in one forward pass
     max_tokens_per_batch: int = 8192  # padded tokens per pass: bounds activation memory on long data
     max_padding: float = 0.05  # a batch takes a shorter sequence only while padding stays under this share of it
-    head_chunk: int | None = None  # response positions per LM-head matmul (logits memory: head_chunk × vocab);
-    # None: 256 on a CPU, 4096 on a GPU (fewer, larger matmuls: +10 % on a 7B model)
+    head_chunk: int | None = None  # response positions per LM-head matmul; None: 1024 on a CPU, 4096 on a GPU
+    head_block: int | None = None  # vocabulary columns per LM-head matmul (logits memory: head_chunk × head_block);
+    # None: 2048 on a CPU (an 8-MB float32 block stays in cache for its log-sum-exp), 32768 on a GPU
     padding_side: str = "right"
-    torch_compile: bool = False  # the loss as one compiled kernel (the body is compiled by compile_body)
     progress: bool = True
     progress_desc: str = "score"
 
@@ -168,66 +169,72 @@ def batch_inputs(model, sequences: list[Sequence], batch: list[int], pad_token_i
     return ids.to(device), attention, positions, rows, cols, targets
 
 
-def _token_nll(logits: torch.Tensor, targets: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """Cross-entropy as float32 log-sum-exp minus the target's logit: compiled, one pass over the logits
-    without a float32 copy or a log-softmax tensor (4x faster than ``F.cross_entropy`` on a CPU)."""
-    x = logits.float()
-    if cap:
-        x = torch.tanh(x / cap) * cap
-    return torch.logsumexp(x, -1) - x.gather(1, targets[:, None])[:, 0]
+def _scratch(buffers: dict[str, torch.Tensor], name: str, shape: tuple, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    """A ``shape`` view of the start of a flat tensor kept in ``buffers``, made anew (the old one let go first)
+    only when too small: every block of every chunk writes into the same memory, since fresh memory costs page
+    faults on a CPU (Gemma-3-270m's head matmul, 2 threads: 200 GFLOP/s into new memory, 243 into reused)."""
+    size = math.prod(shape)
+    if name not in buffers or buffers[name].numel() < size:
+        buffers.pop(name, None)
+        buffers[name] = torch.empty(size, dtype=dtype, device=device)
+    return buffers[name][:size].view(shape)
 
 
-@cache
-def _compiled_token_nll():
-    return torch.compile(_token_nll, dynamic=True)
+def _block_logits(head: torch.nn.Module, hidden: torch.Tensor, cols: slice, wrapped: torch.Tensor | None,
+                  buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Columns ``cols`` of ``head(hidden)`` as float32, in a buffer the blocks reuse: a plain ``nn.Linear``
+    computes just those columns; a wrapped head has computed all of them, its own way, in ``wrapped``."""
+    if wrapped is None:
+        out = _scratch(buffers, "logits", (len(hidden), cols.stop - cols.start), hidden.dtype, hidden.device)
+        weight = head.weight[cols].t()
+        logits = (torch.mm(hidden, weight, out=out) if head.bias is None
+                  else torch.addmm(head.bias[cols], hidden, weight, out=out))  # one rounding, as nn.Linear's
+        if logits.dtype == torch.float32:
+            return logits
+    else:
+        logits = wrapped[:, cols]
+    return _scratch(buffers, "logits32", logits.shape, torch.float32, logits.device).copy_(logits)
 
 
-def _buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple, dtype: torch.dtype,
-            device: torch.device) -> torch.Tensor:
-    """The tensor kept in ``buffers`` under ``name``; made anew, the old one let go first, when a chunk's shape
-    differs (a batch's shorter last chunk). Not a view of it: a compiled loss would compile another graph."""
-    if name in buffers and buffers[name].shape != shape:
-        del buffers[name]
-    if name not in buffers:
-        buffers[name] = torch.empty(shape, dtype=dtype, device=device)
-    return buffers[name]
+def _log_sum_exp_(x: torch.Tensor) -> torch.Tensor:
+    """log Σ exp of each row of float32 ``x``, overwriting ``x``: four passes over a block that stays in cache and
+    no temporary (``torch.logsumexp`` makes two of x's size)."""
+    top = x.amax(1, keepdim=True)
+    return x.sub_(top).exp_().sum(1).log_().add_(top[:, 0])
 
 
-def _head_logits(head: torch.nn.Module, hidden: torch.Tensor, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``head(hidden)``, into a buffer that the chunks reuse: fresh chunk × vocabulary memory costs page faults on
-    a CPU (Gemma-3-270m's head matmul, 2 threads: 200 GFLOP/s into new memory, 243 into a reused buffer)."""
-    if type(head) is not torch.nn.Linear:  # a wrapped head (LoRA, quantised) computes its own way
-        return head(hidden)
-    out = _buffer(buffers, "logits", (len(hidden), head.out_features), hidden.dtype, hidden.device)
-    if head.bias is None:
-        return torch.mm(hidden, head.weight.t(), out=out)
-    return torch.addmm(head.bias, hidden, head.weight.t(), out=out)  # one rounding, as nn.Linear's
-
-
-def _chunk_nll(logits: torch.Tensor, targets: torch.Tensor, cap: float | None, compiled: bool,
+def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, cap: float | None, block: int,
                buffers: dict[str, torch.Tensor]) -> torch.Tensor:
-    """−log p of each target from its logits row. Eager: a float32 log-softmax whatever the model's dtype, into
-    buffers too, bit for bit ``F.cross_entropy``."""
-    if compiled:
-        return _compiled_token_nll()(logits, targets, cap)
-    x = logits
-    if x.dtype != torch.float32:
-        x = _buffer(buffers, "logits32", x.shape, torch.float32, x.device).copy_(x)
-    if cap:
-        x.div_(cap).tanh_().mul_(cap)
-    log_probs = torch.log_softmax(x, -1, out=_buffer(buffers, "log_probs", x.shape, torch.float32, x.device))
-    return -log_probs.gather(1, targets[:, None])[:, 0]
+    """−log p of each target, the vocabulary ``block`` columns at a time: each block's float32 log-sum-exp runs
+    while the block is in cache, and the blocks' sums are combined at the end. The target's logit is read from
+    its block, so it is the same matmul's value as the ones it is compared with."""
+    wrapped = None if type(head) is torch.nn.Linear else head(hidden)  # LoRA, quantised: computed their own way
+    vocab = head.out_features if wrapped is None else wrapped.shape[1]
+    if len(targets) and int(targets.max()) >= vocab:
+        raise ValueError(f"token id {int(targets.max())} is outside the LM head's {vocab} rows")
+    sums = torch.empty((-(-vocab // block), len(hidden)), dtype=torch.float32, device=hidden.device)
+    target_logit = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+    for j, start in enumerate(range(0, vocab, block)):
+        x = _block_logits(head, hidden, slice(start, min(start + block, vocab)), wrapped, buffers)
+        if cap:  # soft-capping (Gemma-2): the model's own logits are these
+            x.div_(cap).tanh_().mul_(cap)
+        local = targets - start
+        here = (local >= 0) & (local < x.shape[1])
+        target_logit = torch.where(here, x.gather(1, local.clamp(0, x.shape[1] - 1)[:, None])[:, 0], target_logit)
+        sums[j] = _log_sum_exp_(x)
+    return torch.logsumexp(sums, 0) - target_logit
 
 
-def _head_nll(model, picked: torch.Tensor, targets: torch.Tensor, chunk: int, compiled: bool) -> torch.Tensor:
-    """Per-token negative log-likelihood, ``chunk`` positions at a time: never positions × vocabulary at once."""
+def _head_nll(model, picked: torch.Tensor, targets: torch.Tensor, chunk: int, block: int) -> torch.Tensor:
+    """Per-token negative log-likelihood, ``chunk`` positions × ``block`` vocabulary columns at a time: never
+    positions × vocabulary at once."""
     head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     token_nll = torch.empty(len(targets), dtype=torch.float64, device=picked.device)
-    buffers: dict[str, torch.Tensor] = {}  # only these hold the chunk tensors between chunks
+    buffers: dict[str, torch.Tensor] = {}
     for start in range(0, len(targets), chunk):
-        logits = _head_logits(head, picked[start:start + chunk], buffers)
-        token_nll[start:start + chunk] = _chunk_nll(logits, targets[start:start + chunk], cap, compiled, buffers)
-        del logits  # a shorter last chunk then frees the kept logits before it makes its own
+        token_nll[start:start + chunk] = _chunk_nll(head, picked[start:start + chunk], targets[start:start + chunk],
+                                                    cap, block, buffers)
     return token_nll.cpu()
 
 
@@ -240,7 +247,8 @@ def span_losses(model, sequences: list[Sequence], pad_token_id: int,
     if cfg.padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right'; got {cfg.padding_side!r}")
     device = next(model.parameters()).device
-    head_chunk = cfg.head_chunk or (4096 if device.type == "cuda" else 256)
+    head_chunk = cfg.head_chunk or (4096 if device.type == "cuda" else 1024)
+    head_block = cfg.head_block or (32768 if device.type == "cuda" else 2048)
     lengths = [len(s.input_ids) for s in sequences]
     losses: list[list[float]] = [[] for _ in sequences]
     # A with-block closes the bar while an interrupt unwinds, so nothing is drawn after the command's last line.
@@ -257,7 +265,7 @@ def span_losses(model, sequences: list[Sequence], pad_token_id: int,
             with record_function("miwv.head"):
                 picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
                 token_nll = _head_nll(model, picked, torch.tensor(targets, device=device), head_chunk,
-                                      cfg.torch_compile)
+                                      head_block)
             cursor = 0
             for i in batch:
                 for _, k in sequences[i].spans:

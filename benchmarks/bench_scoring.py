@@ -8,7 +8,7 @@ Modes, all on the same model, rows and machine:
   neighbour share one pass, its example once and each row's own tokens after it;
 * ``exact-compiled`` — exact with ``--torch-compile`` (the body compiled): the float32 path of a CPU
   without fast bf16 matmuls, where ``--dtype auto`` scores in float32;
-* ``fast``   — our engine in bfloat16 (float32 log-softmax);
+* ``fast``   — our engine in bfloat16 (float32 log-sum-exp);
 * ``compiled`` — fast with ``--torch-compile`` (the body compiled).
 
 Each engine mode first scores two rows outside the timing (``warmup_s``: one-off costs such as
@@ -378,8 +378,8 @@ def summarise(results: dict[str, dict], roof: dict | None = None) -> list[dict]:
 
 def markdown_table(rows: list[dict]) -> str:
     columns = ["mode", "rows", "seconds", "warmup_s", "compile_s_in_timing", "samples_per_s", "tokens_per_s",
-               "speedup_vs_naive", "of_roofline", "max_abs_dloss", "max_abs_dloss_f64", "max_abs_dmiwv", "spearman_miwv", "top10_overlap",
-               "peak_rss_mb", "body_tokens"]
+               "speedup_vs_naive", "of_roofline", "max_abs_dloss", "max_abs_dloss_f64", "max_abs_dmiwv",
+               "spearman_miwv", "top10_overlap", "peak_rss_mb", "body_tokens"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = ["–" if row.get(c) is None else f"{row[c]:.2e}" if c.startswith("max_abs") else str(row[c])

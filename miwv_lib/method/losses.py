@@ -211,8 +211,8 @@ def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     its block, so it is the same matmul's value as the ones it is compared with."""
     wrapped = None if type(head) is torch.nn.Linear else head(hidden)  # LoRA, quantised: computed their own way
     vocab = head.out_features if wrapped is None else wrapped.shape[1]
-    if len(targets) and int(targets.max()) >= vocab:
-        raise ValueError(f"token id {int(targets.max())} is outside the LM head's {vocab} rows")
+    if len(targets) and (top := int(targets.max())) >= vocab:
+        raise ValueError(f"token id {top} is outside the LM head's {vocab} rows")
     sums = torch.empty((-(-vocab // block), len(hidden)), dtype=torch.float32, device=hidden.device)
     target_logit = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
     for j, start in enumerate(range(0, vocab, block)):

@@ -183,13 +183,17 @@ def peak_tflops(device: torch.device) -> float | None:
 
 
 def parse_variants(text: str) -> list[EngineConfig]:
-    """``batch:tokens:head_chunk[:max_padding]``,… e.g. ``256:65536:256`` (the engine's defaults: head_chunk 1024
-    on a CPU, 4096 on a GPU; max_padding 0.05, and 1 batches by size alone, as before 2026-12-03)."""
+    """``batch:tokens:head_chunk[:max_padding[:head_block]]``,… e.g. ``256:65536:256`` (the engine's defaults:
+    head_chunk 1024 on a CPU, 4096 on a GPU; max_padding 0.05, and 1 batches by size alone, as before 2026-12-03;
+    head_block 2048 on a CPU, 32768 on a GPU)."""
     out = []
     for item in text.split(","):
-        b, t, h, *pad = item.split(":")
+        b, t, h, *rest = item.split(":")
+        optional = {"max_padding": float(rest[0])} if rest else {}
+        if len(rest) > 1:
+            optional["head_block"] = int(rest[1])
         out.append(EngineConfig(batch_size=int(b), max_tokens_per_batch=int(t), head_chunk=int(h), progress=False,
-                                **({"max_padding": float(pad[0])} if pad else {})))
+                                **optional))
     return out
 
 
@@ -228,7 +232,7 @@ def time_variant(model, chunks, work: dict, engine: EngineConfig, args, device, 
     return {
         "pack_tokens": work["pack_tokens"], "batch_size": engine.batch_size,
         "max_tokens_per_batch": engine.max_tokens_per_batch, "head_chunk": engine.head_chunk,
-        "max_padding": engine.max_padding, "seconds": round(seconds, 2),
+        "head_block": engine.head_block, "max_padding": engine.max_padding, "seconds": round(seconds, 2),
         "compile_s_in_timing": round(compiling, 2),  # a graph the warm-up did not cover; 0 when none
         "bare_forward_seconds": round(bare, 2) if bare else None,
         "padding_waste": round(1 - work["tokens"] / padded_tokens(chunks, engine), 3),
@@ -258,7 +262,8 @@ def measure(args) -> dict:
                  f"warm-up {warm_up:.0f} s over {len(kinds)} kinds of batch")
         for engine in engines:
             variants.append(time_variant(model, chunks, work, engine, args, device, peak, gemm))
-            progress(f"  {engine.batch_size}:{engine.max_tokens_per_batch}:{engine.head_chunk}:{engine.max_padding}: "
+            progress(f"  {engine.batch_size}:{engine.max_tokens_per_batch}:{engine.head_chunk}:{engine.max_padding}:"
+                     f"{engine.head_block or 'default'}: "
                      f"{variants[-1]['seconds']} s ({variants[-1]['compile_s_in_timing']} s of it compiling)")
     return {
         "date": date.today().isoformat(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -283,7 +288,7 @@ def main() -> None:
                              "this comma list is a plan timed with every variant on the same rows")
     parser.add_argument("--ifd", action="store_true", help="also the unconditional pass IFD needs")
     parser.add_argument("--variants", default="256:16384:4096,256:16384:4096:1",
-                        help="engine settings to time, batch_size:max_tokens_per_batch:head_chunk[:max_padding],…")
+                        help="engine settings to time, batch_size:max_tokens_per_batch:head_chunk[:max_padding[:head_block]],…")
     parser.add_argument("--torch-compile", action="store_true", help="torch.compile the model body (dynamic shapes)")
     parser.add_argument("--bare-forward", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the body alone over the same batches")

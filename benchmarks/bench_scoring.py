@@ -456,7 +456,6 @@ def main() -> None:
     if preload := os.environ.get("LD_PRELOAD"):  # another allocator (tcmalloc) changes the timings: say so
         table += f"\n\nEvery mode ran with LD_PRELOAD={preload}."
     write_json(out / "bench_scoring.json", {"date": now(), "environment": environment_info(), "args": vars(args),
-                                            "ld_preload": preload or None,
                                             "summary": rows, "token_accounting": accounting, "roofline": roof,
                                             "profile": profiled})
     (out / "bench_scoring.md").write_text(table + "\n", encoding="utf-8")

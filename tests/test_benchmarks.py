@@ -63,7 +63,7 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     out = tmp_path / "gpu.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--size", "tiny",
                              "--device", "cpu", "--dtype", "float32", "--samples", "24", "--chunk-rows", "8",
-                             "--variants", "4:512:16,64:8192:256:1", "--check", "40", "--out", str(out)],
+                             "--variants", "4:512:16,64:8192:256:1:40", "--check", "40", "--out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -73,8 +73,8 @@ def test_gpu_benchmark_runs_on_cpu_with_a_tiny_model(tmp_path):
     assert shared["branched_passes"] >= 1 and per_row["branched_passes"] == 0
     assert shared["passes"] < per_row["passes"] <= 40 and shared["tokens"] < per_row["tokens"]  # --check 40: all
     assert shared["response_tokens"] == per_row["response_tokens"] > 0
-    assert [(v["pack_tokens"], v["head_chunk"], v["max_padding"]) for v in report["variants"]] == [
-        (1024, 16, 0.05), (1024, 256, 1.0), (0, 16, 0.05), (0, 256, 1.0)]
+    assert [(v["pack_tokens"], v["head_chunk"], v["max_padding"], v["head_block"]) for v in report["variants"]] == [
+        (1024, 16, 0.05, None), (1024, 256, 1.0, 40), (0, 16, 0.05, None), (0, 256, 1.0, 40)]
     for variant in report["variants"]:
         assert variant["tokens_per_s"] > 0 and 0 <= variant["padding_waste"] < 1
         assert variant["max_abs_dloss_vs_naive"] <= 1e-5  # the timed path is the engine, and it is exact in float32

@@ -15,13 +15,14 @@ ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired wi
 ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
 
-TEMPLATES = ("alpaca", "plain", "chat")
+DEFAULT_TEMPLATE = "alpaca"
+TEMPLATES = (DEFAULT_TEMPLATE, "plain", "chat")
 # The text templates: (with an input, without one).
 _TEXT_TEMPLATES = {"alpaca": (ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT),
                    "plain": ("{instruction}\n\n{input}\n\n", "{instruction}\n\n")}
 
 
-def format_prompt(instruction: str, input: str = "", template: str = "alpaca",
+def format_prompt(instruction: str, input: str = "", template: str = DEFAULT_TEMPLATE,
                   tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """The text placed before the response."""
     if template in _TEXT_TEMPLATES:
@@ -99,7 +100,7 @@ def _chat_content(row: dict) -> str:
     return f"{row['instruction']}\n\n{row['input']}" if row.get("input") else row["instruction"]
 
 
-def encode_examples(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = "alpaca",
+def encode_examples(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = DEFAULT_TEMPLATE,
                     batch_size: int = 1024) -> list[EncodedExample]:
     """Prompt (no BOS) and response of each row, tokenised separately; only a chat template's tokens are special."""
     encoded: list[EncodedExample] = []

@@ -14,7 +14,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from ..data.datasets import InstructionPool
 from ..data.models import LoadedModel
-from ..data.prompts import TEMPLATES, encode_examples
+from ..data.prompts import DEFAULT_TEMPLATE, TEMPLATES, encode_examples
 from ..method.layouts import SpecialTokens
 from ..runtime.io import read_jsonl, stable_hash, write_json, write_jsonl
 from ..runtime.schema import boolean, check, integer, setting
@@ -24,7 +24,7 @@ from ..runtime.schema import boolean, check, integer, setting
 class GenerateConfig:
     max_new_tokens: int = setting(512, rule=integer(1), help="longest generated answer, in tokens")
     batch_size: int = setting(8, rule=integer(1), help="prompts generated together")
-    template: str = setting("alpaca", choices=TEMPLATES, help="the template the model was fine-tuned with")
+    template: str = setting(DEFAULT_TEMPLATE, choices=TEMPLATES, help="the template the model was fine-tuned with")
     max_prompt_length: int = setting(1024, rule=integer(2))  # longer prompts lose tokens from the left, as in scoring
     progress: bool = setting(True, rule=boolean(), cli=False)
 
@@ -32,7 +32,7 @@ class GenerateConfig:
         check(self)
 
 
-def prompt_token_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = "alpaca",
+def prompt_token_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = DEFAULT_TEMPLATE,
                      max_prompt_length: int = 1024) -> list[list[int]]:
     """``[BOS] prompt`` per row: the scorer's tokenisation with the response left out."""
     special = SpecialTokens.from_tokenizer(tokenizer)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.models import LoadedModel, load_embedder, load_model
-from ..data.prompts import encode_chat, encode_examples, encode_text
+from ..data.models import DEFAULT_EMBEDDER, LoadedModel, load_embedder, load_model
+from ..data.prompts import DEFAULT_TEMPLATE, encode_chat, encode_examples, encode_text
 from ..method.layouts import SpecialTokens, resolve_max_length, zero_shot_sequence
 from ..method.losses import EngineConfig, sequence_losses
 from ..method.neighbors import embed_texts
@@ -129,7 +129,7 @@ class RougeJudge(_PerAnswerJudge):
 class EmbeddingJudge(_PerAnswerJudge):
     """Cosine similarity of each generation's sentence embedding to the reference's."""
 
-    def __init__(self, embedder: str = "all-MiniLM-L6-v2", margin: float = 0.02, progress: bool = False):
+    def __init__(self, embedder: str = DEFAULT_EMBEDDER, margin: float = 0.02, progress: bool = False):
         self.embedder_name, self.margin, self.progress = embedder, margin, progress
         self.id, self._embedder = f"embedding-cosine:{embedder}", None
         # a study judges every model against the same baseline answers and references: each text is embedded once
@@ -157,8 +157,9 @@ class ReferenceLikelihoodJudge(_PerAnswerJudge):
         return [None if s.reference_nll is None else -s.reference_nll for s in sides]
 
 
-def reference_nll(loaded: LoadedModel, rows: list[dict], references: list[str], template: str = "alpaca",
-                  max_length: int | str = 1024, batch_size: int = 16, progress: bool = False) -> list[float]:
+def reference_nll(loaded: LoadedModel, rows: list[dict], references: list[str], template: str = DEFAULT_TEMPLATE,
+                  max_length: int | str = 1024, batch_size: int = EngineConfig.batch_size,
+                  progress: bool = False) -> list[float]:
     """Mean NLL of each reference answer given its prompt: the scorer's zero-shot loss with y = reference."""
     special = SpecialTokens.from_tokenizer(loaded.tokenizer)
     examples = encode_examples([{**r, "output": ref} for r, ref in zip(rows, references)], loaded.tokenizer, template)

@@ -24,7 +24,7 @@ from ..data.models import (
     load_embedder,
     load_model,
 )
-from ..data.prompts import TEMPLATES, encode_examples
+from ..data.prompts import DEFAULT_TEMPLATE, TEMPLATES, encode_examples
 from ..method.importance import PACK_TOKENS, _score_row, chunk_plan, plan_passes
 from ..method.layouts import (
     AUTO_MAX_LENGTH,
@@ -51,16 +51,18 @@ PARTIAL_FILE = "scores.partial.jsonl"  # rank 0's finished chunks; rank r writes
 class ScoreConfig:
     model: str = setting(DEFAULT_MODEL, rule=text(), help="built-in name, local directory, .gguf file or hub id")
     embedder: str = setting(DEFAULT_EMBEDDER, rule=text(), help="sentence-transformers name/path, or 'self'")
-    template: str = setting("alpaca", choices=TEMPLATES)
+    template: str = setting(DEFAULT_TEMPLATE, choices=TEMPLATES)
     max_length: int | str = setting(
         AUTO_MAX_LENGTH, rule=max_length_rule, parse=parse_max_length,
         help="longest sequence in tokens; auto (default): the pool's longest one-shot sequence, capped at the "
              "model's context window, so nothing is cut")
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
-                         help="auto = bf16 (fast); float32 = exact mode")
+                         help="auto = bf16 where the hardware computes it natively (CUDA, AVX512-BF16 or AMX "
+                              "CPUs), else float32; float32 = exact mode")
     device: str = setting("auto", rule=text())
-    batch_size: int = setting(16, rule=integer(1), help="most sequences in one forward pass")
-    max_tokens_per_batch: int = setting(8192, rule=integer(1), help="padded tokens per forward pass (memory bound)")
+    batch_size: int = setting(EngineConfig.batch_size, rule=integer(1), help="most sequences in one forward pass")
+    max_tokens_per_batch: int = setting(EngineConfig.max_tokens_per_batch, rule=integer(1),
+                                        help="padded tokens per forward pass (memory bound)")
     compute_ifd: bool = setting(True, rule=boolean(), flag="--no-ifd",
                                 help="skip the unconditional pass that IFD needs")
     share_prefix: bool = setting(True, rule=boolean(), flag="--no-share-prefix",

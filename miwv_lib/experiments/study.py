@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..data.datasets import InstructionPool, load_instructions, load_test_set
+from ..data.datasets import DEFAULT_DATASET, InstructionPool, load_instructions, load_test_set
 from ..method.selection import BASELINE, SELECTION_METHODS, Arm, plan_arms, select_arms
 from ..runtime.io import atomic_open, read_jsonl, write_jsonl
 from ..runtime.runs import now, read_yaml_mapping
@@ -37,7 +37,7 @@ StudyError = ExperimentError  # a study configuration or run directory that cann
 @dataclass
 class StudyConfig:
     description: str = setting("", rule=lambda v: None if isinstance(v, str) else f"expected text, got {v!r}")
-    data: str = setting("alpaca", rule=text())  # registry name, file or hub id of the instruction pool
+    data: str = setting(DEFAULT_DATASET, rule=text())  # registry name, file or hub id of the instruction pool
     data_dir: str | None = setting(None, rule=text(optional=True))  # local mirror (default: $MIWV_DATA_DIR)
     limit: int | None = setting(None, rule=integer(2, optional=True))  # first N rows only (smoke runs)
     run_dir: str = setting("runs/small_scale", rule=text())  # scores, models, generations: large, not committed

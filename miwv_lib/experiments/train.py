@@ -27,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from ..data.datasets import InstructionPool
 from ..data.models import DEFAULT_MODEL, LoadedModel, bf16_supported, load_model, resolve_device
-from ..data.prompts import TEMPLATES, encode_examples
+from ..data.prompts import DEFAULT_TEMPLATE, TEMPLATES, encode_examples
 from ..method.layouts import LAYOUT_VERSION, SpecialTokens, max_length_rule, zero_shot_sequence
 from ..method.losses import logit_transform
 from ..runtime.io import atomic_open, stable_hash, write_json
@@ -45,7 +45,7 @@ CHECKPOINT_DIR = "checkpoints"  # Trainer checkpoints of a run in progress (save
 class TrainConfig:
     model: str = setting(DEFAULT_MODEL, rule=text(), help="the base model (as for 'score')")
     method: str = setting("lora", choices=("lora", "full"), help="full: full fine-tuning (a GPU, fp32 master weights)")
-    template: str = setting("alpaca", choices=TEMPLATES, help="must match the scoring template")
+    template: str = setting(DEFAULT_TEMPLATE, choices=TEMPLATES, help="must match the scoring template")
     max_length: int = setting(512, rule=lambda v: max_length_rule(v, allow_auto=False),
                               help="longest training sequence in tokens (Alpaca's model_max_length)")
     epochs: float = setting(3.0, rule=number(0, above=True))

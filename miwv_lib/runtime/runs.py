@@ -104,7 +104,8 @@ def environment_info() -> dict[str, Any]:
     return {"miwv_lib": package, "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "platform": platform.platform(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "cpu_threads": torch.get_num_threads()}
+            "cpu_threads": torch.get_num_threads(),
+            "ld_preload": os.environ.get("LD_PRELOAD") or None}  # another allocator (tcmalloc) moves CPU timings
 
 
 def read_yaml_mapping(path: Path, shown: str | Path, error: type[Exception]) -> dict:

@@ -57,8 +57,8 @@ class ScoreConfig:
         help="longest sequence in tokens; auto (default): the pool's longest one-shot sequence, capped at the "
              "model's context window, so nothing is cut")
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
-                         help="auto = bf16 where the hardware computes it natively (CUDA, AVX512-BF16 or AMX "
-                              "CPUs), else float32; float32 = exact mode")
+                         help="auto = bf16 where the hardware computes it natively (recent GPUs, AVX512-BF16 or "
+                              "AMX CPUs), float16 on older GPUs, else float32; float32 = exact mode")
     device: str = setting("auto", rule=text())
     batch_size: int = setting(EngineConfig.batch_size, rule=integer(1), help="most sequences in one forward pass")
     max_tokens_per_batch: int = setting(EngineConfig.max_tokens_per_batch, rule=integer(1),

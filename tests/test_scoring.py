@@ -13,6 +13,7 @@ from conftest import make_rows
 from miwv_lib.method.layouts import EncodedExample, SpecialTokens
 from miwv_lib.data.prompts import encode_examples
 from miwv_lib.method.selection import select_indices
+from miwv_lib.method import losses
 from miwv_lib.method.losses import EngineConfig, sequence_losses
 from miwv_lib.experiments.score import ScoreConfig, score_rows
 from miwv_lib.method.importance import chunk_plan, ifd, miwv
@@ -414,6 +415,38 @@ def test_every_kind_of_lm_head_gives_the_naive_losses(head, dtype, head_block):
     reference = np.array([naive_loss(model, s) for s in sequences])
     # Batches of one: the body's numbers are naive's. In bf16 naive soft-caps bf16 logits, the engine float32 ones.
     assert np.abs(got - reference).max() <= (1e-3 if head == "softcap" and dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("logits", ["ordinary", "over 88", "all under -40"])
+def test_the_unshifted_log_sum_exp_falls_back_where_float32_exp_would_overflow_or_underflow(logits, monkeypatch):
+    """The head sums exp(logit) without subtracting each row's maximum first (two passes over a block, not four).
+    Logits over 88 overflow float32's exp and logits far below 0 underflow it: those chunks must go through
+    again shifted, and give float64's cross-entropy; ordinary logits must not pay for the second pass."""
+    model = _random_model("llama", "sdpa")
+    head = torch.nn.Linear(32, 97, bias=True)
+    with torch.no_grad():
+        if logits == "over 88":
+            head.weight.mul_(400.0)
+        elif logits == "all under -40":
+            head.bias.fill_(-300.0)
+    model.set_output_embeddings(head)
+    shifted = []
+    monkeypatch.setattr(losses, "_log_sum_exp_", lambda x, shift, inner=losses._log_sum_exp_: (
+        shifted.append(shift) or inner(x, shift)))
+    rng = np.random.default_rng(2)
+    examples = [EncodedExample(tuple(rng.integers(3, 97, 6).tolist()), tuple(rng.integers(3, 97, 5).tolist()))
+                for _ in range(4)]
+    sequences = [zero_shot_sequence(e, SPECIAL, 64)[0] for e in examples]
+    got = sequence_losses(model, sequences, 0, EngineConfig(head_chunk=7, head_block=10, progress=False))
+    reference = []
+    for seq in sequences:
+        ids = torch.tensor([seq.input_ids])
+        with torch.no_grad():
+            out = model(ids).logits[0].double()
+        n, k = len(seq.input_ids), seq.n_targets
+        reference.append(F.cross_entropy(out[n - k - 1:n - 1], ids[0, n - k:]).item())
+    np.testing.assert_allclose(got, reference, rtol=1e-6, atol=1e-5)
+    assert any(shifted) == (logits != "ordinary")
 
 
 def test_a_token_outside_the_lm_head_is_an_error_not_a_loss():

@@ -197,18 +197,27 @@ def _block_logits(head: torch.nn.Module, hidden: torch.Tensor, cols: slice, wrap
     return _scratch(buffers, "logits32", logits.shape, torch.float32, logits.device).copy_(logits)
 
 
-def _log_sum_exp_(x: torch.Tensor) -> torch.Tensor:
-    """log Σ exp of each row of float32 ``x``, overwriting ``x``: four passes over a block that stays in cache and
-    no temporary (``torch.logsumexp`` makes two of x's size)."""
+# A row whose log-sum-exp, unshifted, came out below this may have lost terms to underflow (float32's exp is 0
+# under e^-103); above it, everything lost is under 1e-15 of the sum.
+_UNSHIFTED_FLOOR = -40.0
+
+
+def _log_sum_exp_(x: torch.Tensor, shift: bool) -> torch.Tensor:
+    """log Σ exp of each row of float32 ``x``, overwriting ``x``, with no temporary (``torch.logsumexp`` makes two
+    of x's size). Unshifted it is two passes over a block in cache instead of four, 2.9× faster: exact while no
+    logit is over 88 (exp's float32 overflow) and the sum is not tiny, which the caller checks."""
+    if not shift:
+        return x.exp_().sum(1).log_()
     top = x.amax(1, keepdim=True)
     return x.sub_(top).exp_().sum(1).log_().add_(top[:, 0])
 
 
 def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, cap: float | None, block: int,
-               buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+               buffers: dict[str, torch.Tensor], shift: bool = False) -> torch.Tensor:
     """−log p of each target, the vocabulary ``block`` columns at a time: each block's float32 log-sum-exp runs
     while the block is in cache, and the blocks' sums are combined at the end. The target's logit is read from
-    its block, so it is the same matmul's value as the ones it is compared with."""
+    its block, so it is the same matmul's value as the ones it is compared with. Unshifted sums that overflowed
+    or came out tiny send the chunk through again, each block shifted by its maximum."""
     wrapped = None if type(head) is torch.nn.Linear else head(hidden)  # LoRA, quantised: computed their own way
     vocab = head.out_features if wrapped is None else wrapped.shape[1]
     if len(targets) and (top := int(targets.max())) >= vocab:
@@ -222,8 +231,11 @@ def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
         local = targets - start
         here = (local >= 0) & (local < x.shape[1])
         target_logit = torch.where(here, x.gather(1, local.clamp(0, x.shape[1] - 1)[:, None])[:, 0], target_logit)
-        sums[j] = _log_sum_exp_(x)
-    return torch.logsumexp(sums, 0) - target_logit
+        sums[j] = _log_sum_exp_(x, shift)
+    total = torch.logsumexp(sums, 0)
+    if not shift and not bool((torch.isfinite(total) & (total >= _UNSHIFTED_FLOOR)).all()):
+        return _chunk_nll(head, hidden, targets, cap, block, buffers, shift=True)
+    return total - target_logit
 
 
 def _head_nll(model, picked: torch.Tensor, targets: torch.Tensor, chunk: int, block: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ class GenerateConfig:
 
 
 def prompt_token_ids(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str = DEFAULT_TEMPLATE,
-                     max_prompt_length: int = 1024) -> list[list[int]]:
+                     max_prompt_length: int = GenerateConfig.max_prompt_length) -> list[list[int]]:
     """``[BOS] prompt`` per row: the scorer's tokenisation with the response left out."""
     special = SpecialTokens.from_tokenizer(tokenizer)
     examples = encode_examples([{**r, "output": ""} for r in rows], tokenizer, template)

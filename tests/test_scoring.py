@@ -104,13 +104,13 @@ def test_equations():
 
 # --- the batched engine against a naive one-sample-at-a-time reference ----------------------
 
-def naive_loss(model, seq) -> float:
-    """What public implementations do: full logits for one sequence, plain cross-entropy."""
+def naive_loss(model, seq, dtype: torch.dtype = torch.float32) -> float:
+    """What public implementations do: full logits for one sequence, plain cross-entropy (in ``dtype``)."""
     ids = torch.tensor([seq.input_ids])
     with torch.no_grad():
         logits = model(ids).logits[0]
     n, k = len(seq.input_ids), seq.n_targets
-    return F.cross_entropy(logits[n - k - 1:n - 1].float(), ids[0, n - k:]).item()
+    return F.cross_entropy(logits[n - k - 1:n - 1].to(dtype), ids[0, n - k:]).item()
 
 
 @pytest.fixture(scope="module")
@@ -438,13 +438,7 @@ def test_the_unshifted_log_sum_exp_falls_back_where_float32_exp_would_overflow_o
                 for _ in range(4)]
     sequences = [zero_shot_sequence(e, SPECIAL, 64)[0] for e in examples]
     got = sequence_losses(model, sequences, 0, EngineConfig(head_chunk=7, head_block=10, progress=False))
-    reference = []
-    for seq in sequences:
-        ids = torch.tensor([seq.input_ids])
-        with torch.no_grad():
-            out = model(ids).logits[0].double()
-        n, k = len(seq.input_ids), seq.n_targets
-        reference.append(F.cross_entropy(out[n - k - 1:n - 1], ids[0, n - k:]).item())
+    reference = [naive_loss(model, s, torch.float64) for s in sequences]
     np.testing.assert_allclose(got, reference, rtol=1e-6, atol=1e-5)
     assert any(shifted) == (logits != "ordinary")
 

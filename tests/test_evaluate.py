@@ -194,3 +194,33 @@ def test_run_comparison_with_gemma_end_to_end(tmp_path, shared_data_dir):
     nll = {n: json.loads((tmp_path / "generations" / n / "sinstruct.reference_nll.json").read_text())["reference_nll"]
            for n in result.models}
     assert nll["miwv_25pct"] != nll["full"]  # different data, different models
+
+
+def test_test_sets_are_named_by_label_so_their_files_stay_in_the_run_directory(tmp_path, shared_data_dir):
+    """A test set given by an absolute path once named its generation files by that path, so they were written
+    beside the test file, each model over the last one's."""
+    from miwv_lib.data.datasets import DataError
+    from miwv_lib.experiments.evaluate import load_test_pools
+
+    rows = [{"id": "a", "instruction": "Name a colour.", "output": ""},
+            {"id": "b", "instruction": "Name a fruit.", "output": ""}]
+    (tmp_path / "mine.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pools = load_test_pools([str(tmp_path / "mine.jsonl"), "sinstruct"], sample=1, data_dir=shared_data_dir)
+    assert list(pools) == ["mine", "sinstruct"] and len(pools["mine"]) == 1
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mine.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match="two test sets are both named 'mine'"):
+        load_test_pools([str(tmp_path / "mine.jsonl"), str(tmp_path / "other" / "mine.json")])
+
+
+def test_a_test_set_whose_prompts_share_an_id_is_refused(tmp_path):
+    """Answers are paired by (test set, id): every prompt would meet the other model's answer to the last one."""
+    from miwv_lib.data.datasets import DataError, load_test_set
+
+    rows = [{"id": "q", "instruction": f"Question {i}?", "output": ""} for i in range(3)]
+    (tmp_path / "dup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"row 1, field 'id': id 'q' is also row 0's, a different prompt"):
+        load_test_set(str(tmp_path / "dup.jsonl"))
+    rows[1]["instruction"] = rows[0]["instruction"]  # the same prompt twice: the same answer either way
+    (tmp_path / "same.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    assert len(load_test_set(str(tmp_path / "same.jsonl"))) == 2

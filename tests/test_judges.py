@@ -23,13 +23,14 @@ from miwv_lib.experiments.judges import EmbeddingJudge, HFChatBackend, Judgement
     ("**Assistant 1:** 9/10\n**Assistant 2:** 4 out of 10\nAssistant 2 misread the question.", (9, 4)),
     ("Assistant 1 receives a score of 3, while Assistant 2 gets 10.", (3, 10)),
     ("  \n10 10\nBoth are perfect.", (10, 10)),
+    ("8-7\nThe first is better.", (8, 7)),
 ])
 def test_parse_realistic_reviews(text, expected):
     assert parse_review(text) == expected
 
 
 @pytest.mark.parametrize("text", [
-    "", "   ", "I cannot evaluate these answers.", "8\nThe first is fine.", "12 7\nscores", "8 7 6",
+    "", "   ", "I cannot evaluate these answers.", "8\nThe first is fine.", "12 7\nscores", "8 7 6", "-3 7\nscores", "Assistant 1: -2\nAssistant 2: 5",
     "Both answers are equally helpful; neither is better.",
 ])
 def test_parse_malformed_reviews(text):

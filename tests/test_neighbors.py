@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from miwv_lib.data.datasets import format_source_text
-from miwv_lib.method.neighbors import embed_texts, model_embeddings, nearest_neighbors
+from miwv_lib.method.neighbors import NonFiniteEmbeddings, embed_texts, model_embeddings, nearest_neighbors
 from miwv_lib.data.models import load_embedder
 
 
@@ -34,6 +34,14 @@ def test_exact_duplicates_are_each_others_neighbours_and_ties_go_to_lowest_index
     assert index[0] == 2  # rows 2 and 3 tie at similarity 1: lowest index wins
     assert index[2] == 0 and index[3] == 0
     assert sim[0] == pytest.approx(1.0)
+
+
+def test_a_row_whose_embedding_is_not_finite_is_an_error_not_everyones_neighbour():
+    emb = np.random.default_rng(2).normal(size=(6, 4)).astype(np.float32)
+    emb[3, 1], emb[5, 0] = np.nan, np.inf  # argmax ranks NaN first: row 3 would be every row's neighbour
+    with pytest.raises(NonFiniteEmbeddings) as error:
+        nearest_neighbors(emb)
+    assert error.value.rows == [3, 5]
 
 
 def test_one_row_has_no_neighbour():

@@ -339,6 +339,58 @@ def test_a_truncated_weights_file_is_a_clear_error(cli, base, tmp_path):
     assert not (tmp_path / "run" / "manifest.json").exists()
 
 
+def test_a_row_the_embedder_gives_nan_is_a_clear_error_not_every_rows_neighbour(cli, base, tmp_path):
+    """A NaN in row 4's embedding (here: a token only its instruction holds, its embedding weights NaN). argmax
+    ranks NaN first, so row 4 once became every row's demonstration, and every MIWV still looked fine."""
+    from safetensors.torch import load_file, save_file
+
+    from miwv_lib.data.datasets import format_source_text
+    from miwv_lib.data.models import build_tiny_model, load_model
+
+    model = build_tiny_model(tmp_path / "model")
+    tokenizer, rows = load_model(str(model), dtype="float32").tokenizer, base_rows()
+    tokens = [set(tokenizer(format_source_text(r), split_special_tokens=True).input_ids) for r in rows]
+    only_row_4 = tokens[4].difference(*tokens[:4], *tokens[5:])
+    assert only_row_4
+    weights = load_file(model / "model.safetensors")
+    weights["model.embed_tokens.weight"][sorted(only_row_4)] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    result = cli("score", "--data", base["data"], "--out", tmp_path / "run", "--model", model, "--embedder", "self",
+                 "--dtype", "float32")
+    result.assert_clean_error("--embedder self", f"{base['data']}, row 4 (id", "not finite")
+    assert not (tmp_path / "run" / "scores.jsonl").exists() and not (tmp_path / "run" / "neighbors.json").exists()
+
+
+def test_a_max_length_beyond_the_context_window_is_refused_before_any_run_file(cli, base, tmp_path):
+    """Positions past the window give losses that look like any other: tiny-random's window is 2048 tokens."""
+    result = cli("score", "--data", base["data"], "--out", tmp_path / "run", *FAST, "--max-length", "4096")
+    result.assert_clean_error("tiny-random", "--max-length 4096 is beyond the model's context window (2048 tokens)")
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_score_refuses_data_that_is_a_file_its_own_run_writes(cli, tmp_path):
+    run = tmp_path / "run"
+    data = write_rows(run / "scores.jsonl", base_rows())
+    before = digest(run)
+    result = cli("score", "--data", data, "--out", run, *FAST)
+    result.assert_clean_error("scores.jsonl", "is a file the run in", "refusing to overwrite an input")
+    assert digest(run) == before
+
+
+def test_select_warns_when_no_manifest_can_vouch_for_the_scores(cli, base, tmp_path):
+    (tmp_path / "lone").mkdir()
+    shutil.copy(base["scores"], tmp_path / "lone" / "scores.jsonl")
+    result = cli("select", "--data", base["data"], "--scores", tmp_path / "lone" / "scores.jsonl", "--ratio", "0.5",
+                 "--out", tmp_path / "s.json")
+    assert result.rc == 0, result.stderr[-2000:]
+    assert "warning:" in result.stderr and "manifest.json is missing" in result.stderr
+
+
+def test_an_unknown_judge_is_a_usage_error_before_any_work(cli, base, tmp_path):
+    result = cli("evaluate", "--data", base["data"], "--run-dir", base["run"], "--ratio", "0.5", "--judge", "gpt5")
+    result.assert_clean_error("argument --judge", "got 'gpt5'")
+
+
 @pytest.mark.parametrize("delay", [0.3, 1.0, 1.3, 2.5])
 def test_ctrl_c_at_any_moment_of_start_up_prints_no_traceback(cli_env, base, tmp_path, delay):
     process = subprocess.Popen([sys.executable, "-m", "miwv_lib", "score", "--data", str(base["data"]), "--out",
@@ -415,6 +467,8 @@ SELECT_ERRORS = [
     ("scores-is-the-run-directory", lambda b, t: ["--scores", b["run"]], ["is a directory", "scores.jsonl inside it"]),
     ("scores-without-finite-miwv", _scores_copy(_no_finite_miwv), ["only 0 rows have a finite 'miwv'"]),
     ("out-is-the-data-file", lambda b, t: ["--out", b["data"]], ["is the --data file", "refusing to overwrite"]),
+    ("out-is-the-runs-manifest", lambda b, t: ["--out", b["run"] / "manifest.json"],
+     ["manifest.json is a file of the run that", "refusing to overwrite it"]),
     ("out-is-parquet", lambda b, t: ["--out", t / "subset.parquet"], ["subset.parquet", ".json (a list of rows)"]),
     ("out-has-no-suffix", lambda b, t: ["--out", t / "subset"], ["subset: a subset is written as .json"]),
     ("scores-edited-after-score", lambda b, t: ["--scores", _edited_run(b, t)],

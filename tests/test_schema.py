@@ -62,7 +62,8 @@ def test_flags_reach_their_fields():
     (TrainConfig, "epochs", 0, "expected a number > 0"),
     (TrainConfig, "learning_rate", math.nan, "expected a finite number"),
     (TrainConfig, "lora_dropout", 5, "expected a number < 1"),
-    (TrainConfig, "max_length", "auto", "cannot hold a single response token"),
+    (TrainConfig, "max_length", "auto", "expected an integer of at least 2, got 'auto'"),
+    (TrainConfig, "lr_scheduler", "COSINE", "expected one of linear, cosine,"),
     (TrainConfig, "warmup_ratio", -0.1, "expected a number ≥ 0"),
     (GenerateConfig, "max_new_tokens", 0, "expected a positive integer"),
 ])
@@ -80,6 +81,11 @@ def test_every_setting_is_checked_where_it_is_built(cls, field, value, says):
     ("score: {max_length: 1}", "score: max_length: 1 cannot hold a single response token"),
     ("train: {epochs: 0}", "train: epochs: expected a number > 0"),
     ("methods: [miwv, best]", "methods: item 1: expected one of"),
+    ("judges: [reference-nll, gpt5]", "judges: item 1: unknown judge 'gpt5'"),
+    ("", "holds no settings"),  # all defaults would rewrite the committed small-scale report
+    ("# a comment only", "holds no settings"),
+    ("ratios: [0.1]\nratios: [0.2]", "line 2: key 'ratios' is given twice"),
+    ("train: {epochs: 1, epochs: 2}", "line 1: key 'epochs' is given twice"),
 ])
 def test_a_study_yaml_with_a_wrong_value_names_the_file_and_key(tmp_path, yaml_text, says):
     path = tmp_path / "study.yaml"

@@ -53,6 +53,21 @@ def test_no_bos_when_tokenizer_has_none():
     special = SpecialTokens(bos=None, eos=EOS)
     seq, _ = one_shot_sequence(SAMPLE, DEMO, special, max_length=64)
     assert seq.input_ids == (30, 31, 40, 41, 42, EOS, 10, 11, 12, 20, 21, EOS)
+    # IFD's pass has no prompt: the EOS that ends the text before stands in for the missing BOS
+    assert unconditional_sequence(SAMPLE, special, max_length=64).input_ids == (EOS, 20, 21, EOS)
+    assert special.layout_version != SPECIAL.layout_version  # so that no cache of the old layout is reused
+
+
+@pytest.mark.parametrize("max_length", [64, 7, 4, 3, 2])
+def test_without_a_bos_every_first_target_still_has_a_token_before_it(max_length):
+    special = SpecialTokens(bos=None, eos=EOS)
+    zero, zero_cut = zero_shot_sequence(SAMPLE, special, max_length)
+    one, _ = one_shot_sequence(SAMPLE, DEMO, special, max_length)
+    uncond = unconditional_sequence(SAMPLE, special, max_length)
+    for seq in (zero, one, uncond):
+        assert seq.n_targets < len(seq.input_ids) <= max_length
+    assert _targets(zero) == _targets(one) == _targets(uncond)
+    assert zero.input_ids[0] == 12 if zero_cut.prompt else zero.input_ids[0] == 10  # the prompt's last token stays
 
 
 def _targets(seq):
@@ -131,6 +146,28 @@ def test_every_loss_equals_the_naive_reference(tiny, tiny_sequences):
     reference = np.array([naive_loss(tiny.model, s) for s in tiny_sequences])
     got = sequence_losses(tiny.model, tiny_sequences, tiny.tokenizer.pad_token_id, EngineConfig(progress=False))
     assert np.abs(got - reference).max() <= 1e-5
+
+
+@pytest.mark.parametrize("batch_size", [1, 16])
+def test_without_a_bos_every_loss_equals_the_naive_reference(tiny, batch_size):
+    """A tokenizer that prepends no BOS (SmolLM2): IFD's pass once read its first target's prediction from another
+    token's state, a loss that looked right and changed with the batch."""
+    examples = encode_examples(make_rows(6), tiny.tokenizer)
+    special = SpecialTokens(bos=None, eos=tiny.tokenizer.eos_token_id)
+    sequences = [unconditional_sequence(ex, special, 256) for ex in examples]
+    sequences += [zero_shot_sequence(ex, special, len(ex.response) + 2)[0] for ex in examples]  # the prompt cut
+    reference = np.array([naive_loss(tiny.model, s) for s in sequences])
+    got = sequence_losses(tiny.model, sequences, tiny.tokenizer.pad_token_id,
+                          EngineConfig(batch_size=batch_size, progress=False))
+    assert np.abs(got - reference).max() <= 1e-5
+
+
+def test_a_first_target_with_no_token_before_it_is_an_error_not_a_loss(tiny):
+    from miwv_lib.method.layouts import Sequence
+
+    with pytest.raises(ValueError, match="no token before it"):
+        sequence_losses(tiny.model, [Sequence((5, 6, 7), n_targets=3)], tiny.tokenizer.pad_token_id,
+                        EngineConfig(progress=False))
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 64])
@@ -304,9 +341,15 @@ def test_a_row_whose_demo_cannot_fit_has_no_miwv_and_is_never_selected(tiny):
     assert 2 in select_indices(scores, ratio=1.0, by="ifd")
 
 
-@pytest.mark.parametrize("value", [0, 1, -5, 1.5, "long", None, True])
+@pytest.mark.parametrize("value", [0, 1, -5])
 def test_a_max_length_that_holds_no_response_token_is_refused(value):
     with pytest.raises(ValueError, match="cannot hold a single response token"):
+        ScoreConfig(max_length=value)
+
+
+@pytest.mark.parametrize("value", [1.5, "long", "256", None, True])
+def test_a_max_length_that_is_not_an_integer_is_refused_as_such(value):
+    with pytest.raises(ValueError, match=f"expected 'auto' or an integer of at least 2, got {value!r}"):
         ScoreConfig(max_length=value)
 
 

@@ -616,6 +616,12 @@ def load_test_set(name: str, *, data_dir: str | Path | None = None, sample: int 
     only on (rows, sample, seed), so that evaluations on a subsample are reproducible and comparable."""
     _check_count("sample", sample, source=str(name))
     pool = load_instructions(name, data_dir=data_dir, require_output=False, cache_dir=cache_dir)
+    first: dict[str, int] = {}
+    for i, row in enumerate(pool.rows):  # two models' answers are paired by id
+        j = first.setdefault(row["id"], i)
+        if (row["instruction"], row["input"]) != (pool.rows[j]["instruction"], pool.rows[j]["input"]):
+            raise DataError(f"id {row['id']!r} is also row {j}'s, a different prompt: answers are paired by id, so "
+                            "each prompt needs an id of its own", source=pool.source, row=i, field="id")
     if sample is None or sample >= len(pool):
         return pool
     return pool.subset(sorted(random.Random(seed).sample(range(len(pool)), sample)))

@@ -19,16 +19,23 @@ import torch
 
 from ..data.datasets import DataError, load_instructions
 from ..data.models import EmbedderError, ModelLoadError, check_embedder, resolve_device
-from ..method.selection import SELECTION_METHODS, SelectionError, demo_trimmed, score_warnings, select_indices
+from ..method.selection import (
+    RANKED_BY,
+    SELECTION_METHODS,
+    SelectionError,
+    demo_trimmed,
+    score_warnings,
+    select_indices,
+)
 from ..runtime.io import keep_interrupts
 from ..runtime.runs import FingerprintMismatch, RunDirectoryBusy, run_lock
 from ..runtime.schema import add_flags, from_args
 from .engine import run_comparison
 from .evaluate import DEFAULT_TEST_SETS
 from .generate import GenerateConfig
-from .judges import OFFLINE_JUDGES, make_judge
+from .judges import OFFLINE_JUDGES, judge_rule, make_judge
 from .pipeline import PipelineError, publish_run, resolve_path, run_pipeline
-from .score import PARTIAL_FILE, ScoreConfig, score_pool
+from .score import PARTIAL_FILE, ScoreConfig, is_run_file, score_pool
 from .select import export_subset, load_checked_scores, subset_format
 from .study import STAGES, StudyError, load_study_config, run_study
 from .train import TrainConfig, train_model
@@ -50,6 +57,8 @@ def _checked(parse, ok, wording: str):
 _positive_int = _checked(int, lambda n: n >= 1, "a positive integer")
 _non_negative_int = _checked(int, lambda n: n >= 0, "an integer ≥ 0")
 _path = _checked(str, str.strip, "a path")
+_judge = _checked(str, lambda spec: judge_rule(spec) is None,
+                  f"one of {', '.join(OFFLINE_JUDGES)}, hf:<model> or openai:<model>")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,7 +73,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                         help="file (.json/.jsonl/.parquet), registry name or hub id; default: 'alpaca' "
                              "from the data directory, else the hub")
     parser.add_argument("--data-dir", type=_path, help="local data mirror (default: $MIWV_DATA_DIR)")
-    parser.add_argument("--limit", type=int, help="use only the first N rows")
+    parser.add_argument("--limit", type=_positive_int, help="use only the first N rows")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +141,7 @@ def _add_train_commands(commands) -> None:
     evaluate.add_argument("--sample", type=_positive_int, help="prompts per test set (seeded sample)")
     evaluate.add_argument("--sample-seed", type=_non_negative_int, default=0)
     add_flags(evaluate, GenerateConfig, only=["max_new_tokens"])
-    evaluate.add_argument("--judge", action="append", metavar="SPEC",
+    evaluate.add_argument("--judge", action="append", metavar="SPEC", type=_judge,
                           help=f"repeatable: {', '.join(OFFLINE_JUDGES)} (default: all three), "
                                "hf:<model> or openai:<model>")
     evaluate.add_argument("--judge-base-url", default="https://api.openai.com/v1", help="for openai:<model>")
@@ -156,6 +165,8 @@ def run_score(args: argparse.Namespace) -> None:
     config = from_args(ScoreConfig, args)
     if (out := Path(args.out)).exists() and not out.is_dir():
         raise DataError("--out must be a run directory, but this is a file", source=str(out))
+    if is_run_file(args.data, out):
+        raise DataError(f"--data is a file the run in {out} writes; refusing to overwrite an input", source=args.data)
     check_embedder(config.embedder)  # before the scoring model loads, not after
     # One scoring process per run directory (rank 0 only under torchrun: the ranks share it on purpose).
     with run_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
@@ -190,11 +201,14 @@ def run_select(args: argparse.Namespace) -> None:
     for given, role in ((args.data, "--data"), (args.scores, "--scores")):
         if given and Path(given).exists() and Path(args.out).resolve() == Path(given).resolve():
             raise SelectionError(f"--out {args.out} is the {role} file; refusing to overwrite an input")
+    if is_run_file(args.out, Path(args.scores).parent):
+        raise SelectionError(f"--out {args.out} is a file of the run that {args.scores} comes from; refusing to "
+                             "overwrite it")
     scores = load_checked_scores(pool, args.scores)
     indices = select_indices(scores, args.ratio, by=args.by, seed=args.seed)
     out = export_subset(pool, scores, indices, args.out, by=args.by)
     print(f"selected {len(indices)} of {len(pool)} rows by {args.by} -> {out}")
-    if trimmed := demo_trimmed([scores[i] for i in indices]):
+    if RANKED_BY.get(args.by, ("",))[0] == "miwv" and (trimmed := demo_trimmed([scores[i] for i in indices])):
         print(f"warning: {trimmed} of the {len(indices)} selected rows had their demonstration trimmed by "
               "--max-length (a trimmed demo helps less, which raises MIWV); score again with --max-length auto",
               file=sys.stderr)

@@ -123,13 +123,14 @@ def run_comparison(run_dir: str | Path, pool: InstructionPool | str | Path, rati
     scores = load_checked_scores(pool, run_dir / "scores.jsonl")
     train_config = train_config or TrainConfig()
     generate_config = generate_config or GenerateConfig(template=train_config.template)
+    pools = load_test_pools(test_sets, sample, sample_seed, data_dir)  # a bad test set is an error before training
     arms = plan_arms([ratio], methods, [selection_seed])
     plan = select_arms(arms, scores)
     write_selections(run_dir, arms, plan)
     models = train_arms(arms, plan, pool, run_dir / "models", train_config, overwrite=overwrite)
-    answers = answer_arms([a.name for a in arms], run_dir / "models", load_test_pools(test_sets, sample, sample_seed,
-                          data_dir), run_dir / "generations", generate_config, device=train_config.device)
-    comparison = compare_generations(answers, BASELINE, judges, run_dir / "evaluation", datasets=list(test_sets),
+    answers = answer_arms([a.name for a in arms], run_dir / "models", pools, run_dir / "generations", generate_config,
+                          device=train_config.device)
+    comparison = compare_generations(answers, BASELINE, judges, run_dir / "evaluation", datasets=list(pools),
                                      n_resamples=n_resamples, seed=bootstrap_seed)
     comparison.models = models
     return comparison

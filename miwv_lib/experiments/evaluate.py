@@ -6,11 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.datasets import REGISTRY, TEST_SETS, InstructionPool, load_test_set
+from ..data.datasets import REGISTRY, TEST_SETS, DataError, InstructionPool, load_test_set
 from ..data.models import LoadedModel
 from ..method.pairwise import _FLIP, Judge, PairItem, Review, ReviewRequest, Side, combine_orders, summarize, verdict
 from ..runtime.io import atomic_open, save_png, stable_hash, write_json, write_jsonl
@@ -98,10 +98,16 @@ def test_set_label(name: str) -> str:
     return name if name in REGISTRY else Path(name).name.split(".")[0].removesuffix("_test_set")
 
 
-def load_test_pools(test_sets: Sequence[str], sample: int | None = None, seed: int = 0,
+def load_test_pools(test_sets: Sequence[str] | Mapping[str, int | None], sample: int | None = None, seed: int = 0,
                     data_dir: str | Path | None = None) -> dict[str, InstructionPool]:
-    """The named test sets, each optionally cut to a deterministic sample of ``sample`` prompts."""
-    return {name: load_test_set(name, data_dir=data_dir, sample=sample, seed=seed) for name in test_sets}
+    """The test sets by label, each optionally cut to a deterministic sample of ``sample`` prompts (or of its own
+    number, given a mapping of name to sample)."""
+    samples = dict(test_sets) if isinstance(test_sets, Mapping) else dict.fromkeys(test_sets, sample)
+    labels = {name: test_set_label(name) for name in samples}
+    if twice := next((n for n in samples if list(labels.values()).count(labels[n]) > 1), None):
+        raise DataError(f"two test sets are both named {labels[twice]!r} in files and tables: rename one",
+                        source=twice)
+    return {labels[name]: load_test_set(name, data_dir=data_dir, sample=n, seed=seed) for name, n in samples.items()}
 
 
 def _with_reference_nll(rows: list[dict], path: Path, identity: str, template: str, max_length: int,

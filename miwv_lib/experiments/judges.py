@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -174,23 +175,33 @@ def reference_nll(loaded: LoadedModel, rows: list[dict], references: list[str], 
 OFFLINE_JUDGES = ("reference-nll", "embedding", "rougeL")
 
 
+_OFFLINE = {"reference-nll": ReferenceLikelihoodJudge, "embedding": EmbeddingJudge, "rougeL": RougeJudge,
+            "rouge": RougeJudge}
+
+
+def judge_rule(spec: Any) -> str | None:
+    """What is wrong with a judge's short name, or None: asked before any model loads, not after hours of work."""
+    if isinstance(spec, str) and (spec in _OFFLINE or spec.partition(":")[0] in ("hf", "openai")
+                                  and spec.partition(":")[2].strip()):
+        return None
+    return f"unknown judge {spec!r}: use one of {', '.join(OFFLINE_JUDGES)}, hf:<model> or openai:<model>"
+
+
 def make_judge(spec: str | Judge, **kwargs) -> Judge:
     """A judge from a short name: ``reference-nll``, ``embedding``, ``rougeL``, ``hf:<model name or path>``
     or ``openai:<model>`` (``base_url=``, ``api_key_env=`` as keyword arguments); judge objects pass through."""
     if not isinstance(spec, str):
         return spec
-    offline = {"reference-nll": ReferenceLikelihoodJudge, "embedding": EmbeddingJudge, "rougeL": RougeJudge,
-               "rouge": RougeJudge}
-    if spec in offline:
-        return offline[spec](**kwargs)
-    if spec.startswith(("hf:", "openai:")):
-        kind, name = spec.split(":", 1)
-        margin = kwargs.pop("margin", 0.0)
-        if kind == "openai":
-            return LLMJudge(OpenAIChatBackend(name, **kwargs), margin=margin)
-        loaded = load_model(name, dtype=kwargs.pop("dtype", "auto"), device=kwargs.pop("device", "auto"))
-        return LLMJudge(HFChatBackend(loaded, **kwargs), margin=margin)
-    raise ValueError(f"unknown judge {spec!r}: use one of {', '.join(OFFLINE_JUDGES)}, hf:<model> or openai:<model>")
+    if problem := judge_rule(spec):
+        raise ValueError(problem)
+    if spec in _OFFLINE:
+        return _OFFLINE[spec](**kwargs)
+    kind, name = spec.split(":", 1)
+    margin = kwargs.pop("margin", 0.0)
+    if kind == "openai":
+        return LLMJudge(OpenAIChatBackend(name, **kwargs), margin=margin)
+    loaded = load_model(name, dtype=kwargs.pop("dtype", "auto"), device=kwargs.pop("device", "auto"))
+    return LLMJudge(HFChatBackend(loaded, **kwargs), margin=margin)
 
 
 class JudgementCache:

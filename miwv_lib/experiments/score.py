@@ -19,6 +19,7 @@ from ..data.models import (
     DEFAULT_EMBEDDER,
     DEFAULT_MODEL,
     SELF_EMBEDDER,
+    EmbedderError,
     LoadedModel,
     ModelLoadError,
     load_embedder,
@@ -28,16 +29,16 @@ from ..data.prompts import DEFAULT_TEMPLATE, TEMPLATES, encode_examples
 from ..method.importance import PACK_TOKENS, _score_row, chunk_plan, plan_passes
 from ..method.layouts import (
     AUTO_MAX_LENGTH,
-    LAYOUT_VERSION,
     EncodedExample,
     SpecialTokens,
+    context_window,
     max_length_rule,
     one_shot_lengths,
     parse_max_length,
     resolve_max_length,
 )
 from ..method.losses import EngineConfig, compile_body, span_losses, supports_branches
-from ..method.neighbors import embed_texts, model_embeddings, nearest_neighbors
+from ..method.neighbors import NonFiniteEmbeddings, embed_texts, model_embeddings, nearest_neighbors
 from ..runtime.distributed import Shard, barrier, from_main, init_from_env
 from ..runtime.io import file_sha256, read_jsonl, stable_hash, write_json, write_jsonl
 from ..runtime.runs import FingerprintMismatch, PartialResults, check_fingerprint, environment_info, now
@@ -45,6 +46,13 @@ from ..runtime.schema import boolean, check, integer, setting, text
 from .select import scores_changed
 
 PARTIAL_FILE = "scores.partial.jsonl"  # rank 0's finished chunks; rank r writes scores.partial.rank{r}.jsonl
+RUN_FILES = ("manifest.json", "neighbors.json", "scores.jsonl")  # and the partial files: what 'score' keeps
+
+
+def is_run_file(path: str | Path, run_dir: str | Path) -> bool:
+    """Whether ``path`` is, or would be, a file that 'score' keeps in ``run_dir``."""
+    path = Path(path).resolve()
+    return path.parent == Path(run_dir).resolve() and (path.name in RUN_FILES or path.name.startswith("scores.partial"))
 
 
 @dataclass
@@ -90,7 +98,14 @@ def find_neighbors(pool: InstructionPool, embedder: str, loaded: LoadedModel | N
         vectors = model_embeddings(loaded.model, loaded.tokenizer, texts, progress=progress)
     else:
         vectors = embed_texts(texts, load_embedder(embedder), progress=progress)
-    return nearest_neighbors(vectors)
+    try:
+        return nearest_neighbors(vectors)
+    except NonFiniteEmbeddings as exc:
+        first, more = exc.rows[0], f" (and {len(exc.rows) - 1} more rows)" if len(exc.rows) > 1 else ""
+        raise EmbedderError(f"--embedder {embedder}: {pool.source}, row {first} (id {pool.ids[first]}), fields "
+                            f"'instruction' and 'input'{more}: the embedding is not finite (NaN or inf), so no "
+                            f"neighbour is right; the embedder overflows or its weights are damaged (with --embedder "
+                            f"{SELF_EMBEDDER}, try --dtype float32)") from None
 
 
 def _cached_neighbors(path: Path, key: dict, rows: int, compute) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +175,17 @@ class _Run:
         return {i: row for path in self.partials for i, row in PartialResults(path).load(repair=repair).items()}
 
 
+def _check_model_fits(config: ScoreConfig, loaded: LoadedModel) -> None:
+    """Settings the loaded model cannot honour, refused before any run file is written."""
+    if config.template == "chat" and not getattr(loaded.tokenizer, "chat_template", None):
+        raise ModelLoadError(f"{config.model}: --template chat needs a chat template, and this model's tokenizer has "
+                             "none; use --template alpaca or plain")
+    window = context_window(loaded.model)
+    if window and config.max_length != AUTO_MAX_LENGTH and config.max_length > window:
+        raise ModelLoadError(f"{config.model}: --max-length {config.max_length} is beyond the model's context window "
+                             f"({window} tokens), where losses look right and are not; use at most {window}, or auto")
+
+
 def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig | None = None, *,
                loaded: LoadedModel | None = None, overwrite: bool = False) -> list[dict]:
     """Score every row of ``pool`` into ``out_dir/scores.jsonl`` (+ ``manifest.json``), resuming if possible. Under
@@ -168,9 +194,7 @@ def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig |
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
-    if config.template == "chat" and not getattr(loaded.tokenizer, "chat_template", None):  # before any run file
-        raise ModelLoadError(f"{config.model}: --template chat needs a chat template, and this model's tokenizer has "
-                             "none; use --template alpaca or plain")
+    _check_model_fits(config, loaded)
     if config.torch_compile:
         compile_body(loaded.model)
     run = _Run(pool, out_dir, config, loaded, init_from_env())
@@ -195,7 +219,7 @@ def _start(run: _Run, overwrite: bool) -> dict:
         inputs = {"model": loaded.identity, "template": config.template, "embedder": config.embedder,
                   "max_length": config.max_length, "dtype": str(loaded.dtype).removeprefix("torch."),
                   "ifd": config.compute_ifd, "data": run.pool.content_hash, "rows": len(run.pool),
-                  "layout_version": LAYOUT_VERSION}
+                  "layout_version": SpecialTokens.from_tokenizer(loaded.tokenizer).layout_version}
         fingerprint = stable_hash(inputs)
         previous = check_fingerprint(run.out_dir / "manifest.json", fingerprint, inputs, overwrite=overwrite)
         scores_path = run.out_dir / "scores.jsonl"
@@ -243,12 +267,13 @@ def _score_missing_chunks(run: _Run, neighbor_index: np.ndarray, neighbor_simila
     world = run.shard.world_size
     label = "MIWV scoring" if world == 1 else f"MIWV scoring (rank 0 of {world})"
     t0 = time.perf_counter()
-    with tqdm(total=len(done) + sum(map(len, my_chunks)), initial=len(done), desc=label, unit="sample",
+    new = [sum(i not in done for i in chunk) for chunk in my_chunks]  # a chunk cut short counts its new rows
+    with tqdm(total=len(done) + sum(new), initial=len(done), desc=label, unit="sample",
               disable=not (config.progress and run.shard.is_main)) as bar:
-        for chunk in my_chunks:
+        for chunk, n in zip(my_chunks, new):
             rows = score_rows(run.loaded, examples, ids, chunk, neighbor_index, neighbor_similarity, config)
             mine.append([row for row in rows if row["index"] not in done])
-            bar.update(len(chunk))
+            bar.update(n)
     return max_length, time.perf_counter() - t0, sum(i not in done for i in range(len(run.pool)))
 
 

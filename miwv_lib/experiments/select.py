@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from ..data.datasets import InstructionPool
@@ -74,6 +75,9 @@ def load_checked_scores(pool: InstructionPool, scores_path: str | Path) -> list[
             raise SelectionError(f"{manifest_path} is damaged (not a JSON object), so {path} cannot be checked "
                                  "against the checksum it records: restore the manifest, or score again")
         manifest = {}  # none: the id check below is all there is
+        if path.is_file():
+            warnings.warn(f"{manifest_path} is missing, so {path} is checked by its ids alone: neither a hand edit "
+                          "nor other data with the same ids can be caught", stacklevel=2)
     if path.is_file() and scores_changed(path, manifest):
         raise SelectionError(f"{path} was changed after 'score' wrote it (its checksum differs from the one in "
                              f"{manifest_path}); restore it, or score again")

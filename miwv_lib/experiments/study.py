@@ -15,14 +15,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from ..data.datasets import DEFAULT_DATASET, InstructionPool, load_instructions, load_test_set
+from ..data.datasets import DEFAULT_DATASET, InstructionPool, load_instructions
 from ..method.selection import BASELINE, SELECTION_METHODS, Arm, plan_arms, select_arms
 from ..runtime.io import atomic_open, read_jsonl, write_jsonl
 from ..runtime.runs import now, read_yaml_mapping
 from ..runtime.schema import check, each, integer, mapping, number, setting, text
 from .engine import ExperimentError, answer_arms, export_arms, is_trained, train_arms, write_selections
-from .evaluate import compare_generations, test_set_label
+from .evaluate import compare_generations, load_test_pools, test_set_label
 from .generate import GenerateConfig, generation_records, write_generations
+from .judges import judge_rule
 from .pipeline import repo_root, resolve_data_source, resolve_path, user_path
 from .report import write_study_report
 from .score import ScoreConfig, score_pool
@@ -50,7 +51,7 @@ class StudyConfig:
     test_sets: dict[str, int | None] = setting(default_factory=lambda: {"alpaca_eval_gpt4": 200, "sinstruct": None},
                                                rule=mapping(text(), integer(1, optional=True), nonempty=True))
     test_seed: int = setting(0, rule=integer(0))  # which deterministic sample of a test set
-    judges: list[str] = setting(default_factory=lambda: ["reference-nll", "embedding", "rougeL"], rule=each(text()))
+    judges: list[str] = setting(default_factory=lambda: ["reference-nll", "embedding", "rougeL"], rule=each(judge_rule))
     n_bootstrap: int = setting(2000, rule=integer(100))
     score: dict[str, Any] = setting(default_factory=dict, rule=mapping(text()))  # ScoreConfig fields
     train: dict[str, Any] = setting(default_factory=dict, rule=mapping(text()))  # TrainConfig fields
@@ -180,9 +181,8 @@ class Study:
         return all((self.generations_dir / arm.name / f"{d}.jsonl").exists() for d in self.test_set_labels)
 
     def test_pools(self) -> dict[str, InstructionPool]:
-        return {test_set_label(name): load_test_set(resolve_data_source(name), data_dir=self.config.data_dir,
-                                                    sample=sample, seed=self.config.test_seed)
-                for name, sample in self.config.test_sets.items()}
+        return load_test_pools({resolve_data_source(name): n for name, n in self.config.test_sets.items()},
+                               seed=self.config.test_seed, data_dir=self.config.data_dir)
 
     @property
     def test_set_labels(self) -> list[str]:

@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint, set_seed
 from ..data.datasets import InstructionPool
 from ..data.models import DEFAULT_MODEL, LoadedModel, bf16_supported, load_model, resolve_device
 from ..data.prompts import DEFAULT_TEMPLATE, TEMPLATES, encode_examples
-from ..method.layouts import LAYOUT_VERSION, SpecialTokens, max_length_rule, zero_shot_sequence
+from ..method.layouts import SpecialTokens, max_length_rule, zero_shot_sequence
 from ..method.losses import logit_transform
 from ..runtime.io import atomic_open, stable_hash, write_json
 from ..runtime.runs import check_fingerprint, environment_info, now
@@ -51,7 +51,9 @@ class TrainConfig:
     epochs: float = setting(3.0, rule=number(0, above=True))
     learning_rate: float | None = setting(None, rule=number(0, above=True, optional=True), parse=float,
                                           help="default: 2e-4 (LoRA), 2e-5 (full)")
-    lr_scheduler: str = setting("cosine", rule=text())
+    # transformers' schedulers that need no settings of their own (a plateau needs evaluation; a floor, its value)
+    lr_scheduler: str = setting("cosine", choices=("linear", "cosine", "cosine_with_restarts", "polynomial",
+                                                   "constant", "constant_with_warmup", "inverse_sqrt"))
     warmup_ratio: float = setting(0.03, rule=number(0, 1, below=True))
     weight_decay: float = setting(0.0, rule=number(0))
     batch_size: int = setting(4, rule=integer(1), help="per device")
@@ -245,7 +247,8 @@ def train_fingerprint_inputs(config: TrainConfig, base: LoadedModel, rows: list[
                  "dtype": str(base.dtype).removeprefix("torch.")}
     return {"base_model": base.identity, "config": settings,
             "data": stable_hash([(r.get("id"), r["instruction"], r.get("input", ""), r["output"]) for r in rows]),
-            "rows": len(rows), "layout_version": LAYOUT_VERSION, "format_version": TRAIN_FORMAT_VERSION}
+            "rows": len(rows), "layout_version": SpecialTokens.from_tokenizer(base.tokenizer).layout_version,
+            "format_version": TRAIN_FORMAT_VERSION}
 
 
 def _training_arguments(config: TrainConfig, device: torch.device, use_bf16: bool,

@@ -2,9 +2,10 @@
 
 * zero-shot of sample i:   ``[BOS] prompt_i response_i [EOS]``
 * one-shot of sample i:    ``[BOS] prompt_k response_k [EOS] prompt_i response_i [EOS]`` (neighbour k first)
-* unconditional (IFD):     ``[BOS] response_i [EOS]``
+* unconditional (IFD):     ``[BOS] response_i [EOS]``, and ``[EOS] response_i [EOS]`` for a tokenizer without a BOS
 
-Prompt and response are tokenised separately (``data.prompts``), so the boundary between them is exact."""
+Prompt and response are tokenised separately (``data.prompts``), so the boundary between them is exact. A scored
+token is predicted from the token before it, so every layout keeps one: the BOS, or the prompt's last token."""
 
 from __future__ import annotations
 
@@ -37,8 +38,19 @@ class SpecialTokens:
     def prefix(self) -> tuple[int, ...]:
         return () if self.bos is None else (self.bos,)
 
+    @property
+    def start(self) -> tuple[int, ...]:
+        """What opens a pass with no prompt: the BOS, or else the EOS that ends the text before (SmolLM2 has no BOS)."""
+        return self.prefix or (self.eos,)
 
-LAYOUT_VERSION = 1  # bump when the token layout changes: it is part of every fingerprint
+    @property
+    def layout_version(self) -> int:
+        """Part of every fingerprint. Version 2 changed only tokenizers without a BOS: version 1 predicted their IFD
+        pass's first token from no token at all, so a cache of version 1 must not be reused for them."""
+        return LAYOUT_VERSION if self.bos is not None else 2
+
+
+LAYOUT_VERSION = 1  # bump when the token layout changes (see ``SpecialTokens.layout_version``)
 
 
 @dataclass(frozen=True)
@@ -81,10 +93,11 @@ class Truncation:
 
 def _sample_body(example: EncodedExample, special: SpecialTokens, max_length: int) -> tuple[list[int], int, Truncation]:
     """Sample i's ``prompt response [EOS]`` fitted into ``max_length`` with its BOS: (tokens, n_targets, cuts).
-    The prompt is trimmed from the left; only a response too long on its own is cut (from the right, in every pass)."""
+    The prompt is trimmed from the left; only a response too long on its own is cut (from the right, in every pass),
+    to ``max_length - 1`` tokens: one token (the BOS, or else the prompt's last) must stand before the first target."""
     room = max_length - len(special.prefix)
-    cut = Truncation(response=max(len(example.response) + 1 - room, 0))
-    targets = [*example.response, special.eos][:room]
+    cut = Truncation(response=max(len(example.response) + 2 - max_length, 0))
+    targets = [*example.response, special.eos][:max_length - 1]
     cut.prompt = max(len(example.prompt) + len(targets) - room, 0)
     return [*example.prompt[cut.prompt:], *targets], len(targets), cut
 
@@ -106,19 +119,21 @@ def one_shot_sequence(example: EncodedExample, demo: EncodedExample, special: Sp
 
 def unconditional_sequence(example: EncodedExample, special: SpecialTokens, max_length: int) -> Sequence:
     body, n_targets, _ = _sample_body(example, special, max_length)
-    return Sequence((*special.prefix, *body[len(body) - n_targets:]), n_targets)
+    return Sequence((*special.start, *body[len(body) - n_targets:]), n_targets)
 
 
 AUTO_MAX_LENGTH = "auto"
-MIN_MAX_LENGTH = 2  # a BOS and one response token: anything shorter holds no target at all
+MIN_MAX_LENGTH = 2  # a token to predict from and one response token: anything shorter holds no target at all
 
 
 def max_length_rule(value: int | str, *, allow_auto: bool = True) -> str | None:
     """What is wrong with a maximum length (``auto`` or an int ≥ 2), or None; checked before any model loads."""
     if value == AUTO_MAX_LENGTH and allow_auto:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_MAX_LENGTH:
-        allowed = f"{AUTO_MAX_LENGTH!r} or an integer" if allow_auto else "an integer"
+    allowed = f"{AUTO_MAX_LENGTH!r} or an integer" if allow_auto else "an integer"
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"expected {allowed} of at least {MIN_MAX_LENGTH}, got {value!r}"
+    if value < MIN_MAX_LENGTH:
         return (f"{value!r} cannot hold a single response token once the prompt is cut away; use {allowed} of at "
                 f"least {MIN_MAX_LENGTH}")
     return None
@@ -136,15 +151,20 @@ def text_config(model):
     return getattr(model.config, "text_config", None) or model.config
 
 
+def context_window(model) -> int | None:
+    """The most positions the model was built for, when its configuration says."""
+    window = getattr(text_config(model), "max_position_embeddings", None)
+    return window if isinstance(window, int) and window > 0 else None
+
+
 def resolve_max_length(setting: int | str, needed: list[int], model) -> int:
     """``auto``: the longest sequence ``needed``, capped at the model's context window; an int as it is."""
     if problem := max_length_rule(setting):
         raise ValueError(f"max_length: {problem}")
     if setting != AUTO_MAX_LENGTH:
         return int(setting)
-    config = text_config(model)
-    window, longest = getattr(config, "max_position_embeddings", None), max(needed, default=MIN_MAX_LENGTH)
-    return max(MIN_MAX_LENGTH, min(longest, window) if isinstance(window, int) and window > 0 else longest)
+    window, longest = context_window(model), max(needed, default=MIN_MAX_LENGTH)
+    return max(MIN_MAX_LENGTH, min(longest, window) if window else longest)
 
 
 def one_shot_lengths(examples: list[EncodedExample], neighbor_index: np.ndarray, special: SpecialTokens,

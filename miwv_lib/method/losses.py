@@ -110,6 +110,8 @@ def _layout(sequences: list[Sequence], batch: list[int], pad_token_id: int, padd
             pos[start:stop], seg[start:stop] = torch.arange(branches[0], branches[0] + stop - start), j + 1
         positions[row, offset:offset + len(seq)], segments[row, offset:offset + len(seq)] = pos, seg
         for stop, k in sequences[i].spans:
+            if k >= stop:  # column −1 would read another token's state: a plausible, wrong loss
+                raise ValueError(f"sequence {i}: its first scored token has no token before it to be predicted from")
             # The token at position t is predicted by the hidden state at t − 1.
             rows += [row] * k
             cols += range(offset + stop - k - 1, offset + stop - 1)

@@ -38,12 +38,23 @@ def model_embeddings(model, tokenizer, texts: list[str], batch_size: int = 16, p
     return np.concatenate(out).astype(np.float32)
 
 
+class NonFiniteEmbeddings(ValueError):
+    """Rows whose embedding holds NaN or inf (an embedder overflowing in float16, say). ``argmax`` ranks NaN first,
+    so one such row would silently become every row's demonstration."""
+
+    def __init__(self, rows: list[int]) -> None:
+        self.rows = rows
+        super().__init__(f"the embeddings of {len(rows)} rows are not finite (NaN or inf), rows {rows[:5]}")
+
+
 def nearest_neighbors(embeddings: np.ndarray, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """For each row i, the index k ≠ i of maximal cosine similarity (ties: the lowest), and that similarity.
     Exact search in chunks of rows: memory O(chunk_size · N), not N × N."""
     n = len(embeddings)
     if n < 2:
         raise ValueError(f"MIWV needs at least 2 samples to find a neighbour; got {n}")
+    if bad := np.flatnonzero(~np.isfinite(np.asarray(embeddings, dtype=np.float32)).all(axis=1)).tolist():
+        raise NonFiniteEmbeddings(bad)
     unit = torch.nn.functional.normalize(torch.as_tensor(embeddings, dtype=torch.float32), dim=-1)
     indices = np.empty(n, dtype=np.int64)
     similarities = np.empty(n, dtype=np.float32)

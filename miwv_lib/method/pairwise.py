@@ -85,7 +85,7 @@ def verdict(review: Review, margin: float = 0.0) -> str:
     return WIN if difference > margin else LOSS if difference < -margin else TIE
 
 
-_NUMBER = r"(\d+(?:\.\d+)?)"
+_NUMBER = r"((?:(?<!\w)-)?\d+(?:\.\d+)?)"  # "-3" is out of range, not a 3; "8-7" is 8 and 7
 _LABEL = re.compile(r"\b(?:assistant|answer|response)\s*#?\s*[12]\b", re.IGNORECASE)
 _OUT_OF = re.compile(r"\s*(?:/|out\s+of)\s*10(?:\.0+)?\b", re.IGNORECASE)
 _LABELLED = {k: re.compile(rf"\b(?:assistant|answer|response)\s*#?\s*{k}\b\D{{0,30}}?{_NUMBER}", re.IGNORECASE)

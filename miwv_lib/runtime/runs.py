@@ -112,12 +112,24 @@ def read_yaml_mapping(path: Path, shown: str | Path, error: type[Exception]) -> 
     """The settings in a YAML file; any problem is one ``error`` naming it as ``shown`` (the user's path)."""
     import yaml
 
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # YAML lets a later key win silently
+            seen = []
+            for key_node, _ in node.value:
+                if key_node.tag != "tag:yaml.org,2002:merge":
+                    if (key := self.construct_object(key_node, deep=deep)) in seen:
+                        raise error(f"{shown}, line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+                    seen.append(key)
+            return super().construct_mapping(node, deep)
+
     if not path.is_file():
         raise error(f"configuration file not found: {shown}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeys)  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise error(f"{shown}: not a valid YAML text file ({exc})") from None
+    if raw is None:  # all defaults would be a whole default run (the study's writes its committed report)
+        raise error(f"{shown}: holds no settings (empty, or comments only)")
     if not isinstance(raw, Mapping):
         raise error(f"{shown}: expected a mapping of settings, got {type(raw).__name__}")
     if found := unwritable(raw, json_types=True):  # settings are recorded in JSON manifests: standard JSON only

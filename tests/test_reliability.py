@@ -377,6 +377,12 @@ def test_score_refuses_data_that_is_a_file_its_own_run_writes(cli, tmp_path):
     assert digest(run) == before
 
 
+def test_score_without_data_scores_the_default_dataset(cli, tmp_path, shared_data_dir):
+    result = cli("score", "--data-dir", shared_data_dir, "--limit", "3", "--out", tmp_path / "run", *FAST)
+    assert result.rc == 0, result.stderr[-2000:]
+    assert len((tmp_path / "run" / "scores.jsonl").read_text().splitlines()) == 3
+
+
 def test_select_warns_when_no_manifest_can_vouch_for_the_scores(cli, base, tmp_path):
     (tmp_path / "lone").mkdir()
     shutil.copy(base["scores"], tmp_path / "lone" / "scores.jsonl")

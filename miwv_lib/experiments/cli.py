@@ -165,7 +165,7 @@ def run_score(args: argparse.Namespace) -> None:
     config = from_args(ScoreConfig, args)
     if (out := Path(args.out)).exists() and not out.is_dir():
         raise DataError("--out must be a run directory, but this is a file", source=str(out))
-    if is_run_file(args.data, out):
+    if args.data and is_run_file(args.data, out):  # no --data: the default dataset
         raise DataError(f"--data is a file the run in {out} writes; refusing to overwrite an input", source=args.data)
     check_embedder(config.embedder)  # before the scoring model loads, not after
     # One scoring process per run directory (rank 0 only under torchrun: the ranks share it on purpose).

@@ -6,6 +6,7 @@ Everything here is fast: only the failure test starts a kernel (one notebook tha
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -84,6 +85,29 @@ def test_load_config_validates(tmp_path):
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(PipelineError, match="mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(("parameters", "notebooks", "says"), [
+    ({"limit": "ten"}, {}, "limit (a parameter of 01_data): expected int, got 'ten'"),
+    ({"ratios": [0.05, 1.5]}, {}, "ratios (a parameter of 03_selection): item 1: expected a number < 1"),
+    ({"methods": ["best"]}, {}, "methods (a parameter of 03_selection): item 0: expected one of miwv"),
+    ({}, {"02_miwv_scoring": {"batch_size": 0}}, "batch_size (a parameter of 02_miwv_scoring): expected a positive"),
+    ({}, {"04_finetune": {"max_length": "auto"}}, "max_length (a parameter of 04_finetune): expected an integer"),
+    ({}, {"05_evaluate": {"judges": ["gpt5"]}}, "judges (a parameter of 05_evaluate): item 0: unknown judge 'gpt5'"),
+])
+def test_a_parameter_of_the_wrong_type_or_range_is_refused_before_any_notebook_runs(parameters, notebooks, says):
+    """By the configuration field of the same name (the notebook builds that configuration from it), else by the
+    parameters cell's annotation: it used to fail inside the notebook, or run with the value skipped."""
+    config = load_config({"parameters": parameters, "notebooks": notebooks})
+    with pytest.raises(PipelineError, match=re.escape(says)):
+        plan_parameters(config, notebook_paths(), Path("run"))
+
+
+def test_a_parameter_that_its_configuration_allows_is_accepted():
+    config = load_config({"notebooks": {"02_miwv_scoring": {"max_length": "auto"}, "03_selection": {"focus_ratio": None},
+                                        "04_finetune": {"learning_rate": 1e-4, "epochs": 1}}})
+    plan = plan_parameters(config, notebook_paths(), Path("run"))
+    assert plan["02_miwv_scoring"]["max_length"] == "auto" and plan["04_finetune"]["epochs"] == 1
 
 
 def test_parse_overrides_reads_yaml_values():

@@ -14,13 +14,14 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 from ..runtime.io import atomic_open, write_json
 from ..runtime.runs import now, read_yaml_mapping
+from ..runtime.schema import each, field_problem
 
 CONFIG_KEYS = ("description", "run_dir", "parameters", "notebooks")
 
@@ -156,12 +157,48 @@ def plan_parameters(config: Mapping, notebooks: Sequence[Path], run_dir: Path) -
             raise PipelineError(f"{where}notebook {stem} declares no parameter {undeclared}; "
                                 f"it declares {sorted(names)}", notebook=stem)
         params = {k: v for k, v in config["parameters"].items() if k in names} | own
+        for name, value in params.items():
+            if problem := parameter_problem(stem, name, value, names[name]["inferred_type_name"]):
+                raise PipelineError(f"{where}{name} (a parameter of {stem}): {problem}", notebook=stem)
         if "config" in names and "config" not in params and config.get("path"):
             params["config"] = config["path"]
         if "run_dir" in names:
             params["run_dir"] = str(run_dir)
         plan[stem] = params
     return plan
+
+
+def _type_problem(annotation: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for a parameters cell's annotation (``int``, ``Optional[str]``, ``list[float]``)."""
+    optional = annotation.startswith("Optional[")
+    kind = annotation[len("Optional["):-1] if optional else annotation
+    if value is None:
+        return None if optional else f"expected {kind}, got null"
+    if kind.startswith("list[") and isinstance(value, list):
+        return next((f"item {i}: {p}" for i, v in enumerate(value) if (p := _type_problem(kind[5:-1], v))), None)
+    fits = {"str": str, "int": int, "float": (int, float), "bool": bool, "list[": list}
+    wanted = next((t for k, t in fits.items() if kind.startswith(k)), None)
+    if wanted is None or (isinstance(value, wanted) and (kind == "bool" or not isinstance(value, bool))):
+        return None
+    return f"expected {kind}, got {value!r}"
+
+
+def parameter_problem(notebook: str, name: str, value: Any, annotation: str) -> str | None:
+    """A notebook parameter checked by the rule of the configuration field of that name (the notebook builds that
+    configuration from it), or else by its annotation in the parameters cell: before any notebook runs."""
+    from .generate import GenerateConfig
+    from .judges import judge_rule
+    from .score import ScoreConfig
+    from .select import method_rule, ratio_rule
+    from .train import TrainConfig
+
+    schema = {"02_miwv_scoring": ScoreConfig, "04_finetune": TrainConfig, "05_evaluate": GenerateConfig}
+    fields_ = {f.name: f for f in fields(schema[notebook])} if notebook in schema else {}
+    rules = {"ratios": each(ratio_rule), "train_ratio": ratio_rule, "judges": each(judge_rule),
+             "methods": each(method_rule), "train_methods": each(method_rule)}
+    if name in fields_:
+        return field_problem(fields_[name], value)
+    return _type_problem(annotation, value) or (rules[name](value) if name in rules else None)
 
 
 @dataclass

@@ -7,8 +7,16 @@ import warnings
 from pathlib import Path
 
 from ..data.datasets import InstructionPool
-from ..method.selection import RANKED_BY, SelectionError, is_finite_number
+from ..method.selection import RANKED_BY, SELECTION_METHODS, SelectionError, is_finite_number
 from ..runtime.io import file_sha256, write_checksum, write_json, write_jsonl
+from ..runtime.schema import number
+
+ratio_rule = number(0, 1, above=True, below=True)  # a subset's share of the pool, in settings (--ratio takes 1 too)
+
+
+def method_rule(method: object) -> str | None:
+    return None if method in SELECTION_METHODS else f"expected one of {', '.join(SELECTION_METHODS)}, got {method!r}"
+
 
 # The fields selection reads, and what 'score' writes in them: anything else was not written by 'score'.
 _FIELDS = [("index", "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from ..data.datasets import DEFAULT_DATASET, InstructionPool, load_instructions
-from ..method.selection import BASELINE, SELECTION_METHODS, Arm, plan_arms, select_arms
+from ..method.selection import BASELINE, Arm, plan_arms, select_arms
 from ..runtime.io import atomic_open, read_jsonl, write_jsonl
 from ..runtime.runs import now, read_yaml_mapping
-from ..runtime.schema import check, each, integer, mapping, number, setting, text
+from ..runtime.schema import check, each, integer, mapping, setting, text
 from .engine import ExperimentError, answer_arms, export_arms, is_trained, train_arms, write_selections
 from .evaluate import compare_generations, load_test_pools, test_set_label
 from .generate import GenerateConfig, generation_records, write_generations
@@ -27,7 +27,7 @@ from .judges import judge_rule
 from .pipeline import repo_root, resolve_data_source, resolve_path, user_path
 from .report import write_study_report
 from .score import ScoreConfig, score_pool
-from .select import load_checked_scores
+from .select import load_checked_scores, method_rule, ratio_rule
 from .train import TrainConfig
 
 STAGES = ("score", "select", "train", "generate", "judge", "report")
@@ -43,10 +43,8 @@ class StudyConfig:
     limit: int | None = setting(None, rule=integer(2, optional=True))  # first N rows only (smoke runs)
     run_dir: str = setting("runs/small_scale", rule=text())  # scores, models, generations: large, not committed
     results_dir: str = setting("results/small_scale", rule=text())  # REPORT.md, tables, figures: committed
-    ratios: list[float] = setting(default_factory=lambda: [0.05, 0.10], rule=each(number(0, 1, above=True, below=True)))
-    methods: list[str] = setting(default_factory=lambda: ["miwv", "ifd", "low-miwv", "random"],
-                                 rule=each(lambda m: None if m in SELECTION_METHODS else
-                                           f"expected one of {', '.join(SELECTION_METHODS)}, got {m!r}"))
+    ratios: list[float] = setting(default_factory=lambda: [0.05, 0.10], rule=each(ratio_rule))
+    methods: list[str] = setting(default_factory=lambda: ["miwv", "ifd", "low-miwv", "random"], rule=each(method_rule))
     random_seeds: list[int] = setting(default_factory=lambda: [0, 1, 2], rule=each(integer(0), nonempty=False))
     test_sets: dict[str, int | None] = setting(default_factory=lambda: {"alpaca_eval_gpt4": 200, "sinstruct": None},
                                                rule=mapping(text(), integer(1, optional=True), nonempty=True))

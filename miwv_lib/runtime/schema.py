@@ -25,11 +25,11 @@ def setting(default: Any = MISSING, *, help: str = "", rule: Rule | None = None,
 def check(config: Any) -> None:
     """Each field of ``config`` against its rule; the first wrong one is a ValueError naming the field."""
     for f in fields(config):
-        if problem := _problem(f, getattr(config, f.name)):
+        if problem := field_problem(f, getattr(config, f.name)):
             raise ValueError(f"{f.name}: {problem}")
 
 
-def _problem(f: Field, value: Any) -> str | None:
+def field_problem(f: Field, value: Any) -> str | None:
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         return f"expected one of {', '.join(map(str, choices))}; got {value!r}"
@@ -120,7 +120,7 @@ def _flag_type(f: Field, default: Any) -> Callable[[str], Any]:
         except ValueError:
             kind = {int: "an integer", float: "a number"}.get(parse, getattr(parse, "kind", "a value"))
             raise argparse.ArgumentTypeError(f"expected {kind}, got {raw!r}") from None
-        if not f.metadata["choices"] and (problem := _problem(f, value)):
+        if not f.metadata["choices"] and (problem := field_problem(f, value)):
             raise argparse.ArgumentTypeError(problem)
         return value
 

@@ -98,6 +98,20 @@ def test_jsonl_corrupt_line_names_row_and_line(tmp_path):
     assert err.row == 2 and err.line == 3
 
 
+def test_a_key_given_twice_is_an_error_not_its_last_value(tmp_path):
+    first = json.dumps(ALPACA_ROWS[0])
+    path = tmp_path / "twice.json"
+    path.write_text(f'[{first}, {{"instruction": "a", "output": "kept?", "output": "or this?"}}]', encoding="utf-8")
+    err = expect_error(path, "twice.json, row 1, field 'output'", "given twice")
+    assert (err.row, err.field) == (1, "output")
+    nested = tmp_path / "chat.jsonl"
+    turns = '[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "content": "b"}]'
+    nested.write_text(f'{{"messages": {turns}}}\n', encoding="utf-8")
+    expect_error(nested, "chat.jsonl, row 0 (line 1), field 'messages[1].content'", "given twice")
+    write_json(same := tmp_path / "same.json", ALPACA_ROWS)  # a key repeated across records is fine
+    assert len(load_instructions(same)) == 3
+
+
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 def test_non_utf8_bytes_name_the_byte_offset(tmp_path, suffix):
     good = json.dumps(ALPACA_ROWS[0]).encode()
@@ -639,6 +653,15 @@ def test_load_test_set_sample_is_deterministic(tmp_path):
     assert load_test_set("vicuna", data_dir=root, sample=100).ids == full.ids
     with pytest.raises(DataError, match="sample"):
         load_test_set("vicuna", data_dir=root, sample=0)
+
+
+def test_a_test_set_of_prompts_needs_no_output_but_a_training_pool_does(tmp_path):
+    path = write_jsonl(tmp_path / "prompts.jsonl", [{"id": "a", "instruction": "Say hi."},
+                                                    {"id": "b", "instruction": "Say bye.", "input": "now"}])
+    prompts = load_test_set(path)
+    assert [(r["instruction"], r["input"], r["output"]) for r in prompts.rows] == [("Say hi.", "", ""),
+                                                                                  ("Say bye.", "now", "")]
+    expect_error(path, "prompts.jsonl, row 0 (line 1), field 'output': missing required field")
 
 
 EXPECTED_ROWS = {

@@ -196,6 +196,11 @@ def test_cli_errors_name_the_problem(tmp_path):
     nested.write_text(SMOKE.read_text().replace("train: {", "train: {epoch: 3, "))
     result = run_cli("--config", str(nested), "--run-dir", str(tmp_path / "r2"))
     assert result.returncode == 2 and "train" in result.stderr and "epoch" in result.stderr
+    missing = tmp_path / "missing_test_set.yaml"  # found before scoring and training, not at the generate stage
+    missing.write_text(SMOKE.read_text().replace("smoke_test_prompts.jsonl", "no_such_prompts.jsonl"))
+    result = run_cli("--config", str(missing), "--run-dir", str(tmp_path / "r3"), "--results-dir", str(tmp_path / "x"))
+    assert result.returncode == 2 and "no_such_prompts.jsonl: file not found" in result.stderr
+    assert "[study] score" not in result.stdout and not (tmp_path / "r3" / "scores").exists()
 
 
 def test_unknown_model_names_are_refused(study_dirs):

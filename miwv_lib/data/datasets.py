@@ -159,10 +159,38 @@ def _read_text(path: Path, label: str, *, line_based: bool) -> str:
     return text.removeprefix("\ufeff")  # a BOM is an encoding artefact, not content; json.loads rejects it
 
 
+class _Twice(dict):
+    """A JSON object that gave ``key`` more than once: ``json.loads`` would keep its last value without a word."""
+
+    key: str
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict:
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        obj = _Twice(obj)
+        obj.key = next(key for key, _ in pairs if key in seen or seen.add(key))
+    return obj
+
+
+def _given_twice(value: Any, path: str = "") -> str | None:
+    """The path of the first key given twice in a JSON object within ``value``."""
+    if isinstance(value, _Twice):
+        return f"{path}.{value.key}" if path else value.key
+    if isinstance(value, dict):
+        children = ((f"{path}.{key}" if path else str(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        children = ((f"{path}[{i}]", item) for i, item in enumerate(value))
+    else:
+        return None
+    return next(filter(None, (_given_twice(item, where) for where, item in children)), None)
+
+
 def _parse_json(text: str, label: str, row: int | None = None, line: int | None = None) -> Any:
     """``json.loads`` of a whole .json file, or of the JSON Lines record at ``row`` on ``line``."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_json_object)
     except json.JSONDecodeError as exc:
         if line is not None:
             raise DataError(f"not valid JSON: {exc.msg} at column {exc.colno}", source=label, row=row,
@@ -297,7 +325,8 @@ def _flat(instruction_key: str, output_key: str | None, rec: Mapping, fail: _Fai
     """A schema whose fields are top-level strings; a key of None: the field is absent."""
     return _Normalised(_text(rec, instruction_key, fail, nonblank=True),
                        _text(rec, "input", fail, required=False) if with_input else "",
-                       _text(rec, output_key, fail, nonblank=require_output) if output_key else "",
+                       _text(rec, output_key, fail, required=require_output, nonblank=require_output)
+                       if output_key else "",
                        _text(rec, reference, fail) if reference else None)
 
 
@@ -452,6 +481,9 @@ def _build_pool(raws: list[_RawFile], *, source: str, file_format: str, require_
         # Infinity, an unpaired surrogate) is refused here, not when a subset is written later.
         if found := unwritable(rec):
             raise fail(found[1], field=found[0] or None)
+        if twice := _given_twice(rec):
+            raise fail("this key is given twice in the record, and only one value can be meant: keep one",
+                       field=twice)
         norm = _SCHEMAS[schema][1](rec, fail, require_output)
         rows.append({"id": _record_id(rec, schema, norm, fail), "instruction": norm.instruction,
                      "input": norm.input, "output": norm.output})

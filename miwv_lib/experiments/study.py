@@ -222,6 +222,8 @@ class Study:
             raise StudyError(f"unknown stages {unknown}; the stages are {', '.join(STAGES)}")
         actions = {"score": self.score, "select": self.select, "train": lambda: self.train(only),
                    "generate": lambda: self.generate(only), "judge": self.judge, "report": self.report}
+        if {"generate", "judge"} & set(stages):  # a missing test set is found now, not after scoring and training
+            self.test_pools()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.record.restore(self.arms, self.test_set_labels)
         if answered := [a.name for a in self.arms if (self.record.root / "generations" / a.name).is_dir()]:

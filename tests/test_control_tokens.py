@@ -51,7 +51,7 @@ def test_training_labels_and_generation_prompts_keep_control_strings_as_text(tin
     from miwv_lib.experiments.train import build_features
 
     row = {"instruction": "Say </s> twice", "input": "", "output": "</s> </s>"}
-    [feature] = build_features([row], tiny.tokenizer, "alpaca", 256)
+    [feature], _ = build_features([row], tiny.tokenizer, "alpaca", 256)
     eos = tiny.tokenizer.eos_token_id
     assert feature["input_ids"].count(eos) == 1 and feature["input_ids"][-1] == eos  # only the real end
     [prompt] = prompt_token_ids([row], tiny.tokenizer)

@@ -224,3 +224,36 @@ def test_a_test_set_whose_prompts_share_an_id_is_refused(tmp_path):
     rows[1]["instruction"] = rows[0]["instruction"]  # the same prompt twice: the same answer either way
     (tmp_path / "same.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
     assert len(load_test_set(str(tmp_path / "same.jsonl"))) == 2
+
+
+def test_reference_nlls_follow_edits_of_the_test_files_prompts_and_references(tmp_path, tiny):
+    """Cached reference NLLs were once reused after a prompt was edited (their key left the prompts out), and cached
+    answers kept the references they were generated beside: both judged against a test file that is no more."""
+    from miwv_lib.experiments.evaluate import generate_for_model, load_test_pools
+    from miwv_lib.experiments.generate import GenerateConfig
+
+    rows = [{"id": f"q{i}", "instruction": f"Question {i}?", "output": f"Reference answer {i}.", "generator": "gpt4",
+             "dataset": "mine"} for i in range(2)]
+
+    def judged(out: str) -> list[tuple]:
+        (tmp_path / "mine.json").write_text(json.dumps(rows))
+        records = generate_for_model(tiny, "m", load_test_pools([str(tmp_path / "mine.json")]), tmp_path / out,
+                                     GenerateConfig(max_new_tokens=2, progress=False), nll_max_length=64)
+        return [(r["instruction"], r["reference"], round(r["reference_nll"], 6)) for r in records]
+
+    judged("cached")
+    rows[0]["instruction"] = "Which planet of the solar system is the largest, and by how much?"
+    assert judged("cached") == judged("fresh_prompt")
+    rows[1]["output"] = "A corrected, much longer reference answer to the second question."
+    assert judged("cached") == judged("fresh_reference")
+
+
+def test_a_winning_score_is_rounded_once_in_its_table():
+    """54 wins and 353 losses of 452 prompts: 0.33850 (0.338 to 3 places), which rounded to 4 places first, as the
+    table once stored it, printed as 0.339."""
+    outcomes = [WIN] * 54 + [LOSS] * 353 + [TIE] * 45
+    records = [{"judge": "j", "model_a": "a", "model_b": "b", "dataset": "s", "id": str(i), "outcome": o,
+                "unparsed": False} for i, o in enumerate(outcomes)]
+    row = summarize(records, n_resamples=10)[-1]
+    assert row["winning_score"] == 1 + (54 - 353) / 452
+    assert "| 0.338 |" in table_markdown([row]) and "0.339" not in table_markdown([row])

@@ -11,6 +11,7 @@ from miwv_lib.experiments.generate import GenerateConfig, _left_padded, _until_s
 from miwv_lib.method.layouts import SpecialTokens
 from miwv_lib.data.prompts import encode_examples
 from miwv_lib.method.layouts import zero_shot_sequence
+from miwv_lib.runtime.io import write_json
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,46 @@ def test_generate_test_set_reuses_an_identical_run(tmp_path, talkative, monkeypa
     with pytest.raises(pytest.fail.Exception):  # another setting: generated again
         generate_test_set(talkative, pool, tmp_path / "gen", "alpaca_eval_gpt4",
                           GenerateConfig(max_new_tokens=4, progress=False), generator="m")
+
+
+def test_a_crash_before_the_meta_is_written_leaves_no_answers_to_reuse(tmp_path, talkative, monkeypatch):
+    """New answers renamed into place, then a crash before their meta: the old meta once vouched for them, so answers
+    of max_new_tokens 8 were reused as those of max_new_tokens 2."""
+    import miwv_lib.experiments.generate as generate_module
+
+    pool, short = _test_pool(tmp_path), GenerateConfig(max_new_tokens=2, progress=False)
+    first = generate_test_set(talkative, pool, tmp_path / "gen", "alpaca_eval_gpt4", short, generator="m")
+
+    def crash_at_the_meta(path, obj):
+        if str(path).endswith(".meta.json"):
+            raise KeyboardInterrupt("killed")
+        return write_json(path, obj)
+
+    monkeypatch.setattr(generate_module, "write_json", crash_at_the_meta)
+    with pytest.raises(KeyboardInterrupt):
+        generate_test_set(talkative, pool, tmp_path / "gen", "alpaca_eval_gpt4",
+                          GenerateConfig(max_new_tokens=8, progress=False), generator="m")
+    monkeypatch.undo()
+    on_disk = [json.loads(line) for line in (tmp_path / "gen" / "alpaca_eval_gpt4.jsonl").read_text().splitlines()]
+    assert [r["output"] for r in on_disk] != [r["output"] for r in first]  # the longer answers did land
+    assert generate_test_set(talkative, pool, tmp_path / "gen", "alpaca_eval_gpt4", short, generator="m") == first
+
+
+def test_cached_answers_carry_the_test_files_current_references(tmp_path, talkative, monkeypatch):
+    """Answers do not depend on the references, so they are reused after the references are corrected, but judged
+    against the corrected ones (they once kept the references they were generated beside)."""
+    import miwv_lib.experiments.generate as generate_module
+    from miwv_lib import load_instructions
+
+    settings = GenerateConfig(max_new_tokens=3, progress=False)
+    first = generate_test_set(talkative, _test_pool(tmp_path), tmp_path / "gen", "alpaca_eval_gpt4", settings)
+    records = json.loads((tmp_path / "eval.json").read_text())
+    (tmp_path / "eval.json").write_text(json.dumps([{**r, "output": f"Corrected {i}."} for i, r in enumerate(records)]))
+    monkeypatch.setattr(generate_module, "generate", lambda *a, **k: pytest.fail("should have been cached"))
+    pool = load_instructions(str(tmp_path / "eval.json"), require_output=False)
+    again = generate_test_set(talkative, pool, tmp_path / "gen", "alpaca_eval_gpt4", settings)
+    assert [r["output"] for r in again] == [r["output"] for r in first]
+    assert [r["reference"] for r in again] == ["Corrected 0.", "Corrected 1.", "Corrected 2."]
 
 
 @pytest.mark.slow

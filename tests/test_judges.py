@@ -37,6 +37,26 @@ def test_parse_malformed_reviews(text):
     assert parse_review(text) is None
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Scores (1-10):\n8 7", (8, 7)),  # a header with the scale, not the scores
+    ("On a scale of 1 to 10:\nAssistant 1: 8\nAssistant 2: 7", (8, 7)),
+    ("Both answers are rated on a scale from 1 to 10.\n8 6\nAssistant 1 is clearer.", (8, 6)),
+    ("Assistant 1: 8 (it covers all 3 points)\nAssistant 2: 6", (8, 6)),  # the 3 is no score
+    ("Assistant 1 gave 3 examples, Assistant 2 gave 5.\nAssistant 1: 8\nAssistant 2: 6", (8, 6)),
+    ("Assistant 1 (1-10): 9, Assistant 2 (1-10): 4\nAssistant 2 misread it.", (9, 4)),
+])
+def test_parse_ignores_the_scale_and_numbers_that_are_not_scores(text, expected):
+    assert parse_review(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "Assistant 1 gave 3 examples and Assistant 2 gave 5; both are fine.",  # counts, not scores
+    "Assistant 1 is better than Assistant 2.\nAssistant 2: 6",  # no score for Assistant 1 (not the 2 of a label)
+])
+def test_parse_refuses_numbers_that_are_not_scores(text):
+    assert parse_review(text) is None
+
+
 def test_review_prompt_is_the_cherry_prompt():
     text = review_prompt("What is 2+2?", "4", "5")
     assert text.startswith("[Question]\nWhat is 2+2?\n\n[The Start of Assistant 1's Answer]\n4\n\n"
@@ -147,13 +167,38 @@ def test_openai_compatible_backend_against_a_local_server(chat_server, monkeypat
     _ChatHandler.failures_left = 1  # one 503 first: the client retries
     reviews = run_judge(judge, [_request()])
     assert (reviews[0].score_1, reviews[0].score_2) == (9, 4)
-    assert judge.id == "llm:openai-compatible:judge-model"
+    assert judge.id == f"llm:openai-compatible:judge-model@{chat_server.split('://')[1]}"
     last = _ChatHandler.seen[-1]
     assert len(_ChatHandler.seen) == 2 and last["path"] == "/v1/chat/completions"
     assert last["auth"] == "Bearer secret-123"
     assert last["body"]["model"] == "judge-model" and last["body"]["temperature"] == 0.0
     assert [m["role"] for m in last["body"]["messages"]] == ["system", "user"]
     assert last["body"]["messages"][1]["content"].startswith("[Question]\nWhy is the sky blue?")
+
+
+def test_openai_judge_id_names_the_endpoint_and_settings():
+    def judge_id(**kwargs):
+        return OpenAIChatBackend("local", api_key_env=None, **kwargs).id
+
+    assert judge_id() == judge_id(base_url="https://api.openai.com/v1/") == "openai-compatible:local"  # as before
+    assert judge_id(base_url="http://server-a:8000/v1") == "openai-compatible:local@server-a:8000/v1"
+    assert judge_id(base_url="http://user:secret@server-b:8000/v1/") == "openai-compatible:local@server-b:8000/v1"
+    assert judge_id(temperature=0.7, max_tokens=64) == "openai-compatible:local (temperature=0.7, max_tokens=64)"
+
+
+def test_two_servers_serving_one_model_name_do_not_share_cached_reviews(tmp_path):
+    def judge(base_url, replies):
+        backend = OpenAIChatBackend("local", base_url=base_url, api_key_env=None)
+        scripted = _ScriptedBackend(replies)
+        backend.complete = scripted.complete
+        return LLMJudge(backend), scripted
+
+    judge_a, backend_a = judge("http://server-a:8000/v1", ["9 2"])
+    judge_b, backend_b = judge("http://server-b:8000/v1", ["1 9"])
+    [review_a] = run_judge(judge_a, [_request()], JudgementCache(tmp_path / "cache.jsonl"))
+    [review_b] = run_judge(judge_b, [_request()], JudgementCache(tmp_path / "cache.jsonl"))
+    assert backend_b.calls == 1 and not review_b.cached and (review_b.score_1, review_b.score_2) == (1, 9)
+    assert (review_a.score_1, review_a.score_2) == (9, 2) and judge_a.id != judge_b.id
 
 
 def test_openai_backend_needs_its_key(monkeypatch):

@@ -1,5 +1,7 @@
 """Model loading: built-in GGUF defaults, local directories, errors, dtype/device choice; prompts."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -44,6 +46,21 @@ def test_local_directory_loads_in_requested_dtype(tiny_model_dir):
     model, tokenizer = loaded  # unpacks like a (model, tokenizer) pair
     assert tokenizer.pad_token_id is not None
     assert loaded.identity.startswith("dir:")
+
+
+def test_a_local_model_s_identity_follows_its_weights_not_their_sizes(tiny_model_dir, tmp_path):
+    """Weights trained again into the same folder keep their file sizes; the scores of the old ones must not be
+    reused for them. A copy of the same files is the same model."""
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    identity = models._locate(str(copy))[1]
+    assert identity == models._locate(str(tiny_model_dir))[1].replace(tiny_model_dir.name, "model")
+    [weights] = copy.glob("*.safetensors")
+    size, tensors = weights.stat().st_size, load_file(weights)
+    save_file({name: t + 1e-3 if t.is_floating_point() else t for name, t in tensors.items()}, weights,
+              metadata={"format": "pt"})
+    assert weights.stat().st_size == size and models._locate(str(copy))[1] != identity
 
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])

@@ -10,7 +10,7 @@ import miwv_lib.experiments.score as scoring
 from conftest import make_rows
 from miwv_lib.data.datasets import load_instructions
 from miwv_lib.runtime.io import read_jsonl
-from miwv_lib.runtime.runs import FingerprintMismatch, PartialResults
+from miwv_lib.runtime.runs import FingerprintMismatch, PartialResults, RunDirectoryBusy, run_lock
 from miwv_lib.experiments.score import ScoreConfig, score_pool
 
 REQUIRED_FIELDS = {"index", "id", "neighbor_index", "neighbor_similarity", "zero_shot_loss", "one_shot_loss",
@@ -96,6 +96,14 @@ def test_a_finished_run_is_not_recomputed(tiny, pool, tmp_path, monkeypatch):
     assert score_pool(pool, tmp_path / "run", _config(), loaded=tiny) == first
 
 
+def test_score_pool_itself_locks_its_run_directory(tiny, pool, tmp_path):
+    """Notebook 02, the study and Python call score_pool, not the CLI: two runs must not merge each other's rows."""
+    with run_lock(tmp_path / "run"), pytest.raises(RunDirectoryBusy, match="another process"):
+        score_pool(pool, tmp_path / "run", _config(), loaded=tiny)
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    assert len(score_pool(pool, tmp_path / "run", _config(), loaded=tiny)) == len(pool)  # released: free again
+
+
 def test_run_directory_refuses_another_configuration(tiny, pool, tmp_path):
     score_pool(pool, tmp_path / "run", _config(), loaded=tiny)
     with pytest.raises(FingerprintMismatch, match="max_length: 128 -> 64"):
@@ -115,3 +123,20 @@ def test_batch_size_is_not_part_of_the_fingerprint(tiny, pool, tmp_path):
 def test_ifd_is_optional(tiny, pool, tmp_path):
     scores = score_pool(pool, tmp_path / "run", _config(compute_ifd=False), loaded=tiny)
     assert all(s["ifd"] is None and (s["miwv"] is not None) == (s["status"] == "ok") for s in scores)
+
+
+def test_training_another_model_or_template_than_the_scores_had_is_warned(tiny, pool, tmp_path):
+    import warnings
+
+    from miwv_lib.experiments.engine import warn_if_scored_otherwise
+    from miwv_lib.experiments.train import TrainConfig
+
+    score_pool(pool, tmp_path / "run", _config(model="tiny-random", template="plain"), loaded=tiny)
+    scores = tmp_path / "run" / "scores.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_scored_otherwise(scores, TrainConfig(model="tiny-random", template="plain"))  # as scored: silent
+    with pytest.warns(UserWarning, match=r"scored with template 'plain' \(training: 'alpaca'\)"):
+        warn_if_scored_otherwise(scores, TrainConfig(model="tiny-random", template="alpaca"))
+    with pytest.warns(UserWarning, match=r"model 'tiny-random' \(training: 'gemma-3-270m'\) and template"):
+        warn_if_scored_otherwise(scores, TrainConfig(template="alpaca"))

@@ -203,6 +203,27 @@ def test_cli_errors_name_the_problem(tmp_path):
     assert "[study] score" not in result.stdout and not (tmp_path / "r3" / "scores").exists()
 
 
+def test_a_changed_setting_names_the_change_and_a_way_out_the_study_has(study_dirs, tmp_path):
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(SMOKE.read_text().replace("max_length: 256, dtype: float32", "max_length: 200, dtype: float32"))
+    result = run_cli("--config", str(changed), *study_dirs["common"][2:], "--stages", "score")
+    assert result.returncode == 2 and "(max_length: 256 -> 200)" in result.stderr
+    assert "a --results-dir of its own" in result.stderr and "--overwrite" not in result.stderr  # study has none
+
+
+def test_a_report_of_files_made_with_other_settings_says_so(study_dirs, tmp_path):
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(SMOKE.read_text().replace("max_steps: 2,", "max_steps: 3,").replace("dtype: float32",
+                                                                                           "dtype: bfloat16"))
+    result = run_cli("--config", str(changed), "--run-dir", str(study_dirs["run"]), "--results-dir",
+                     str(tmp_path / "results"), "--stages", "report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "results" / "REPORT.md").read_text(encoding="utf-8")
+    assert "**Status: incomplete" in report and "Status: complete" not in report
+    assert "score.dtype: 'float32' in the files, 'bfloat16' here" in report
+    assert "train.max_steps: 2 in the files, 3 here" in report
+
+
 def test_unknown_model_names_are_refused(study_dirs):
     result = run_cli(*study_dirs["common"], "--stages", "train", "--models", "miwv_7pct")
     assert result.returncode == 2 and "miwv_7pct" in result.stderr and "miwv_10pct" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -29,18 +30,36 @@ def _config(tiny_model_dir, **overrides) -> TrainConfig:
 def test_labels_are_exactly_the_scored_tokens(tiny):
     rows = make_rows(6)
     special = SpecialTokens.from_tokenizer(tiny.tokenizer)
-    for max_length in (512, 24):  # 24 forces the scorer's truncation
-        features = build_features(rows, tiny.tokenizer, "alpaca", max_length)
-        for feature, example in zip(features, encode_examples(rows, tiny.tokenizer)):
-            sequence, _ = zero_shot_sequence(example, special, max_length)
-            assert feature["input_ids"] == list(sequence.input_ids)
-            n_context = len(sequence.input_ids) - sequence.n_targets
-            assert feature["labels"][:n_context] == [IGNORE_INDEX] * n_context
-            assert feature["labels"][n_context:] == list(sequence.input_ids[n_context:])
-            if max_length == 512:  # uncut: exactly response + EOS (a cut response loses its end, as when scored)
-                assert feature["labels"][n_context:] == [*example.response, special.eos]
-            else:
-                assert len(feature["input_ids"]) <= max_length
+    features, cut = build_features(rows, tiny.tokenizer, "alpaca", 512)
+    assert cut == {"response": 0, "prompt": 0}
+    for feature, example in zip(features, encode_examples(rows, tiny.tokenizer)):
+        sequence, _ = zero_shot_sequence(example, special, 512)  # uncut: the scorer's zero-shot pass
+        assert feature["input_ids"] == list(sequence.input_ids)
+        n_context = len(sequence.input_ids) - sequence.n_targets
+        assert feature["labels"] == [IGNORE_INDEX] * n_context + [*example.response, special.eos]
+
+
+def test_a_long_row_is_trained_with_its_whole_prompt_and_its_response_cut(tiny):
+    """Alpaca's recipe: the scorer keeps the whole response and trims the prompt, but training on a response to an
+    instruction cut out of view would teach answers without questions."""
+    rows = make_rows(6)
+    special = SpecialTokens.from_tokenizer(tiny.tokenizer)
+    examples = encode_examples(rows, tiny.tokenizer)
+    longest_prompt = max(len(e.prompt) for e in examples)
+    max_length = longest_prompt + 1 + 3  # BOS, the longest prompt and 3 response tokens
+    features, cut = build_features(rows, tiny.tokenizer, "alpaca", max_length)
+    assert cut["prompt"] == 0 and cut["response"] == sum(len(e.response) + 1 > max_length - 1 - len(e.prompt)
+                                                        for e in examples) > 0
+    for feature, example in zip(features, examples):
+        n_context = 1 + len(example.prompt)
+        kept = min(len(example.response) + 1, max_length - n_context)
+        assert feature["input_ids"] == [special.bos, *example.prompt, *[*example.response, special.eos][:kept]]
+        assert feature["labels"] == [IGNORE_INDEX] * n_context + feature["input_ids"][n_context:]
+    features, cut = build_features(rows, tiny.tokenizer, "alpaca", 8)  # no room for any prompt: trimmed as scored
+    assert cut["prompt"] == len(rows)
+    for feature, example in zip(features, examples):
+        assert feature["input_ids"] == [special.bos, *example.prompt[-6:], example.response[0]]
+        assert feature["labels"][-1] == example.response[0] and feature["labels"][:-1] == [IGNORE_INDEX] * 7
 
 
 def test_training_loss_is_the_scorers_zero_shot_loss(tiny):
@@ -51,12 +70,12 @@ def test_training_loss_is_the_scorers_zero_shot_loss(tiny):
     scored = sequence_losses(tiny.model, sequences, tiny.tokenizer.pad_token_id)
     collate = _right_padding_collator(tiny.tokenizer)
     with torch.no_grad():
-        for feature, expected in zip(build_features(rows, tiny.tokenizer, "alpaca", 512), scored):
+        for feature, expected in zip(build_features(rows, tiny.tokenizer, "alpaca", 512)[0], scored):
             assert tiny.model(**collate([feature])).loss.item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_collator_pads_right_and_masks_padding(tiny):
-    features = build_features(make_rows(3), tiny.tokenizer, "alpaca", 512)
+    features, _ = build_features(make_rows(3), tiny.tokenizer, "alpaca", 512)
     side = tiny.tokenizer.padding_side
     batch = _right_padding_collator(tiny.tokenizer)(features)
     assert tiny.tokenizer.padding_side == side  # the caller's tokenizer is untouched
@@ -112,8 +131,14 @@ def test_trained_run_is_skipped_and_a_different_one_refused(tmp_path, tiny_model
     first = train_model(rows, tmp_path / "run", _config(tiny_model_dir, max_steps=1))
     again = train_model(rows, tmp_path / "run", _config(tiny_model_dir, max_steps=1, progress=True))
     assert again.skipped and again.fingerprint == first.fingerprint and again.train_loss == first.train_loss
-    with pytest.raises(FingerprintMismatch, match="learning_rate"):
+    with pytest.raises(FingerprintMismatch, match=r"\(config\.learning_rate: 0\.0002 -> 0\.001\)"):
         train_model(rows, tmp_path / "run", _config(tiny_model_dir, max_steps=1, learning_rate=1e-3))
+    # Rows cut at max_length enter the fingerprint (they were cut another way before), uncut ones leave it as it was
+    train_model(rows, tmp_path / "cut", _config(tiny_model_dir, max_steps=1, max_length=24))
+    cut = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert cut["rows_cut"]["response"] > 0 and cut["fingerprint_inputs"]["rows_cut"] == cut["rows_cut"]
+    uncut = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert uncut["rows_cut"] == {"response": 0, "prompt": 0} and "rows_cut" not in uncut["fingerprint_inputs"]
 
 
 def test_bf16_training_on_cpu(tmp_path, tiny_model_dir):
@@ -131,6 +156,21 @@ def test_full_fine_tuning(tmp_path, tiny_model_dir):
     assert (tmp_path / "run" / "model" / "config.json").exists() and result.model_dir.name == "model"
     trained = load_trained(tmp_path / "run", dtype="float32", device="cpu")
     assert "+full:" in trained.identity
+
+
+def test_an_adapter_is_not_loaded_onto_base_weights_that_changed(tmp_path, tiny_model_dir):
+    from safetensors.torch import save_file
+
+    from miwv_lib.data.models import ModelLoadError
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    train_model(make_rows(4), tmp_path / "run", _config(base, max_steps=1))
+    assert load_trained(tmp_path / "run", device="cpu").identity.startswith("dir:base:")
+    [weights] = base.glob("*.safetensors")  # trained again into the same folder: same names, same sizes
+    save_file({k: t * 0.5 if t.is_floating_point() else t for k, t in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="was trained on dir:base:.*train it again"):
+        load_trained(tmp_path / "run", device="cpu")
 
 
 def test_train_arms_trains_each_subset_once(tmp_path, tiny_model_dir):
@@ -220,7 +260,7 @@ def test_response_only_loss_is_hf_loss_with_its_gradients(tmp_path, tiny, tiny_m
                                                                                str(tmp_path)))
     assert trainer.model_accepts_loss_kwargs and trainer.loss_is_scaled_for_ga is None
     model = trainer.accelerator.prepare_model(model)  # as in train(): under bf16, forward autocasts
-    batch = _right_padding_collator(tiny.tokenizer)(build_features(make_rows(5, seed=4), tiny.tokenizer, "alpaca", 512))
+    batch = _right_padding_collator(tiny.tokenizer)(build_features(make_rows(5, seed=4), tiny.tokenizer, "alpaca", 512)[0])
     lengths = batch["attention_mask"].sum(1)
     assert lengths.min() < lengths.max()  # the batch is padded
     n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

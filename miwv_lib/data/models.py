@@ -4,6 +4,7 @@ its sha256, so later loads take about a second, and the built-ins need no hub (t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -18,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..runtime.io import file_sha256, stable_hash
+from ..runtime.io import atomic_open, file_sha256, stable_hash
 
 DEFAULT_MODEL = "gemma-3-270m"
 CACHE_ENV = "MIWV_CACHE_DIR"
@@ -167,13 +168,31 @@ def _locate(name_or_path: str) -> tuple[str, str]:
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is not a model directory (no config.json)")
-        weights = sorted(p.name + ":" + str(p.stat().st_size) for p in path.glob("*.safetensors"))
-        return str(path.resolve()), f"dir:{path.resolve().name}:{stable_hash(weights, 8)}"
+        return str(path.resolve()), _directory_identity(path.resolve())
     # "models/gemma" next to an existing "models/" folder is a missing local path, not a hub id.
     if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")) or path.parent.is_dir():
         raise ModelLoadError(f"Model {name_or_path!r} is neither a built-in name ({', '.join(BUILTIN_MODELS)}), "
                              "a local directory, a .gguf file, nor a hub id of the form owner/name")
     return name_or_path, f"hub:{name_or_path}"
+
+
+def _directory_identity(path: Path) -> str:
+    """``dir:<name>:<hash>`` of the contents of the folder's files (weights, configuration, tokenizer): weights
+    trained again into the same folder, with the same shapes and sizes, are another model."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    return f"dir:{path.name}:{stable_hash([(p.name, _content_hash(p)) for p in files], 8)}"
+
+
+def _content_hash(path: Path) -> str:
+    """A file's sha256, remembered by (path, size, mtime): a 7B model's weights are read once, not at every load."""
+    stat = path.stat()
+    memo = cache_dir() / "hashes" / stable_hash([str(path), stat.st_size, stat.st_mtime_ns])
+    if memo.is_file():
+        return memo.read_text(encoding="utf-8")
+    digest = file_sha256(path)
+    with contextlib.suppress(OSError), atomic_open(memo) as handle:  # a read-only cache: hashed again next time
+        handle.write(digest)
+    return digest
 
 
 def _tokenizer_from(source: str) -> PreTrainedTokenizerBase:

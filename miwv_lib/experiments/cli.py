@@ -30,7 +30,7 @@ from ..method.selection import (
 from ..runtime.io import keep_interrupts
 from ..runtime.runs import FingerprintMismatch, RunDirectoryBusy, run_lock
 from ..runtime.schema import add_flags, from_args
-from .engine import run_comparison
+from .engine import run_comparison, warn_if_scored_otherwise
 from .evaluate import DEFAULT_TEST_SETS
 from .generate import GenerateConfig
 from .judges import OFFLINE_JUDGES, judge_rule, make_judge
@@ -168,9 +168,7 @@ def run_score(args: argparse.Namespace) -> None:
     if args.data and is_run_file(args.data, out):  # no --data: the default dataset
         raise DataError(f"--data is a file the run in {out} writes; refusing to overwrite an input", source=args.data)
     check_embedder(config.embedder)  # before the scoring model loads, not after
-    # One scoring process per run directory (rank 0 only under torchrun: the ranks share it on purpose).
-    with run_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
-        scores = score_pool(pool, out, config, overwrite=args.overwrite)
+    scores = score_pool(pool, out, config, overwrite=args.overwrite)  # it locks the run directory
     miwvs = sorted(s["miwv"] for s in scores if s["miwv"] is not None)
     summary = (f"MIWV min {miwvs[0]:+.3f}, median {miwvs[len(miwvs) // 2]:+.3f}, max {miwvs[-1]:+.3f}" if miwvs
                else "no finite MIWV")
@@ -252,6 +250,8 @@ def run_train(args: argparse.Namespace) -> None:
         scores = load_checked_scores(pool, args.scores)
         rows = [pool.rows[i] for i in select_indices(scores, args.ratio, by=args.by, seed=args.seed)]
     config = from_args(TrainConfig, args, prefix=TRAIN)
+    if args.scores:
+        warn_if_scored_otherwise(args.scores, config)
     _check_device(config.device)
     result = train_model(rows, args.out, config, overwrite=args.overwrite)
     state = ("already trained" if result.skipped

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +34,18 @@ SELECTIONS_FILE = "subsets/selections.json"
 
 class ExperimentError(ValueError):
     """A stage that cannot run yet (a model not trained, answers without weights), with what to do."""
+
+
+def warn_if_scored_otherwise(scores_path: str | Path, config: TrainConfig) -> None:
+    """MIWV ranks the weaknesses of the model that scored, in its template: say so when training uses another."""
+    try:
+        scored = json.loads((Path(scores_path).parent / "manifest.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no manifest: 'select' has already warned that only the ids can be checked
+    if differs := [f"{key} {scored[key]!r} (training: {getattr(config, key)!r})" for key in ("model", "template")
+                   if key in scored and scored[key] != getattr(config, key)]:
+        warnings.warn(f"{scores_path} was scored with {' and '.join(differs)}: a selection by MIWV then ranks the "
+                      "weaknesses of another model or prompt layout than the one trained", stacklevel=2)
 
 
 def write_selections(run_dir: Path, arms: Sequence[Arm], plan: dict[str, list[int]]) -> Path:
@@ -122,6 +135,7 @@ def run_comparison(run_dir: str | Path, pool: InstructionPool | str | Path, rati
     pool = pool if isinstance(pool, InstructionPool) else load_instructions(pool, data_dir=data_dir)
     scores = load_checked_scores(pool, run_dir / "scores.jsonl")
     train_config = train_config or TrainConfig()
+    warn_if_scored_otherwise(run_dir / "scores.jsonl", train_config)
     generate_config = generate_config or GenerateConfig(template=train_config.template)
     pools = load_test_pools(test_sets, sample, sample_seed, data_dir)  # a bad test set is an error before training
     arms = plan_arms([ratio], methods, [selection_seed])

@@ -115,7 +115,10 @@ def _with_reference_nll(rows: list[dict], path: Path, identity: str, template: s
     """``rows``, each with its reference NLL under the model, cached in ``path``; None if not cached and no model."""
     key = stable_hash({"model": identity, "ids": [r["id"] for r in rows], "refs": [r.get("reference") for r in rows],
                        "template": template, "max_length": max_length})
-    if path.exists() and (saved := json.loads(path.read_text(encoding="utf-8"))).get("key") == key:
+    # the prompts were left out of the key once: checked apart, so that NLLs cached (and committed) before stay valid
+    prompts = stable_hash([[r["instruction"], r.get("input", "")] for r in rows])
+    if path.exists() and (saved := json.loads(path.read_text(encoding="utf-8"))).get("key") == key \
+            and saved.get("prompts", prompts) == prompts:
         values = saved["reference_nll"]
     elif loaded is None:
         return None
@@ -124,7 +127,7 @@ def _with_reference_nll(rows: list[dict], path: Path, identity: str, template: s
         nll = iter(reference_nll(loaded, with_ref, [r["reference"] for r in with_ref], template, max_length)
                    if with_ref else [])
         values = [next(nll) if r.get("reference") else None for r in rows]
-        write_json(path, {"key": key, "reference_nll": values})
+        write_json(path, {"key": key, "prompts": prompts, "reference_nll": values})
     return [{**r, "reference_nll": v} for r, v in zip(rows, values)]
 
 
@@ -135,7 +138,7 @@ def cached_generations_for_model(model_identity: str, dtype: str, name: str, poo
     NLLs are missing or were made by another model or setting. Given ``loaded``, what is missing is made instead."""
     records = []
     for dataset, pool in pools.items():
-        rows = cached_test_set(out_dir / name, dataset, generation_key(model_identity, dtype, pool, config, name))
+        rows = cached_test_set(out_dir / name, dataset, generation_key(model_identity, dtype, pool, config, name), pool)
         if rows is None and loaded is not None:
             rows = generate_test_set(loaded, pool, out_dir / name, dataset, config, generator=name)
         if rows is not None:

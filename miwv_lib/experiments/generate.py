@@ -132,13 +132,14 @@ def generate_test_set(loaded: LoadedModel, pool: InstructionPool, out_dir: str |
     config = config or GenerateConfig()
     generator = generator or loaded.name
     key = generation_key(loaded.identity, str(loaded.dtype), pool, config, generator)
-    if (cached := cached_test_set(out_dir, dataset, key)) is not None:
+    if (cached := cached_test_set(out_dir, dataset, key, pool)) is not None:
         return cached
     outputs = generate(loaded, pool, config, desc=f"generate {generator}/{dataset}")
     records = generation_records(pool, outputs, generator, dataset)
+    meta = Path(out_dir) / f"{dataset}.meta.json"
+    meta.unlink(missing_ok=True)  # a crash before the new meta must not leave the old one vouching for new answers
     write_generations(out_dir, records, stem=dataset)
-    write_json(Path(out_dir) / f"{dataset}.meta.json", {"fingerprint": stable_hash(key), "key": key,
-                                                        "config": asdict(config)})
+    write_json(meta, {"fingerprint": stable_hash(key), "key": key, "config": asdict(config)})
     return records
 
 
@@ -150,9 +151,10 @@ def generation_key(model_identity: str, dtype: str, pool: InstructionPool, confi
             "dtype": dtype, "generator": generator}
 
 
-def cached_test_set(out_dir: str | Path, dataset: str, key: dict) -> list[dict] | None:
+def cached_test_set(out_dir: str | Path, dataset: str, key: dict, pool: InstructionPool) -> list[dict] | None:
     """The generations ``generate_test_set`` wrote under ``key``, or None (no model is needed to ask)."""
     meta, jsonl = Path(out_dir) / f"{dataset}.meta.json", Path(out_dir) / f"{dataset}.jsonl"
     if meta.exists() and jsonl.exists() and json.loads(meta.read_text("utf-8")).get("fingerprint") == stable_hash(key):
-        return read_jsonl(jsonl)
+        # the key leaves out the references (answers do not depend on them): judge against the pool's current ones
+        return [{**r, "reference": ref} for r, ref in zip(read_jsonl(jsonl), pool.references)]
     return None

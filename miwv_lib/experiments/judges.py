@@ -9,6 +9,7 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -51,15 +52,33 @@ class HFChatBackend:
         return [self.loaded.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
 
 
+OPENAI_URL, OPENAI_TEMPERATURE, OPENAI_MAX_TOKENS = "https://api.openai.com/v1", 0.0, 512
+
+
+def _endpoint_label(base_url: str) -> str:
+    """Host, port and path of an endpoint: no scheme, for reading, and no user:password, as the label is recorded
+    with every result."""
+    parts = urlsplit(base_url)
+    return parts.netloc.rpartition("@")[2].lower() + parts.path if parts.netloc else base_url
+
+
 class OpenAIChatBackend:
     """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp server, …) through the ``openai`` client (an
-    optional extra: ``pip install 'miwv-lib[openai]'``), which retries rate limits and server errors with backoff."""
+    optional extra: ``pip install 'miwv-lib[openai]'``), which retries rate limits and server errors with backoff.
+    ``id`` is ``openai-compatible:<model>``, then ``@<host/path>`` for an endpoint other than OpenAI's and the
+    temperature and max_tokens where not the defaults: local servers often serve different models under one name."""
 
-    def __init__(self, model: str, base_url: str = "https://api.openai.com/v1",
-                 api_key_env: str | None = "OPENAI_API_KEY", temperature: float = 0.0, max_tokens: int = 512,
-                 timeout: float = 120.0, retries: int = 3):
-        self.model, self.base_url, self.id = model, base_url.rstrip("/"), f"openai-compatible:{model}"
+    def __init__(self, model: str, base_url: str = OPENAI_URL,
+                 api_key_env: str | None = "OPENAI_API_KEY", temperature: float = OPENAI_TEMPERATURE,
+                 max_tokens: int = OPENAI_MAX_TOKENS, timeout: float = 120.0, retries: int = 3):
+        self.model, self.base_url = model, base_url.rstrip("/")
         self.temperature, self.max_tokens, self.timeout, self.retries = temperature, max_tokens, timeout, retries
+        # OpenAI's own endpoint with the default settings keeps the old id, so the caches written under it stay valid
+        where = "" if self.base_url == OPENAI_URL else f"@{_endpoint_label(self.base_url)}"
+        settings = [f"{name}={value}" for name, value, default in (("temperature", temperature, OPENAI_TEMPERATURE),
+                                                                   ("max_tokens", max_tokens, OPENAI_MAX_TOKENS))
+                    if value != default]
+        self.id = f"openai-compatible:{model}{where}" + (f" ({', '.join(settings)})" if settings else "")
         self.api_key = None if api_key_env is None else os.environ.get(api_key_env)
         if api_key_env is not None and not self.api_key:
             raise ValueError(f"the API key variable ${api_key_env} is not set "

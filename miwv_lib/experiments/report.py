@@ -13,6 +13,7 @@ import re
 import subprocess
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -351,6 +352,7 @@ def write_report(run_dir: str | Path) -> Path:
 # ---------------------------------------------------------------------------------- the study's REPORT.md
 
 ALPACA_52K = 52_002
+STALE_SCORE_SETTINGS = ("model", "embedder", "template", "max_length", "dtype", "compute_ifd")
 JUDGED_OUTPUTS = ("table.csv", "winning_scores.png", "win_tie_lose.png")
 JUDGE_NOTES = {  # by the judge id's prefix
     "reference-nll": "the model that gives the GPT-4 reference answer the lower per-token NLL wins (a likelihood "
@@ -450,10 +452,12 @@ def write_study_report(study: Study, root: Path) -> Path:
                               ("judge", [a for a in study.arms if a.name != BASELINE], lambda a: a.name in judged)):
         if todo := [a for a in arms if not done(a)]:
             missing.append(f"{stage} ({len(todo)} of {len(arms)} models)")
+    if stale := _stale_settings(study):  # the configuration was edited after its files were made
+        missing.append(f"the stages whose files were made with other settings ({'; '.join(stale)})")
     parts = [*_intro(study, missing, root),
              "## 1. Scoring", "", _scoring_section(study, scores, manifest, figures), "",
              "## 2. Selected subsets", "", _selection_section(study, scores), "",
-             "## 3. Fine-tuning", "", _training_section(study, figures), "",
+             "## 3. Fine-tuning", "", _training_section(study, scores, figures), "",
              "## 4. Every subset model against the full-pool model", "",
              _evaluation_tables(study, table) if table else "Needs the judgements (stages `generate`, `judge`).", "",
              _answer_lengths(study)]
@@ -464,6 +468,20 @@ def write_study_report(study: Study, root: Path) -> Path:
     write_json(out / "results.json", {"status_missing": missing, "comparisons": comps, "table": table,
                                       "figures": figures})
     return path
+
+
+def _stale_settings(study: Study) -> list[str]:
+    """The configuration's settings that the run's scores or models were made with otherwise."""
+    manifest = _read(study.scores_dir / "manifest.json") or {}
+    scored = {**manifest.get("config", {}), "dtype": manifest.get("fingerprint_inputs", {}).get("dtype")}  # resolved
+    score, train = asdict(study.config.score_config()), asdict(study.config.train_config())
+    stale = [f"score.{k}: {scored[k]!r} in the files, {score[k]!r} here" for k in STALE_SCORE_SETTINGS
+             if scored.get(k) is not None and score[k] != "auto" and scored[k] != score[k]]
+    for arm in filter(study.is_trained, study.arms):
+        trained = _read(study.model_dir(arm) / "manifest.json")["fingerprint_inputs"]["config"]
+        stale += [f"train.{k}: {v!r} in the files, {train[k]!r} here" for k, v in trained.items()
+                  if train.get(k) not in (None, "auto") and v != train[k]]
+    return list(dict.fromkeys(stale))
 
 
 def _study_figures(study: Study, out: Path, scores: list[dict] | None, table: list[dict]) -> dict[str, str]:
@@ -603,13 +621,30 @@ def _selection_section(study: Study, scores: list[dict] | None) -> str:
     return "\n".join(lines)
 
 
-def _training_section(study: Study, figures: dict[str, str]) -> str:
+def _rows_cut(study: Study, name: str, manifest: Mapping, scores: list[dict] | None) -> str:
+    """Rows longer than the training max length; for a model trained before ``rows_cut`` was recorded (when such a
+    row lost its prompt's start, not its response's end), counted from the scores' token counts, with a star."""
+    if "rows_cut" in manifest:
+        return str(manifest["rows_cut"]["response"] + manifest["rows_cut"]["prompt"])
+    if scores is None:
+        return "?"
+    limit, plan = study.config.train_config().max_length, study.selections(scores)
+    return f"{sum(2 + scores[i]['prompt_tokens'] + scores[i]['response_tokens'] > limit for i in plan[name])}*"
+
+
+def _training_section(study: Study, scores: list[dict] | None, figures: dict[str, str]) -> str:
     manifests = {arm.name: _read(study.model_dir(arm) / "manifest.json") for arm in study.arms}
     done = {name: m for name, m in manifests.items() if m and m.get("status") == "complete"}
-    lines = md_table(["model", "rows", "optimizer steps", "final train loss", "time", "tokens/s"],
-                     [[name, f"{m['rows']:,}", m["steps"], fmt(m.get("train_loss"), ".3f"),
-                       f"{fmt((m.get('seconds') or math.nan) / 60, '.1f')} min", fmt(m.get("tokens_per_second"), ".0f")]
-                      for name, m in done.items()], "lrrrrr")
+    lines = md_table(["model", "rows", "rows cut at max length", "optimizer steps", "final train loss", "time",
+                      "tokens/s"],
+                     [[name, f"{m['rows']:,}", _rows_cut(study, name, m, scores), m["steps"],
+                       fmt(m.get("train_loss"), ".3f"), f"{fmt((m.get('seconds') or math.nan) / 60, '.1f')} min",
+                       fmt(m.get("tokens_per_second"), ".0f")] for name, m in done.items()], "lrrrrrr")
+    if any("rows_cut" not in m for m in done.values()):
+        lines += ["", f"\\* Trained before 2026-12-05: a row longer than the training max length "
+                  f"({study.config.train_config().max_length} tokens) lost the start of its prompt, its instruction, "
+                  "instead of the end of its response, and a row whose response alone filled it was trained with no "
+                  "prompt at all. Today's `train` keeps the prompt (Alpaca's recipe) and trains such a model again."]
     if len(done) < len(manifests):
         lines += ["", f"Not trained yet: {', '.join(name for name in manifests if name not in done)}."]
     if "training" in figures:

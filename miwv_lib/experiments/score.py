@@ -4,8 +4,10 @@ are appended to a partial file per rank, the manifest's fingerprint ties the dir
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -41,7 +43,7 @@ from ..method.losses import EngineConfig, compile_body, span_losses, supports_br
 from ..method.neighbors import NonFiniteEmbeddings, embed_texts, model_embeddings, nearest_neighbors
 from ..runtime.distributed import Shard, barrier, from_main, init_from_env
 from ..runtime.io import file_sha256, read_jsonl, stable_hash, write_json, write_jsonl
-from ..runtime.runs import FingerprintMismatch, PartialResults, check_fingerprint, environment_info, now
+from ..runtime.runs import FingerprintMismatch, PartialResults, check_fingerprint, environment_info, now, run_lock
 from ..runtime.schema import boolean, check, integer, setting, text
 from .select import scores_changed
 
@@ -190,9 +192,14 @@ def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig |
                loaded: LoadedModel | None = None, overwrite: bool = False) -> list[dict]:
     """Score every row of ``pool`` into ``out_dir/scores.jsonl`` (+ ``manifest.json``), resuming if possible. Under
     ``torchrun`` each rank scores every world_size-th chunk and rank 0 merges (see ``distributed``)."""
-    config = config or ScoreConfig()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # One scoring run per directory, whoever starts it (the CLI, a notebook, a study, Python): two would merge each
+    # other's rows. The ranks of one torchrun share it on purpose, so rank 0 alone holds the lock.
+    with run_lock(out_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        return _score_pool(pool, Path(out_dir), config or ScoreConfig(), loaded, overwrite)
+
+
+def _score_pool(pool: InstructionPool, out_dir: Path, config: ScoreConfig, loaded: LoadedModel | None,
+                overwrite: bool) -> list[dict]:
     loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
     _check_model_fits(config, loaded)
     if config.torch_compile:

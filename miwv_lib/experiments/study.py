@@ -18,9 +18,17 @@ from typing import Any
 from ..data.datasets import DEFAULT_DATASET, InstructionPool, load_instructions
 from ..method.selection import BASELINE, Arm, plan_arms, select_arms
 from ..runtime.io import atomic_open, read_jsonl, write_jsonl
-from ..runtime.runs import now, read_yaml_mapping
+from ..runtime.runs import FingerprintMismatch, now, read_yaml_mapping
 from ..runtime.schema import check, each, integer, mapping, setting, text
-from .engine import ExperimentError, answer_arms, export_arms, is_trained, train_arms, write_selections
+from .engine import (
+    ExperimentError,
+    answer_arms,
+    export_arms,
+    is_trained,
+    train_arms,
+    warn_if_scored_otherwise,
+    write_selections,
+)
 from .evaluate import compare_generations, load_test_pools, test_set_label
 from .generate import GenerateConfig, generation_records, write_generations
 from .judges import judge_rule
@@ -162,6 +170,7 @@ class Study:
         def trained(arm: Arm, result, seconds: float) -> None:
             self._log_time("train", seconds, model=arm.name, rows=result.n_examples, steps=result.steps)
 
+        warn_if_scored_otherwise(self.scores_path, self.config.train_config())
         return train_arms(self._chosen(only), self.selections(), self.pool, self.run_dir / "models",
                           self.config.train_config(), on_trained=trained)
 
@@ -233,6 +242,9 @@ class Study:
                 print(f"[study] {stage}", flush=True)
                 actions[stage]()
                 self.record.keep()
+        except FingerprintMismatch as exc:  # no --overwrite here: the record would restore those files anyway
+            raise StudyError(f"{str(exc).partition('. Use another')[0]}; the record {self.record.root} keeps them: "
+                             "run the study with a --run-dir and a --results-dir of its own") from None
         finally:  # a stopped run (Ctrl-C, an error) still records what it finished: scores resume by chunk
             self.record.keep()
 
@@ -301,8 +313,8 @@ class StudyRecord:
                 continue  # another sample of the test set: these answers do not apply, generate anew
             write_generations(target, generation_records(pool, [a["output"] for a in answers], model, dataset),
                               stem=dataset)
-            for suffix in self.GENERATION_SUFFIXES:
-                _copy(recorded / f"{dataset}{suffix}", target / f"{dataset}{suffix}", overwrite=False)
+            for suffix in self.GENERATION_SUFFIXES:  # the recorded answers' own meta, over any stale one
+                _copy(recorded / f"{dataset}{suffix}", target / f"{dataset}{suffix}")
 
 
 def _copy(source: Path, target: Path, *, overwrite: bool = True) -> bool:

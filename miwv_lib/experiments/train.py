@@ -26,9 +26,9 @@ from transformers.trainer_callback import PrinterCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, set_seed
 
 from ..data.datasets import InstructionPool
-from ..data.models import DEFAULT_MODEL, LoadedModel, bf16_supported, load_model, resolve_device
+from ..data.models import DEFAULT_MODEL, LoadedModel, ModelLoadError, bf16_supported, load_model, resolve_device
 from ..data.prompts import DEFAULT_TEMPLATE, TEMPLATES, encode_examples
-from ..method.layouts import SpecialTokens, max_length_rule, zero_shot_sequence
+from ..method.layouts import SpecialTokens, max_length_rule, training_sequence
 from ..method.losses import logit_transform
 from ..runtime.io import atomic_open, stable_hash, write_json
 from ..runtime.runs import check_fingerprint, environment_info, now
@@ -109,16 +109,19 @@ class TrainResult:
 
 
 def build_features(rows: list[dict], tokenizer: PreTrainedTokenizerBase, template: str,
-                   max_length: int) -> list[dict[str, list[int]]]:
-    """``input_ids``/``labels`` per row: labels are IGNORE_INDEX except on ``response [EOS]``."""
+                   max_length: int) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """``input_ids``/``labels`` per row (labels are IGNORE_INDEX except on ``response [EOS]``), and how many rows
+    ``max_length`` cut: ``{"response": rows that lost their response's end, "prompt": rows that lost their prompt's
+    start}``."""
     special = SpecialTokens.from_tokenizer(tokenizer)
-    features = []
+    features, cut = [], {"response": 0, "prompt": 0}
     for example in encode_examples(rows, tokenizer, template):
-        sequence, _ = zero_shot_sequence(example, special, max_length)
+        sequence, truncation = training_sequence(example, special, max_length)
         ids, n_context = list(sequence.input_ids), len(sequence.input_ids) - sequence.n_targets
         features.append({"input_ids": ids, "attention_mask": [1] * len(ids),
                          "labels": [IGNORE_INDEX] * n_context + ids[n_context:]})
-    return features
+        cut = {part: n + bool(getattr(truncation, part)) for part, n in cut.items()}
+    return features, cut
 
 
 def _right_padding_collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
@@ -240,15 +243,18 @@ def read_loss_csv(path: str | Path) -> list[dict]:
                 for row in csv.DictReader(handle)]
 
 
-def train_fingerprint_inputs(config: TrainConfig, base: LoadedModel, rows: list[dict], use_bf16: bool) -> dict:
+def train_fingerprint_inputs(config: TrainConfig, base: LoadedModel, rows: list[dict], use_bf16: bool,
+                             rows_cut: dict[str, int]) -> dict:
     """Everything the trained weights depend on; ``auto`` settings enter as what they resolved to here."""
     settings = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _NOT_FINGERPRINTED}
     settings |= {"learning_rate": config.resolved_learning_rate(), "bf16": use_bf16,
                  "dtype": str(base.dtype).removeprefix("torch.")}
+    # Rows cut at max_length enter only when there are some: before 2026-12-05 they lost their prompt's start, not
+    # their response's end, so a model trained on them then is not this one; uncut data gives the same model as then.
     return {"base_model": base.identity, "config": settings,
             "data": stable_hash([(r.get("id"), r["instruction"], r.get("input", ""), r["output"]) for r in rows]),
             "rows": len(rows), "layout_version": SpecialTokens.from_tokenizer(base.tokenizer).layout_version,
-            "format_version": TRAIN_FORMAT_VERSION}
+            "format_version": TRAIN_FORMAT_VERSION, **({"rows_cut": rows_cut} if any(rows_cut.values()) else {})}
 
 
 def _training_arguments(config: TrainConfig, device: torch.device, use_bf16: bool,
@@ -333,7 +339,8 @@ def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config:
     auto_dtype = "bfloat16" if config.method == "lora" and use_bf16 else "float32"
     base = base or load_model(config.model, dtype=auto_dtype if config.dtype == "auto" else config.dtype, device=device)
 
-    inputs = train_fingerprint_inputs(config, base, rows, use_bf16)
+    features, rows_cut = build_features(rows, base.tokenizer, config.template, config.max_length)
+    inputs = train_fingerprint_inputs(config, base, rows, use_bf16, rows_cut)
     manifest = {"status": "running", "fingerprint": stable_hash(inputs), "fingerprint_inputs": inputs, "name": name,
                 "base_model": base.name, "started": now(), "environment": environment_info()}
     previous = check_fingerprint(out_dir / MANIFEST_FILE, manifest["fingerprint"], inputs, overwrite=overwrite)
@@ -345,8 +352,7 @@ def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config:
     write_json(out_dir / MANIFEST_FILE, manifest)
 
     model = _prepare_model(copy.deepcopy(base.model) if borrowed else base.model, config)
-    loss_rows, run = _fit(model, build_features(rows, base.tokenizer, config.template, config.max_length), base,
-                          config, device, use_bf16, out_dir, name, resume_from)
+    loss_rows, run = _fit(model, features, base, config, device, use_bf16, out_dir, name, resume_from)
     lora = config.method == "lora"
     _save_atomically(out_dir, ADAPTER_DIR if lora else FULL_MODEL_DIR, model.save_pretrained if lora
                      else lambda d: (model.save_pretrained(d), base.tokenizer.save_pretrained(d)))
@@ -356,7 +362,7 @@ def train_model(rows: list[dict] | InstructionPool, out_dir: str | Path, config:
         "weights_dtype": str(base.dtype).removeprefix("torch."), "base_model_identity": base.identity,
         "n_examples": len(rows)})
     # complete only once everything is saved: then no checkpoint is left to resume
-    manifest.update(status="complete", finished=now(), rows=len(rows), **run)
+    manifest.update(status="complete", finished=now(), rows=len(rows), rows_cut=rows_cut, **run)
     manifest["seconds"] = round(run["seconds"], 2)  # the returned result keeps them unrounded
     write_json(out_dir / MANIFEST_FILE, manifest)
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
@@ -421,6 +427,9 @@ def load_trained(model_dir: str | Path, *, dtype: str | None = None, device: str
     from peft import PeftModel
 
     base = load_model(saved["model"], dtype=dtype, device=device)
+    if base.identity != saved["base_model_identity"]:  # the adapter would be applied to other weights, silently
+        raise ModelLoadError(f"{model_dir} was trained on {saved['base_model_identity']}, but {saved['model']} is now "
+                             f"{base.identity}: train it again")
     model = PeftModel.from_pretrained(base.model, str(model_dir / ADAPTER_DIR)).get_base_model().eval()
     return LoadedModel(model, base.tokenizer, name=model_dir.name, identity=f"{base.identity}+lora:{fingerprint}")
 

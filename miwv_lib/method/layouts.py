@@ -3,6 +3,7 @@
 * zero-shot of sample i:   ``[BOS] prompt_i response_i [EOS]``
 * one-shot of sample i:    ``[BOS] prompt_k response_k [EOS] prompt_i response_i [EOS]`` (neighbour k first)
 * unconditional (IFD):     ``[BOS] response_i [EOS]``, and ``[EOS] response_i [EOS]`` for a tokenizer without a BOS
+* fine-tuning:             the zero-shot layout, but a long row loses its response's end, never its prompt
 
 Prompt and response are tokenised separately (``data.prompts``), so the boundary between them is exact. A scored
 token is predicted from the token before it, so every layout keeps one: the BOS, or the prompt's last token."""
@@ -120,6 +121,16 @@ def one_shot_sequence(example: EncodedExample, demo: EncodedExample, special: Sp
 def unconditional_sequence(example: EncodedExample, special: SpecialTokens, max_length: int) -> Sequence:
     body, n_targets, _ = _sample_body(example, special, max_length)
     return Sequence((*special.start, *body[len(body) - n_targets:]), n_targets)
+
+
+def training_sequence(example: EncodedExample, special: SpecialTokens, max_length: int) -> tuple[Sequence, Truncation]:
+    """Fine-tuning's layout, ``[BOS] prompt response [EOS]`` as the zero-shot pass, but cut from the right (Alpaca's
+    recipe): a model is never taught an answer to an instruction cut out of its view. Only a prompt that leaves no
+    room for one response token is trimmed from the left, as the scorer trims it."""
+    room, targets = max_length - len(special.prefix), [*example.response, special.eos]
+    kept = min(len(targets), max(room - len(example.prompt), 1))
+    cut = Truncation(prompt=max(len(example.prompt) + kept - room, 0), response=len(targets) - kept)
+    return Sequence((*special.prefix, *example.prompt[cut.prompt:], *targets[:kept]), kept), cut
 
 
 AUTO_MAX_LENGTH = "auto"

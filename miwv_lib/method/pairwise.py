@@ -86,9 +86,16 @@ def verdict(review: Review, margin: float = 0.0) -> str:
 
 
 _NUMBER = r"((?:(?<!\w)-)?\d+(?:\.\d+)?)"  # "-3" is out of range, not a 3; "8-7" is 8 and 7
-_LABEL = re.compile(r"\b(?:assistant|answer|response)\s*#?\s*[12]\b", re.IGNORECASE)
-_OUT_OF = re.compile(r"\s*(?:/|out\s+of)\s*10(?:\.0+)?\b", re.IGNORECASE)
-_LABELLED = {k: re.compile(rf"\b(?:assistant|answer|response)\s*#?\s*{k}\b\D{{0,30}}?{_NUMBER}", re.IGNORECASE)
+_LABEL = re.compile(r"\b(?:assistant|answer|response)\s*#?\s*[12]\b(?:'s\s+score)?\s*[:=]?", re.IGNORECASE)
+# the scale is not a score: "(1-10)", "on a scale of 1 to 10", "8/10", "4 out of 10"
+_SCALE = re.compile(r"\b[01]\s*(?:-|–|to)\s*10\b|\s*(?:/|out\s+of)\s*10(?:\.0+)?\b", re.IGNORECASE)
+# the Cherry/AlpaGasus score line: two numbers, perhaps "Scores:" before and a comment without numbers after
+_PAIR = re.compile(rf"[\s():]*(?:scores?\b[\s():]*)?{_NUMBER}(?:\s*[,;&]\s*|\s+(?:and|vs\.?)\s+|\s+|\s*-\s*)"
+                   rf"{_NUMBER}(?:[\s.]*|\s*[(\-–—,;:]\D*)", re.IGNORECASE)
+# between a label and its score only score words ("Assistant 1's score is 8", "Assistant 2 gets 10"), so neither
+# "Assistant 1 gave 3 examples" nor the 2 of a later "Assistant 2" is read as a score
+_GAP = r"(?:[\s:=(),]|'s\b|\b(?:a|an|is|of|gets|got|receives|earns|rated|score[sd]?|overall|final)\b)*?"
+_LABELLED = {k: re.compile(rf"\b(?:assistant|answer|response)\s*#?\s*{k}\b{_GAP}{_NUMBER}", re.IGNORECASE)
              for k in (1, 2)}
 
 
@@ -98,14 +105,13 @@ def _valid(scores: list[float]) -> tuple[float, float] | None:
 
 def parse_review(text: str) -> tuple[float, float] | None:
     """The two scores (each in [0, 10]) of a review, or None when they cannot be read with confidence: from the
-    first line ("8 7", "8, 7", "8/10 and 7/10", "Score: 8 out of 10 ...") or labelled lines ("Assistant 2: 6")."""
-    if not text or not text.strip():
-        return None
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    first = _OUT_OF.sub("", _LABEL.sub(" ", lines[0].replace("*", "")))
-    if scores := _valid([float(n) for n in re.findall(_NUMBER, first)]):
+    score line ("8 7", "8, 7", "8/10 and 7/10", "Assistant 1: 8, Assistant 2: 7"), else from labels ("Assistant 2:
+    6"). The score line is the first line with a number that is not the scale, as a header ("Scores (1-10):") may
+    come first; a line with any other number is not one (the 3 of "Assistant 1: 8 (it covers all 3 points)")."""
+    cleaned = _SCALE.sub("", (text or "").replace("*", ""))
+    line = next((s for s in (_LABEL.sub(" ", s) for s in cleaned.splitlines()) if re.search(r"\d", s)), "")
+    if (pair := _PAIR.fullmatch(line)) and (scores := _valid([float(pair[1]), float(pair[2])])):
         return scores
-    cleaned = _OUT_OF.sub("", text.replace("*", ""))
     labelled = [_LABELLED[k].search(cleaned) for k in (1, 2)]
     return _valid([float(m.group(1)) for m in labelled]) if all(labelled) else None
 
@@ -186,7 +192,8 @@ def summarize(records: list[dict], datasets: Sequence[str] | None = None, n_resa
             low, high = bootstrap_interval(outcomes, n_resamples, seed=seed)
             rows.append({"judge": judge_id, "model_a": model_a, "model_b": model_b, "test_set": name,
                          "n": len(outcomes), "wins": counts[WIN], "ties": counts[TIE], "losses": counts[LOSS],
-                         "winning_score": round(winning_score(counts[WIN], counts[LOSS], len(outcomes)), 4),
-                         "ci_low": round(low, 4), "ci_high": round(high, 4),
+                         # unrounded: a table rounds once (0.33850 rounded to 0.3385 would print as 0.339)
+                         "winning_score": winning_score(counts[WIN], counts[LOSS], len(outcomes)),
+                         "ci_low": low, "ci_high": high,
                          "unparsed": sum(r["unparsed"] for r in subset)})
     return rows

@@ -23,6 +23,12 @@ class FingerprintMismatch(RuntimeError):
     """A run directory already holds results of a different configuration."""
 
 
+def _flat(inputs: dict) -> dict:
+    """``{"config": {"max_steps": 2}}`` as ``{"config.max_steps": 2}``: a message names the setting that changed."""
+    return {f"{k}.{sub}" if isinstance(v, dict) else k: item for k, v in inputs.items()
+            for sub, item in (v.items() if isinstance(v, dict) else [(None, v)])}
+
+
 def check_fingerprint(manifest_path: Path, fingerprint: str, inputs: dict, overwrite: bool = False) -> dict | None:
     """The existing manifest if it matches; otherwise (or if it is unreadable) refuse unless ``overwrite``."""
     if not manifest_path.exists():
@@ -38,9 +44,9 @@ def check_fingerprint(manifest_path: Path, fingerprint: str, inputs: dict, overw
         if manifest.get("fingerprint") == fingerprint:
             return manifest
         old = manifest.get("fingerprint_inputs")
-        old = old if isinstance(old, dict) else {}
-        changed = "; ".join(f"{k}: {old.get(k)!r} -> {inputs.get(k)!r}"
-                            for k in sorted(set(old) | set(inputs)) if old.get(k) != inputs.get(k))
+        old, new = _flat(old if isinstance(old, dict) else {}), _flat(inputs)
+        changed = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
         problem = (f"{manifest_path.parent} holds results of a different configuration "
                    f"({changed or 'fingerprint differs'})")
     if overwrite:

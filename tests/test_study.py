@@ -304,6 +304,21 @@ def test_a_model_whose_answers_are_not_all_recorded_is_trained_again(study_dirs,
         before["train_loss"], rel=1e-5)
 
 
+def test_a_restored_model_whose_answers_do_not_apply_is_trained_again(study_dirs, tmp_path):
+    """Another sample of the test set: the recorded answers are not this study's, and the weights are gone."""
+    results = tmp_path / "results"
+    shutil.copytree(study_dirs["results"], results)
+    other = tmp_path / "other_sample.yaml"
+    other.write_text(SMOKE.read_text().replace("smoke_test_prompts.jsonl: 3", "smoke_test_prompts.jsonl: 2"))
+    fresh = tmp_path / "run"
+    result = run_cli("--config", str(other), "--run-dir", str(fresh), "--results-dir", str(results),
+                     "--stages", "score", "select", "train", "generate", "--models", "miwv_10pct")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (fresh / "models" / "miwv_10pct" / "adapter").is_dir()  # trained again, then asked the 2 prompts
+    [answers] = [p for p in (fresh / "generations" / "miwv_10pct").glob("*.jsonl")]
+    assert len(read_jsonl(answers)) == 2
+
+
 def test_the_record_keeps_finished_chunks_until_the_scores_are_complete(tmp_path):
     run = tmp_path / "run"
     record = StudyRecord(tmp_path / "results" / "record", run)

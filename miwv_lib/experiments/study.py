@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -29,14 +30,14 @@ from .engine import (
     warn_if_scored_otherwise,
     write_selections,
 )
-from .evaluate import compare_generations, load_test_pools, test_set_label
+from .evaluate import cached_generations_for_model, compare_generations, load_test_pools, test_set_label
 from .generate import GenerateConfig, generation_records, write_generations
 from .judges import judge_rule
 from .pipeline import repo_root, resolve_data_source, resolve_path, user_path
 from .report import write_study_report
 from .score import ScoreConfig, score_pool
 from .select import load_checked_scores, method_rule, ratio_rule
-from .train import TrainConfig
+from .train import TrainConfig, has_weights, trained_model_signature
 
 STAGES = ("score", "select", "train", "generate", "judge", "report")
 TIMINGS_FILE = "timings.jsonl"
@@ -187,6 +188,19 @@ class Study:
     def is_answered(self, arm: Arm) -> bool:
         return all((self.generations_dir / arm.name / f"{d}.jsonl").exists() for d in self.test_set_labels)
 
+    def _drop_unanswered(self, restored: list[str]) -> None:
+        """A model restored without weights whose recorded answers do not apply here (another test sample, other
+        generation settings) is trained again, rather than stopping the generate stage."""
+        pools, config, score = self.test_pools(), self.config.generate_config(), self.config.score_config()
+        for arm in self.arms:
+            model_dir = self.model_dir(arm)
+            if str(Path("models", arm.name, "manifest.json")) not in restored or has_weights(model_dir):
+                continue
+            identity, dtype = trained_model_signature(model_dir)
+            if cached_generations_for_model(identity, dtype, arm.name, pools, self.generations_dir, config,
+                                            score.max_length) is None:
+                shutil.rmtree(model_dir)
+
     def test_pools(self) -> dict[str, InstructionPool]:
         return load_test_pools({resolve_data_source(name): n for name, n in self.config.test_sets.items()},
                                seed=self.config.test_seed, data_dir=self.config.data_dir)
@@ -234,9 +248,10 @@ class Study:
         if {"generate", "judge"} & set(stages):  # a missing test set is found now, not after scoring and training
             self.test_pools()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.record.restore(self.arms, self.test_set_labels)
+        restored = self.record.restore(self.arms, self.test_set_labels)
         if answered := [a.name for a in self.arms if (self.record.root / "generations" / a.name).is_dir()]:
             self.record.restore_generations(answered, self.test_pools())  # now: the report counts them in any stage
+            self._drop_unanswered(restored)
         try:
             for stage in [s for s in STAGES if s in stages]:  # always in the study's order, whatever order given
                 print(f"[study] {stage}", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import shutil
@@ -60,6 +61,20 @@ def test_a_long_row_is_trained_with_its_whole_prompt_and_its_response_cut(tiny):
     for feature, example in zip(features, examples):
         assert feature["input_ids"] == [special.bos, *example.prompt[-6:], example.response[0]]
         assert feature["labels"][-1] == example.response[0] and feature["labels"][:-1] == [IGNORE_INDEX] * 7
+
+
+@pytest.mark.parametrize("bos", [1, None])
+def test_the_training_layout_fits_keeps_a_token_before_every_label_and_cuts_the_response_first(bos):
+    from miwv_lib.method.layouts import EncodedExample, training_sequence
+
+    special = SpecialTokens(bos=bos, eos=2)
+    for n_prompt, n_response, max_length in itertools.product(range(1, 10), range(1, 10), range(2, 22)):
+        example = EncodedExample(tuple(range(10, 10 + n_prompt)), tuple(range(50, 50 + n_response)))
+        sequence, cut = training_sequence(example, special, max_length)
+        assert len(sequence.input_ids) <= max_length and sequence.n_targets >= 1
+        assert len(sequence.input_ids) > sequence.n_targets  # the first label is predicted from a token
+        assert not cut.prompt or cut.response  # the prompt is trimmed only once the response is down to one token
+        assert sequence.input_ids[-sequence.n_targets:] == (*example.response, 2)[:sequence.n_targets]
 
 
 def test_training_loss_is_the_scorers_zero_shot_loss(tiny):

@@ -624,8 +624,8 @@ def _selection_section(study: Study, scores: list[dict] | None) -> str:
 def _rows_cut(study: Study, name: str, manifest: Mapping, scores: list[dict] | None) -> str:
     """Rows longer than the training max length; for a model trained before ``rows_cut`` was recorded (when such a
     row lost its prompt's start, not its response's end), counted from the scores' token counts, with a star."""
-    if "rows_cut" in manifest:
-        return str(manifest["rows_cut"]["response"] + manifest["rows_cut"]["prompt"])
+    if "rows_cut" in manifest:  # a row whose prompt was trimmed lost its response's end too: count it once
+        return str(manifest["rows_cut"]["response"])
     if scores is None:
         return "?"
     limit, plan = study.config.train_config().max_length, study.selections(scores)

@@ -212,7 +212,8 @@ def test_hf_backend_on_the_tiny_model(tiny):
     backend = HFChatBackend(tiny, max_new_tokens=4, progress=False)
     assert backend.prompt_text("SYS", "USER") == "SYS\n\nUSER"  # no chat template: plain text
     judge = LLMJudge(backend)
-    assert judge.id.startswith("llm:hf:")
+    assert judge.id == f"llm:hf:{tiny.identity} ({str(tiny.dtype).removeprefix('torch.')}, max_new_tokens=4)"
+    assert HFChatBackend(tiny).id == f"hf:{tiny.identity} ({str(tiny.dtype).removeprefix('torch.')})"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a random model's review is unparseable: reported, a tie
         reviews = run_judge(judge, [_request(), _request("b", "a")])

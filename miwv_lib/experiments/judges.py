@@ -23,13 +23,20 @@ from ..runtime.io import stable_hash
 from ..runtime.runs import PartialResults
 from .generate import GenerateConfig, generate_ids
 
+HF_MAX_NEW_TOKENS = 256
+
 
 class HFChatBackend:
     """A local causal LM: its chat template when it has one, else system and user text one after the other."""
 
-    def __init__(self, loaded: LoadedModel, max_new_tokens: int = 256, batch_size: int = 4, progress: bool = True):
+    def __init__(self, loaded: LoadedModel, max_new_tokens: int = HF_MAX_NEW_TOKENS, batch_size: int = 4,
+                 progress: bool = True):
         self.loaded, self.max_new_tokens, self.batch_size, self.progress = loaded, max_new_tokens, batch_size, progress
-        self.id, self.prefix = f"hf:{loaded.identity}", SpecialTokens.from_tokenizer(loaded.tokenizer).prefix
+        # a review depends on the weights' dtype and on how long it may be: cached reviews must tell them apart
+        settings = [str(loaded.dtype).removeprefix("torch."), *([f"max_new_tokens={max_new_tokens}"]
+                                                                if max_new_tokens != HF_MAX_NEW_TOKENS else [])]
+        self.id = f"hf:{loaded.identity} ({', '.join(settings)})"
+        self.prefix = SpecialTokens.from_tokenizer(loaded.tokenizer).prefix
 
     def prompt_text(self, system: str, user: str) -> str:
         """The review request as text (for reading; ``prompt_ids`` is what the model gets)."""

@@ -621,28 +621,30 @@ def _selection_section(study: Study, scores: list[dict] | None) -> str:
     return "\n".join(lines)
 
 
-def _rows_cut(study: Study, name: str, manifest: Mapping, scores: list[dict] | None) -> str:
+def _rows_cut(manifest: Mapping, rows: list[int] | None, scores: list[dict] | None, max_length: int) -> str:
     """Rows longer than the training max length; for a model trained before ``rows_cut`` was recorded (when such a
-    row lost its prompt's start, not its response's end), counted from the scores' token counts, with a star."""
+    row lost its prompt's start, not its response's end), counted from the scores' token counts of its ``rows``,
+    with a star."""
     if "rows_cut" in manifest:  # a row whose prompt was trimmed lost its response's end too: count it once
         return str(manifest["rows_cut"]["response"])
-    if scores is None:
+    if scores is None or rows is None:
         return "?"
-    limit, plan = study.config.train_config().max_length, study.selections(scores)
-    return f"{sum(2 + scores[i]['prompt_tokens'] + scores[i]['response_tokens'] > limit for i in plan[name])}*"
+    return f"{sum(2 + scores[i]['prompt_tokens'] + scores[i]['response_tokens'] > max_length for i in rows)}*"
 
 
 def _training_section(study: Study, scores: list[dict] | None, figures: dict[str, str]) -> str:
     manifests = {arm.name: _read(study.model_dir(arm) / "manifest.json") for arm in study.arms}
     done = {name: m for name, m in manifests.items() if m and m.get("status") == "complete"}
+    plan = study.selections(scores) if scores is not None else {}  # once: every model's rows
+    max_length = study.config.train_config().max_length
     lines = md_table(["model", "rows", "rows cut at max length", "optimizer steps", "final train loss", "time",
                       "tokens/s"],
-                     [[name, f"{m['rows']:,}", _rows_cut(study, name, m, scores), m["steps"],
+                     [[name, f"{m['rows']:,}", _rows_cut(m, plan.get(name), scores, max_length), m["steps"],
                        fmt(m.get("train_loss"), ".3f"), f"{fmt((m.get('seconds') or math.nan) / 60, '.1f')} min",
                        fmt(m.get("tokens_per_second"), ".0f")] for name, m in done.items()], "lrrrrrr")
     if any("rows_cut" not in m for m in done.values()):
         lines += ["", f"\\* Trained before 2026-12-05: a row longer than the training max length "
-                  f"({study.config.train_config().max_length} tokens) lost the start of its prompt, its instruction, "
+                  f"({max_length} tokens) lost the start of its prompt, its instruction, "
                   "instead of the end of its response, and a row whose response alone filled it was trained with no "
                   "prompt at all. Today's `train` keeps the prompt (Alpaca's recipe) and trains such a model again."]
     if len(done) < len(manifests):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -194,17 +193,18 @@ def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig |
     ``torchrun`` each rank scores every world_size-th chunk and rank 0 merges (see ``distributed``)."""
     # One scoring run per directory, whoever starts it (the CLI, a notebook, a study, Python): two would merge each
     # other's rows. The ranks of one torchrun share it on purpose, so rank 0 alone holds the lock.
-    with run_lock(out_dir) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
-        return _score_pool(pool, Path(out_dir), config or ScoreConfig(), loaded, overwrite)
+    shard = init_from_env()
+    with run_lock(out_dir) if shard.is_main else contextlib.nullcontext():
+        return _score_pool(pool, Path(out_dir), config or ScoreConfig(), loaded, overwrite, shard)
 
 
 def _score_pool(pool: InstructionPool, out_dir: Path, config: ScoreConfig, loaded: LoadedModel | None,
-                overwrite: bool) -> list[dict]:
+                overwrite: bool, shard: Shard) -> list[dict]:
     loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
     _check_model_fits(config, loaded)
     if config.torch_compile:
         compile_body(loaded.model)
-    run = _Run(pool, out_dir, config, loaded, init_from_env())
+    run = _Run(pool, out_dir, config, loaded, shard)
     # Rank 0 alone checks the directory, writes the manifest, searches neighbours and repairs torn lines.
     status = from_main(run.shard, _start(run, overwrite) if run.shard.is_main else None)
     if status["error"] is not None:

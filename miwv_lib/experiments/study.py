@@ -191,7 +191,7 @@ class Study:
     def _drop_unanswered(self, restored: list[str]) -> None:
         """A model restored without weights whose recorded answers do not apply here (another test sample, other
         generation settings) is trained again, rather than stopping the generate stage."""
-        pools, config, score = self.test_pools(), self.config.generate_config(), self.config.score_config()
+        pools, config, score = self.test_pools, self.config.generate_config(), self.config.score_config()
         for arm in self.arms:
             model_dir = self.model_dir(arm)
             if str(Path("models", arm.name, "manifest.json")) not in restored or has_weights(model_dir):
@@ -201,6 +201,7 @@ class Study:
                                             score.max_length) is None:
                 shutil.rmtree(model_dir)
 
+    @cached_property
     def test_pools(self) -> dict[str, InstructionPool]:
         return load_test_pools({resolve_data_source(name): n for name, n in self.config.test_sets.items()},
                                seed=self.config.test_seed, data_dir=self.config.data_dir)
@@ -210,7 +211,7 @@ class Study:
         return [test_set_label(name) for name in self.config.test_sets]
 
     def generate(self, only: Sequence[str] | None = None) -> dict[str, list[dict]]:
-        return answer_arms([a.name for a in self._chosen(only)], self.run_dir / "models", self.test_pools(),
+        return answer_arms([a.name for a in self._chosen(only)], self.run_dir / "models", self.test_pools,
                            self.generations_dir, self.config.generate_config(),
                            nll_max_length=self.config.score_config().max_length,
                            device=self.config.train_config().device,
@@ -246,11 +247,11 @@ class Study:
         actions = {"score": self.score, "select": self.select, "train": lambda: self.train(only),
                    "generate": lambda: self.generate(only), "judge": self.judge, "report": self.report}
         if {"generate", "judge"} & set(stages):  # a missing test set is found now, not after scoring and training
-            self.test_pools()
+            self.test_pools  # noqa: B018 (loaded, and kept, for its errors)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         restored = self.record.restore(self.arms, self.test_set_labels)
         if answered := [a.name for a in self.arms if (self.record.root / "generations" / a.name).is_dir()]:
-            self.record.restore_generations(answered, self.test_pools())  # now: the report counts them in any stage
+            self.record.restore_generations(answered, self.test_pools)  # now: the report counts them in any stage
             self._drop_unanswered(restored)
         try:
             for stage in [s for s in STAGES if s in stages]:  # always in the study's order, whatever order given

@@ -57,6 +57,19 @@ def test_parse_refuses_numbers_that_are_not_scores(text):
     assert parse_review(text) is None
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Assistant 2: 7, Assistant 1: 9", (9, 7)),  # the labels, not the positions, say whose score it is
+    ("Assistant 2: 7, Assistant 1: 9 (Assistant 1 is clearer)", (9, 7)),
+    ("Scores: 8 7 (Assistant 2 is weaker)", (8, 7)),  # a label in the comment says nothing about the order
+    ("Assistant 1 is 2 points better than Assistant 2.\nAssistant 1: 9\nAssistant 2: 7", (9, 7)),  # a margin
+    ("Assistant 2 is 1 point behind.\nAssistant 1: 8\nAssistant 2: 7", (8, 7)),
+    ("Assistant 1 gets 8 points, Assistant 2 gets 6 points.", (8, 6)),
+    ("Assistant 1 scored 2 points higher than Assistant 2 overall: 9 versus 7.", None),  # unclear: unparsed
+])
+def test_parse_reads_labels_in_any_order_and_skips_margins(text, expected):
+    assert parse_review(text) == expected
+
+
 def test_review_prompt_is_the_cherry_prompt():
     text = review_prompt("What is 2+2?", "4", "5")
     assert text.startswith("[Question]\nWhat is 2+2?\n\n[The Start of Assistant 1's Answer]\n4\n\n"

@@ -95,8 +95,11 @@ _PAIR = re.compile(rf"[\s():]*(?:scores?\b[\s():]*)?{_NUMBER}(?:\s*[,;&]\s*|\s+(
 # between a label and its score only score words ("Assistant 1's score is 8", "Assistant 2 gets 10"), so neither
 # "Assistant 1 gave 3 examples" nor the 2 of a later "Assistant 2" is read as a score
 _GAP = r"(?:[\s:=(),]|'s\b|\b(?:a|an|is|of|gets|got|receives|earns|rated|score[sd]?|overall|final)\b)*?"
-_LABELLED = {k: re.compile(rf"\b(?:assistant|answer|response)\s*#?\s*{k}\b{_GAP}{_NUMBER}", re.IGNORECASE)
+# nor a number that compares ("Assistant 1 is 2 points better", "Assistant 2 is 1 point behind")
+_COMPARED = r"(?!\d|\.\d|\s*(?:points?\s+)?(?:more|better|higher|lower|worse|less|fewer|behind|ahead|than)\b)"
+_LABELLED = {k: re.compile(rf"\b(?:assistant|answer|response)\s*#?\s*{k}\b{_GAP}{_NUMBER}{_COMPARED}", re.IGNORECASE)
              for k in (1, 2)}
+_ORDER = re.compile(r"\b(?:assistant|answer|response)\s*#?\s*([12])\b", re.IGNORECASE)
 
 
 def _valid(scores: list[float]) -> tuple[float, float] | None:
@@ -109,9 +112,12 @@ def parse_review(text: str) -> tuple[float, float] | None:
     6"). The score line is the first line with a number that is not the scale, as a header ("Scores (1-10):") may
     come first; a line with any other number is not one (the 3 of "Assistant 1: 8 (it covers all 3 points)")."""
     cleaned = _SCALE.sub("", (text or "").replace("*", ""))
-    line = next((s for s in (_LABEL.sub(" ", s) for s in cleaned.splitlines()) if re.search(r"\d", s)), "")
+    blank = [(s, _LABEL.sub(lambda m: " " * len(m[0]), s)) for s in cleaned.splitlines()]  # positions kept
+    raw, line = next(((s, b) for s, b in blank if re.search(r"\d", b)), ("", ""))
     if (pair := _PAIR.fullmatch(line)) and (scores := _valid([float(pair[1]), float(pair[2])])):
-        return scores
+        order = _ORDER.findall(raw[:pair.end(2)])  # "Assistant 2: 7, Assistant 1: 9" is 9 and 7
+        if order in ([], ["1", "2"], ["2", "1"]):  # else the labels say more than the line: read them below
+            return scores[::-1] if order == ["2", "1"] else scores
     labelled = [_LABELLED[k].search(cleaned) for k in (1, 2)]
     return _valid([float(m.group(1)) for m in labelled]) if all(labelled) else None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -339,6 +340,21 @@ def test_a_row_whose_demo_cannot_fit_has_no_miwv_and_is_never_selected(tiny):
     assert 2 not in select_indices(scores, ratio=5 / 6, by="miwv")
     assert 2 not in select_indices(scores, ratio=5 / 6, by="low-miwv")
     assert 2 in select_indices(scores, ratio=1.0, by="ifd")
+
+
+def test_a_row_whose_response_has_no_token_has_no_miwv(tiny):
+    """SmolLM2's tokenizer drops some control characters: a response made of them alone used to be scored on the
+    EOS alone, as an ordinary MIWV."""
+    rows = make_rows(6, seed=5)
+    examples = encode_examples(rows, tiny.tokenizer)
+    examples[3] = dataclasses.replace(examples[3], response=())
+    neighbors = np.array([1, 2, 1, 4, 3, 4])
+    scores = score_rows(tiny, examples, list("abcdef"), list(range(6)), neighbors, np.ones(6, dtype=np.float32),
+                        ScoreConfig(progress=False))
+    assert scores[3]["status"] == "no-response" and scores[3]["miwv"] is None and scores[3]["ifd"] is None
+    assert scores[3]["response_tokens"] == 0 and scores[3]["zero_shot_loss"] is not None  # the EOS's loss, kept
+    assert all(s["status"] == "ok" and s["miwv"] is not None for s in scores if s["index"] != 3)
+    assert 3 not in select_indices(scores, ratio=5 / 6, by="miwv") + select_indices(scores, ratio=5 / 6, by="ifd")
 
 
 @pytest.mark.parametrize("value", [0, 1, -5])

@@ -117,14 +117,17 @@ def _shared_prefix_passes(groups: dict[int, list[int]], zero_of, one: dict[int, 
 
 def _score_row(i: int, k: int, ids: list[str], examples: list[EncodedExample], one: Sequence, cut: Truncation,
                similarity: float, zero_loss: float, one_loss: float, uncond: float, compute_ifd: bool) -> dict:
-    value = _finite_or_none(miwv(one_loss, zero_loss))
-    # Why a row has no MIWV (such a row is never selected); no-demo: max_length leaves no room for the demonstration.
-    status = "no-demo" if cut.no_demo else "ok" if value is not None else "loss-not-finite"
+    # Why a row has no MIWV (such a row is never selected); no-demo: max_length leaves no room for the demonstration;
+    # no-response: the tokenizer drops every character of the response (SmolLM2 drops some control characters),
+    # so only the EOS would be scored.
+    empty = not examples[i].response
+    value = None if empty else _finite_or_none(miwv(one_loss, zero_loss))
+    status = "no-demo" if cut.no_demo else "no-response" if empty else "ok" if value is not None else "loss-not-finite"
     return {"index": i, "id": ids[i], "neighbor_index": k, "neighbor_id": ids[k],
             "neighbor_similarity": round(float(similarity), 6),
             "zero_shot_loss": _finite_or_none(zero_loss), "one_shot_loss": _finite_or_none(one_loss),
             "miwv": value, "status": status, "unconditional_loss": _finite_or_none(uncond),
-            "ifd": _finite_or_none(ifd(zero_loss, uncond)) if compute_ifd else None,
+            "ifd": _finite_or_none(ifd(zero_loss, uncond)) if compute_ifd and not empty else None,
             "prompt_tokens": len(examples[i].prompt), "response_tokens": len(examples[i].response),
             "one_shot_tokens": len(one.input_ids), "truncated": bool(cut.as_dict()), "truncation": cut.as_dict()}
 

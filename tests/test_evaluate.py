@@ -12,6 +12,7 @@ from miwv_lib.method.pairwise import ALL, PairItem, bootstrap_interval, combine_
 from miwv_lib.experiments.evaluate import compare_generations, judge_pair, plot_outcomes, write_table
 from miwv_lib.experiments.report import table_markdown
 from miwv_lib.experiments.engine import run_comparison
+from miwv_lib.method.selection import SelectionError
 from miwv_lib.method.pairwise import LOSS, TIE, WIN, Review
 from miwv_lib.experiments.judges import RougeJudge
 
@@ -154,7 +155,10 @@ def test_run_comparison_end_to_end_on_tiny_model(tmp_path, tiny_model_dir, share
     kwargs = dict(ratio=0.5, train_config=train, generate_config=GenerateConfig(max_new_tokens=3, progress=False),
                   test_sets=("sinstruct", "vicuna"), sample=2, data_dir=shared_data_dir,
                   judges=("reference-nll", "rougeL"), n_resamples=50)
-    result = run_comparison(tmp_path, pool, **kwargs)
+    with pytest.raises(SelectionError, match="ratio: expected a number < 1"):  # the full pool against itself
+        run_comparison(tmp_path, pool, **{**kwargs, "ratio": 1.0})
+    with pytest.warns(UserWarning, match="vicuna: no reference answers"):  # answered, exported, not judged: said
+        result = run_comparison(tmp_path, pool, **kwargs)
     assert set(result.models) == {"miwv_50pct", "random_50pct", "full"}
     assert {r["judge"] for r in result.table} == {"reference-nll", "rougeL-f1"}
     assert {(r["model_a"], r["model_b"]) for r in result.table} == {("miwv_50pct", "full"), ("random_50pct", "full")}

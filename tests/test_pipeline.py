@@ -92,22 +92,25 @@ def test_load_config_validates(tmp_path):
     ({"ratios": [0.05, 1.5]}, {}, "ratios (a parameter of 03_selection): item 1: expected a number < 1"),
     ({"methods": ["best"]}, {}, "methods (a parameter of 03_selection): item 0: expected one of miwv"),
     ({}, {"02_miwv_scoring": {"batch_size": 0}}, "batch_size (a parameter of 02_miwv_scoring): expected a positive"),
-    ({}, {"04_finetune": {"max_length": "auto"}}, "max_length (a parameter of 04_finetune): expected an integer"),
+    ({}, {"04_finetune": {"max_length": "auto"}}, "max_length (a parameter of 04_finetune): expected int, got 'auto'"),
+    ({"max_length": "auto"}, {}, "max_length (a parameter of 01_data): expected int, got 'auto'"),  # 01 measures by it
+    ({}, {"02_miwv_scoring": {"max_length": "auto"}}, "max_length (a parameter of 02_miwv_scoring): expected int"),
+    ({}, {"02_miwv_scoring": {"max_length": 1}}, "max_length (a parameter of 02_miwv_scoring): 1 cannot hold a single"),
     ({}, {"05_evaluate": {"judges": ["gpt5"]}}, "judges (a parameter of 05_evaluate): item 0: unknown judge 'gpt5'"),
 ])
 def test_a_parameter_of_the_wrong_type_or_range_is_refused_before_any_notebook_runs(parameters, notebooks, says):
-    """By the configuration field of the same name (the notebook builds that configuration from it), else by the
-    parameters cell's annotation: it used to fail inside the notebook, or run with the value skipped."""
+    """By the parameters cell's annotation and by the configuration field of the same name (the notebook builds that
+    configuration from it): it used to fail inside the notebook, or run with the value skipped."""
     config = load_config({"parameters": parameters, "notebooks": notebooks})
     with pytest.raises(PipelineError, match=re.escape(says)):
         plan_parameters(config, notebook_paths(), Path("run"))
 
 
 def test_a_parameter_that_its_configuration_allows_is_accepted():
-    config = load_config({"notebooks": {"02_miwv_scoring": {"max_length": "auto"}, "03_selection": {"focus_ratio": None},
+    config = load_config({"notebooks": {"02_miwv_scoring": {"max_length": 300}, "03_selection": {"focus_ratio": None},
                                         "04_finetune": {"learning_rate": 1e-4, "epochs": 1}}})
     plan = plan_parameters(config, notebook_paths(), Path("run"))
-    assert plan["02_miwv_scoring"]["max_length"] == "auto" and plan["04_finetune"]["epochs"] == 1
+    assert plan["02_miwv_scoring"]["max_length"] == 300 and plan["04_finetune"]["epochs"] == 1
 
 
 def test_parse_overrides_reads_yaml_values():

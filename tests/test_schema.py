@@ -60,6 +60,7 @@ def test_flags_reach_their_fields():
     (ScoreConfig, "compute_ifd", "yes", "expected true or false"),
     (ScoreConfig, "max_length", 1, "cannot hold a single response token"),
     (TrainConfig, "epochs", 0, "expected a number > 0"),
+    (TrainConfig, "max_steps", 0, "expected -1 or ≥ 1, got 0"),  # 0 used to train one step, recorded as 3 epochs
     (TrainConfig, "learning_rate", math.nan, "expected a finite number"),
     (TrainConfig, "lora_dropout", 5, "expected a number < 1"),
     (TrainConfig, "max_length", "auto", "expected an integer of at least 2, got 'auto'"),

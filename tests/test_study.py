@@ -18,6 +18,7 @@ from miwv_lib.runtime.io import read_jsonl
 from miwv_lib.method.selection import select_indices, subset_size
 from miwv_lib.experiments.study import BASELINE, Study, StudyError, StudyRecord, load_study_config
 from miwv_lib.experiments.report import JUDGED_OUTPUTS, _reading, averaged, paired_difference
+from miwv_lib.experiments.pipeline import resolve_path
 
 pytestmark = pytest.mark.integration  # runs the smoke study on the tiny model (tens of seconds)
 
@@ -181,6 +182,15 @@ def test_report_numbers_come_from_the_judgements(study_dirs):
 ])
 def test_the_bottom_line_reads_the_tally_as_it_is(tally, reading):
     assert _reading(tally) == reading
+
+
+def test_a_run_dir_of_ones_own_keeps_the_results_beside_it(tmp_path):
+    """--run-dir alone used to write REPORT.md and record/ into the configuration's results_dir: for the committed
+    study, over results/small_scale."""
+    study = Study.from_config(load_study_config(SMOKE), tmp_path / "mine")
+    assert study.results_dir == tmp_path / "mine" / "results"
+    assert Study.from_config(load_study_config(SMOKE), tmp_path / "r", tmp_path / "x").results_dir == tmp_path / "x"
+    assert Study.from_config(load_study_config(SMOKE)).results_dir == resolve_path(load_study_config(SMOKE).results_dir)
 
 
 def test_cli_errors_name_the_problem(tmp_path):

@@ -1,4 +1,4 @@
-"""Command line: ``python -m miwv_lib score|select|pipeline|train|evaluate`` (also installed as ``miwv``).
+"""Command line: ``python -m miwv_lib score|select|pipeline|study|train|evaluate`` (also installed as ``miwv``).
 
 The flags are a contract used by people and scripts; add new ones, don't rename old ones.
 """
@@ -34,7 +34,7 @@ from .engine import run_comparison, warn_if_scored_otherwise
 from .evaluate import DEFAULT_TEST_SETS
 from .generate import GenerateConfig
 from .judges import OFFLINE_JUDGES, judge_rule, make_judge
-from .pipeline import PipelineError, publish_run, resolve_path, run_pipeline
+from .pipeline import PipelineError, publish_run, resolve_data_source, resolve_path, run_pipeline
 from .score import PARTIAL_FILE, ScoreConfig, is_run_file, score_pool
 from .select import export_subset, load_checked_scores, subset_format
 from .study import STAGES, StudyError, load_study_config, run_study
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--config", required=True, type=_path,
                        help="YAML study configuration, e.g. configs/study/small_scale.yaml")
     study.add_argument("--run-dir", type=_path, help="intermediate files (default: the config's run_dir)")
-    study.add_argument("--results-dir", type=_path, help="REPORT.md and figures (default: the config's results_dir)")
+    study.add_argument("--results-dir", type=_path,
+                       help="REPORT.md and figures (default: RUN_DIR/results with --run-dir, else the config's)")
     study.add_argument("--stages", nargs="+", metavar="STAGE",
                        help="run only these stages (score select train generate judge report); default: all")
     study.add_argument("--models", nargs="+", metavar="NAME",
@@ -151,7 +152,7 @@ def _add_train_commands(commands) -> None:
 
 def _load_pool(args: argparse.Namespace):
     try:
-        return load_instructions(args.data, data_dir=args.data_dir, limit=args.limit)
+        return load_instructions(resolve_data_source(args.data), data_dir=args.data_dir, limit=args.limit)
     except RecursionError:  # json gives up on very deep nesting
         raise DataError("JSON nested too deeply to be a list of records", source=str(args.data)) from None
 

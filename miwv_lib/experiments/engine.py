@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..data.datasets import InstructionPool, load_instructions
 from ..method.pairwise import Judge
-from ..method.selection import BASELINE, Arm, demo_trimmed, plan_arms, select_arms
+from ..method.selection import BASELINE, Arm, SelectionError, demo_trimmed, plan_arms, select_arms
 from ..runtime.io import file_sha256, write_json
 from .evaluate import (
     DEFAULT_TEST_SETS,
@@ -26,7 +26,7 @@ from .evaluate import (
 )
 from .generate import GenerateConfig
 from .judges import OFFLINE_JUDGES
-from .select import export_subset, load_checked_scores
+from .select import export_subset, load_checked_scores, ratio_rule
 from .train import TrainConfig, TrainResult, has_weights, load_trained, train_model, trained_model_signature
 
 SELECTIONS_FILE = "subsets/selections.json"
@@ -138,6 +138,13 @@ def run_comparison(run_dir: str | Path, pool: InstructionPool | str | Path, rati
     warn_if_scored_otherwise(run_dir / "scores.jsonl", train_config)
     generate_config = generate_config or GenerateConfig(template=train_config.template)
     pools = load_test_pools(test_sets, sample, sample_seed, data_dir)  # a bad test set is an error before training
+    if problem := ratio_rule(ratio):  # 1 would compare the full-pool model with itself
+        raise SelectionError(f"ratio: {problem}")
+    if all(j in OFFLINE_JUDGES if isinstance(j, str) else j.needs_reference for j in judges) and (
+            unjudged := [name for name, p in pools.items() if not any(p.references)]):
+        warnings.warn(f"{', '.join(unjudged)}: no reference answers, so these answers are generated (and exported "
+                      "for an external judge) but not judged here; add an LLM judge (--judge hf:… or openai:…) to "
+                      "judge them", stacklevel=2)
     arms = plan_arms([ratio], methods, [selection_seed])
     plan = select_arms(arms, scores)
     write_selections(run_dir, arms, plan)

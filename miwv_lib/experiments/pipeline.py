@@ -184,8 +184,8 @@ def _type_problem(annotation: str, value: Any) -> str | None:
 
 
 def parameter_problem(notebook: str, name: str, value: Any, annotation: str) -> str | None:
-    """A notebook parameter checked by the rule of the configuration field of that name (the notebook builds that
-    configuration from it), or else by its annotation in the parameters cell: before any notebook runs."""
+    """A notebook parameter checked by its annotation in the parameters cell and by the rule of the configuration
+    field of that name (the notebook builds that configuration from it): before any notebook runs."""
     from .generate import GenerateConfig
     from .judges import judge_rule
     from .score import ScoreConfig
@@ -196,9 +196,9 @@ def parameter_problem(notebook: str, name: str, value: Any, annotation: str) -> 
     fields_ = {f.name: f for f in fields(schema[notebook])} if notebook in schema else {}
     rules = {"ratios": each(ratio_rule), "train_ratio": ratio_rule, "judges": each(judge_rule),
              "methods": each(method_rule), "train_methods": each(method_rule)}
-    if name in fields_:
-        return field_problem(fields_[name], value)
-    return _type_problem(annotation, value) or (rules[name](value) if name in rules else None)
+    # both: the cell's type is what the notebook's own code assumes (02 does arithmetic with max_length)
+    rule = (lambda v: field_problem(fields_[name], v)) if name in fields_ else rules.get(name, lambda v: None)
+    return _type_problem(annotation, value) or rule(value)
 
 
 @dataclass

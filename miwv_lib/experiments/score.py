@@ -75,8 +75,8 @@ class ScoreConfig:
     compute_ifd: bool = setting(True, rule=boolean(), flag="--no-ifd",
                                 help="skip the unconditional pass that IFD needs")
     share_prefix: bool = setting(True, rule=boolean(), flag="--no-share-prefix",
-                                 help="one pass for the rows that share a neighbour: its example once, each row's own "
-                                      "tokens after it (exact; off: a pass for every row)")
+                                 help="a pass for every row, instead of one pass for the rows that share a neighbour "
+                                      "(its example once, each row's own tokens after it; the same losses)")
     chunk_rows: int = setting(64, rule=integer(1), help="advanced: rows per checkpoint in scores.partial.jsonl (at "
                               "most this much work is lost when the job is killed; a resumed run must use the same "
                               "value to be byte-identical)")

@@ -123,8 +123,10 @@ class Study:
     @classmethod
     def from_config(cls, config: StudyConfig, run_dir: str | Path | None = None,
                     results_dir: str | Path | None = None) -> Study:
+        # a run directory of one's own gets its results beside it, not over the configuration's (committed) ones
+        results_dir = results_dir or (Path(run_dir) / "results" if run_dir else config.results_dir)
         return cls(config=config, run_dir=resolve_path(run_dir or config.run_dir),
-                   results_dir=resolve_path(results_dir or config.results_dir), arms=config.arms())
+                   results_dir=resolve_path(results_dir), arms=config.arms())
 
     def model_dir(self, arm: Arm) -> Path:
         return self.run_dir / "models" / arm.name

@@ -58,7 +58,8 @@ class TrainConfig:
     weight_decay: float = setting(0.0, rule=number(0))
     batch_size: int = setting(4, rule=integer(1), help="per device")
     gradient_accumulation_steps: int = setting(4, rule=integer(1), flag="--grad-accum", help="effective batch: 4 × 4")
-    max_steps: int = setting(-1, rule=integer(-1), help="> 0 overrides --epochs (smoke runs, throughput)")
+    max_steps: int = setting(-1, rule=lambda v: integer(-1)(v) or ("expected -1 or ≥ 1, got 0" if v == 0 else None),
+                             help="> 0 overrides --epochs (smoke runs, throughput); -1: train for --epochs")
     lora_r: int = setting(16, rule=integer(1))
     lora_alpha: int = setting(32, rule=integer(1))
     lora_dropout: float = setting(0.05, rule=number(0, 1, below=True))

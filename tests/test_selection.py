@@ -43,6 +43,18 @@ def test_top_miwv_descending_with_ties_by_id():
     assert select_indices(scores, 0.4, "length") == [4, 3]
 
 
+def test_ifd_keeps_cherry_llms_rule_no_row_above_1():
+    """Cherry LLM drops IFD > 1 (the instruction made the response harder to predict) before taking the highest;
+    ranking them first used to give the IFD baseline exactly the rows Cherry throws away."""
+    scores = _scores([0.0] * 5)
+    for s, value in zip(scores, [1.4, 0.9, 1.0, 0.3, 1.01]):
+        s["ifd"] = value
+    assert select_indices(scores, 0.4, "ifd") == [2, 1]  # 1.0 is kept, 1.4 and 1.01 are not
+    assert select_indices(scores, 0.6, "ifd") == [2, 1, 3]
+    with pytest.raises(SelectionError, match=r"only 3 rows have a finite 'ifd' ≤ 1 \(Cherry LLM's rule\)"):
+        select_indices(scores, 0.8, "ifd")
+
+
 def test_rows_without_a_score_are_never_selected():
     scores = _scores([None, 0.2, math.nan, 0.1])
     assert select_indices(scores, 0.5, "miwv") == [1, 3]

@@ -234,6 +234,44 @@ def test_a_report_of_files_made_with_other_settings_says_so(study_dirs, tmp_path
     assert "train.max_steps: 2 in the files, 3 here" in report
 
 
+def test_a_model_trained_on_another_selection_than_todays_is_marked(study_dirs, tmp_path):
+    """When a selection rule changes (IFD keeps Cherry LLM's IFD ≤ 1 since 2026-12-05), a model trained on the old
+    selection is marked, with its own rows' statistics, instead of standing beside the new selection's."""
+    from miwv_lib import load_instructions
+    from miwv_lib.experiments.train import rows_fingerprint
+
+    run = tmp_path / "run"
+    shutil.copytree(study_dirs["run"], run)
+    selections = json.loads((run / "subsets" / "selections.json").read_text(encoding="utf-8"))
+    old = selections["indices"]["ifd_10pct"] = selections["indices"]["low-miwv_10pct"]  # the rows it was trained on
+    (run / "subsets" / "selections.json").write_text(json.dumps(selections), encoding="utf-8")
+    manifest_path = run / "models" / "ifd_10pct" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    pool = load_instructions(str(REPO / "data" / "examples" / "smoke_pool.json"))
+    manifest["fingerprint_inputs"]["data"] = rows_fingerprint([pool.rows[i] for i in old])
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    result = run_cli("--config", str(SMOKE), "--run-dir", str(run), "--results-dir", str(tmp_path / "results"),
+                     "--stages", "report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "results" / "REPORT.md").read_text(encoding="utf-8")
+    assert "train (ifd_10pct: trained on another selection than today's, †)" in report
+    assert "| ifd_10pct † |" in report and "| ifd_25pct |" in report  # only the one whose rows differ
+    assert "The models' own rows: ifd_10pct mean MIWV" in report
+    assert "The comparisons with ifd_10pct use models trained on an earlier selection" in report
+    assert "†" not in study_dirs["results"].joinpath("REPORT.md").read_text(encoding="utf-8")
+
+
+def test_a_report_on_scores_of_other_data_says_so_instead_of_failing(study_dirs, tmp_path):
+    """An edited limit used to end the report stage in an IndexError after its figures were redrawn."""
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(SMOKE.read_text() + "\nlimit: 30\n")
+    result = run_cli("--config", str(changed), "--run-dir", str(study_dirs["run"]), "--results-dir",
+                     str(tmp_path / "results"), "--stages", "report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "results" / "REPORT.md").read_text(encoding="utf-8")
+    assert "still to run: score (" in report and "has 40 rows but the data has 30" in report
+
+
 def test_unknown_model_names_are_refused(study_dirs):
     result = run_cli(*study_dirs["common"], "--stages", "train", "--models", "miwv_7pct")
     assert result.returncode == 2 and "miwv_7pct" in result.stderr and "miwv_10pct" in result.stderr

@@ -26,10 +26,8 @@ from .evaluate import (
 )
 from .generate import GenerateConfig
 from .judges import OFFLINE_JUDGES
-from .select import export_subset, load_checked_scores, ratio_rule
+from .select import SELECTIONS_FILE, export_subset, load_checked_scores, ratio_rule
 from .train import TrainConfig, TrainResult, has_weights, load_trained, train_model, trained_model_signature
-
-SELECTIONS_FILE = "subsets/selections.json"
 
 
 class ExperimentError(ValueError):

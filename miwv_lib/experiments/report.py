@@ -22,8 +22,9 @@ import numpy as np
 from ..data.datasets import record_count
 from ..data.prompts import encode_text
 from ..method.pairwise import ALL, OUTCOME_VALUE, mean_interval
-from ..method.selection import BASELINE, demo_trimmed, ratio_label, subset_size
+from ..method.selection import BASELINE, SelectionError, demo_trimmed, ratio_label, subset_size
 from ..runtime.io import atomic_open, read_jsonl, save_png, write_json
+from .select import SELECTIONS_FILE, load_checked_scores
 
 if TYPE_CHECKING:
     from .study import Study
@@ -439,7 +440,12 @@ def write_study_report(study: Study, root: Path) -> Path:
     the repository: the report names its commit and the regeneration command relative to it."""
     out = study.results_dir
     out.mkdir(parents=True, exist_ok=True)
-    scores = _read(study.scores_path)
+    scores, other_data = _read(study.scores_path), None
+    try:  # the configuration's data or limit edited since: those scores are not this study's
+        if scores:
+            load_checked_scores(study.pool, study.scores_path)
+    except SelectionError as exc:
+        scores, other_data = None, str(exc)
     table, records = _read(study.evaluation_dir / "table.csv", []), _read(study.evaluation_dir / "judgements.jsonl", [])
     figures = _study_figures(study, out, scores, table)
     comps = comparisons(study, records) if records else []
@@ -447,27 +453,47 @@ def write_study_report(study: Study, root: Path) -> Path:
     if not scores or not manifest or manifest.get("status") != "complete":
         scores = None  # the figure shows a run's scores so far; the numbers wait for all of them
     judged = {r["model_a"] for r in records}
-    missing = [] if study.scores_path.exists() else ["score"]
+    plan = study.selections(scores) if scores is not None else {}
+    trained = _trained_rows(study, plan) if scores is not None else {}
+    reselected = [name for name, rows in trained.items() if rows != plan[name]]
+    missing = [f"score ({other_data})"] if other_data else [] if study.scores_path.exists() else ["score"]
     for stage, arms, done in (("train", study.arms, study.is_trained), ("generate", study.arms, study.is_answered),
                               ("judge", [a for a in study.arms if a.name != BASELINE], lambda a: a.name in judged)):
         if todo := [a for a in arms if not done(a)]:
             missing.append(f"{stage} ({len(todo)} of {len(arms)} models)")
     if stale := _stale_settings(study):  # the configuration was edited after its files were made
         missing.append(f"the stages whose files were made with other settings ({'; '.join(stale)})")
+    if reselected:
+        missing.append(f"train ({', '.join(reselected)}: trained on another selection than today's, †)")
     parts = [*_intro(study, missing, root),
              "## 1. Scoring", "", _scoring_section(study, scores, manifest, figures), "",
-             "## 2. Selected subsets", "", _selection_section(study, scores), "",
-             "## 3. Fine-tuning", "", _training_section(study, scores, figures), "",
+             "## 2. Selected subsets", "", _selection_section(study, scores, plan, trained), "",
+             "## 3. Fine-tuning", "", _training_section(study, scores, trained, figures), "",
              "## 4. Every subset model against the full-pool model", "",
              _evaluation_tables(study, table) if table else "Needs the judgements (stages `generate`, `judge`).", "",
              _answer_lengths(study)]
     if "winning" in figures:
         parts += ["", f"![winning scores]({figures['winning']})", "", f"![win/tie/lose]({figures['bars']})"]
     with atomic_open(path := out / "REPORT.md") as handle:
-        handle.write("\n".join([*parts, *_closing(study, comps, root)]) + "\n")
+        handle.write("\n".join([*parts, *_closing(study, comps, root, reselected)]) + "\n")
     write_json(out / "results.json", {"status_missing": missing, "comparisons": comps, "table": table,
                                       "figures": figures})
     return path
+
+
+def _trained_rows(study: Study, plan: Mapping[str, list[int]]) -> dict[str, list[int] | None]:
+    """Each trained model's rows, told by its fingerprint of them: its selection today, else the one recorded when
+    it was selected (the rule has changed since), else None (not known)."""
+    from .train import rows_fingerprint
+
+    recorded = (_read(study.run_dir / SELECTIONS_FILE) or {}).get("indices", {})
+    out = {}
+    for arm in filter(study.is_trained, study.arms):
+        data = _read(study.model_dir(arm) / "manifest.json")["fingerprint_inputs"]["data"]
+        out[arm.name] = next((rows for rows in (plan[arm.name], recorded.get(arm.name)) if rows is not None
+                              and max(rows, default=-1) < len(study.pool)
+                              and rows_fingerprint([study.pool.rows[i] for i in rows]) == data), None)
+    return out
 
 
 def _stale_settings(study: Study) -> list[str]:
@@ -597,23 +623,34 @@ def _scoring_section(study: Study, scores: list[dict] | None, manifest: Mapping 
     return "\n".join(lines)
 
 
-def _selection_section(study: Study, scores: list[dict] | None) -> str:
+def _mean(scores: list[dict], rows: list[int], key: str) -> str:
+    return fmt(summary_stats(scores[i][key] for i in rows)["mean"], ".3f")
+
+
+def _selection_section(study: Study, scores: list[dict] | None, plan: Mapping[str, list[int]],
+                       trained: Mapping[str, list[int] | None]) -> str:
     if scores is None:
         return "Needs the scores."
-    plan = study.selections(scores)
     sources = row_source_files(study.pool.files, len(study.pool)) if study.pool.files else None
-    rows = []
+    rows, other = [], {name: old for name, old in trained.items() if old != plan[name]}
     for arm in study.arms:
         idx = plan[arm.name]
         chosen = [scores[i] for i in idx]
         counts = sorted(Counter(sources[i] for i in idx).items()) if sources else []
-        means = (fmt(summary_stats(s[key] for s in chosen)["mean"], ".3f") for key in ("miwv", "ifd"))
-        rows.append([arm.name, f"{len(idx):,}", demo_trimmed(chosen),
+        means = (_mean(scores, idx, key) for key in ("miwv", "ifd"))
+        rows.append([arm.name + (" †" if arm.name in other else ""), f"{len(idx):,}", demo_trimmed(chosen),
                      f"{np.median([s['response_tokens'] for s in chosen]):.0f}", *means,
                      ", ".join(f"{k} {v / len(idx):.0%}" for k, v in counts)])
     lines = [*md_table(["subset", "rows", "rows with a trimmed demo", "median response tokens", "mean MIWV",
-                        "mean IFD", "share per source file"], rows, "lrrrrrl"),
-             "", "Overlap (Jaccard) between the subsets of the same size:", ""]
+                        "mean IFD", "share per source file"], rows, "lrrrrrl")]
+    if other:
+        lines += ["", "† Its model (sections 3–5) was trained on another selection, by an earlier rule: until "
+                  "2026-12-05 `ifd` ranked every row, while Cherry LLM, whose baseline it is, keeps only IFD ≤ 1 "
+                  "(above 1 the instruction made the response harder to predict). This table shows today's "
+                  "selection; continuing the study trains the model again. The models' own rows: " + "; ".join(
+                      f"{name} mean MIWV {_mean(scores, old, 'miwv')}, mean IFD {_mean(scores, old, 'ifd')}"
+                      if old else f"{name} not known" for name, old in other.items()) + "."]
+    lines += ["", "Overlap (Jaccard) between the subsets of the same size:", ""]
     for ratio in sorted(study.config.ratios):
         arms = [a.name for a in study.arms if a.ratio == ratio]
         lines += [*md_table([ratio_label(ratio), *arms], [[a, *(f"{jaccard(plan[a], plan[b]):.2f}" for b in arms)]
@@ -632,14 +669,14 @@ def _rows_cut(manifest: Mapping, rows: list[int] | None, scores: list[dict] | No
     return f"{sum(2 + scores[i]['prompt_tokens'] + scores[i]['response_tokens'] > max_length for i in rows)}*"
 
 
-def _training_section(study: Study, scores: list[dict] | None, figures: dict[str, str]) -> str:
+def _training_section(study: Study, scores: list[dict] | None, trained: Mapping[str, list[int] | None],
+                      figures: dict[str, str]) -> str:
     manifests = {arm.name: _read(study.model_dir(arm) / "manifest.json") for arm in study.arms}
     done = {name: m for name, m in manifests.items() if m and m.get("status") == "complete"}
-    plan = study.selections(scores) if scores is not None else {}  # once: every model's rows
     max_length = study.config.train_config().max_length
     lines = md_table(["model", "rows", "rows cut at max length", "optimizer steps", "final train loss", "time",
                       "tokens/s"],
-                     [[name, f"{m['rows']:,}", _rows_cut(m, plan.get(name), scores, max_length), m["steps"],
+                     [[name, f"{m['rows']:,}", _rows_cut(m, trained.get(name), scores, max_length), m["steps"],
                        fmt(m.get("train_loss"), ".3f"), f"{fmt((m.get('seconds') or math.nan) / 60, '.1f')} min",
                        fmt(m.get("tokens_per_second"), ".0f")] for name, m in done.items()], "lrrrrrr")
     if any("rows_cut" not in m for m in done.values()):
@@ -693,7 +730,7 @@ def _answer_lengths(study: Study) -> str:
                       *md_table(["model", *sets], rows, "l" + "r" * len(sets))])
 
 
-def _conclusions(study: Study, comps: list[dict]) -> str:
+def _conclusions(study: Study, comps: list[dict], reselected: Sequence[str]) -> str:
     if not comps:
         return "Needs the judgements."
     rows = [[c["judge"], ratio_label(c["ratio"]), c["baseline"], f"{c['miwv_score']:.3f}", f"{c['baseline_score']:.3f}",
@@ -719,6 +756,9 @@ def _conclusions(study: Study, comps: list[dict]) -> str:
                       "against the full-pool model.")
     if others := [f"{_reading(t)} against **{b}**" for b, t in tally.items() if b != "full"]:
         bottom.append("Against the other selections of the same size, MIWV is " + "; ".join(others) + ".")
+    if reselected:
+        bottom.append(f"The comparisons with {', '.join(reselected)} use models trained on an earlier selection "
+                      "(†, section 2), not on today's.")
     steps = {arm.name: _read(study.model_dir(arm) / "manifest.json")["steps"]
              for arm in filter(study.is_trained, study.arms)}
     subset_steps = sorted({v for name, v in steps.items() if name != BASELINE})
@@ -730,14 +770,14 @@ def _conclusions(study: Study, comps: list[dict]) -> str:
     return "\n".join([*lines, "", " ".join(bottom)])
 
 
-def _closing(study: Study, comps: list[dict], root: Path) -> list[str]:
+def _closing(study: Study, comps: list[dict], root: Path, reselected: Sequence[str]) -> list[str]:
     c = study.config
     stages = ", ".join(f"`{s}`" for s in ("score", "select", "train", "generate", "judge", "report"))
     try:  # the config file as a reader of the repository types it; a mapping, or a file outside it, as it is
         source = Path(c.source).resolve().relative_to(root).as_posix()
     except (TypeError, ValueError):
         source = str(c.source)
-    parts = ["", "## 5. What we can and cannot conclude", "", _conclusions(study, comps), "",
+    parts = ["", "## 5. What we can and cannot conclude", "", _conclusions(study, comps, reselected), "",
              "What this setting cannot show: the paper's judge is GPT-4 reading both answers; ours are reference-based "
              "proxies (likelihood of, and similarity to, the GPT-4 reference answer), which reward answers that look "
              f"like the reference, not answers a person prefers. The model is far smaller than the paper's 7B, "

@@ -11,6 +11,7 @@ from ..method.selection import RANKED_BY, SELECTION_METHODS, SelectionError, is_
 from ..runtime.io import file_sha256, write_checksum, write_json, write_jsonl
 from ..runtime.schema import number
 
+SELECTIONS_FILE = "subsets/selections.json"  # a run's arms and the rows each was given (engine.write_selections)
 ratio_rule = number(0, 1, above=True, below=True)  # a subset's share of the pool, in settings (--ratio takes 1 too)
 
 

@@ -244,6 +244,11 @@ def read_loss_csv(path: str | Path) -> list[dict]:
                 for row in csv.DictReader(handle)]
 
 
+def rows_fingerprint(rows: list[dict]) -> str:
+    """The training rows, in order, as a model's fingerprint knows them."""
+    return stable_hash([(r.get("id"), r["instruction"], r.get("input", ""), r["output"]) for r in rows])
+
+
 def train_fingerprint_inputs(config: TrainConfig, base: LoadedModel, rows: list[dict], use_bf16: bool,
                              rows_cut: dict[str, int]) -> dict:
     """Everything the trained weights depend on; ``auto`` settings enter as what they resolved to here."""
@@ -253,7 +258,7 @@ def train_fingerprint_inputs(config: TrainConfig, base: LoadedModel, rows: list[
     # Rows cut at max_length enter only when there are some: before 2026-12-05 they lost their prompt's start, not
     # their response's end, so a model trained on them then is not this one; uncut data gives the same model as then.
     return {"base_model": base.identity, "config": settings,
-            "data": stable_hash([(r.get("id"), r["instruction"], r.get("input", ""), r["output"]) for r in rows]),
+            "data": rows_fingerprint(rows),
             "rows": len(rows), "layout_version": SpecialTokens.from_tokenizer(base.tokenizer).layout_version,
             "format_version": TRAIN_FORMAT_VERSION, **({"rows_cut": rows_cut} if any(rows_cut.values()) else {})}
 

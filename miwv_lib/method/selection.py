@@ -15,6 +15,11 @@ RANKED_BY = {"miwv": ("miwv", True), "ifd": ("ifd", True), "low-miwv": ("miwv", 
            "length": ("response_tokens", True)}
 
 
+# Cherry LLM keeps only IFD ≤ 1 (cherry_seletion/data_by_IFD.py: `if mean_rate > 1: continue`): above 1 the
+# instruction made the response *harder* to predict, a misaligned pair, not a hard one.
+IFD_MAX = 1.0
+
+
 class SelectionError(ValueError):
     pass
 
@@ -33,7 +38,7 @@ def subset_size(n: int, ratio: float) -> int:
 
 def select_indices(scores: list[dict], ratio: float, by: str = "miwv", seed: int = 0) -> list[int]:
     """Row indices of the subset, best first: by score (ascending for low-MIWV; ties by id; rows without a finite
-    score never selected), or a seeded permutation for ``random``."""
+    score never selected, nor, for ``ifd``, rows above ``IFD_MAX``), or a seeded permutation for ``random``."""
     if by not in SELECTION_METHODS:
         raise SelectionError(f"by must be one of {', '.join(SELECTION_METHODS)}; got {by!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -43,9 +48,10 @@ def select_indices(scores: list[dict], ratio: float, by: str = "miwv", seed: int
         order = np.random.default_rng(seed).permutation(len(scores))
         return [int(scores[j]["index"]) for j in order[:size]]
     field, descending = RANKED_BY[by]
-    usable = [s for s in scores if is_finite_number(s.get(field))]
+    usable = [s for s in scores if is_finite_number(s.get(field)) and (by != "ifd" or s[field] <= IFD_MAX)]
     if len(usable) < size:
-        raise SelectionError(f"only {len(usable)} rows have a finite {field!r}; cannot select {size}")
+        kept = f"a finite {field!r}" + (f" ≤ {IFD_MAX:g} (Cherry LLM's rule)" if by == "ifd" else "")
+        raise SelectionError(f"only {len(usable)} rows have {kept}; cannot select {size}")
     ranked = sorted(usable, key=lambda s: (-s[field] if descending else s[field], s["id"], s["index"]))
     return [int(s["index"]) for s in ranked[:size]]
 

@@ -39,3 +39,16 @@ def test_two_ranks_merge_into_the_single_process_file(tmp_path):
     manifest = json.loads((tmp_path / "multi" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and manifest["status"] == "complete"
     assert not list((tmp_path / "multi").glob("scores.partial*"))
+
+
+@pytest.mark.parametrize("world_size", ["2", "abc", "0"])
+def test_a_world_size_without_a_process_group_is_one_clear_error(tmp_path, world_size):
+    """WORLD_SIZE set by hand, without torchrun's rendezvous, used to end in a traceback (exit 1)."""
+    data = tmp_path / "pool.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(4)))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-m", "miwv_lib", "score", "--data", str(data), "--out",
+                             str(tmp_path / "out"), "--model", "tiny-random"], capture_output=True, text=True,
+                            timeout=300, env={**env, "WORLD_SIZE": world_size, "RANK": "0"}, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: WORLD_SIZE")
+    assert "Traceback" not in result.stderr and not (tmp_path / "out" / "scores.jsonl").exists()

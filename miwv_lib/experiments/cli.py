@@ -27,6 +27,7 @@ from ..method.selection import (
     score_warnings,
     select_indices,
 )
+from ..runtime.distributed import DistributedSetupError
 from ..runtime.io import keep_interrupts
 from ..runtime.runs import FingerprintMismatch, RunDirectoryBusy, run_lock
 from ..runtime.schema import add_flags, from_args
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         {"score": run_score, "select": run_select, "pipeline": run_pipeline_command, "train": run_train,
          "evaluate": run_evaluate, "study": run_study_command}[args.command](args)
     except (DataError, ModelLoadError, SelectionError, FingerprintMismatch, RunDirectoryBusy, PipelineError,
-            StudyError, EmbedderError, OSError) as exc:  # OSError: a missing path, a full disk, no permission
+            StudyError, EmbedderError, DistributedSetupError, OSError) as exc:  # OSError: a missing path, a full disk
         # One line; an OSError names its file first (/run/scores.jsonl: No space left on device) and, where the
         # remedy is always the same, says what to do.
         os_error = isinstance(exc, OSError)

@@ -23,6 +23,7 @@ from ..data.models import (
     EmbedderError,
     LoadedModel,
     ModelLoadError,
+    embedder_identity,
     load_embedder,
     load_model,
 )
@@ -223,7 +224,7 @@ def _start(run: _Run, overwrite: bool) -> dict:
     status: dict = {"error": None, "finished": False, "manifest": {}}
     try:
         config, loaded = run.config, run.loaded  # the inputs: all that the numbers depend on (not the batch size)
-        inputs = {"model": loaded.identity, "template": config.template, "embedder": config.embedder,
+        inputs = {"model": loaded.identity, "template": config.template, "embedder": embedder_identity(config.embedder),
                   "max_length": config.max_length, "dtype": str(loaded.dtype).removeprefix("torch."),
                   "ifd": config.compute_ifd, "data": run.pool.content_hash, "rows": len(run.pool),
                   "layout_version": SpecialTokens.from_tokenizer(loaded.tokenizer).layout_version}
@@ -246,8 +247,9 @@ def _start(run: _Run, overwrite: bool) -> dict:
             "world_size": run.shard.world_size, "environment": environment_info()}
         write_json(run.out_dir / "manifest.json", manifest)
         t0 = time.perf_counter()
-        key = {"embedder": config.embedder, "data": run.pool.content_hash,
-               "model": loaded.identity if config.embedder == SELF_EMBEDDER else None}
+        own = config.embedder == SELF_EMBEDDER  # the model's hidden states: its weights and their dtype
+        key = {"embedder": inputs["embedder"], "data": run.pool.content_hash, "model": loaded.identity if own else None,
+               **({"dtype": inputs["dtype"]} if own else {})}
         status["neighbors"] = _cached_neighbors(  # broadcast to every rank with the status
             run.out_dir / "neighbors.json", key, len(run.pool),
             lambda: find_neighbors(run.pool, config.embedder, loaded, progress=config.progress))

@@ -24,15 +24,25 @@ class Shard:
         return chunk_number % self.world_size == self.rank
 
 
+class DistributedSetupError(RuntimeError):
+    """The environment names a process group that cannot be joined (WORLD_SIZE set by hand, without torchrun)."""
+
+
 def init_from_env() -> Shard:
     """Join the process group that torchrun/accelerate describe in the environment (or none)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    text = os.environ.get("WORLD_SIZE", "1")
+    if not text.strip().isdigit() or int(text) < 1:
+        raise DistributedSetupError(f"WORLD_SIZE={text!r} is not a number of processes; unset it, or use torchrun")
+    if (world_size := int(text)) == 1:
         return Shard()
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" then means this rank's GPU
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        try:
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        except ValueError as exc:  # torch: "... MASTER_ADDR expected, but not set" and the like
+            raise DistributedSetupError(f"WORLD_SIZE={world_size}, but no process group to join ({exc}); start the "
+                                        "ranks with torchrun or accelerate launch, or unset WORLD_SIZE") from None
     return Shard(rank=dist.get_rank(), world_size=dist.get_world_size())
 
 

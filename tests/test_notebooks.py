@@ -337,6 +337,22 @@ def test_03_honours_non_default_parameters(smoke_run, tmp_path):
     assert "| random | 0.5 | 20 |" in report
 
 
+@pytest.mark.parametrize("notebook", ["03_selection", "04_finetune"])
+def test_03_and_04_refuse_scores_of_other_data(smoke_run, tmp_path, notebook):
+    """They checked the scores against the pool by row count and ids only, so edited data was selected and
+    trained on by the old MIWV; now they load the scores as the select command does."""
+    from miwv_lib.experiments.pipeline import PipelineError, run_pipeline
+
+    for name in ("pool.jsonl", "scores.jsonl", "manifest.json"):
+        shutil.copy(smoke_run.run_dir / name, tmp_path / name)
+    rows = _read_jsonl(tmp_path / "pool.jsonl")
+    rows[0]["output"] = "Another answer altogether."
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(PipelineError, match="computed on other data"):
+        run_pipeline(SMOKE, run_dir=tmp_path, notebooks=[notebook], progress=False)
+    assert not (tmp_path / "subsets").exists() and not (tmp_path / "models").exists()
+
+
 @pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
 def test_the_solutions_run_on_the_smoke_run(smoke_run, path, tmp_path):
     """Every exercise's solution executes top to bottom on what the notebooks wrote (its asserts included)."""

@@ -272,6 +272,17 @@ def test_a_report_on_scores_of_other_data_says_so_instead_of_failing(study_dirs,
     assert "still to run: score (" in report and "has 40 rows but the data has 30" in report
 
 
+def test_a_report_after_the_test_sample_changed_asks_for_answers_again(study_dirs, tmp_path):
+    """is_answered looked only for the files: an edited test_seed reported the old sample's answers under it."""
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(SMOKE.read_text().replace("test_seed: 0", "test_seed: 1"))
+    result = run_cli("--config", str(changed), "--run-dir", str(study_dirs["run"]), "--results-dir",
+                     str(tmp_path / "results"), "--stages", "report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "results" / "REPORT.md").read_text(encoding="utf-8")
+    assert "generate (11 of 11 models)" in report, report[:600]
+
+
 def test_unknown_model_names_are_refused(study_dirs):
     result = run_cli(*study_dirs["common"], "--stages", "train", "--models", "miwv_7pct")
     assert result.returncode == 2 and "miwv_7pct" in result.stderr and "miwv_10pct" in result.stderr

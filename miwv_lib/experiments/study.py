@@ -188,7 +188,15 @@ class Study:
         return is_trained(self.model_dir(arm))
 
     def is_answered(self, arm: Arm) -> bool:
-        return all((self.generations_dir / arm.name / f"{d}.jsonl").exists() for d in self.test_set_labels)
+        """Its answers are on disk and are this configuration's (test samples, generation settings): an edited
+        test_seed used to report the old sample's answers under the new seed."""
+        if not (self.is_trained(arm) and all((self.generations_dir / arm.name / f"{d}.jsonl").exists()
+                                             for d in self.test_set_labels)):
+            return False
+        identity, dtype = trained_model_signature(self.model_dir(arm))
+        answers = cached_generations_for_model(identity, dtype, arm.name, self.test_pools, self.generations_dir,
+                                               self.config.generate_config(), self.config.score_config().max_length)
+        return answers is not None
 
     def _drop_unanswered(self, restored: list[str]) -> None:
         """A model restored without weights whose recorded answers do not apply here (another test sample, other

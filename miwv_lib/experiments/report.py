@@ -12,7 +12,7 @@ import random
 import re
 import subprocess
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ from ..data.prompts import encode_text
 from ..method.pairwise import ALL, OUTCOME_VALUE, mean_interval
 from ..method.selection import BASELINE, SelectionError, demo_trimmed, ratio_label, subset_size
 from ..runtime.io import atomic_open, read_jsonl, save_png, write_json
-from .select import SELECTIONS_FILE, load_checked_scores
+from .select import SELECTIONS_FILE
 
 if TYPE_CHECKING:
     from .study import Study
@@ -440,12 +440,12 @@ def write_study_report(study: Study, root: Path) -> Path:
     the repository: the report names its commit and the regeneration command relative to it."""
     out = study.results_dir
     out.mkdir(parents=True, exist_ok=True)
-    scores, other_data = _read(study.scores_path), None
-    try:  # the configuration's data or limit edited since: those scores are not this study's
-        if scores:
-            load_checked_scores(study.pool, study.scores_path)
-    except SelectionError as exc:
-        scores, other_data = None, str(exc)
+    scores, other_data = None, None
+    if study.scores_path.exists():
+        try:  # the configuration's data or limit edited since: those scores are not this study's
+            scores = study.scores()
+        except SelectionError as exc:
+            other_data = str(exc)
     table, records = _read(study.evaluation_dir / "table.csv", []), _read(study.evaluation_dir / "judgements.jsonl", [])
     figures = _study_figures(study, out, scores, table)
     comps = comparisons(study, records) if records else []
@@ -455,7 +455,7 @@ def write_study_report(study: Study, root: Path) -> Path:
     judged = {r["model_a"] for r in records}
     plan = study.selections(scores) if scores is not None else {}
     trained = _trained_rows(study, plan) if scores is not None else {}
-    reselected = [name for name, rows in trained.items() if rows != plan[name]]
+    reselected = {name: rows for name, rows in trained.items() if rows != plan[name]}  # the rows they were given
     missing = [f"score ({other_data})"] if other_data else [] if study.scores_path.exists() else ["score"]
     for stage, arms, done in (("train", study.arms, study.is_trained), ("generate", study.arms, study.is_answered),
                               ("judge", [a for a in study.arms if a.name != BASELINE], lambda a: a.name in judged)):
@@ -467,7 +467,7 @@ def write_study_report(study: Study, root: Path) -> Path:
         missing.append(f"train ({', '.join(reselected)}: trained on another selection than today's, †)")
     parts = [*_intro(study, missing, root),
              "## 1. Scoring", "", _scoring_section(study, scores, manifest, figures), "",
-             "## 2. Selected subsets", "", _selection_section(study, scores, plan, trained), "",
+             "## 2. Selected subsets", "", _selection_section(study, scores, plan, reselected), "",
              "## 3. Fine-tuning", "", _training_section(study, scores, trained, figures), "",
              "## 4. Every subset model against the full-pool model", "",
              _evaluation_tables(study, table) if table else "Needs the judgements (stages `generate`, `judge`).", "",
@@ -628,11 +628,12 @@ def _mean(scores: list[dict], rows: list[int], key: str) -> str:
 
 
 def _selection_section(study: Study, scores: list[dict] | None, plan: Mapping[str, list[int]],
-                       trained: Mapping[str, list[int] | None]) -> str:
+                       other: Mapping[str, list[int] | None]) -> str:
+    """``other``: the models trained on another selection than today's, with their rows (None: not known)."""
     if scores is None:
         return "Needs the scores."
     sources = row_source_files(study.pool.files, len(study.pool)) if study.pool.files else None
-    rows, other = [], {name: old for name, old in trained.items() if old != plan[name]}
+    rows = []
     for arm in study.arms:
         idx = plan[arm.name]
         chosen = [scores[i] for i in idx]
@@ -730,7 +731,7 @@ def _answer_lengths(study: Study) -> str:
                       *md_table(["model", *sets], rows, "l" + "r" * len(sets))])
 
 
-def _conclusions(study: Study, comps: list[dict], reselected: Sequence[str]) -> str:
+def _conclusions(study: Study, comps: list[dict], reselected: Collection[str]) -> str:
     if not comps:
         return "Needs the judgements."
     rows = [[c["judge"], ratio_label(c["ratio"]), c["baseline"], f"{c['miwv_score']:.3f}", f"{c['baseline_score']:.3f}",
@@ -770,7 +771,7 @@ def _conclusions(study: Study, comps: list[dict], reselected: Sequence[str]) -> 
     return "\n".join([*lines, "", " ".join(bottom)])
 
 
-def _closing(study: Study, comps: list[dict], root: Path, reselected: Sequence[str]) -> list[str]:
+def _closing(study: Study, comps: list[dict], root: Path, reselected: Collection[str]) -> list[str]:
     c = study.config
     stages = ", ".join(f"`{s}`" for s in ("score", "select", "train", "generate", "judge", "report"))
     try:  # the config file as a reader of the repository types it; a mapping, or a file outside it, as it is

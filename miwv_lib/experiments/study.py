@@ -201,14 +201,11 @@ class Study:
     def _drop_unanswered(self, restored: list[str]) -> None:
         """A model restored without weights whose recorded answers do not apply here (another test sample, other
         generation settings) is trained again, rather than stopping the generate stage."""
-        pools, config, score = self.test_pools, self.config.generate_config(), self.config.score_config()
         for arm in self.arms:
             model_dir = self.model_dir(arm)
             if str(Path("models", arm.name, "manifest.json")) not in restored or has_weights(model_dir):
                 continue
-            identity, dtype = trained_model_signature(model_dir)
-            if cached_generations_for_model(identity, dtype, arm.name, pools, self.generations_dir, config,
-                                            score.max_length) is None:
+            if not self.is_answered(arm):
                 shutil.rmtree(model_dir)
 
     @cached_property

@@ -10,7 +10,7 @@ import pytest
 
 from miwv_lib.method.pairwise import ALL, PairItem, bootstrap_interval, combine_orders, summarize, winning_score
 from miwv_lib.experiments.evaluate import compare_generations, judge_pair, plot_outcomes, write_table
-from miwv_lib.experiments.report import table_markdown
+from miwv_lib.experiments.report import outcome_values, paired_difference, table_markdown
 from miwv_lib.experiments.engine import run_comparison
 from miwv_lib.method.selection import SelectionError
 from miwv_lib.method.pairwise import LOSS, TIE, WIN, Review
@@ -87,6 +87,28 @@ def test_unscored_review_is_a_tie_and_counted():
     assert records[0]["outcome"] == TIE
     table = summarize(records, n_resamples=50)
     assert table[-1]["unparsed"] == 2
+
+
+def test_a_non_finite_score_is_an_unscored_review_not_a_silent_tie():
+    judge = _StubJudge(lambda x, y: (float("nan"), 1.0))
+    with pytest.warns(UserWarning, match="2 of 2 reviews have no scores"):
+        records = judge_pair(_items(["x"], ["y"]), judge, "A", "B")
+    assert records[0]["outcome"] == TIE and summarize(records, n_resamples=50)[-1]["unparsed"] == 2
+
+
+def test_the_table_s_interval_is_the_paired_comparison_s_for_the_same_outcomes():
+    # The study report gives MIWV against the full pool twice: as a table row and as a paired difference (minus 1).
+    judge = _StubJudge(lambda x, y: (len(x), len(y)))
+    rng = random.Random(1)
+    records = []
+    for name in ("vicuna", "koala"):  # records in neither dataset nor id order
+        answers = [("x" * rng.randint(1, 3), "x" * rng.randint(1, 3)) for _ in range(15)]
+        records += judge_pair(_items(*zip(*answers), dataset=name), judge, "A", "B")[::-1]
+    everything = summarize(records, n_resamples=300)[-1]
+    mine = outcome_values(records)[("stub", "A")]
+    paired = paired_difference(mine, dict.fromkeys(mine, 0.0), n_resamples=300)
+    assert everything["ci_low"] - 1 == pytest.approx(paired["ci_low"], abs=1e-12)
+    assert everything["ci_high"] - 1 == pytest.approx(paired["ci_high"], abs=1e-12)
 
 
 def test_summarize_rows_per_set_and_all():

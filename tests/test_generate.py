@@ -48,6 +48,25 @@ def test_left_padded_batches_match_one_by_one(talkative):
                                                    for ids in batched]
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_greedy_decoding_ignores_the_checkpoint_s_own_generation_settings(talkative, lora):
+    import copy
+    import dataclasses
+
+    from peft import LoraConfig, get_peft_model
+
+    prompts = prompt_token_ids(make_rows(4, seed=2), talkative.tokenizer)
+    settings = GenerateConfig(max_new_tokens=8, batch_size=4, progress=False)
+    greedy = generate_ids(talkative, prompts, settings)
+    model = copy.deepcopy(talkative.model)
+    if lora:  # the fine-tuned models: generate runs in the wrapped model, with that model's config
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=True))
+    own = (model.get_base_model() if lora else model).generation_config
+    own.repetition_penalty, own.no_repeat_ngram_size = 3.0, 1  # as a checkpoint may ship them
+    assert generate_ids(dataclasses.replace(talkative, model=model), prompts, settings) == greedy
+    assert own.repetition_penalty == 3.0  # handed back afterwards
+
+
 def test_prompt_pass_never_copies_the_head_weight_per_row(talkative):
     # Without contiguous_head_input, the prompt pass's strided last-position slice sends a frozen LM head
     # (every LoRA model's) through a batched product with its weight broadcast to batch x hidden x vocab.

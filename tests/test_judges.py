@@ -127,6 +127,17 @@ def test_cache_makes_a_rerun_free(tmp_path):
     assert other_judge.backend.calls == 3  # the judge id is part of the key
 
 
+def test_a_cached_review_is_read_again_by_today_s_parse_review(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    run_judge(LLMJudge(_ScriptedBackend(["Assistant 2: 7, Assistant 1: 9"])), [_request()], JudgementCache(path))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert (rows[0]["score_1"], rows[0]["score_2"]) == (9, 7)
+    rows[0].update(score_1=7, score_2=9)  # as an earlier parse_review read it: by position, not by label
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    [review] = run_judge(LLMJudge(_ScriptedBackend([])), [_request()], JudgementCache(path))
+    assert review.cached and (review.score_1, review.score_2) == (9, 7)
+
+
 def test_cache_survives_a_torn_last_line(tmp_path):
     path = tmp_path / "cache.jsonl"
     run_judge(LLMJudge(_ScriptedBackend(["8 2"])), [_request()], JudgementCache(path))

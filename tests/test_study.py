@@ -17,7 +17,7 @@ import pytest
 from miwv_lib.runtime.io import read_jsonl
 from miwv_lib.method.selection import select_indices, subset_size
 from miwv_lib.experiments.study import BASELINE, Study, StudyError, StudyRecord, load_study_config
-from miwv_lib.experiments.report import JUDGED_OUTPUTS, _reading, averaged, paired_difference
+from miwv_lib.experiments.report import JUDGED_OUTPUTS, _reading, _side, averaged, paired_difference
 from miwv_lib.experiments.pipeline import resolve_path
 
 pytestmark = pytest.mark.integration  # runs the smoke study on the tiny model (tens of seconds)
@@ -161,6 +161,11 @@ def test_report_numbers_come_from_the_judgements(study_dirs):
     expected = ("not reproduced" if beaten == 0 else "reproduced" if beaten == len(against_full)
                 else "only partly reproduced")
     assert f"is **{expected} here**" in text
+    noise = results["seed_noise"]  # random seeds 0 and 1, each judge and ratio: the yardstick of training noise
+    assert [(c["a"], c["b"]) for c in noise] == [("random-s0_10pct", "random-s1_10pct"),
+                                                 ("random-s0_25pct", "random-s1_25pct")] * 3
+    noisy = sum(c["ci_low"] > 0 or c["ci_high"] < 0 for c in noise)
+    assert f"a clear difference in {noisy} of 6 comparisons" in text
     steps = {p.parent.name: json.loads(p.read_text())["steps"] for p in (study_dirs["run"] / "models").glob("*/manifest.json")}
     assert f"optimizer steps against the full-pool model's {steps['full']}:" in text
 
@@ -299,6 +304,18 @@ def test_paired_difference_is_a_paired_bootstrap():
     assert math.isnan(paired_difference(a, {("t", "0"): 1})["difference"])  # no common prompt: no number
 
 
+def test_a_difference_that_is_exactly_zero_is_not_read_by_the_sign_of_a_rounding_error():
+    # MIWV's outcomes against the mean of three seeds': thirds, whose float sum is off by -1.85e-17
+    mine = {("s", str(i)): v for i, v in enumerate([1, 0, -1, 1, 1, -1])}
+    seeds = [{("s", str(i)): v for i, v in enumerate(s)}
+             for s in ([0, 1, -1, 0, 1, -1], [1, 0, -1, -1, 0, 0], [1, 0, 1, 0, 1, 1])]
+    diff = [mine[k] - averaged(seeds)[k] for k in sorted(mine)]
+    assert np.mean(diff) < 0  # what the rounding error alone gives
+    d = paired_difference(mine, averaged(seeds), n_resamples=200)
+    assert d["difference"] == 0.0 and f"{d['difference']:+.3f}" == "+0.000"
+    assert _side({"ci_low": -0.1, "ci_high": d["difference"]}) == "unclear"  # an interval touching 0 is no verdict
+
+
 def test_random_seeds_are_averaged_per_prompt():
     seeds = [{("s", "0"): 1, ("s", "1"): -1}, {("s", "0"): 0, ("s", "1"): -1}, {("s", "0"): 1}]
     assert averaged(seeds) == {("s", "0"): pytest.approx(2 / 3)}
@@ -310,6 +327,9 @@ def test_small_scale_config_refuses_a_typo_early(tmp_path):
     with pytest.raises(StudyError, match="methodz"):
         load_study_config(tmp_path / "typo.yaml")
     assert re.search(r"^results_dir: results/small_scale", SMALL_SCALE.read_text(), re.M)
+    (tmp_path / "layout.yaml").write_text(SMALL_SCALE.read_text().replace("generate:", "generate:\n  template: plain"))
+    with pytest.raises(StudyError, match="generate: template: 'plain' is not the models' training template 'alpaca'"):
+        load_study_config(tmp_path / "layout.yaml")  # answers in a layout the models never learned
 
 
 def _work_timings(run_dir: Path) -> list[dict]:

@@ -258,7 +258,8 @@ def run_train(args: argparse.Namespace) -> None:
     result = train_model(rows, args.out, config, overwrite=args.overwrite)
     state = ("already trained" if result.skipped
              else f"trained {result.steps} steps, {result.tokens_per_second} tokens/s")
-    print(f"{state} on {result.n_examples} rows, final mean loss {result.train_loss:.4f} -> {result.model_dir}")
+    print(f"{state} on {result.n_examples} rows, mean training loss over all steps {result.train_loss:.4f} "
+          f"-> {result.model_dir}")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:

@@ -64,6 +64,18 @@ def contiguous_head_input(model: torch.nn.Module):
             handle.remove()
 
 
+@contextmanager
+def blank_generation_config(model: torch.nn.Module):
+    """The model runs ``generate`` with a blank config of its own: ``generate`` fills each setting the caller's config
+    leaves unset from it, so a checkpoint's ``repetition_penalty`` or ``suppress_tokens`` would bend greedy decoding."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model  # a LoRA model's own model
+    saved, target.generation_config = target.generation_config, GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
 @torch.no_grad()
 def generate_ids(loaded: LoadedModel, prompts: list[list[int]], config: GenerateConfig | None = None,
                  desc: str = "generate") -> list[list[int]]:
@@ -75,14 +87,13 @@ def generate_ids(loaded: LoadedModel, prompts: list[list[int]], config: Generate
     configured = [int(t) for t in (configured if isinstance(configured, list) else [configured]) if t is not None]
     stops = list(dict.fromkeys([SpecialTokens.from_tokenizer(tokenizer).eos, *configured]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    # A fresh config: the checkpoint's own (sampling, top-k, its max length) must not leak into greedy decoding.
     generation = GenerationConfig(do_sample=False, max_new_tokens=config.max_new_tokens, eos_token_id=stops,
                                   pad_token_id=pad_id, num_beams=1)
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))  # similar lengths pad less
     outputs: list[list[int]] = [[] for _ in prompts]
     model.eval()
-    with contiguous_head_input(model), tqdm(total=len(order), desc=desc, unit="prompt", disable=not config.progress,
-                                            leave=False) as bar:
+    with contiguous_head_input(model), blank_generation_config(model), tqdm(
+            total=len(order), desc=desc, unit="prompt", disable=not config.progress, leave=False) as bar:
         for start in range(0, len(order), config.batch_size):
             batch = order[start:start + config.batch_size]
             input_ids, mask = _left_padded([prompts[i] for i in batch], pad_id)
@@ -96,8 +107,8 @@ def generate_ids(loaded: LoadedModel, prompts: list[list[int]], config: Generate
 
 def generate(loaded: LoadedModel, rows: list[dict] | InstructionPool, config: GenerateConfig | None = None,
              desc: str = "generate") -> list[str]:
-    """Greedy responses to instruction rows (``instruction`` and optional ``input``), in input order; stripped, as
-    after Alpaca's "### Response:" a trained model starts its answer with a newline that is layout, not content."""
+    """Greedy responses to instruction rows (``instruction`` and optional ``input``), in input order, stripped of the
+    whitespace around them (a base model may start with a newline after "### Response:": layout, not content)."""
     config = config or GenerateConfig()
     rows = rows.rows if isinstance(rows, InstructionPool) else rows
     prompts = prompt_token_ids(rows, loaded.tokenizer, config.template, config.max_prompt_length)

@@ -121,10 +121,15 @@ class LLMJudge:
 
     def review(self, requests: list[ReviewRequest]) -> list[Review]:
         users = [review_prompt(r.question, r.first.answer, r.second.answer) for r in requests]
-        texts = self.backend.complete(REVIEW_SYSTEM, users)
-        return [Review(*scores, raw=text) if scores is not None
-                else Review(None, None, raw=text, error="unparseable review")
-                for text, scores in zip(texts, map(parse_review, texts))]
+        return [read_review(text) for text in self.backend.complete(REVIEW_SYSTEM, users)]
+
+
+def read_review(text: str, cached: bool = False) -> Review:
+    """A judge's words and the two scores ``parse_review`` reads in them (none: a tie, with its ``error`` set)."""
+    scores = parse_review(text)
+    if scores is None:
+        return Review(None, None, raw=text, error="unparseable review", cached=cached)
+    return Review(*scores, raw=text, cached=cached)
 
 
 class _PerAnswerJudge:
@@ -240,8 +245,9 @@ class JudgementCache:
 
     def get(self, key: str) -> Review | None:
         row = self._rows.get(key)
-        return None if row is None else Review(row["score_1"], row["score_2"], raw=row.get("raw"),
-                                               error=row.get("error"), cached=True)
+        if row is not None and row.get("raw") is not None:  # read again: a reading fixed since reaches it too
+            return read_review(row["raw"], cached=True)
+        return None if row is None else Review(row["score_1"], row["score_2"], error=row.get("error"), cached=True)
 
     def put(self, entries: list[tuple[str, str, Review]]) -> None:
         rows = [{"key": key, "judge": judge_id, **review.as_dict()} for key, judge_id, review in entries]

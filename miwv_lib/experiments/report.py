@@ -384,8 +384,11 @@ def paired_difference(a: Mapping[tuple[str, str], float], b: Mapping[tuple[str, 
     models met the same full-pool model on the same prompts, so the per-prompt differences are what is resampled."""
     keys = sorted(set(a) & set(b))
     diff = [a[k] - b[k] for k in keys]
-    low, high = mean_interval(diff, n_resamples, level, seed)
-    return {"n": len(keys), "difference": float(np.mean(diff)) if diff else math.nan, "ci_low": low, "ci_high": high}
+    # Rounded far below any real difference: an average of seeds' outcomes (thirds) sums with an error of 1e-17,
+    # and an interval ending at that error's sign rather than at an exact 0 would read as better or worse.
+    low, high, mean = (round(x, 12) + 0.0 for x in (*mean_interval(diff, n_resamples, level, seed),
+                                                     float(np.mean(diff)) if diff else math.nan))
+    return {"n": len(keys), "difference": mean, "ci_low": low, "ci_high": high}
 
 
 def averaged(values: Sequence[Mapping[tuple[str, str], int]]) -> dict[tuple[str, str], float]:
@@ -415,6 +418,20 @@ def comparisons(study: Study, records: Sequence[Mapping]) -> list[dict]:
                             **paired_difference(mine, theirs, study.config.n_bootstrap),
                             "miwv_score": 1 + float(np.mean(list(mine.values()))),
                             "baseline_score": 1 + float(np.mean([theirs[k] for k in mine if k in theirs]))})
+    return out
+
+
+def seed_noise(study: Study, records: Sequence[Mapping]) -> list[dict]:
+    """Every two random seeds at each ratio, by the test of ``comparisons``: their rule is one, so whatever this test
+    calls a clear difference between them is training noise, the yardstick for one trained model against another."""
+    values, out = outcome_values(records), []
+    for judge in judge_ids(records):
+        for ratio in sorted(study.config.ratios):
+            seeds = [a.name for a in study.arms if a.ratio == ratio and a.seed is not None
+                     and (judge, a.name) in values]
+            out += [{"judge": judge, "ratio": ratio, "a": x, "b": y,
+                     **paired_difference(values[(judge, x)], values[(judge, y)], study.config.n_bootstrap)}
+                    for i, x in enumerate(seeds) for y in seeds[i + 1:]]
     return out
 
 
@@ -448,7 +465,7 @@ def write_study_report(study: Study, root: Path) -> Path:
             other_data = str(exc)
     table, records = _read(study.evaluation_dir / "table.csv", []), _read(study.evaluation_dir / "judgements.jsonl", [])
     figures = _study_figures(study, out, scores, table)
-    comps = comparisons(study, records) if records else []
+    comps, noise = (comparisons(study, records), seed_noise(study, records)) if records else ([], [])
     manifest = _read(study.scores_dir / "manifest.json")
     if not scores or not manifest or manifest.get("status") != "complete":
         scores = None  # the figure shows a run's scores so far; the numbers wait for all of them
@@ -475,9 +492,9 @@ def write_study_report(study: Study, root: Path) -> Path:
     if "winning" in figures:
         parts += ["", f"![winning scores]({figures['winning']})", "", f"![win/tie/lose]({figures['bars']})"]
     with atomic_open(path := out / "REPORT.md") as handle:
-        handle.write("\n".join([*parts, *_closing(study, comps, root, reselected)]) + "\n")
-    write_json(out / "results.json", {"status_missing": missing, "comparisons": comps, "table": table,
-                                      "figures": figures})
+        handle.write("\n".join([*parts, *_closing(study, comps, noise, root, reselected)]) + "\n")
+    write_json(out / "results.json", {"status_missing": missing, "comparisons": comps, "seed_noise": noise,
+                                      "table": table, "figures": figures})
     return path
 
 
@@ -731,14 +748,15 @@ def _answer_lengths(study: Study) -> str:
                       *md_table(["model", *sets], rows, "l" + "r" * len(sets))])
 
 
-def _conclusions(study: Study, comps: list[dict], reselected: Collection[str]) -> str:
+def _conclusions(study: Study, comps: list[dict], noise: list[dict], reselected: Collection[str]) -> str:
     if not comps:
         return "Needs the judgements."
     rows = [[c["judge"], ratio_label(c["ratio"]), c["baseline"], f"{c['miwv_score']:.3f}", f"{c['baseline_score']:.3f}",
              f"{c['difference']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]", VERDICTS[_side(c)]] for c in comps]
     lines = ["Paired differences of winning score, MIWV subset minus the baseline at the same size (both compared "
              "with the full-pool model on the same prompts; 'full' means MIWV's own score minus 1), with paired "
-             "bootstrap 95 % intervals over prompts:", "",
+             "bootstrap 95 % intervals over prompts. They cover the sampling of prompts, not the randomness of "
+             "training: each selection is one trained model (random: the average of its seeds' models).", "",
              *md_table(["judge", "ratio", "baseline", "MIWV WS", "baseline WS", "difference [95% CI]", "reading"], rows,
                        "lllrrll"), "", "Over all judges and ratios:", ""]
     tally: dict[str, dict[str, int]] = {}
@@ -747,6 +765,10 @@ def _conclusions(study: Study, comps: list[dict], reselected: Collection[str]) -
     for baseline, t in tally.items():
         lines.append(f"- against **{baseline}**: MIWV clearly better in {t['better']} of {sum(t.values())} "
                      f"comparisons, clearly worse in {t['worse']}, no clear difference in {t['unclear']}.")
+    noisy = sum(_side(c) != "unclear" for c in noise)
+    if noise:
+        lines.append(f"- between two **random seeds** of one rule, by the same test (training noise alone): a clear "
+                     f"difference in {noisy} of {len(noise)} comparisons.")
     # The bottom line, in plain language: every word of it follows from the numbers above.
     bottom = []
     if full := tally.get("full"):
@@ -757,6 +779,10 @@ def _conclusions(study: Study, comps: list[dict], reselected: Collection[str]) -
                       "against the full-pool model.")
     if others := [f"{_reading(t)} against **{b}**" for b, t in tally.items() if b != "full"]:
         bottom.append("Against the other selections of the same size, MIWV is " + "; ".join(others) + ".")
+    if noisy:
+        bottom.append(f"Yet models trained on two random selections by one rule differ clearly in {noisy} of "
+                      f"{len(noise)} comparisons, so a clear difference between two single models may be training "
+                      "noise rather than their selections.")
     if reselected:
         bottom.append(f"The comparisons with {', '.join(reselected)} use models trained on an earlier selection "
                       "(†, section 2), not on today's.")
@@ -771,14 +797,14 @@ def _conclusions(study: Study, comps: list[dict], reselected: Collection[str]) -
     return "\n".join([*lines, "", " ".join(bottom)])
 
 
-def _closing(study: Study, comps: list[dict], root: Path, reselected: Collection[str]) -> list[str]:
+def _closing(study: Study, comps: list[dict], noise: list[dict], root: Path, reselected: Collection[str]) -> list[str]:
     c = study.config
     stages = ", ".join(f"`{s}`" for s in ("score", "select", "train", "generate", "judge", "report"))
     try:  # the config file as a reader of the repository types it; a mapping, or a file outside it, as it is
         source = Path(c.source).resolve().relative_to(root).as_posix()
     except (TypeError, ValueError):
         source = str(c.source)
-    parts = ["", "## 5. What we can and cannot conclude", "", _conclusions(study, comps, reselected), "",
+    parts = ["", "## 5. What we can and cannot conclude", "", _conclusions(study, comps, noise, reselected), "",
              "What this setting cannot show: the paper's judge is GPT-4 reading both answers; ours are reference-based "
              "proxies (likelihood of, and similarity to, the GPT-4 reference answer), which reward answers that look "
              f"like the reference, not answers a person prefers. The model is far smaller than the paper's 7B, "

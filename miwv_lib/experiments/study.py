@@ -75,8 +75,11 @@ class StudyConfig:
         return _build(TrainConfig, self.train, f"{self.source}: train")
 
     def generate_config(self) -> GenerateConfig:
-        return _build(GenerateConfig, {"template": self.train_config().template} | self.generate,
-                      f"{self.source}: generate")
+        trained = self.train_config().template
+        if self.generate.get("template", trained) != trained:  # answers in a layout the models never learned
+            raise StudyError(f"{self.source}: generate: template: {self.generate['template']!r} is not the models' "
+                             f"training template {trained!r} (train.template); leave it out")
+        return _build(GenerateConfig, {"template": trained} | self.generate, f"{self.source}: generate")
 
     def arms(self) -> list[Arm]:
         """Every subset model (each method at each ratio, each random seed), then the full-pool baseline."""

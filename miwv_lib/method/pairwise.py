@@ -61,8 +61,8 @@ class Review:
     cached: bool = False
 
     @property
-    def scored(self) -> bool:
-        return self.score_1 is not None and self.score_2 is not None
+    def scored(self) -> bool:  # a NaN score would make a silent tie: it is counted as unscored, and reported
+        return all(s is not None and math.isfinite(s) for s in (self.score_1, self.score_2))
 
     def as_dict(self) -> dict:
         return {"score_1": self.score_1, "score_2": self.score_2, "raw": self.raw, "error": self.error}
@@ -191,6 +191,9 @@ def summarize(records: list[dict], datasets: Sequence[str] | None = None, n_resa
         present = list(dict.fromkeys(r["dataset"] for r in group))
         named = list(datasets or ())
         order = [d for d in named if d in present] + [d for d in present if d not in named]
+        # In the prompts' (dataset, id) order, the order a paired comparison resamples them in: the same outcomes
+        # then give the same interval in both.
+        group.sort(key=lambda r: (r["dataset"], r["id"]))
         for name in [*order, ALL]:
             subset = group if name == ALL else [r for r in group if r["dataset"] == name]
             outcomes = [r["outcome"] for r in subset]

@@ -397,11 +397,11 @@ def averaged(values: Sequence[Mapping[tuple[str, str], int]]) -> dict[tuple[str,
     return {k: float(np.mean([v[k] for v in values])) for k in keys}
 
 
-def comparisons(study: Study, records: Sequence[Mapping]) -> list[dict]:
-    """MIWV's subset against each baseline's at the same ratio, per judge (paired over prompts)."""
-    values = outcome_values(records)
+def comparisons(study: Study, values: Mapping[tuple[str, str], Mapping]) -> list[dict]:
+    """MIWV's subset against each baseline's at the same ratio, per judge (paired over prompts); ``values`` as
+    ``outcome_values`` gives them."""
     out = []
-    for judge in judge_ids(records):
+    for judge in dict.fromkeys(judge for judge, _ in values):
         for ratio in sorted(study.config.ratios):
             arms = [a for a in study.arms if a.ratio == ratio]
             miwv = next((a for a in arms if a.method == "miwv"), None)
@@ -421,11 +421,11 @@ def comparisons(study: Study, records: Sequence[Mapping]) -> list[dict]:
     return out
 
 
-def seed_noise(study: Study, records: Sequence[Mapping]) -> list[dict]:
+def seed_noise(study: Study, values: Mapping[tuple[str, str], Mapping]) -> list[dict]:
     """Every two random seeds at each ratio, by the test of ``comparisons``: their rule is one, so whatever this test
     calls a clear difference between them is training noise, the yardstick for one trained model against another."""
-    values, out = outcome_values(records), []
-    for judge in judge_ids(records):
+    out = []
+    for judge in dict.fromkeys(judge for judge, _ in values):
         for ratio in sorted(study.config.ratios):
             seeds = [a.name for a in study.arms if a.ratio == ratio and a.seed is not None
                      and (judge, a.name) in values]
@@ -465,7 +465,8 @@ def write_study_report(study: Study, root: Path) -> Path:
             other_data = str(exc)
     table, records = _read(study.evaluation_dir / "table.csv", []), _read(study.evaluation_dir / "judgements.jsonl", [])
     figures = _study_figures(study, out, scores, table)
-    comps, noise = (comparisons(study, records), seed_noise(study, records)) if records else ([], [])
+    values = outcome_values(records)  # once, for MIWV's comparisons and the seeds' alike
+    comps, noise = (comparisons(study, values), seed_noise(study, values)) if records else ([], [])
     manifest = _read(study.scores_dir / "manifest.json")
     if not scores or not manifest or manifest.get("status") != "complete":
         scores = None  # the figure shows a run's scores so far; the numbers wait for all of them

@@ -213,8 +213,6 @@ def _read_parquet(path: Path, label: str) -> list[dict]:
 
     try:
         table = pq.read_table(path)
-    except IsADirectoryError:
-        raise DataError(_IS_DIRECTORY, source=label) from None
     except Exception as exc:  # pyarrow raises several unrelated types for corrupt files
         raise DataError(f"not a readable parquet file ({type(exc).__name__}: {exc})", source=label) from None
     for column in table.schema:  # subsets and caches are JSON: a date, bytes or a decimal cannot be written back
@@ -409,19 +407,11 @@ def _record_id(rec: Mapping, schema: str, norm: _Normalised, fail: _Fail) -> str
 _TRAINING_KEYS = ("instruction", "input", "output", "prompt", "response", "completion", "messages", "conversations")
 
 
-def _case_renames(record: Any, wanted: Sequence[str] = _TRAINING_KEYS) -> list[tuple[str, str]]:
-    """``(key, wanted key)`` for each key that differs from a wanted one only in case."""
-    if not isinstance(record, Mapping):
-        return []
-    return [(key, want) for key in record if isinstance(key, str) for want in wanted
-            if key != want and key.lower() == want and want not in record]
-
-
-def _case_hint(record: Any, wanted: Sequence[str] = _TRAINING_KEYS) -> str:
+def _case_hint(record: Mapping, wanted: Sequence[str] = _TRAINING_KEYS) -> str:
     """``; rename the field 'Instruction' to 'instruction'`` when a key differs from a wanted one only in case."""
-    renames = _case_renames(record, wanted)
-    listed = ", ".join(f"{key!r} to {want!r}" for key, want in renames[:3])
-    return f"; field names are case-sensitive: rename the field {listed}" if renames else ""
+    renames = [f"{key!r} to {want!r}" for key in record if isinstance(key, str) for want in wanted
+               if key != want and key.lower() == want and want not in record]
+    return f"; field names are case-sensitive: rename the field {', '.join(renames[:3])}" if renames else ""
 
 
 def _file_schema(raw: _RawFile) -> str:
@@ -465,7 +455,7 @@ def _build_pool(raws: list[_RawFile], *, source: str, file_format: str, require_
     schema = schemas[0]
     if require_output and schema in (*TEST_SETS, "alpaca_eval"):
         first, alpaca = raws[0].records[0], ("instruction", "input", "output")
-        if any(want == "output" for _, want in _case_renames(first, alpaca)):  # capitalised Alpaca, not a test set
+        if _case_hint(first, ("output",)):  # capitalised Alpaca, not a test set
             raise DataError(_case_hint(first, alpaca).lstrip("; "), source=source, row=0)
         raise DataError(f"the rows look like the {schema!r} test set (prompts only, no responses to score or train "
                         "on); give a training pool with instruction and output (test sets are read by 'evaluate', "

@@ -9,7 +9,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-import time
+import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -124,12 +124,7 @@ def matmul_speedup_bf16() -> float:
     def best(dtype: torch.dtype) -> float:
         x, w = torch.randn(512, 1024, dtype=dtype), torch.randn(2048, 1024, dtype=dtype)
         torch.nn.functional.linear(x, w)  # warm-up: oneDNN builds its kernel on the first call
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            times.append(time.perf_counter() - start)
-        return min(times)
+        return min(timeit.repeat(lambda: torch.nn.functional.linear(x, w), repeat=5, number=1))
 
     return best(torch.float32) / best(torch.bfloat16)
 

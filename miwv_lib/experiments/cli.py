@@ -187,7 +187,7 @@ def _check_device(device: str) -> None:
         raise ModelLoadError(f"--device {device!r} is not a torch device ({exc})") from None
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (resolved.index or 0) >= count:
+        if (resolved.index or 0) >= count:  # none at all, or not that many
             raise ModelLoadError(f"--device {device}: this machine has {count} CUDA device(s); "
                                  "use --device cpu, or auto to take a GPU when there is one")
 

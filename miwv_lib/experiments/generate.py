@@ -4,7 +4,7 @@ left-padded so every row's last prompt token sits at the end of the batch, until
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,12 +56,9 @@ def contiguous_head_input(model: torch.nn.Module):
     """Feed the LM head a contiguous copy of its input while generating: ``generate`` hands it ``hidden[:, -1:, :]``, a
     strided view, and with a frozen head weight (every LoRA model's) CPU matmul copies the weight once per row."""
     head = model.get_output_embeddings()
-    handle = head is not None and head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
-    try:
+    with (nullcontext() if head is None  # a hook's handle removes it on exit
+          else head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))):
         yield
-    finally:
-        if handle:
-            handle.remove()
 
 
 @contextmanager

@@ -33,9 +33,8 @@ class HFChatBackend:
                  progress: bool = True):
         self.loaded, self.max_new_tokens, self.batch_size, self.progress = loaded, max_new_tokens, batch_size, progress
         # a review depends on the weights' dtype and on how long it may be: cached reviews must tell them apart
-        settings = [str(loaded.dtype).removeprefix("torch."), *([f"max_new_tokens={max_new_tokens}"]
-                                                                if max_new_tokens != HF_MAX_NEW_TOKENS else [])]
-        self.id = f"hf:{loaded.identity} ({', '.join(settings)})"
+        longer = f", max_new_tokens={max_new_tokens}" if max_new_tokens != HF_MAX_NEW_TOKENS else ""
+        self.id = f"hf:{loaded.identity} ({str(loaded.dtype).removeprefix('torch.')}{longer})"
         self.prefix = SpecialTokens.from_tokenizer(loaded.tokenizer).prefix
 
     def prompt_text(self, system: str, user: str) -> str:
@@ -62,13 +61,6 @@ class HFChatBackend:
 OPENAI_URL, OPENAI_TEMPERATURE, OPENAI_MAX_TOKENS = "https://api.openai.com/v1", 0.0, 512
 
 
-def _endpoint_label(base_url: str) -> str:
-    """Host, port and path of an endpoint: no scheme, for reading, and no user:password, as the label is recorded
-    with every result."""
-    parts = urlsplit(base_url)
-    return parts.netloc.rpartition("@")[2].lower() + parts.path if parts.netloc else base_url
-
-
 class OpenAIChatBackend:
     """Any OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp server, …) through the ``openai`` client (an
     optional extra: ``pip install 'miwv-lib[openai]'``), which retries rate limits and server errors with backoff.
@@ -80,8 +72,11 @@ class OpenAIChatBackend:
                  max_tokens: int = OPENAI_MAX_TOKENS, timeout: float = 120.0, retries: int = 3):
         self.model, self.base_url = model, base_url.rstrip("/")
         self.temperature, self.max_tokens, self.timeout, self.retries = temperature, max_tokens, timeout, retries
-        # OpenAI's own endpoint with the default settings keeps the old id, so the caches written under it stay valid
-        where = "" if self.base_url == OPENAI_URL else f"@{_endpoint_label(self.base_url)}"
+        # OpenAI's own endpoint with the default settings keeps the old id, so the caches written under it stay valid.
+        # Another endpoint's host, port and path: no scheme, for reading, and no user:password, as the id is recorded.
+        parts = urlsplit(self.base_url)
+        endpoint = parts.netloc.rpartition("@")[2].lower() + parts.path if parts.netloc else self.base_url
+        where = "" if self.base_url == OPENAI_URL else f"@{endpoint}"
         settings = [f"{name}={value}" for name, value, default in (("temperature", temperature, OPENAI_TEMPERATURE),
                                                                    ("max_tokens", max_tokens, OPENAI_MAX_TOKENS))
                     if value != default]
@@ -204,8 +199,6 @@ def reference_nll(loaded: LoadedModel, rows: list[dict], references: list[str], 
 
 
 OFFLINE_JUDGES = ("reference-nll", "embedding", "rougeL")
-
-
 _OFFLINE = {"reference-nll": ReferenceLikelihoodJudge, "embedding": EmbeddingJudge, "rougeL": RougeJudge,
             "rouge": RougeJudge}
 

@@ -305,7 +305,6 @@ def execute_notebook(path: Path, parameters: dict, executed_dir: Path, *, progre
     executed_dir.mkdir(parents=True, exist_ok=True)
     final = executed_dir / path.name
     partial = executed_dir / f".{path.stem}.partial.ipynb"  # renamed over `final` when done
-    error = None
     try:
         with (tempfile.TemporaryDirectory(prefix="miwv-kernel-") as sockets,
               _cell_progress(sockets) if progress else nullcontext()):
@@ -319,12 +318,12 @@ def execute_notebook(path: Path, parameters: dict, executed_dir: Path, *, progre
                 cwd=str(path.parent), start_timeout=120, execution_timeout=cell_timeout,
                 **({} if os.name == "nt" else {"config": Config(KernelManager=ipc)}))
     except Exception as exc:  # a failing cell (PapermillExecutionError), a dead kernel, a timeout…
-        error = _notebook_failure(path.stem, exc, final if partial.exists() or final.exists() else None)
+        return final, _notebook_failure(path.stem, exc, final if partial.exists() or final.exists() else None)
     finally:
         if partial.exists():
             settle_progress_bars(partial)
             os.replace(partial, final)
-    return final, error
+    return final, None
 
 
 def _notebook_failure(stem: str, exc: Exception, saved: Path | None) -> PipelineError:
@@ -409,12 +408,9 @@ def _cell_progress(directory: str) -> Iterator[None]:
         bar.close()
 
 
-_WIDGET_VIEW, _WIDGET_STATE = "application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json"
-
-
 def _settle(output: dict, state: Mapping[str, dict]) -> bool:
     """Give a tqdm notebook bar (HBox of HTML, FloatProgress, HTML) its final text; False: a bar tqdm hid, to drop."""
-    view = output.get("data", {}).get(_WIDGET_VIEW)
+    view = output.get("data", {}).get("application/vnd.jupyter.widget-view+json")
     model = state.get(view["model_id"]) if view else None
     if not model or model.get("model_name") != "HBoxModel":
         return True
@@ -438,7 +434,8 @@ def settle_progress_bars(path: str | Path) -> None:
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
-    if not (state := nb.metadata.get("widgets", {}).get(_WIDGET_STATE, {}).get("state", {})):
+    widgets = nb.metadata.get("widgets", {})
+    if not (state := widgets.get("application/vnd.jupyter.widget-state+json", {}).get("state", {})):
         return
     for cell in nb.cells:
         if "outputs" in cell:

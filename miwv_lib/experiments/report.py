@@ -479,7 +479,7 @@ def write_study_report(study: Study, root: Path) -> Path:
                               ("judge", [a for a in study.arms if a.name != BASELINE], lambda a: a.name in judged)):
         if todo := [a for a in arms if not done(a)]:
             missing.append(f"{stage} ({len(todo)} of {len(arms)} models)")
-    if stale := _stale_settings(study):  # the configuration was edited after its files were made
+    if stale := _stale_settings(study, manifest or {}):  # the configuration was edited after its files were made
         missing.append(f"the stages whose files were made with other settings ({'; '.join(stale)})")
     if reselected:
         missing.append(f"train ({', '.join(reselected)}: trained on another selection than today's, †)")
@@ -514,9 +514,8 @@ def _trained_rows(study: Study, plan: Mapping[str, list[int]]) -> dict[str, list
     return out
 
 
-def _stale_settings(study: Study) -> list[str]:
-    """The configuration's settings that the run's scores or models were made with otherwise."""
-    manifest = _read(study.scores_dir / "manifest.json") or {}
+def _stale_settings(study: Study, manifest: Mapping) -> list[str]:
+    """The configuration's settings that the run's scores (``manifest``) or models were made with otherwise."""
     scored = {**manifest.get("config", {}), "dtype": manifest.get("fingerprint_inputs", {}).get("dtype")}  # resolved
     score, train = asdict(study.config.score_config()), asdict(study.config.train_config())
     stale = [f"score.{k}: {scored[k]!r} in the files, {score[k]!r} here" for k in STALE_SCORE_SETTINGS
@@ -660,8 +659,8 @@ def _selection_section(study: Study, scores: list[dict] | None, plan: Mapping[st
         rows.append([arm.name + (" †" if arm.name in other else ""), f"{len(idx):,}", demo_trimmed(chosen),
                      f"{np.median([s['response_tokens'] for s in chosen]):.0f}", *means,
                      ", ".join(f"{k} {v / len(idx):.0%}" for k, v in counts)])
-    lines = [*md_table(["subset", "rows", "rows with a trimmed demo", "median response tokens", "mean MIWV",
-                        "mean IFD", "share per source file"], rows, "lrrrrrl")]
+    lines = md_table(["subset", "rows", "rows with a trimmed demo", "median response tokens", "mean MIWV", "mean IFD",
+                      "share per source file"], rows, "lrrrrrl")
     if other:
         lines += ["", "† Its model (sections 3–5) was trained on another selection, by an earlier rule: until "
                   "2026-12-05 `ifd` ranked every row, while Cherry LLM, whose baseline it is, keeps only IFD ≤ 1 "

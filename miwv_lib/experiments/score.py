@@ -113,22 +113,19 @@ def find_neighbors(pool: InstructionPool, embedder: str, loaded: LoadedModel | N
 def _cached_neighbors(path: Path, key: dict, rows: int, compute) -> tuple[np.ndarray, np.ndarray]:
     """The neighbours saved in ``path`` for ``key``, else ``compute()``'s, saved there (they are deterministic); the
     checksum of the saved numbers catches a hand edit that stays valid JSON (another row's index, say)."""
-    damaged = False
     if path.exists():
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("key") == key:
+            if saved.get("key") == key:  # another key is another setting's neighbours, not damage
                 numbers = {name: saved[name] for name in ("neighbor_index", "neighbor_similarity")}
                 index = np.asarray(numbers["neighbor_index"], dtype=np.int64)
                 similarity = np.asarray(numbers["neighbor_similarity"], dtype=np.float32)
                 if (saved.get("checksum") == stable_hash(numbers) and index.shape == similarity.shape == (rows,)
                         and ((index >= 0) & (index < rows) & (index != np.arange(rows))).all()):
                     return index, similarity
-                damaged = True
+                raise ValueError("checksum, shape or an index is wrong")
         except (OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError):
-            damaged = True
-    if damaged:
-        warnings.warn(f"{path} is damaged; the neighbours are computed again", stacklevel=2)
+            warnings.warn(f"{path} is damaged; the neighbours are computed again", stacklevel=2)
     index, similarity = compute()
     index, similarity = np.asarray(index, dtype=np.int64), np.asarray(similarity, dtype=np.float32)
     numbers = {"neighbor_index": index.tolist(), "neighbor_similarity": similarity.tolist()}
@@ -159,8 +156,6 @@ def score_rows(loaded: LoadedModel, examples: list[EncodedExample], ids: list[st
 
 @dataclass
 class _Run:
-    """One scoring run's directory, configuration and identity (shared by the helpers of ``score_pool``)."""
-
     pool: InstructionPool
     out_dir: Path
     config: ScoreConfig
@@ -192,31 +187,26 @@ def score_pool(pool: InstructionPool, out_dir: str | Path, config: ScoreConfig |
                loaded: LoadedModel | None = None, overwrite: bool = False) -> list[dict]:
     """Score every row of ``pool`` into ``out_dir/scores.jsonl`` (+ ``manifest.json``), resuming if possible. Under
     ``torchrun`` each rank scores every world_size-th chunk and rank 0 merges (see ``distributed``)."""
+    shard, out_dir, config = init_from_env(), Path(out_dir), config or ScoreConfig()
     # One scoring run per directory, whoever starts it (the CLI, a notebook, a study, Python): two would merge each
     # other's rows. The ranks of one torchrun share it on purpose, so rank 0 alone holds the lock.
-    shard = init_from_env()
     with run_lock(out_dir) if shard.is_main else contextlib.nullcontext():
-        return _score_pool(pool, Path(out_dir), config or ScoreConfig(), loaded, overwrite, shard)
-
-
-def _score_pool(pool: InstructionPool, out_dir: Path, config: ScoreConfig, loaded: LoadedModel | None,
-                overwrite: bool, shard: Shard) -> list[dict]:
-    loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
-    _check_model_fits(config, loaded)
-    if config.torch_compile:
-        compile_body(loaded.model)
-    run = _Run(pool, out_dir, config, loaded, shard)
-    # Rank 0 alone checks the directory, writes the manifest, searches neighbours and repairs torn lines.
-    status = from_main(run.shard, _start(run, overwrite) if run.shard.is_main else None)
-    if status["error"] is not None:
-        raise status["error"]
-    if not status["finished"]:
-        max_length, seconds, todo = _score_missing_chunks(run, *status["neighbors"])
-        barrier(run.shard)
-        if run.shard.is_main:
-            _finish(run, status["manifest"], max_length, seconds, todo)
-        barrier(run.shard)
-    return read_jsonl(out_dir / "scores.jsonl")
+        loaded = loaded or load_model(config.model, dtype=config.dtype, device=config.device)
+        _check_model_fits(config, loaded)
+        if config.torch_compile:
+            compile_body(loaded.model)
+        run = _Run(pool, out_dir, config, loaded, shard)
+        # Rank 0 alone checks the directory, writes the manifest, searches neighbours and repairs torn lines.
+        status = from_main(shard, _start(run, overwrite) if shard.is_main else None)
+        if status["error"] is not None:
+            raise status["error"]
+        if not status["finished"]:
+            max_length, seconds, todo = _score_missing_chunks(run, *status["neighbors"])
+            barrier(shard)
+            if shard.is_main:
+                _finish(run, status["manifest"], max_length, seconds, todo)
+            barrier(shard)
+        return read_jsonl(out_dir / "scores.jsonl")
 
 
 def _start(run: _Run, overwrite: bool) -> dict:

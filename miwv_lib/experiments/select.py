@@ -129,7 +129,6 @@ def export_subset(pool: InstructionPool, scores: list[dict], indices: list[int],
                   by: str = "miwv") -> Path:
     """Write the chosen rows in the input's own schema (JSON list, or JSONL for .jsonl), scores attached, and their
     sha256 beside them (``<out>.sha256``): loading the subset later refuses a hand-edited copy."""
-    out = Path(out)
     write = write_jsonl if subset_format(out) == "jsonl" else write_json
     field = RANKED_BY.get(by, ("miwv", True))[0]
     selection = [{"rank": rank, "index": i, "id": pool.rows[i]["id"], "method": by, field: scores[i].get(field),

@@ -176,9 +176,10 @@ class Study:
         def trained(arm: Arm, result, seconds: float) -> None:
             self._log_time("train", seconds, model=arm.name, rows=result.n_examples, steps=result.steps)
 
-        warn_if_scored_otherwise(self.scores_path, self.config.train_config())
-        return train_arms(self._chosen(only), self.selections(), self.pool, self.run_dir / "models",
-                          self.config.train_config(), on_trained=trained)
+        config = self.config.train_config()
+        warn_if_scored_otherwise(self.scores_path, config)
+        return train_arms(self._chosen(only), self.selections(), self.pool, self.run_dir / "models", config,
+                          on_trained=trained)
 
     def _chosen(self, only: Sequence[str] | None) -> list[Arm]:
         if not only:
@@ -205,11 +206,9 @@ class Study:
         """A model restored without weights whose recorded answers do not apply here (another test sample, other
         generation settings) is trained again, rather than stopping the generate stage."""
         for arm in self.arms:
-            model_dir = self.model_dir(arm)
-            if str(Path("models", arm.name, "manifest.json")) not in restored or has_weights(model_dir):
-                continue
-            if not self.is_answered(arm):
-                shutil.rmtree(model_dir)
+            if (str(Path("models", arm.name, "manifest.json")) in restored and not has_weights(self.model_dir(arm))
+                    and not self.is_answered(arm)):
+                shutil.rmtree(self.model_dir(arm))
 
     @cached_property
     def test_pools(self) -> dict[str, InstructionPool]:
@@ -314,8 +313,6 @@ class StudyRecord:
     def restore(self, arms: Sequence[Arm], datasets: Sequence[str]) -> list[str]:
         """Copy recorded files that the run directory lacks (its own files are the newer work) into it; a model's
         files only if its answers on every test set are recorded too. Returns what was restored."""
-        if not self.root.is_dir():
-            return []
         wanted = [path.relative_to(self.root) for pattern in self.FILES for path in self.root.glob(pattern)]
         for arm in arms:
             recorded = self.root / "generations" / arm.name

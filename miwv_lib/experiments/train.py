@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -158,9 +159,8 @@ def response_only_loss(model, inputs: dict[str, torch.Tensor],
     logits = logit_transform(causal_lm)(causal_lm.get_output_embeddings()(hidden[:, :-1][keep])).float()
     if num_items_in_batch is None:
         return F.cross_entropy(logits, targets[keep])
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(logits.device)
-    return F.cross_entropy(logits, targets[keep], reduction="sum") / num_items_in_batch
+    total = F.cross_entropy(logits, targets[keep], reduction="sum")
+    return total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
 
 
 class ResponseOnlyLossTrainer(Trainer):
@@ -257,9 +257,8 @@ def train_fingerprint_inputs(config: TrainConfig, base: LoadedModel, rows: list[
                  "dtype": str(base.dtype).removeprefix("torch.")}
     # Rows cut at max_length enter only when there are some: before 2026-12-05 they lost their prompt's start, not
     # their response's end, so a model trained on them then is not this one; uncut data gives the same model as then.
-    return {"base_model": base.identity, "config": settings,
-            "data": rows_fingerprint(rows),
-            "rows": len(rows), "layout_version": SpecialTokens.from_tokenizer(base.tokenizer).layout_version,
+    return {"base_model": base.identity, "config": settings, "data": rows_fingerprint(rows), "rows": len(rows),
+            "layout_version": SpecialTokens.from_tokenizer(base.tokenizer).layout_version,
             "format_version": TRAIN_FORMAT_VERSION, **({"rows_cut": rows_cut} if any(rows_cut.values()) else {})}
 
 
@@ -283,7 +282,7 @@ def _training_arguments(config: TrainConfig, device: torch.device, use_bf16: boo
         dataloader_pin_memory=device.type == "cuda", remove_unused_columns=False)
 
 
-def _save_atomically(out_dir: Path, name: str, save) -> Path:
+def _save_atomically(out_dir: Path, name: str, save) -> None:
     """``save(tmp_dir)`` then rename: a killed run never leaves a half-written adapter that looks finished."""
     target = out_dir / name
     with tempfile.TemporaryDirectory(prefix=f".{name}.", dir=out_dir, ignore_cleanup_errors=True) as tmp:
@@ -292,7 +291,6 @@ def _save_atomically(out_dir: Path, name: str, save) -> Path:
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)  # nothing is left for the context to clean up, unless save failed
-    return target
 
 
 def _resume_checkpoint(out_dir: Path, previous: dict | None, overwrite: bool) -> str | None:
@@ -389,10 +387,8 @@ def _fit(model, features: list[dict], base: LoadedModel, config: TrainConfig, de
                                 processing_class=base.tokenizer, callbacks=[curve])
         trainer.remove_callback(PrinterCallback)  # our bar shows the loss; don't print every log dict (disable_tqdm)
         t0 = time.perf_counter()
-        try:
+        with closing(curve):  # the bar is closed before the command's last line, also when interrupted
             output = trainer.train(resume_from_checkpoint=resume_from)
-        finally:  # the bar is closed before the command's last line, also when interrupted
-            curve.close()
         seconds, tokens = time.perf_counter() - t0, trainer.state.num_input_tokens_seen
     session_tokens = tokens - curve.tokens_at_start  # a resumed session did not process the checkpoint's
     # seconds: the whole run's training time (earlier sessions up to their checkpoint); tokens/s: this session's
@@ -404,15 +400,17 @@ def _fit(model, features: list[dict], base: LoadedModel, config: TrainConfig, de
 
 
 def _saved_run(model_dir: Path) -> tuple[dict, str]:
+    """The run's saved config, and the identity ``load_trained`` gives its model."""
     saved = json.loads((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    return saved, json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["fingerprint"]
+    fingerprint = json.loads((model_dir / MANIFEST_FILE).read_text(encoding="utf-8"))["fingerprint"]
+    return saved, f"{saved['base_model_identity']}+{saved['method']}:{fingerprint}"
 
 
 def trained_model_signature(model_dir: str | Path) -> tuple[str, str]:
     """``(identity, dtype)`` that ``load_trained(model_dir)`` reports, from the run's records alone: enough to find
     cached generations of a model whose weights are not on this machine (a study continued in a fresh checkout)."""
-    saved, fingerprint = _saved_run(Path(model_dir))
-    return f"{saved['base_model_identity']}+{saved['method']}:{fingerprint}", f"torch.{saved['weights_dtype']}"
+    saved, identity = _saved_run(Path(model_dir))
+    return identity, f"torch.{saved['weights_dtype']}"
 
 
 def has_weights(model_dir: str | Path) -> bool:
@@ -424,20 +422,20 @@ def load_trained(model_dir: str | Path, *, dtype: str | None = None, device: str
     LoRA adapters stay unmerged (merging a small update into bf16 weights would round much of it away), inside the base
     architecture, so the scorer's ``model.base_model`` / ``get_output_embeddings()`` work unchanged."""
     model_dir = Path(model_dir)
-    saved, fingerprint = _saved_run(model_dir)
+    saved, identity = _saved_run(model_dir)
     dtype = dtype or saved["weights_dtype"]
     if (model_dir / FULL_MODEL_DIR).exists():
         loaded = load_model(str(model_dir / FULL_MODEL_DIR), dtype=dtype, device=device)
-        loaded.name, loaded.identity = model_dir.name, trained_model_signature(model_dir)[0]
-        return loaded
-    from peft import PeftModel
+    else:
+        from peft import PeftModel
 
-    base = load_model(saved["model"], dtype=dtype, device=device)
-    if base.identity != saved["base_model_identity"]:  # the adapter would be applied to other weights, silently
-        raise ModelLoadError(f"{model_dir} was trained on {saved['base_model_identity']}, but {saved['model']} is now "
-                             f"{base.identity}: train it again")
-    model = PeftModel.from_pretrained(base.model, str(model_dir / ADAPTER_DIR)).get_base_model().eval()
-    return LoadedModel(model, base.tokenizer, name=model_dir.name, identity=f"{base.identity}+lora:{fingerprint}")
+        loaded = load_model(saved["model"], dtype=dtype, device=device)
+        if loaded.identity != saved["base_model_identity"]:  # the adapter would be applied to other weights, silently
+            raise ModelLoadError(f"{model_dir} was trained on {saved['base_model_identity']}, but {saved['model']} is "
+                                 f"now {loaded.identity}: train it again")
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(model_dir / ADAPTER_DIR)).get_base_model().eval()
+    loaded.name, loaded.identity = model_dir.name, identity
+    return loaded
 
 
 def estimated_steps(n_rows: int, config: TrainConfig) -> int:

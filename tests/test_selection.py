@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from miwv_lib.data.datasets import load_instructions
 from miwv_lib.method.selection import SelectionError, select_indices, subset_size
+from miwv_lib.experiments.report import ranked_examples
 from miwv_lib.experiments.select import check_scores_match, export_subset
 
 
@@ -109,3 +110,21 @@ def test_scores_of_another_dataset_are_refused(tmp_path):
         check_scores_match(pool, _scores([0, 0]))
     with pytest.raises(SelectionError, match="row 0, field 'id'"):
         check_scores_match(pool, _scores([0, 0, 0]))
+
+
+@given(st.lists(st.one_of(st.sampled_from([-1.0, 0.0, 0.5, 2.0]), st.none(), st.just(math.nan)), min_size=2,
+                max_size=40),
+       st.lists(st.sampled_from(["a", "b", "c"]), min_size=40, max_size=40))
+def test_the_report_s_top_rows_are_the_selection_s_first_rows(values, ids):
+    """Ties (repeated values, repeated ids), rows without a score: the report's top-rows table and the MIWV selection
+    rank by one rule, so its rows are the subset's first rows, in the subset's order."""
+    scores = [{**s, "neighbor_index": (i + 1) % len(values), "neighbor_similarity": 0.5}
+              for i, s in enumerate(_scores(values, ids[:len(values)]))]
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(len(values))]
+    finite = sum(v is not None and math.isfinite(v) for v in values)
+    if finite == 0:
+        assert ranked_examples(rows, scores, 5) == []
+        return
+    for highest, by in ((True, "miwv"), (False, "low-miwv")):
+        shown = [e["index"] for e in ranked_examples(rows, scores, 5, highest=highest)]
+        assert shown == select_indices(scores, finite / len(values), by=by)[:5]

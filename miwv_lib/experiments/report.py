@@ -22,7 +22,7 @@ import numpy as np
 from ..data.datasets import record_count
 from ..data.prompts import encode_text
 from ..method.pairwise import ALL, OUTCOME_VALUE, mean_interval
-from ..method.selection import BASELINE, SelectionError, demo_trimmed, ratio_label, subset_size
+from ..method.selection import BASELINE, SelectionError, demo_trimmed, rank_by, ratio_label, subset_size
 from ..runtime.io import atomic_open, read_jsonl, save_png, write_json
 from .select import SELECTIONS_FILE
 
@@ -100,18 +100,11 @@ def spearman(x: Sequence[float | None], y: Sequence[float | None]) -> float:
     return float(frame["x"].corr(frame["y"], method="spearman")) if len(frame) >= 3 else math.nan
 
 
-def _by_miwv(scores: Sequence[Mapping], highest: bool = True) -> list[Mapping]:
-    """The scores with a finite MIWV, highest (or lowest) first; ties by id, then row."""
-    sign = -1.0 if highest else 1.0
-    usable = (s for s in scores if s.get("miwv") is not None and math.isfinite(s["miwv"]))
-    return sorted(usable, key=lambda s: (sign * s["miwv"], s["id"], s["index"]))
-
-
 def ranked_examples(rows: Sequence[Mapping], scores: Sequence[Mapping], n: int = 5, *,
                     highest: bool = True) -> list[dict]:
     """The ``n`` rows with the highest (or lowest) MIWV, each with its neighbour (the demo)."""
     out = []
-    for s in _by_miwv(scores, highest)[:n]:
+    for s in rank_by(scores, "miwv", highest)[:n]:
         example = {key: s.get(key) for key in ("index", "id", "miwv", "ifd", "zero_shot_loss", "one_shot_loss",
                                                 "neighbor_index", "neighbor_similarity")}
         for prefix, row in (("", rows[s["index"]]), ("neighbor_", rows[s["neighbor_index"]])):
@@ -131,7 +124,7 @@ def truncation_summary(scores: Sequence[Mapping], top_fraction: float = 0.15) ->
     """How often ``max_length`` cut something, overall and among the top ``top_fraction`` by MIWV. A trimmed
     demonstration helps less, which pushes MIWV up: if trimmed rows crowd the top of the ranking, the selection
     partly reflects truncation, and ``max_length`` should be raised."""
-    ranked = _by_miwv(scores)
+    ranked = rank_by(scores, "miwv")
     k = max(1, math.floor(top_fraction * len(ranked) + 1e-9)) if ranked else 0
     cut = [s["miwv"] for s in ranked if s.get("truncated")]
     whole = [s["miwv"] for s in ranked if not s.get("truncated")]

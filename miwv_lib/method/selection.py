@@ -48,12 +48,18 @@ def select_indices(scores: list[dict], ratio: float, by: str = "miwv", seed: int
         order = np.random.default_rng(seed).permutation(len(scores))
         return [int(scores[j]["index"]) for j in order[:size]]
     field, descending = RANKED_BY[by]
-    usable = [s for s in scores if is_finite_number(s.get(field)) and (by != "ifd" or s[field] <= IFD_MAX)]
-    if len(usable) < size:
+    ranked = [s for s in rank_by(scores, field, descending) if by != "ifd" or s[field] <= IFD_MAX]
+    if len(ranked) < size:
         kept = f"a finite {field!r}" + (f" ≤ {IFD_MAX:g} (Cherry LLM's rule)" if by == "ifd" else "")
-        raise SelectionError(f"only {len(usable)} rows have {kept}; cannot select {size}")
-    ranked = sorted(usable, key=lambda s: (-s[field] if descending else s[field], s["id"], s["index"]))
+        raise SelectionError(f"only {len(ranked)} rows have {kept}; cannot select {size}")
     return [int(s["index"]) for s in ranked[:size]]
+
+
+def rank_by(scores: Sequence[dict], field: str, descending: bool = True) -> list[dict]:
+    """The scores with a finite ``field``, best first, ties by id, then row: the one order that the selections and
+    the reports' tables of top rows share."""
+    usable = [s for s in scores if is_finite_number(s.get(field))]
+    return sorted(usable, key=lambda s: (-s[field] if descending else s[field], s["id"], s["index"]))
 
 
 def demo_trimmed(scores: list[dict]) -> int:

@@ -238,9 +238,11 @@ class JudgementCache:
 
     def get(self, key: str) -> Review | None:
         row = self._rows.get(key)
-        if row is not None and row.get("raw") is not None:  # read again: a reading fixed since reaches it too
+        if row is None:
+            return None
+        if row.get("raw") is not None:  # read again: a reading fixed since reaches it too
             return read_review(row["raw"], cached=True)
-        return None if row is None else Review(row["score_1"], row["score_2"], error=row.get("error"), cached=True)
+        return Review(row["score_1"], row["score_2"], error=row.get("error"), cached=True)
 
     def put(self, entries: list[tuple[str, str, Review]]) -> None:
         rows = [{"key": key, "judge": judge_id, **review.as_dict()} for key, judge_id, review in entries]

@@ -206,9 +206,10 @@ class Study:
         """A model restored without weights whose recorded answers do not apply here (another test sample, other
         generation settings) is trained again, rather than stopping the generate stage."""
         for arm in self.arms:
-            if (str(Path("models", arm.name, "manifest.json")) in restored and not has_weights(self.model_dir(arm))
+            model_dir = self.model_dir(arm)
+            if (str(Path("models", arm.name, "manifest.json")) in restored and not has_weights(model_dir)
                     and not self.is_answered(arm)):
-                shutil.rmtree(self.model_dir(arm))
+                shutil.rmtree(model_dir)
 
     @cached_property
     def test_pools(self) -> dict[str, InstructionPool]:

@@ -20,9 +20,9 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..runtime.io import atomic_open, file_sha256, stable_hash
+from .datasets import CACHE_DIR_ENV
 
 DEFAULT_MODEL = "gemma-3-270m"
-CACHE_ENV = "MIWV_CACHE_DIR"
 
 
 class ModelLoadError(RuntimeError):
@@ -49,7 +49,7 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "miwv_lib"
+    root = os.environ.get(CACHE_DIR_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "miwv_lib"
     return Path(root)
 
 

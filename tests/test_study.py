@@ -383,6 +383,31 @@ def test_a_model_whose_answers_are_not_all_recorded_is_trained_again(study_dirs,
         before["train_loss"], rel=1e-5)
 
 
+def test_a_restored_model_that_today_s_code_trains_otherwise_is_trained_again(study_dirs, tmp_path, monkeypatch):
+    """The record keeps a model made under an earlier rule (before 2026-12-05 a long row lost its prompt's start),
+    without its weights: continuing the study trains it again. That used to stop a fresh clone's train stage with an
+    error. A changed setting still stops it, so that no edit replaces the record's models unasked."""
+    from miwv_lib.experiments import train
+    from miwv_lib.experiments.study import run_study
+
+    results = tmp_path / "results"
+    shutil.copytree(study_dirs["results"], results)
+    monkeypatch.setattr(train, "TRAIN_FORMAT_VERSION", train.TRAIN_FORMAT_VERSION + 1)  # today's code: a rule on
+    stages = ("score", "select", "train")
+    run_study(SMOKE, tmp_path / "run", results, stages, only=["miwv_10pct"])
+    model = tmp_path / "run" / "models" / "miwv_10pct"
+    assert (model / "adapter").is_dir()  # trained again, by today's rule
+    manifest = json.loads((model / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["fingerprint_inputs"]["format_version"] == train.TRAIN_FORMAT_VERSION
+    recorded = results / "record" / "models" / "miwv_10pct" / "manifest.json"
+    assert json.loads(recorded.read_text(encoding="utf-8"))["fingerprint"] == manifest["fingerprint"]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(SMOKE.read_text().replace("max_steps: 2,", "max_steps: 3,"))
+    with pytest.raises(StudyError, match=r"config\.max_steps: 2 -> 3"):
+        run_study(changed, tmp_path / "run2", results, stages, only=["full"])
+    assert not (tmp_path / "run2" / "models" / "full" / "adapter").exists()
+
+
 def test_a_restored_model_whose_answers_do_not_apply_is_trained_again(study_dirs, tmp_path):
     """Another sample of the test set: the recorded answers are not this study's, and the weights are gone."""
     results = tmp_path / "results"

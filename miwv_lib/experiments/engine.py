@@ -16,6 +16,7 @@ from ..data.datasets import InstructionPool, load_instructions
 from ..method.pairwise import Judge
 from ..method.selection import BASELINE, Arm, SelectionError, demo_trimmed, plan_arms, select_arms
 from ..runtime.io import file_sha256, write_json
+from ..runtime.runs import FingerprintMismatch
 from .evaluate import (
     DEFAULT_TEST_SETS,
     ComparisonResult,
@@ -78,16 +79,28 @@ def is_trained(model_dir: Path) -> bool:
     return manifest.exists() and json.loads(manifest.read_text(encoding="utf-8")).get("status") == "complete"
 
 
+def _made_by_an_earlier_rule(model_dir: Path, mismatch: FingerprintMismatch) -> bool:
+    """A finished model without weights (a study's record restored it) that differs from today's in no setting:
+    today's code trains it otherwise (before 2026-12-05 a long row lost its prompt's start). Nothing is lost by
+    training it again; a changed setting still stops the stage, so that no edit replaces a record unasked."""
+    return (bool(mismatch.changed) and not any(k.startswith("config.") for k in mismatch.changed)
+            and is_trained(model_dir) and not has_weights(model_dir))
+
+
 def train_arms(arms: Sequence[Arm], plan: dict[str, list[int]], pool: InstructionPool, models_dir: Path,
                config: TrainConfig, *, overwrite: bool = False,
                on_trained: Callable[[Arm, TrainResult, float], None] | None = None) -> dict[str, TrainResult]:
     """Fine-tune one model per arm on its rows, all with ``config``; a model already trained so is reused."""
     results = {}
     for arm in arms:
-        t0 = time.perf_counter()
-        # each model loads a fresh base (seconds), so no run can leak into the next one
-        results[arm.name] = result = train_model([pool.rows[i] for i in plan[arm.name]], Path(models_dir) / arm.name,
-                                                 config, name=arm.name, overwrite=overwrite)
+        t0, model_dir, rows = time.perf_counter(), Path(models_dir) / arm.name, [pool.rows[i] for i in plan[arm.name]]
+        try:  # each model loads a fresh base (seconds), so no run can leak into the next one
+            result = train_model(rows, model_dir, config, name=arm.name, overwrite=overwrite)
+        except FingerprintMismatch as exc:
+            if not _made_by_an_earlier_rule(model_dir, exc):
+                raise
+            result = train_model(rows, model_dir, config, name=arm.name, overwrite=True)
+        results[arm.name] = result
         if on_trained is not None and not result.skipped:
             on_trained(arm, result, time.perf_counter() - t0)
     return results

@@ -20,7 +20,12 @@ from .io import append_jsonl, naming, unwritable
 
 
 class FingerprintMismatch(RuntimeError):
-    """A run directory already holds results of a different configuration."""
+    """A run directory already holds results of a different configuration; ``changed`` names the inputs that differ
+    (``config.max_steps``), empty when the old ones cannot be read."""
+
+    def __init__(self, message: str, changed: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.changed = changed
 
 
 def _flat(inputs: dict) -> dict:
@@ -33,6 +38,7 @@ def check_fingerprint(manifest_path: Path, fingerprint: str, inputs: dict, overw
     """The existing manifest if it matches; otherwise (or if it is unreadable) refuse unless ``overwrite``."""
     if not manifest_path.exists():
         return None
+    changed: tuple[str, ...] = ()
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         if not isinstance(manifest, dict):
@@ -45,13 +51,13 @@ def check_fingerprint(manifest_path: Path, fingerprint: str, inputs: dict, overw
             return manifest
         old = manifest.get("fingerprint_inputs")
         old, new = _flat(old if isinstance(old, dict) else {}), _flat(inputs)
-        changed = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+        changed = tuple(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
         problem = (f"{manifest_path.parent} holds results of a different configuration "
-                   f"({changed or 'fingerprint differs'})")
+                   f"({'; '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in changed) or 'fingerprint differs'})")
     if overwrite:
         return None
-    raise FingerprintMismatch(f"{problem}. Use another output directory, or overwrite (--overwrite) to replace them.")
+    raise FingerprintMismatch(f"{problem}. Use another output directory, or overwrite (--overwrite) to replace them.",
+                              changed)
 
 
 @dataclass

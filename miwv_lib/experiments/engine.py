@@ -80,10 +80,11 @@ def is_trained(model_dir: Path) -> bool:
 
 
 def _made_by_an_earlier_rule(model_dir: Path, mismatch: FingerprintMismatch) -> bool:
-    """A finished model without weights (a study's record restored it) that differs from today's in no setting:
-    today's code trains it otherwise (before 2026-12-05 a long row lost its prompt's start). Nothing is lost by
-    training it again; a changed setting still stops the stage, so that no edit replaces a record unasked."""
-    return (bool(mismatch.changed) and not any(k.startswith("config.") for k in mismatch.changed)
+    """A finished model without weights (a study's record restored it) that differs from today's in no setting and
+    not in its base model: today's code trains it otherwise (before 2026-12-05 a long row lost its prompt's start).
+    Nothing is lost by training it again; a changed setting or base model still stops the stage, so that no edit
+    replaces a record unasked."""
+    return (bool(mismatch.changed) and not any(k.startswith(("config.", "base_model")) for k in mismatch.changed)
             and is_trained(model_dir) and not has_weights(model_dir))
 
 

@@ -17,7 +17,7 @@ import pytest
 from miwv_lib.runtime.io import read_jsonl
 from miwv_lib.method.selection import select_indices, subset_size
 from miwv_lib.experiments.study import BASELINE, Study, StudyError, StudyRecord, load_study_config
-from miwv_lib.experiments.report import JUDGED_OUTPUTS, _reading, _side, averaged, paired_difference
+from miwv_lib.experiments.report import JUDGED_OUTPUTS, _reading, _rows_cut, _side, averaged, paired_difference
 from miwv_lib.experiments.pipeline import resolve_path
 
 pytestmark = pytest.mark.integration  # runs the smoke study on the tiny model (tens of seconds)
@@ -266,6 +266,36 @@ def test_a_model_trained_on_another_selection_than_todays_is_marked(study_dirs, 
     assert "†" not in study_dirs["results"].joinpath("REPORT.md").read_text(encoding="utf-8")
 
 
+def test_rows_cut_by_a_model_trained_before_they_were_recorded_are_counted_and_starred_only_when_some_were():
+    """Before 2026-12-05 a row over the training max length lost its prompt's start; a model of that rule has no
+    ``rows_cut``, so its count comes from the scores (``[BOS] prompt response [EOS]``), starred. One with no such row
+    was trained as today's ``train`` trains it: a plain 0."""
+    scores = [{"prompt_tokens": 100, "response_tokens": 410}, {"prompt_tokens": 100, "response_tokens": 411}]
+    assert _rows_cut({"rows_cut": {"response": 3, "prompt": 0}}, [0, 1], scores, 512) == "3"
+    assert _rows_cut({}, [0, 1], scores, 512) == "1*"
+    assert _rows_cut({}, [0], scores, 512) == "0"
+    assert _rows_cut({}, None, scores, 512) == "?"
+
+
+def test_models_of_the_earlier_truncation_rule_that_cut_no_row_get_no_footnote(study_dirs, tmp_path):
+    """Also: a model resumed from a checkpoint says that its time and its tokens/s cover different sittings."""
+    run = tmp_path / "run"
+    shutil.copytree(study_dirs["run"], run)
+    for path in run.glob("models/*/manifest.json"):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        del manifest["rows_cut"]
+        manifest["resumed_from_step"] = 2 if path.parent.name == "full" else manifest["resumed_from_step"]
+        path.write_text(json.dumps(manifest), encoding="utf-8")
+    result = run_cli("--config", str(SMOKE), "--run-dir", str(run), "--results-dir", str(tmp_path / "results"),
+                     "--stages", "report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "results" / "REPORT.md").read_text(encoding="utf-8")
+    assert re.search(r"^\| full \| 40 \| 0 \| ", report, re.M), report
+    assert "Trained before 2026-12-05" not in report and not re.search(r"\| \d+\* \|", report)
+    assert report.count("trained in more than one sitting") == 1
+    assert "full was trained in more than one sitting (the last resumed at step 2)" in report
+
+
 def test_a_report_on_scores_of_other_data_says_so_instead_of_failing(study_dirs, tmp_path):
     """An edited limit used to end the report stage in an IndexError after its figures were redrawn."""
     changed = tmp_path / "changed.yaml"
@@ -454,17 +484,21 @@ def _report_body(text: str) -> str:
 
 @pytest.mark.study
 def test_the_committed_report_is_what_the_committed_code_makes_of_the_committed_record(shared_data_dir, tmp_path):
-    """results/small_scale/REPORT.md is rebuilt, numbers and all, by its regeneration command in a clean
-    run directory from nothing but the record beside it and the real data."""
-    committed = REPO / "results" / "small_scale"
+    """results/small_scale/REPORT.md is rebuilt, numbers and all, by README's command to continue the study, run in
+    a clean run directory with nothing but the record beside it and the real data: every stage finds its work done
+    (a fresh clone continues the study where the commit left it, rather than training or stopping)."""
+    committed, run = REPO / "results" / "small_scale", tmp_path / "run"
     results = tmp_path / "results"
     shutil.copytree(committed, results)
     judged = bool(json.loads((committed / "results.json").read_text(encoding="utf-8"))["table"])
-    stages = ("judge", "report") if judged else ("report",)  # the stages that made the committed report
+    stages = () if judged else ("--stages", "report")  # a record not judged yet is reported as it is
     env = {**os.environ, "MIWV_DATA_DIR": str(shared_data_dir), "HF_HUB_OFFLINE": "1"}
-    result = run_cli("--config", str(SMALL_SCALE), "--run-dir", str(tmp_path / "run"), "--results-dir",
-                     str(results), "--stages", *stages, env=env)
+    result = run_cli("--config", str(SMALL_SCALE), "--run-dir", str(run), "--results-dir", str(results), *stages,
+                     env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert not list((tmp_path / "run").glob("models/*/adapter"))  # nothing was trained or generated
+    before, after = read_jsonl(committed / "record" / "timings.jsonl"), read_jsonl(run / "timings.jsonl")
+    # no stage worked but judge: the record keeps answers, not verdicts
+    assert after[:len(before)] == before and {t["stage"] for t in after[len(before):]} <= {"judge"}
+    assert not list(run.glob("models/*/adapter"))
     rebuilt = (results / "REPORT.md").read_text(encoding="utf-8")
     assert _report_body(rebuilt) == _report_body((committed / "REPORT.md").read_text(encoding="utf-8"))

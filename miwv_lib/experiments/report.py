@@ -670,14 +670,15 @@ def _selection_section(study: Study, scores: list[dict] | None, plan: Mapping[st
 
 
 def _rows_cut(manifest: Mapping, rows: list[int] | None, scores: list[dict] | None, max_length: int) -> str:
-    """Rows longer than the training max length; for a model trained before ``rows_cut`` was recorded (when such a
-    row lost its prompt's start, not its response's end), counted from the scores' token counts of its ``rows``,
-    with a star."""
+    """Rows longer than the training max length. A model trained before ``rows_cut`` was recorded (when such a row
+    lost its prompt's start, not its response's end) has them counted from the scores' token counts of its ``rows``,
+    starred; with none, the earlier rule trained it as today's does, so its 0 carries no star."""
     if "rows_cut" in manifest:  # a row whose prompt was trimmed lost its response's end too: count it once
         return str(manifest["rows_cut"]["response"])
     if scores is None or rows is None:
         return "?"
-    return f"{sum(2 + scores[i]['prompt_tokens'] + scores[i]['response_tokens'] > max_length for i in rows)}*"
+    cut = sum(2 + scores[i]["prompt_tokens"] + scores[i]["response_tokens"] > max_length for i in rows)
+    return f"{cut}*" if cut else "0"
 
 
 def _training_section(study: Study, scores: list[dict] | None, trained: Mapping[str, list[int] | None],
@@ -685,12 +686,16 @@ def _training_section(study: Study, scores: list[dict] | None, trained: Mapping[
     manifests = {arm.name: _read(study.model_dir(arm) / "manifest.json") for arm in study.arms}
     done = {name: m for name, m in manifests.items() if m and m.get("status") == "complete"}
     max_length = study.config.train_config().max_length
+    rows = [[name, f"{m['rows']:,}", _rows_cut(m, trained.get(name), scores, max_length), m["steps"],
+             fmt(m.get("train_loss"), ".3f"), f"{fmt((m.get('seconds') or math.nan) / 60, '.1f')} min",
+             fmt(m.get("tokens_per_second"), ".0f")] for name, m in done.items()]
     lines = md_table(["model", "rows", "rows cut at max length", "optimizer steps", "final train loss", "time",
-                      "tokens/s"],
-                     [[name, f"{m['rows']:,}", _rows_cut(m, trained.get(name), scores, max_length), m["steps"],
-                       fmt(m.get("train_loss"), ".3f"), f"{fmt((m.get('seconds') or math.nan) / 60, '.1f')} min",
-                       fmt(m.get("tokens_per_second"), ".0f")] for name, m in done.items()], "lrrrrrr")
-    if any("rows_cut" not in m for m in done.values()):
+                      "tokens/s"], rows, "lrrrrrr")
+    lines += ["", "Time and tokens/s are wall-clock: they count whatever else the machine was doing meanwhile."]
+    lines += [f"{name} was trained in more than one sitting (the last resumed at step {m['resumed_from_step']}): its "
+              "time adds up the sittings up to their checkpoints, its tokens/s is the last sitting's."
+              for name, m in done.items() if m.get("resumed_from_step")]
+    if any(row[2].endswith("*") for row in rows):
         lines += ["", f"\\* Trained before 2026-12-05: a row longer than the training max length "
                   f"({max_length} tokens) lost the start of its prompt, its instruction, "
                   "instead of the end of its response, and a row whose response alone filled it was trained with no "

@@ -290,7 +290,7 @@ def test_models_of_the_earlier_truncation_rule_that_cut_no_row_get_no_footnote(s
                      "--stages", "report")
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "results" / "REPORT.md").read_text(encoding="utf-8")
-    assert re.search(r"^\| full \| 40 \| 0 \| ", report, re.M), report
+    assert re.search(r"^\| full \| 40 \| 0 \| ", report, re.MULTILINE), report
     assert "Trained before 2026-12-05" not in report and not re.search(r"\| \d+\* \|", report)
     assert report.count("trained in more than one sitting") == 1
     assert "full was trained in more than one sitting (the last resumed at step 2)" in report

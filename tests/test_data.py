@@ -246,6 +246,15 @@ def test_corrupt_parquet(tmp_path):
     expect_error(path, "bad.parquet", "parquet")
 
 
+def test_a_parquet_struct_with_two_fields_of_one_name_is_an_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    twice = pa.StructArray.from_arrays([pa.array([1, 2]), pa.array([3, 4])], names=["a", "a"])
+    pq.write_table(pa.table({"instruction": ["i", "j"], "output": ["o", "p"], "extra": twice}), tmp_path / "two.parquet")
+    expect_error(tmp_path / "two.parquet", "two.parquet", "cannot be read as records", "duplicate field names")
+
+
 # --------------------------------------------------------------------------- schemas
 
 

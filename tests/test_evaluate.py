@@ -283,3 +283,32 @@ def test_a_winning_score_is_rounded_once_in_its_table():
     row = summarize(records, n_resamples=10)[-1]
     assert row["winning_score"] == 1 + (54 - 353) / 452
     assert "| 0.338 |" in table_markdown([row]) and "0.339" not in table_markdown([row])
+
+
+@pytest.mark.integration
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_evaluate_command_finds_repository_files_from_any_directory(tmp_path, tiny_model_dir):
+    """README: a relative data file is read from the current directory, else from the repository; ``--data`` and
+    ``--test-sets`` alike (``--test-sets`` was read from the current directory only)."""
+    import os
+    import subprocess
+    import sys
+
+    from miwv_lib import load_instructions
+    from miwv_lib.experiments.pipeline import repo_root
+    from miwv_lib.runtime.io import write_jsonl
+
+    pool = load_instructions(str(repo_root() / "data" / "examples" / "smoke_pool.json"))
+    write_jsonl(tmp_path / "run" / "scores.jsonl",
+                [{"index": i, "id": r["id"], "miwv": float(i)} for i, r in enumerate(pool.rows)])
+    env = {**{k: v for k, v in os.environ.items() if k != "MIWV_DATA_DIR"}, "OMP_NUM_THREADS": "1",
+           "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "miwv_lib", "evaluate", "--data", "data/examples/smoke_pool.json",
+                           "--run-dir", "run", "--model", str(tiny_model_dir), "--dtype", "float32", "--max-steps",
+                           "1", "--batch-size", "4", "--ratio", "0.1", "--methods", "miwv", "--test-sets",
+                           "data/examples/smoke_test_prompts.jsonl", "--sample", "2", "--max-new-tokens", "3",
+                           "--judge", "rougeL"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = (tmp_path / "run" / "evaluation" / "table.csv").read_text(encoding="utf-8")
+    assert "smoke_test_prompts" in table and "miwv_10pct" in table

@@ -139,6 +139,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def test_pipeline_executed_every_notebook_without_errors(smoke_run):
     run_dir = smoke_run.run_dir
     assert [p.name for p in smoke_run.executed] == [p.name for p in NOTEBOOKS]
+    widget_bars = 0
     for path in smoke_run.executed:
         nb = nbformat.read(path, as_version=4)
         assert nb.metadata["papermill"]["exception"] in (None, False)
@@ -149,6 +150,10 @@ def test_pipeline_executed_every_notebook_without_errors(smoke_run):
         bars = [o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
                 if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
         assert not [b for b in bars if " 0%|" in b], f"{path.name}: progress bars saved as they started"
+        widget_bars += len(bars)
+        streams = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        assert "IProgress not found" not in streams, f"{path.name}: no ipywidgets in the kernel (notebooks extra)"
+    assert widget_bars, "no progress bar was a widget: JupyterLab would show text bars and a TqdmWarning"
     assert not list((run_dir / "notebooks").glob(".*")), "a temporary notebook was left behind"
     record = json.loads((run_dir / "pipeline.json").read_text())
     assert record["status"] == "complete" and set(record["seconds"]) == {p.stem for p in NOTEBOOKS}
@@ -335,6 +340,23 @@ def test_03_honours_non_default_parameters(smoke_run, tmp_path):
     assert picked == select_indices(scores, 0.2, by="random", seed=3) != select_indices(scores, 0.2, by="random", seed=0)
     report = (tmp_path / "report.md").read_text()
     assert "| random | 0.5 | 20 |" in report
+
+
+def test_05_stops_at_a_test_set_file_that_is_there_but_wrong(smoke_run, tmp_path):
+    """A test set that cannot be obtained is skipped; a file with an error in it was skipped too, and its run then
+    wrote an evaluation of nothing over the good one."""
+    from miwv_lib.experiments.pipeline import PipelineError, run_pipeline
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run.run_dir, run_dir)
+    before = (run_dir / "evaluation" / "summary.json").read_bytes()
+    rows = _read_jsonl(ROOT / "data" / "examples" / "smoke_test_prompts.jsonl")
+    rows[1]["id"] = rows[0]["id"]
+    (tmp_path / "twice.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(PipelineError, match="twice.jsonl, row 1, field 'id'"):
+        run_pipeline(SMOKE, run_dir=run_dir, notebooks=["05"], progress=False,
+                     overrides=[f"05_evaluate.test_sets=[{tmp_path / 'twice.jsonl'}]"])
+    assert (run_dir / "evaluation" / "summary.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("notebook", ["03_selection", "04_finetune"])

@@ -76,3 +76,17 @@ def test_no_function_is_longer_than_sixty_lines():
                 if length > 60:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
     assert not long, long
+
+
+def test_the_readme_method_table_names_are_importable_from_the_package_root():
+    """README: every function of the method table is also importable from ``miwv_lib`` itself, and is the same."""
+    import importlib
+
+    import miwv_lib
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## The method, and where each step lives", 1)[1].split("All of these", 1)[0]
+    names = re.findall(r"`((?:method|data)\.\w+)\.(\w+)`", table)
+    assert len(names) >= 10, table
+    for module, name in names:
+        assert getattr(miwv_lib, name) is getattr(importlib.import_module(f"miwv_lib.{module}"), name), name

@@ -97,6 +97,9 @@ def test_load_config_validates(tmp_path):
     ({}, {"02_miwv_scoring": {"max_length": "auto"}}, "max_length (a parameter of 02_miwv_scoring): expected int"),
     ({}, {"02_miwv_scoring": {"max_length": 1}}, "max_length (a parameter of 02_miwv_scoring): 1 cannot hold a single"),
     ({}, {"05_evaluate": {"judges": ["gpt5"]}}, "judges (a parameter of 05_evaluate): item 0: unknown judge 'gpt5'"),
+    ({"limit": 0}, {}, "limit (a parameter of 01_data): expected a positive integer, got 0"),  # 01 failed in a cell
+    ({"sample": 1}, {}, "sample (a parameter of 01_data): expected at least 2, got 1"),
+    ({}, {"05_evaluate": {"prompts_per_set": 0}}, "prompts_per_set (a parameter of 05_evaluate): expected a positive integer, got 0"),
 ])
 def test_a_parameter_of_the_wrong_type_or_range_is_refused_before_any_notebook_runs(parameters, notebooks, says):
     """By the parameters cell's annotation and by the configuration field of the same name (the notebook builds that
@@ -132,11 +135,28 @@ def test_each_notebook_gets_only_what_it_declares(tmp_path):
     assert "config" not in plan["00_overview"]  # a dict configuration has no file to show
 
 
+def test_a_run_dir_that_is_not_a_path_is_refused(tmp_path):
+    (tmp_path / "c.yaml").write_text("run_dir: 5\n")
+    with pytest.raises(PipelineError, match="run_dir: expected a path, got 5"):
+        run_pipeline(tmp_path / "c.yaml", progress=False)
+    with pytest.raises(PipelineError, match=re.escape("run_dir: expected a path, got [1]")):
+        run_pipeline(ROOT / "configs" / "smoke.yaml", overrides=["run_dir=[1]"], progress=False)
+
+
+def test_a_key_that_is_not_a_name_is_refused(tmp_path):
+    (tmp_path / "c.yaml").write_text("parameters:\n  limit: 5\n  1: a\n")
+    with pytest.raises(PipelineError, match="c.yaml, line 3: key 1 is not a name"):
+        load_config(tmp_path / "c.yaml")
+
+
 def test_typos_in_parameters_are_refused(tmp_path):
     with pytest.raises(PipelineError, match="ratio"):
         plan_parameters(load_config({"parameters": {"ratio": 0.1}}), notebook_paths(), tmp_path)
     with pytest.raises(PipelineError, match="03_selection declares no parameter"):
         plan_parameters(load_config({"notebooks": {"03_selection": {"model": "x"}}}), notebook_paths(), tmp_path)
+    first = [p for p in notebook_paths() if p.stem.startswith("01")]  # a notebook not run this time: a typo still
+    with pytest.raises(PipelineError, match="04_finetune declares no parameter"):
+        plan_parameters(load_config({"notebooks": {"04_finetune": {"nosuch": 1}}}), first, tmp_path)
     with pytest.raises(PipelineError, match="unknown notebooks"):
         plan_parameters(load_config({"notebooks": {"07_nothing": {}}}), notebook_paths(), tmp_path)
 
@@ -405,6 +425,7 @@ def test_the_published_demo_is_the_current_notebooks_executed():
         code = [c for c in cells if c.cell_type == "code"]
         assert all(c.execution_count is not None for c in code), f"{path.name}: a cell did not run"
         assert not [o for c in code for o in c.outputs if o.output_type == "error"]
-        assert "/work/" not in path.read_text(encoding="utf-8") and str(Path.home()) + "/" not in path.read_text(
-            encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
+        assert "/work/" not in text and str(Path.home()) + "/" not in text
+        assert "IProgress not found" not in text, f"{path.name}: executed without ipywidgets (text progress bars)"
     assert "Run directory" in (published / "report.md").read_text(encoding="utf-8")

@@ -227,6 +227,17 @@ def _pool(name: str, rows: list) -> callable:
     return lambda root: write_rows(root / name, rows)
 
 
+def _pool_beside(files: dict[str, str]) -> callable:
+    """GOOD as ``a.json``, with other files beside it (a model that is not one)."""
+    def make(root: Path) -> Path:
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text, encoding="utf-8")
+        return write_rows(root / "a.json", GOOD)
+
+    return make
+
+
 def _with(**fields) -> list:
     """GOOD with row 3 replaced: fields set to a value, or removed when the value is ``...``."""
     bad = {**GOOD[3], **{k: v for k, v in fields.items() if v is not ...}}
@@ -279,18 +290,24 @@ SCORE_ERRORS = [
     ("model-path-does-not-exist", _pool("a.json", GOOD), ["--model", "/nonexistent/models/gemma"],
      ["/nonexistent/models/gemma", "neither a built-in name"]),
     ("model-dir-without-config", _pool("a.json", GOOD), ["--model", "{root}"], ["not a model directory"]),
-    ("cuda-requested-without-gpu", _pool("a.json", GOOD), ["--device", "cuda"], ["--device cuda", "CUDA device"]),
+    ("gguf-that-is-not-gguf", _pool_beside({"m.gguf": "garbage"}), ["--model", "{root}/m.gguf"],
+     ["m.gguf: not a model that can be loaded", "GGUF"]),
+    ("model-of-an-unknown-type", _pool_beside({"m/config.json": '{"model_type": "nosuchtype"}'}),
+     ["--model", "{root}/m"], ["/m: not a model that can be loaded"]),
+    ("cuda-requested-without-gpu", _pool("a.json", GOOD), ["--device", "cuda"], ["--device 'cuda'", "0 cuda device"]),
+    ("device-this-machine-lacks", _pool("a.json", GOOD), ["--device", "mps"], ["--device 'mps'", "0 mps device"]),
+    ("meta-device-computes-nothing", _pool("a.json", GOOD), ["--device", "meta"], ["--device 'meta'", "0 meta device"]),
     ("not-a-device", _pool("a.json", GOOD), ["--device", "gpu"], ["--device 'gpu'", "not a torch device"]),
 ]
 
 
 @pytest.mark.parametrize("name, make, extra, fragments", SCORE_ERRORS, ids=[c[0] for c in SCORE_ERRORS])
 def test_score_refuses_bad_input_cleanly(cli, tmp_path, name, make, extra, fragments):
-    if name == "cuda-requested-without-gpu":
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            pytest.skip("this machine has a GPU")
+    if (backend := {"cuda-requested-without-gpu": torch.cuda, "device-this-machine-lacks": torch.mps}.get(name)) \
+            and backend.is_available():
+        pytest.skip("this machine has that device")
     (tmp_path / "in").mkdir()
     data = make(tmp_path / "in")
     before = digest(tmp_path / "in")
@@ -326,6 +343,17 @@ def test_chat_template_without_one_is_an_error_before_any_run_file(cli, base, tm
     result = cli("score", "--data", base["data"], "--out", tmp_path / "run", *FAST, "--template", "chat")
     result.assert_clean_error("tiny-random", "--template chat needs a chat template")
     assert not (tmp_path / "run" / "manifest.json").exists()  # no run left marked "running"
+    result = cli("train", "--data", base["data"], "--out", tmp_path / "model", "--model", "tiny-random",
+                 "--max-steps", "1", "--template", "chat")
+    result.assert_clean_error("template 'chat' needs a tokenizer with a chat template")
+
+
+def test_a_file_where_a_directory_is_needed_is_a_clear_error(cli, base, tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    result = cli("train", "--data", base["data"], "--out", tmp_path / "taken", "--model", "tiny-random",
+                 "--max-steps", "1")
+    result.assert_clean_error("taken: File exists", "a file where a directory is needed")
+    assert (tmp_path / "taken").read_text() == "mine"
 
 
 def test_a_truncated_weights_file_is_a_clear_error(cli, base, tmp_path):

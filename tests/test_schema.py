@@ -87,6 +87,8 @@ def test_every_setting_is_checked_where_it_is_built(cls, field, value, says):
     ("# a comment only", "holds no settings"),
     ("ratios: [0.1]\nratios: [0.2]", "line 2: key 'ratios' is given twice"),
     ("train: {epochs: 1, epochs: 2}", "line 1: key 'epochs' is given twice"),
+    ("ratios: [0.1]\n1: a\nbogus: b", "line 2: key 1 is not a name"),  # sorting the unknown keys raised TypeError
+    ("score: {yes: 1}", "line 1: key True is not a name"),
 ])
 def test_a_study_yaml_with_a_wrong_value_names_the_file_and_key(tmp_path, yaml_text, says):
     path = tmp_path / "study.yaml"

@@ -219,7 +219,10 @@ def _read_parquet(path: Path, label: str) -> list[dict]:
         if not _json_type(column.type):
             raise DataError(f"column {column.name!r} has type {column.type}, which JSON cannot hold; store it as "
                             "text or drop the column", source=label)
-    return table.to_pylist()
+    try:
+        return table.to_pylist()
+    except (ValueError, TypeError) as exc:  # a struct with two fields of one name, say
+        raise DataError(f"its rows cannot be read as records ({exc})", source=label) from None
 
 
 def _json_type(arrow_type) -> bool:

@@ -143,10 +143,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return aliases[dtype]
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None, setting: str = "device") -> torch.device:
+    """``auto``: a GPU when there is one, else the CPU. A device named must be on this machine: torch would fail
+    deep inside the model, after a run's files were set up, or compute nothing (``meta``)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{setting} {str(device)!r} is not a torch device ({exc})") from None
+    backend = getattr(torch, resolved.type, None) if resolved.type != "meta" else None
+    count = backend.device_count() if hasattr(backend, "device_count") and backend.is_available() else 0
+    if resolved.type != "cpu" and (resolved.index or 0) >= count:  # none at all, or not that many
+        raise ModelLoadError(f"{setting} {str(device)!r}: this machine has {count} {resolved.type} device(s); "
+                             "use cpu, or auto to take a GPU when there is one")
+    return resolved
 
 
 def dequantized_gguf_dir(gguf_path: Path) -> Path:
@@ -212,9 +223,28 @@ def _tokenizer_from(source: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+@contextlib.contextmanager
+def _loading(name_or_path: str):
+    """What transformers raises for a file or folder that is not a model it can read, as one clear error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the file system's own (a full disk, a permission): the command line says what to do about it
+        raise ModelLoadError(f"Could not load model {name_or_path!r} ({exc.__class__.__name__}: {exc}). "
+                             "Without a model hub, use a built-in name, a local directory or a .gguf file.") from exc
+    except SafetensorError as exc:  # a truncated or damaged download or copy
+        raise ModelLoadError(f"{name_or_path}: a weights file is damaged or incomplete ({exc}); copy or download "
+                             "the model again") from exc
+    except ValueError as exc:  # not GGUF, an unknown model type, a tokenizer that cannot be built
+        raise ModelLoadError(f"{name_or_path}: not a model that can be loaded ({' '.join(str(exc).split())[:300]})"
+                             ) from exc
+
+
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
     """Only the tokenizer of a model that :func:`load_model` accepts (no weights are loaded)."""
-    return _tokenizer_from(_locate(str(name_or_path))[0])
+    with _loading(str(name_or_path)):
+        return _tokenizer_from(_locate(str(name_or_path))[0])
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = "auto",
@@ -222,16 +252,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
     """Load a causal LM and its tokenizer in eval mode, ready for scoring."""
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target_device)
-    source, identity = _locate(str(name_or_path))
-    try:
+    with _loading(str(name_or_path)):
+        source, identity = _locate(str(name_or_path))
         tokenizer = _tokenizer_from(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    except OSError as exc:
-        raise ModelLoadError(f"Could not load model {name_or_path!r} ({exc.__class__.__name__}: {exc}). "
-                             "Without a model hub, use a built-in name, a local directory or a .gguf file.") from exc
-    except SafetensorError as exc:  # a truncated or damaged download or copy
-        raise ModelLoadError(f"{source}: a weights file is damaged or incomplete ({exc}); copy or download "
-                             "the model again") from exc
     model.to(target_device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path), identity=identity)
 

@@ -15,6 +15,11 @@ ALPACA_PROMPT_INPUT = ("Below is an instruction that describes a task, paired wi
 ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
                           "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
 
+
+class TemplateError(ValueError):
+    """A template this model's tokenizer cannot render (a user's choice of settings, not a bug)."""
+
+
 DEFAULT_TEMPLATE = "alpaca"
 TEMPLATES = (DEFAULT_TEMPLATE, "plain", "chat")
 # The text templates: (with an input, without one).
@@ -30,7 +35,8 @@ def format_prompt(instruction: str, input: str = "", template: str = DEFAULT_TEM
     if template != "chat":
         raise ValueError(f"template must be one of {TEMPLATES}; got {template!r}")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("template='chat' needs a tokenizer with a chat template; use 'alpaca' or 'plain'")
+        raise TemplateError("template 'chat' needs a tokenizer with a chat template, and this model's has none; use "
+                            "'alpaca' or 'plain'")
     content = _chat_content({"instruction": instruction, "input": input})
     return strip_prepended_bos(_render(tokenizer, ["user"], [content]), tokenizer)
 
@@ -85,7 +91,7 @@ def _rendered_contents(tokenizer: PreTrainedTokenizerBase, frames: list[str],
     for contents in ([m["content"] for m in messages], [m["content"].strip() for m in messages]):
         if real == _interleave(frames, contents):
             return contents
-    raise ValueError("the chat template changes the message text in a way this tokenisation cannot follow")
+    raise TemplateError("the chat template changes the message text in a way this tokenisation cannot follow")
 
 
 def _interleave(frames: list, contents: list) -> str | list[int]:

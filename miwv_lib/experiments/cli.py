@@ -15,10 +15,9 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
 from ..data.datasets import DataError, load_instructions
 from ..data.models import EmbedderError, ModelLoadError, check_embedder, resolve_device
+from ..data.prompts import TemplateError
 from ..method.selection import (
     RANKED_BY,
     SELECTION_METHODS,
@@ -180,16 +179,7 @@ def run_score(args: argparse.Namespace) -> None:
 
 
 def _check_device(device: str) -> None:
-    """A clear error for a GPU command run on a machine without that GPU (torch would assert)."""
-    try:
-        resolved = resolve_device(device)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"--device {device!r} is not a torch device ({exc})") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (resolved.index or 0) >= count:  # none at all, or not that many
-            raise ModelLoadError(f"--device {device}: this machine has {count} CUDA device(s); "
-                                 "use --device cpu, or auto to take a GPU when there is one")
+    resolve_device(device, setting="--device")  # before a run directory is touched
 
 
 def run_select(args: argparse.Namespace) -> None:
@@ -270,8 +260,9 @@ def run_evaluate(args: argparse.Namespace) -> None:
               if spec.startswith("openai:") else spec for spec in (args.judge or OFFLINE_JUDGES)]
     result = run_comparison(args.run_dir, pool, args.ratio, methods=tuple(args.methods), train_config=config,
                             generate_config=from_args(GenerateConfig, args, template=config.template),
-                            test_sets=args.test_sets, sample=args.sample, sample_seed=args.sample_seed,
-                            data_dir=args.data_dir, judges=judges, overwrite=args.overwrite)
+                            test_sets=[resolve_data_source(name) for name in args.test_sets], sample=args.sample,
+                            sample_seed=args.sample_seed, data_dir=args.data_dir, judges=judges,
+                            overwrite=args.overwrite)
     print(Path(result.paths["markdown"]).read_text(encoding="utf-8"))
     print(f"tables and figure -> {result.run_dir}")
 
@@ -280,6 +271,7 @@ _OS_ERROR_ADVICE = {
     errno.ENOSPC: "free some space (or write elsewhere) and run the same command again: finished work is kept",
     errno.EROFS: "write somewhere writable (another --out or --run-dir)",
     errno.EACCES: "write somewhere writable (another --out or --run-dir), or fix the permissions",
+    errno.EEXIST: "this is a file where a directory is needed (--out or --run-dir): name another place",
 }
 
 
@@ -297,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         {"score": run_score, "select": run_select, "pipeline": run_pipeline_command, "train": run_train,
          "evaluate": run_evaluate, "study": run_study_command}[args.command](args)
     except (DataError, ModelLoadError, SelectionError, FingerprintMismatch, RunDirectoryBusy, PipelineError,
-            StudyError, EmbedderError, DistributedSetupError, OSError) as exc:  # OSError: a missing path, a full disk
+            StudyError, EmbedderError, DistributedSetupError, TemplateError,
+            OSError) as exc:  # OSError: a missing path, a full disk
         # One line; an OSError names its file first (/run/scores.jsonl: No space left on device) and, where the
         # remedy is always the same, says what to do.
         os_error = isinstance(exc, OSError)

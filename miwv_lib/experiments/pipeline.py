@@ -21,7 +21,7 @@ from unittest import mock
 
 from ..runtime.io import atomic_open, write_json
 from ..runtime.runs import now, read_yaml_mapping
-from ..runtime.schema import each, field_problem
+from ..runtime.schema import each, field_problem, integer
 
 CONFIG_KEYS = ("description", "run_dir", "parameters", "notebooks")
 
@@ -149,13 +149,14 @@ def plan_parameters(config: Mapping, notebooks: Sequence[Path], run_dir: Path) -
                             f"declared: {sorted(all_names)}")
     if unknown := sorted(set(config["notebooks"]) - set(declared)):
         raise PipelineError(f"{where}the configuration names unknown notebooks {unknown}; known: {sorted(declared)}")
+    for stem, own in config["notebooks"].items():  # also those not run this time: a typo is one all the same
+        if undeclared := sorted(set(own) - set(declared[stem])):
+            raise PipelineError(f"{where}notebook {stem} declares no parameter {undeclared}; "
+                                f"it declares {sorted(declared[stem])}", notebook=stem)
     plan: dict[str, dict] = {}
     for path in notebooks:
         stem, names = path.stem, declared[path.stem]
         own = config["notebooks"].get(stem, {})
-        if undeclared := sorted(set(own) - set(names)):
-            raise PipelineError(f"{where}notebook {stem} declares no parameter {undeclared}; "
-                                f"it declares {sorted(names)}", notebook=stem)
         params = {k: v for k, v in config["parameters"].items() if k in names} | own
         for name, value in params.items():
             if problem := parameter_problem(stem, name, value, names[name]["inferred_type_name"]):
@@ -195,7 +196,8 @@ def parameter_problem(notebook: str, name: str, value: Any, annotation: str) -> 
     schema = {"02_miwv_scoring": ScoreConfig, "04_finetune": TrainConfig, "05_evaluate": GenerateConfig}
     fields_ = {f.name: f for f in fields(schema[notebook])} if notebook in schema else {}
     rules = {"ratios": each(ratio_rule), "train_ratio": ratio_rule, "judges": each(judge_rule),
-             "methods": each(method_rule), "train_methods": each(method_rule)}
+             "methods": each(method_rule), "train_methods": each(method_rule), "limit": integer(1, optional=True),
+             "sample": integer(2, optional=True), "prompts_per_set": integer(1, optional=True)}
     # both: the cell's type is what the notebook's own code assumes (02 does arithmetic with max_length)
     rule = (lambda v: field_problem(fields_[name], v)) if name in fields_ else rules.get(name, lambda v: None)
     return _type_problem(annotation, value) or rule(value)
@@ -242,7 +244,9 @@ def run_pipeline(config: str | Path | Mapping | None, run_dir: str | Path | None
             cfg["run_dir"] = value
         else:
             cfg["parameters"][key] = value
-    out_dir = resolve_run_dir(run_dir if run_dir is not None else cfg["run_dir"])
+    if not isinstance(chosen := run_dir if run_dir is not None else cfg["run_dir"], (str, Path, type(None))):
+        raise PipelineError(f"{cfg['source']}: run_dir: expected a path, got {chosen!r}")
+    out_dir = resolve_run_dir(chosen)
     plan = plan_parameters(cfg, paths, out_dir)
 
     result, error = PipelineResult(run_dir=out_dir), None

@@ -129,8 +129,11 @@ def read_yaml_mapping(path: Path, shown: str | Path, error: type[Exception]) -> 
             seen = []
             for key_node, _ in node.value:
                 if key_node.tag != "tag:yaml.org,2002:merge":
-                    if (key := self.construct_object(key_node, deep=deep)) in seen:
-                        raise error(f"{shown}, line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+                    line = key_node.start_mark.line + 1
+                    if not isinstance(key := self.construct_object(key_node, deep=deep), str):  # 1:, yes:, 2026-12-06:
+                        raise error(f"{shown}, line {line}: key {key!r} is not a name; write it in quotes if it is one")
+                    if key in seen:
+                        raise error(f"{shown}, line {line}: key {key!r} is given twice")
                     seen.append(key)
             return super().construct_mapping(node, deep)
 

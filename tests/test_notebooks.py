@@ -342,6 +342,22 @@ def test_03_honours_non_default_parameters(smoke_run, tmp_path):
     assert "| random | 0.5 | 20 |" in report
 
 
+def test_01_keeps_the_pool_that_the_scores_beside_it_were_computed_on(smoke_run, tmp_path):
+    """A pipeline re-run with another limit replaced pool.jsonl (and 01's figures) before 02 refused its scores:
+    a run directory whose files disagreed. Now 01 refuses first, and ``overwrite`` replaces the pool."""
+    from miwv_lib.experiments.pipeline import PipelineError, run_pipeline
+
+    for name in ("pool.jsonl", "pool_info.json", "scores.jsonl", "manifest.json"):
+        shutil.copy(smoke_run.run_dir / name, tmp_path / name)
+    before = {name: (tmp_path / name).read_bytes() for name in ("pool.jsonl", "pool_info.json")}
+    with pytest.raises(PipelineError, match="holds scores of another pool \\(40 rows; this one has 20\\)"):
+        run_pipeline(SMOKE, run_dir=tmp_path, notebooks=["01"], overrides=["limit=20"], progress=False)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    run_pipeline(SMOKE, run_dir=tmp_path, notebooks=["01"], overrides=["limit=20", "01_data.overwrite=true"],
+                 progress=False, report=False)
+    assert len(_read_jsonl(tmp_path / "pool.jsonl")) == 20
+
+
 def test_05_stops_at_a_test_set_file_that_is_there_but_wrong(smoke_run, tmp_path):
     """A test set that cannot be obtained is skipped; a file with an error in it was skipped too, and its run then
     wrote an evaluation of nothing over the good one."""

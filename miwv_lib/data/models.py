@@ -237,8 +237,9 @@ def _loading(name_or_path: str):
         raise ModelLoadError(f"{name_or_path}: a weights file is damaged or incomplete ({exc}); copy or download "
                              "the model again") from exc
     except ValueError as exc:  # not GGUF, an unknown model type, a tokenizer that cannot be built
-        raise ModelLoadError(f"{name_or_path}: not a model that can be loaded ({' '.join(str(exc).split())[:300]})"
-                             ) from exc
+        detail = " ".join(str(exc).split())
+        raise ModelLoadError(f"{name_or_path}: not a model that can be loaded "
+                             f"({detail if len(detail) <= 300 else detail[:299] + '…'})") from exc
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:

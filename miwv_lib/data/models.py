@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..runtime.io import atomic_open, file_sha256, stable_hash
-from .datasets import CACHE_DIR_ENV
+from .datasets import CACHE_DIR_ENV, _clip
 
 DEFAULT_MODEL = "gemma-3-270m"
 
@@ -152,7 +152,7 @@ def resolve_device(device: str | torch.device | None, setting: str = "device") -
         resolved = torch.device(device)
     except RuntimeError as exc:
         raise ModelLoadError(f"{setting} {str(device)!r} is not a torch device ({exc})") from None
-    backend = getattr(torch, resolved.type, None) if resolved.type != "meta" else None
+    backend = getattr(torch, resolved.type, None)  # torch.cuda, torch.mps, ...; none for meta
     count = backend.device_count() if hasattr(backend, "device_count") and backend.is_available() else 0
     if resolved.type != "cpu" and (resolved.index or 0) >= count:  # none at all, or not that many
         raise ModelLoadError(f"{setting} {str(device)!r}: this machine has {count} {resolved.type} device(s); "
@@ -233,13 +233,9 @@ def _loading(name_or_path: str):
             raise  # the file system's own (a full disk, a permission): the command line says what to do about it
         raise ModelLoadError(f"Could not load model {name_or_path!r} ({exc.__class__.__name__}: {exc}). "
                              "Without a model hub, use a built-in name, a local directory or a .gguf file.") from exc
-    except SafetensorError as exc:  # a truncated or damaged download or copy
-        raise ModelLoadError(f"{name_or_path}: a weights file is damaged or incomplete ({exc}); copy or download "
-                             "the model again") from exc
     except ValueError as exc:  # not GGUF, an unknown model type, a tokenizer that cannot be built
-        detail = " ".join(str(exc).split())
-        raise ModelLoadError(f"{name_or_path}: not a model that can be loaded "
-                             f"({detail if len(detail) <= 300 else detail[:299] + '…'})") from exc
+        detail = _clip(" ".join(str(exc).split()), 300)
+        raise ModelLoadError(f"{name_or_path}: not a model that can be loaded ({detail})") from exc
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
@@ -256,7 +252,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
     with _loading(str(name_or_path)):
         source, identity = _locate(str(name_or_path))
         tokenizer = _tokenizer_from(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        except SafetensorError as exc:  # a truncated or damaged download or copy: name the folder to replace
+            raise ModelLoadError(f"{source}: a weights file is damaged or incomplete ({exc}); copy or download "
+                                 "the model again") from exc
     model.to(target_device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name_or_path), identity=identity)
 
